@@ -1,0 +1,3 @@
+"""vxlan-net: a VXLAN overlay network for container clusters, driven by etcd."""
+
+__version__ = "0.1.0"

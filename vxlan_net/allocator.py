@@ -1,0 +1,62 @@
+"""Choosing this node's subnet: pure, given the leases that exist."""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Address, IPv4Network
+from typing import Iterable, Mapping, Optional
+
+from .config import NetworkConfig
+from .errors import SubnetsExhausted
+from .lease import Lease
+
+
+def candidate_subnets(config: NetworkConfig) -> Iterable[IPv4Network]:
+    """Every subnet between SubnetMin and SubnetMax, in order."""
+    step = 1 << (32 - config.subnet_len)
+    for start in range(int(config.subnet_min), int(config.subnet_max) + 1, step):
+        yield IPv4Network((IPv4Address(start), config.subnet_len))
+
+
+def reusable_subnet(
+    config: NetworkConfig,
+    leases: Mapping[IPv4Network, Lease],
+    public_ip: IPv4Address,
+    remembered: Optional[IPv4Network],
+) -> Optional[IPv4Network]:
+    """The subnet this node held before, if it may keep it.
+
+    A lease carrying our PublicIP wins; otherwise the subnet remembered in the
+    state dir or subnet file, as long as nobody else holds it now.
+    """
+    for subnet, lease in sorted(leases.items()):
+        if lease.public_ip == public_ip and _in_range(config, subnet):
+            return subnet
+    if remembered is not None and _in_range(config, remembered):
+        holder = leases.get(remembered)
+        if holder is None or holder.public_ip == public_ip:
+            return remembered
+    return None
+
+
+def choose_free_subnet(
+    config: NetworkConfig,
+    taken: Iterable[IPv4Network],
+    rng: Optional[random.Random] = None,
+    avoid: Iterable[IPv4Network] = (),
+) -> IPv4Network:
+    """A random free subnet (random, like flannel, so racing nodes rarely collide)."""
+    blocked = set(taken) | set(avoid)
+    free = [s for s in candidate_subnets(config) if s not in blocked]
+    if not free:
+        raise SubnetsExhausted(
+            f"no free /{config.subnet_len} between {config.subnet_min} and {config.subnet_max} in {config.network}"
+        )
+    return (rng or random).choice(free)
+
+
+def _in_range(config: NetworkConfig, subnet: IPv4Network) -> bool:
+    return (
+        subnet.prefixlen == config.subnet_len
+        and config.subnet_min <= subnet.network_address <= config.subnet_max
+    )

@@ -1,0 +1,54 @@
+"""The overlay's kernel entries: their types, and the desired set computed from leases."""
+
+from __future__ import annotations
+
+import dataclasses
+from ipaddress import IPv4Address, IPv4Network
+from typing import Iterable
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Neighbour:
+    """`ip neigh`: the remote VTEP's overlay address resolves to its MAC."""
+
+    ip: IPv4Address
+    mac: str
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class FdbEntry:
+    """`bridge fdb`: frames for the remote VTEP's MAC go to its public IP."""
+
+    mac: str
+    dst: IPv4Address
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Route:
+    """`ip route`: the remote pod subnet is reached via its VTEP, onlink."""
+
+    subnet: IPv4Network
+    gateway: IPv4Address
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlayEntries:
+    """A full set of overlay entries on one VXLAN device: desired or actual."""
+
+    neighbours: frozenset[Neighbour] = frozenset()
+    fdb: frozenset[FdbEntry] = frozenset()
+    routes: frozenset[Route] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.neighbours) + len(self.fdb) + len(self.routes)
+
+
+def desired_entries(peers: Iterable["Lease"]) -> OverlayEntries:  # noqa: F821
+    """Three entries per remote lease (DESIGN §3)."""
+    neighbours, fdb, routes = set(), set(), set()
+    for lease in peers:
+        gateway = lease.subnet.network_address
+        neighbours.add(Neighbour(gateway, lease.vtep_mac))
+        fdb.add(FdbEntry(lease.vtep_mac, lease.public_ip))
+        routes.add(Route(lease.subnet, gateway))
+    return OverlayEntries(frozenset(neighbours), frozenset(fdb), frozenset(routes))

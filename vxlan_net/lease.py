@@ -1,0 +1,118 @@
+"""Subnet leases: the record each node keeps in etcd, and its untrusted parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, Mapping, Optional
+
+from .config import NetworkConfig
+from .errors import InvalidLease
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_KEY = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})$")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Lease:
+    """One node's claim on a subnet, and where its VXLAN endpoint is."""
+
+    subnet: IPv4Network
+    public_ip: IPv4Address
+    vtep_mac: str
+    """Lower-case colon-separated MAC of the node's VXLAN device."""
+    vni: int = 1
+
+    @property
+    def gateway(self) -> IPv4Address:
+        """The subnet's network address: the remote VTEP's address on the overlay."""
+        return self.subnet.network_address
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "PublicIP": str(self.public_ip),
+                "BackendType": "vxlan",
+                "BackendData": {"VNI": self.vni, "VtepMAC": self.vtep_mac},
+            },
+            sort_keys=True,
+        )
+
+
+def subnet_key_name(subnet: IPv4Network) -> str:
+    """`198.19.3.0/24` -> `198.19.3.0-24` (flannel's key form)."""
+    return f"{subnet.network_address}-{subnet.prefixlen}"
+
+
+def parse_subnet_key_name(name: str) -> IPv4Network:
+    """Inverse of subnet_key_name; raises InvalidLease for anything else."""
+    match = _KEY.match(name)
+    if not match:
+        raise InvalidLease(f"key {name!r} is not of the form <address>-<prefixlen>")
+    try:
+        return IPv4Network(f"{match.group(1)}/{match.group(2)}", strict=True)
+    except ValueError as exc:
+        raise InvalidLease(f"key {name!r} is not a subnet: {exc}") from None
+
+
+def normalize_mac(value: Any) -> str:
+    """Lower-case, colon-separated unicast MAC, or InvalidLease."""
+    if not isinstance(value, str):
+        raise InvalidLease(f"VtepMAC {value!r} is not a string")
+    mac = value.strip().lower().replace("-", ":")
+    if not _MAC.match(mac):
+        raise InvalidLease(f"VtepMAC {value!r} is not a MAC address")
+    first = int(mac[:2], 16)
+    if first & 1:
+        raise InvalidLease(f"VtepMAC {value!r} is a multicast address")
+    if mac == "00:00:00:00:00:00":
+        raise InvalidLease("VtepMAC is all zeros")
+    return mac
+
+
+def parse_lease(key_name: str, raw: bytes | str, config: NetworkConfig) -> Lease:
+    """Turn one untrusted etcd record into a Lease, or raise InvalidLease saying why."""
+    subnet = parse_subnet_key_name(key_name)
+    if subnet.prefixlen != config.subnet_len or not subnet.subnet_of(config.network):
+        raise InvalidLease(f"subnet {subnet} is not a /{config.subnet_len} inside {config.network}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidLease(f"lease {subnet} is not valid JSON") from None
+    if not isinstance(doc, Mapping):
+        raise InvalidLease(f"lease {subnet} is not a JSON object")
+    if doc.get("BackendType", "vxlan") != "vxlan":
+        raise InvalidLease(f"lease {subnet} has backend {doc.get('BackendType')!r}, not vxlan")
+    public_ip = _public_ip(subnet, doc.get("PublicIP"))
+    data = doc.get("BackendData")
+    if not isinstance(data, Mapping):
+        raise InvalidLease(f"lease {subnet} has no BackendData object")
+    vni = data.get("VNI", config.vni)
+    if vni != config.vni:
+        raise InvalidLease(f"lease {subnet} has VNI {vni!r}, the network uses {config.vni}")
+    try:
+        mac = normalize_mac(data.get("VtepMAC"))
+    except InvalidLease as exc:
+        raise InvalidLease(f"lease {subnet}: {exc}") from None
+    return Lease(subnet, public_ip, mac, config.vni)
+
+
+def _public_ip(subnet: IPv4Network, value: Any) -> IPv4Address:
+    try:
+        address = IPv4Address(value)
+    except ValueError:
+        raise InvalidLease(f"lease {subnet} has PublicIP {value!r}, not an IPv4 address") from None
+    if address.is_multicast or address.is_unspecified or address.is_loopback or address == IPv4Address("255.255.255.255"):
+        raise InvalidLease(f"lease {subnet} has PublicIP {address}, which cannot be a tunnel endpoint")
+    return address
+
+
+def trusted_peers(
+    leases: Mapping[IPv4Network, Lease], own_subnet: Optional[IPv4Network]
+) -> dict[IPv4Network, Lease]:
+    """Leases safe to program: not ours and not overlapping ours (keys are already parsed)."""
+    if own_subnet is None:
+        return dict(leases)
+    return {s: l for s, l in leases.items() if not s.overlaps(own_subnet)}

@@ -1,0 +1,47 @@
+"""The difference between desired and actual overlay entries, in a safe order."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .desired import FdbEntry, Neighbour, OverlayEntries, Route
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to write to the kernel; apply the fields in the order they are declared.
+
+    Additions go neighbour -> FDB -> route, so a route never points at a VTEP the
+    kernel would have to ARP for; removals go route -> FDB -> neighbour.
+    Upserts use replace semantics, so a changed MAC or public IP overwrites in place.
+    """
+
+    upsert_neighbours: tuple[Neighbour, ...] = ()
+    upsert_fdb: tuple[FdbEntry, ...] = ()
+    upsert_routes: tuple[Route, ...] = ()
+    remove_routes: tuple[Route, ...] = ()
+    remove_fdb: tuple[FdbEntry, ...] = ()
+    remove_neighbours: tuple[Neighbour, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __len__(self) -> int:
+        return sum(len(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+def plan_changes(desired: OverlayEntries, actual: OverlayEntries) -> Plan:
+    """Compute the minimal ordered change that turns `actual` into `desired`."""
+    wanted_neigh_ips = {n.ip for n in desired.neighbours}
+    wanted_route_subnets = {r.subnet for r in desired.routes}
+    return Plan(
+        upsert_neighbours=tuple(sorted(desired.neighbours - actual.neighbours)),
+        upsert_fdb=tuple(sorted(desired.fdb - actual.fdb)),
+        upsert_routes=tuple(sorted(desired.routes - actual.routes)),
+        remove_routes=tuple(sorted(r for r in actual.routes if r.subnet not in wanted_route_subnets)),
+        # A stale FDB entry is removed even when its MAC is wanted with another dst:
+        # replace only rewrites one remote, and a leftover remote would duplicate traffic.
+        remove_fdb=tuple(sorted(actual.fdb - desired.fdb)),
+        remove_neighbours=tuple(sorted(n for n in actual.neighbours if n.ip not in wanted_neigh_ips)),
+    )
