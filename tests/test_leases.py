@@ -1,0 +1,98 @@
+"""Untrusted lease parsing, subnet allocation and lease bookkeeping (pure)."""
+
+import json
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from vxlan_net.allocator import candidate_subnets, choose_free_subnet, reusable_subnet
+from vxlan_net.config import build_config
+from vxlan_net.errors import InvalidLease, SubnetsExhausted
+from vxlan_net.lease import Lease, parse_lease, subnet_key_name
+from vxlan_net.lease_book import LeaseBook, RecordEvent
+
+CONFIG = build_config("198.19.0.0/16", vni=1)
+MAC_A, MAC_B = "0a:00:00:00:00:01", "0a:00:00:00:00:02"
+
+
+def record(ip="198.18.1.2", mac=MAC_A, vni=1) -> bytes:
+    return json.dumps({"PublicIP": ip, "BackendType": "vxlan", "BackendData": {"VNI": vni, "VtepMAC": mac}}).encode()
+
+
+def test_valid_lease_parses_and_normalises_mac():
+    lease = parse_lease("198.19.3.0-24", record(mac="0A-00-00-00-00-01"), CONFIG)
+    assert lease == Lease(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.1.2"), MAC_A, 1)
+    assert lease.gateway == IPv4Address("198.19.3.0")
+    assert subnet_key_name(lease.subnet) == "198.19.3.0-24"
+    assert parse_lease("198.19.3.0-24", lease.to_json(), CONFIG) == lease
+
+
+@pytest.mark.parametrize(
+    "key, raw, reason",
+    [
+        ("198.19.3.0-24", b"{not json", "not valid JSON"),
+        ("198.19.3.0-24", b"[1]", "not a JSON object"),
+        ("198.20.3.0-24", record(), "inside"),
+        ("198.19.3.0-25", record(), "inside"),
+        ("198.19.3.7-24", record(), "not a subnet"),
+        ("junk", record(), "form"),
+        ("198.19.3.0-24", record(ip="300.1.1.1"), "PublicIP"),
+        ("198.19.3.0-24", record(ip="224.0.0.1"), "cannot be a tunnel endpoint"),
+        ("198.19.3.0-24", record(mac="zz:00:00:00:00:01"), "not a MAC"),
+        ("198.19.3.0-24", record(mac="01:00:5e:00:00:01"), "multicast"),
+        ("198.19.3.0-24", record(vni=7), "VNI 7"),
+    ],
+)
+def test_untrusted_records_are_rejected_with_a_reason(key, raw, reason):
+    with pytest.raises(InvalidLease, match=reason):
+        parse_lease(key, raw, CONFIG)
+
+
+def test_allocation_is_random_among_free_subnets_and_skips_taken():
+    small = build_config("198.19.0.0/28", subnet_len=30)  # subnets .4 .8 .12
+    taken = [IPv4Network("198.19.0.4/30"), IPv4Network("198.19.0.12/30")]
+    assert [str(s) for s in candidate_subnets(small)] == ["198.19.0.4/30", "198.19.0.8/30", "198.19.0.12/30"]
+    assert choose_free_subnet(small, taken, random.Random(1)) == IPv4Network("198.19.0.8/30")
+    with pytest.raises(SubnetsExhausted):
+        choose_free_subnet(small, taken, avoid=[IPv4Network("198.19.0.8/30")])
+
+
+def test_reuse_prefers_the_lease_with_our_public_ip_then_the_remembered_subnet():
+    ours = Lease(IPv4Network("198.19.7.0/24"), IPv4Address("198.18.1.2"), MAC_A)
+    other = Lease(IPv4Network("198.19.8.0/24"), IPv4Address("198.18.2.2"), MAC_B)
+    leases = {ours.subnet: ours, other.subnet: other}
+    me = IPv4Address("198.18.1.2")
+    assert reusable_subnet(CONFIG, leases, me, IPv4Network("198.19.9.0/24")) == ours.subnet
+    del leases[ours.subnet]
+    assert reusable_subnet(CONFIG, leases, me, IPv4Network("198.19.9.0/24")) == IPv4Network("198.19.9.0/24")
+    assert reusable_subnet(CONFIG, leases, me, other.subnet) is None  # held by someone else
+    assert reusable_subnet(CONFIG, leases, me, IPv4Network("198.20.0.0/24")) is None
+
+
+def test_book_diffs_snapshots_including_attribute_changes():
+    book = LeaseBook(CONFIG, own_subnet=IPv4Network("198.19.1.0/24"))
+    change = book.replace({"198.19.1.0-24": record(ip="198.18.1.2"), "198.19.2.0-24": record(ip="198.18.2.2")})
+    assert [str(l.subnet) for l in change.added] == ["198.19.1.0/24", "198.19.2.0/24"]
+    assert [str(l.subnet) for l in book.peers()] == ["198.19.2.0/24"]  # never ourselves
+    change = book.replace({"198.19.1.0-24": record(ip="198.18.1.2"), "198.19.2.0-24": record(ip="198.18.2.2", mac=MAC_B)})
+    assert [l.vtep_mac for l in change.updated] == [MAC_B] and not change.added and not change.removed
+    change = book.replace({"198.19.2.0-24": record(ip="198.18.2.2", mac=MAC_B)})
+    assert change.own_lease_removed and [str(l.subnet) for l in change.removed] == ["198.19.1.0/24"]
+
+
+def test_book_reports_each_invalid_record_once_and_drops_it():
+    book = LeaseBook(CONFIG)
+    book.apply([RecordEvent("198.19.2.0-24", record())])
+    change = book.apply([RecordEvent("198.19.2.0-24", b"garbage")])
+    assert [k for k, _ in change.rejected] == ["198.19.2.0-24"] and change.removed
+    assert book.apply([RecordEvent("198.19.2.0-24", b"garbage")]).rejected == ()
+    assert book.peers() == []
+    change = book.apply([RecordEvent("198.19.2.0-24", None)])
+    assert not change.peers_changed
+
+
+def test_event_batch_is_summarised_as_its_net_effect():
+    book = LeaseBook(CONFIG)
+    change = book.apply([RecordEvent("198.19.2.0-24", record()), RecordEvent("198.19.2.0-24", None)])
+    assert not change.peers_changed

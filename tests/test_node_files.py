@@ -1,0 +1,32 @@
+"""Subnet file and state dir (pure file I/O in a temp dir, no root)."""
+
+from ipaddress import IPv4Network
+
+from vxlan_net.state import NodeState
+from vxlan_net.subnet_file import parse_subnet_file, remembered_subnet, render_subnet_file, write_atomically
+
+
+def test_subnet_file_has_the_cni_contract(tmp_path):
+    path = tmp_path / "run" / "subnet.env"
+    write_atomically(path, render_subnet_file(IPv4Network("198.19.0.0/16"), IPv4Network("198.19.3.0/24"), 1450, True))
+    assert path.read_text() == (
+        "VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\nVXLAN_NET_MTU=1450\nVXLAN_NET_IPMASQ=true\n"
+    )
+    assert remembered_subnet(path) == IPv4Network("198.19.3.0/24")
+    assert [p.name for p in path.parent.iterdir()] == ["subnet.env"]  # no temp file left
+    assert parse_subnet_file("# c\n\nA=1\n") == {"A": "1"}
+
+
+def test_vtep_mac_is_created_once_and_kept(tmp_path):
+    first = NodeState(tmp_path).vtep_mac()
+    assert NodeState(tmp_path).vtep_mac() == first
+    assert int(first[:2], 16) & 0b11 == 0b10  # locally administered unicast
+    NodeState(tmp_path).remember_subnet(IPv4Network("198.19.4.0/24"))
+    assert NodeState(tmp_path).last_subnet() == IPv4Network("198.19.4.0/24")
+    assert NodeState(tmp_path).vtep_mac() == first
+
+
+def test_corrupt_state_file_gets_a_fresh_mac_instead_of_a_crash(tmp_path):
+    (tmp_path / "node.json").write_text("{garbage")
+    assert len(NodeState(tmp_path).vtep_mac()) == 17
+    assert remembered_subnet(tmp_path / "missing.env") is None

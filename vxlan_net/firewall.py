@@ -1,0 +1,94 @@
+"""nftables rules of our own: pod-network forwarding and masquerade of egress traffic."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from ipaddress import IPv4Network
+
+from .errors import KernelError
+
+log = logging.getLogger(__name__)
+
+TABLE = "vxlan-net"
+RULE_COMMENT = "vxlan-net pod network"
+# iptables-nft keeps the FORWARD chain (and its policy) in `ip filter`; an accept in
+# our own table cannot override a drop there, so we add tagged rules to it when it exists.
+IPTABLES_FORWARD = ("ip", "filter", "FORWARD")
+
+
+def render_ruleset(network: IPv4Network, ip_masq: bool) -> str:
+    """Our whole table, replaced atomically by one `nft -f` transaction."""
+    masquerade = ""
+    if ip_masq:
+        masquerade = f"""
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {network} ip daddr {network} return
+        ip saddr {network} ip daddr 224.0.0.0/4 return
+        ip saddr {network} masquerade fully-random
+    }}"""
+    return f"""table ip {TABLE}
+delete table ip {TABLE}
+table ip {TABLE} {{
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        ip saddr {network} accept
+        ip daddr {network} accept
+    }}{masquerade}
+}}
+"""
+
+
+def apply_rules(network: IPv4Network, ip_masq: bool) -> None:
+    """Install (or replace) our rules; idempotent."""
+    _nft(["-f", "-"], render_ruleset(network, ip_masq))
+    _ensure_iptables_forward_accept(network)
+
+
+def remove_rules() -> None:
+    """Remove our table and our tagged FORWARD rules; nothing else is touched."""
+    _nft(["-f", "-"], f"table ip {TABLE}\ndelete table ip {TABLE}\n")
+    for handle in _tagged_forward_handles():
+        _nft(["delete", "rule", *IPTABLES_FORWARD, "handle", str(handle)])
+
+
+def _ensure_iptables_forward_accept(network: IPv4Network) -> None:
+    if not _chain_exists(*IPTABLES_FORWARD):
+        return
+    for handle in _tagged_forward_handles():
+        _nft(["delete", "rule", *IPTABLES_FORWARD, "handle", str(handle)])
+    for direction in ("daddr", "saddr"):
+        _nft(["insert", "rule", *IPTABLES_FORWARD, "ip", direction, str(network), "counter", "accept",
+              "comment", f'"{RULE_COMMENT}"'])
+
+
+def _chain_exists(family: str, table: str, chain: str) -> bool:
+    return _run(["list", "chain", family, table, chain], check=False).returncode == 0
+
+
+def _tagged_forward_handles() -> list[int]:
+    if not _chain_exists(*IPTABLES_FORWARD):
+        return []
+    listing = _nft(["-j", "list", "chain", *IPTABLES_FORWARD])
+    handles = []
+    for item in json.loads(listing).get("nftables", []):
+        rule = item.get("rule")
+        if rule and rule.get("comment") == RULE_COMMENT:
+            handles.append(rule["handle"])
+    return handles
+
+
+def _nft(args: list[str], stdin: str | None = None) -> str:
+    proc = _run(args, stdin=stdin, check=True)
+    return proc.stdout
+
+
+def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise KernelError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc

@@ -1,0 +1,62 @@
+"""The node's state dir: what must survive agent restarts (VTEP MAC, last subnet)."""
+
+from __future__ import annotations
+
+import json
+import os
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Optional
+
+from .errors import InvalidLease
+from .lease import normalize_mac
+from .subnet_file import write_atomically
+
+
+def random_vtep_mac() -> str:
+    """A random locally administered unicast MAC."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+class NodeState:
+    """`<state-dir>/node.json`: the persisted VTEP MAC and the last subnet held."""
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "node.json"
+
+    def _load(self) -> dict:
+        try:
+            doc = json.loads(self.path.read_text())
+            return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _store(self, **changes) -> None:
+        doc = self._load()
+        doc.update(changes)
+        write_atomically(self.path, json.dumps(doc, sort_keys=True) + "\n", mode=0o600)
+
+    def vtep_mac(self) -> str:
+        """The persisted MAC, created (and persisted) on first use.
+
+        A MAC change would make every peer's FDB and neighbour entries stale,
+        so it is chosen once per node and kept across restarts.
+        """
+        try:
+            return normalize_mac(self._load().get("VtepMAC"))
+        except InvalidLease:
+            mac = random_vtep_mac()
+            self._store(VtepMAC=mac)
+            return mac
+
+    def last_subnet(self) -> Optional[IPv4Network]:
+        try:
+            return IPv4Network(self._load()["Subnet"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def remember_subnet(self, subnet: IPv4Network) -> None:
+        if self.last_subnet() != subnet:
+            self._store(Subnet=str(subnet))

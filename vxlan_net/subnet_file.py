@@ -1,0 +1,57 @@
+"""The node -> CNI contract: the subnet file, written atomically (DESIGN §4)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Optional
+
+
+def render_subnet_file(network: IPv4Network, subnet: IPv4Network, mtu: int, ip_masq: bool) -> str:
+    """The file's text; the subnet is written as its first host address, as flannel does."""
+    gateway = IPv4Interface((int(subnet.network_address) + 1, subnet.prefixlen))
+    return (
+        f"VXLAN_NET_NETWORK={network}\n"
+        f"VXLAN_NET_SUBNET={gateway}\n"
+        f"VXLAN_NET_MTU={mtu}\n"
+        f"VXLAN_NET_IPMASQ={'true' if ip_masq else 'false'}\n"
+    )
+
+
+def parse_subnet_file(text: str) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and comments ignored."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remembered_subnet(path: Path) -> Optional[IPv4Network]:
+    """The node subnet recorded in an existing subnet file, if any and readable."""
+    try:
+        values = parse_subnet_file(Path(path).read_text())
+        return IPv4Interface(values["VXLAN_NET_SUBNET"]).network
+    except (OSError, KeyError, ValueError):
+        return None
