@@ -1,0 +1,693 @@
+"""A multi-node cluster in network namespaces: router, etcd host, nodes, outside host, pods.
+
+Used by the integration tests, the benchmarks and ``make demo``. Nothing is added to the
+root network namespace; every namespace carries the lab's random tag and is deleted on exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_AGENT_EXE = os.environ.get("VXLAN_NET_AGENT_EXE", str(REPO / ".venv" / "bin" / "vxlan-net"))
+ETCD_EXE = os.environ.get("VXLAN_NET_ETCD_EXE", "/usr/bin/etcd")
+ETCDCTL_EXE = os.environ.get("VXLAN_NET_ETCDCTL_EXE", "/usr/bin/etcdctl")
+
+# Address plan (all inside 198.18.0.0/15): 198.18.0.0/24 etcd segment, 198.18.<i>.0/24 node i
+# (1..199), 198.18.200.0/24 the outside host. The router is .1 on every segment, the host .2.
+UNDERLAY_MTU = 1500
+UNDERLAY_IFNAME = "ul0"
+ETCD_SEGMENT = 0
+OUTSIDE_SEGMENT = 200
+MAX_NODES = OUTSIDE_SEGMENT - 1
+ETCD_CLIENT_PORT = 2379
+RUN_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+_POD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,24}$")
+
+
+def _segment(index: int) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(f"198.18.{index}.0/24")
+
+
+def _host(index: int, host: int) -> str:
+    return str(_segment(index).network_address + host)
+
+
+def _sh(cmd: Sequence[str], *, timeout: float = RUN_TIMEOUT, check: bool = True,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    """Runs a command with a bounded timeout; on failure the error names command and stderr."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise LabError(f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+def _argv(cmd: tuple) -> list[str]:
+    """Accepts run("ip", "link"), run(["ip", "link"]) and run("ip link")."""
+    if len(cmd) == 1 and isinstance(cmd[0], (list, tuple)):
+        cmd = tuple(cmd[0])
+    if len(cmd) == 1 and isinstance(cmd[0], str) and " " in cmd[0]:
+        return shlex.split(cmd[0])
+    return [str(c) for c in cmd]
+
+
+def _stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT,
+                  sig: int = signal.SIGTERM) -> int | None:
+    """Signals one process we started (by its PID), waits bounded, then SIGKILLs."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        proc.send_signal(sig)
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        return proc.poll()
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or a lab command failed."""
+
+
+@dataclass(frozen=True)
+class PingResult:
+    """Truthy when at least one reply came back; carries the rtt (ms) and TTL of the first."""
+
+    ok: bool
+    rtt_ms: float | None
+    ttl: int | None
+    output: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class Netns:
+    """One network namespace of the lab, addressed by name with ``ip -n`` / ``ip netns exec``."""
+
+    def __init__(self, lab: "Lab", name: str):
+        self.lab = lab
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    def argv(self, *cmd: Any) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *_argv(cmd)]
+
+    def run(self, *cmd: Any, timeout: float = RUN_TIMEOUT, check: bool = False,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Runs a command inside the namespace; text output captured, bounded by ``timeout``."""
+        return _sh(self.argv(*cmd), timeout=timeout, check=check, input=input)
+
+    def popen(self, *cmd: Any, **kwargs: Any) -> subprocess.Popen:
+        """Starts a command inside the namespace; the lab stops it (by PID) on exit."""
+        proc = subprocess.Popen(self.argv(*cmd), **kwargs)
+        self.lab._processes.append(proc)
+        return proc
+
+    def ip_json(self, *args: str) -> Any:
+        """``ip -j -n <ns> <args>`` parsed, e.g. ``ns.ip_json("route", "get", "198.18.2.2")``."""
+        out = _sh(["ip", "-j", "-n", self.name, *args]).stdout
+        return json.loads(out) if out.strip() else []
+
+    def ip_batch(self, lines: Iterable[str]) -> None:
+        _sh(["ip", "-n", self.name, "-batch", "-"], input="\n".join(lines) + "\n")
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        self.run("sysctl", "-q", "-w", f"{key}={value}", check=True)
+
+    def ping(self, ip: str, count: int = 1, timeout: float = 2.0, *, size: int | None = None,
+             dont_fragment: bool = False, interval: float = 0.2) -> PingResult:
+        """``ping`` from this namespace, bounded by ``count`` and ``timeout`` (seconds)."""
+        deadline = max(1, int(timeout + interval * (count - 1) + 0.999))
+        cmd = ["ping", "-n", "-c", str(count), "-i", str(interval),
+               "-W", str(max(1, int(timeout))), "-w", str(deadline)]
+        if size is not None:
+            cmd += ["-s", str(size)]
+        if dont_fragment:
+            cmd += ["-M", "do"]
+        proc = self.run(*cmd, str(ip), timeout=deadline + 5)
+        reply = re.search(r"ttl=(\d+) time=([\d.]+) ms", proc.stdout)
+        return PingResult(
+            ok=proc.returncode == 0 and reply is not None,
+            rtt_ms=float(reply.group(2)) if reply else None,
+            ttl=int(reply.group(1)) if reply else None,
+            output=proc.stdout + proc.stderr,
+        )
+
+
+class Router(Netns):
+    """Forwards between every segment; the only path between nodes, etcd and outside."""
+
+    def ip_on(self, segment: int) -> str:
+        return _host(segment, 1)
+
+
+class Host(Netns):
+    """A single-homed namespace on its own /24 behind the router (node, etcd host, outside)."""
+
+    def __init__(self, lab: "Lab", name: str, segment: int):
+        super().__init__(lab, name)
+        self.segment = segment
+        self.subnet = _segment(segment)
+        self.public_ip = _host(segment, 2)
+        self.gateway = _host(segment, 1)
+        self.underlay_ifname = UNDERLAY_IFNAME
+
+
+class Node(Host):
+    """A cluster node. ``index`` is 1-based; ``lab.nodes[0]`` is node 1 on 198.18.1.0/24."""
+
+    def __init__(self, lab: "Lab", name: str, index: int, workdir: Path):
+        super().__init__(lab, name, segment=index)
+        self.index = index
+        self.workdir = workdir
+        self.subnet_file = workdir / "subnet.env"
+        self.state_dir = workdir / "state"
+        self.agent_log = workdir / "agent.log"
+        self.agent: Agent | None = None
+
+
+class Pod(Netns):
+    """A pod namespace whose ``eth0`` is a veth into the node's ``cni0`` bridge."""
+
+    def __init__(self, lab: "Lab", name: str, node: Node, pod_name: str,
+                 interface: ipaddress.IPv4Interface, gateway: str, host_ifname: str):
+        super().__init__(lab, name)
+        self.node = node
+        self.pod_name = pod_name
+        self.interface = interface
+        self.ip = str(interface.ip)
+        self.gateway = gateway
+        self.ifname = "eth0"
+        self.host_ifname = host_ifname
+
+
+class Agent:
+    """One ``vxlan-net agent`` process started by the lab inside a node namespace."""
+
+    def __init__(self, node: Node, proc: subprocess.Popen, argv: list[str], log_offset: int):
+        self.node = node
+        self.proc = proc
+        self.argv = argv
+        self._log_offset = log_offset
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit status."""
+        return _stop_process(self.proc, timeout)
+
+    def kill(self) -> int | None:
+        return _stop_process(self.proc, STOP_TIMEOUT, signal.SIGKILL)
+
+    def log_text(self) -> str:
+        """What this agent wrote to stdout/stderr (the node's log, from this start on)."""
+        try:
+            with open(self.node.agent_log, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class LocalEtcd:
+    """A minimal single-member etcd inside a namespace (stand-in until etcd_server.py lands)."""
+
+    def __init__(self, netns: str, ip: str, data_dir: Path, log_path: Path,
+                 port: int = ETCD_CLIENT_PORT, ready_timeout: float = 15.0):
+        self.netns = netns
+        self.ip = ip
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.client_url = f"http://{ip}:{port}"
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> "LocalEtcd":
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        peer = "http://127.0.0.1:2380"
+        cmd = ["ip", "netns", "exec", self.netns, ETCD_EXE, "--name", "lab",
+               "--data-dir", str(self.data_dir),
+               "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
+               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+               "--initial-cluster", f"lab={peer}", "--initial-cluster-state", "new",
+               "--heartbeat-interval", "50", "--election-timeout", "500"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        health = ["ip", "netns", "exec", self.netns, ETCDCTL_EXE, "--endpoints", self.client_url,
+                  "--dial-timeout", "1s", "--command-timeout", "1s", "endpoint", "health"]
+        deadline = time.monotonic() + self.ready_timeout
+        for _ in range(int(self.ready_timeout / 0.1) + 1):
+            if self.proc.poll() is not None:
+                raise LabError(f"etcd exited {self.proc.returncode}; see {self.log_path}")
+            env = dict(os.environ, ETCDCTL_API="3")
+            proc = subprocess.run(health, capture_output=True, text=True, timeout=5, env=env)
+            if proc.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        raise LabError(f"etcd not healthy within {self.ready_timeout}s; see {self.log_path}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, timeout=STOP_TIMEOUT, sig=signal.SIGKILL)
+
+
+EtcdFactory = Callable[["Lab"], Any]
+
+
+def local_etcd(lab: "Lab") -> LocalEtcd:
+    """The default etcd: started in the lab's etcd namespace, listening on its lab address."""
+    etcd_dir = lab.workdir / "etcd"
+    etcd_dir.mkdir(exist_ok=True)
+    return LocalEtcd(lab.etcd_host.name, lab.etcd_host.public_ip, etcd_dir / "data",
+                     etcd_dir / "etcd.log").start()
+
+
+class Capture:
+    """A background tcpdump in a lab namespace, bounded by packet count and time."""
+
+    def __init__(self, ns: Netns, pcap_path: Path, iface: str, bpf: str, count: int,
+                 timeout: float):
+        self.ns = ns
+        self.pcap_path = pcap_path
+        self.deadline = time.monotonic() + timeout
+        cmd = ["tcpdump", "-Z", "root", "-i", iface, "-nn", "-U", "-c", str(count),
+               "-w", str(pcap_path), *shlex.split(bpf)]
+        self._stderr_path = pcap_path.with_suffix(".log")
+        self._stderr = open(self._stderr_path, "wb")
+        self.proc = ns.popen(*cmd, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                             stdin=subprocess.DEVNULL)
+        self._wait_listening(min(timeout, 5.0))
+
+    def _wait_listening(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.02) + 1):
+            if b"listening on" in self._stderr_path.read_bytes():
+                return
+            if self.proc.poll() is not None or time.monotonic() > end:
+                break
+            time.sleep(0.02)
+        self.stop()
+        raise LabError(f"tcpdump in {self.ns.name} did not start: "
+                       f"{self._stderr_path.read_text(errors='replace').strip()}")
+
+    def wait(self) -> "Capture":
+        """Waits until ``count`` packets were seen or the time is up, then stops tcpdump."""
+        remaining = self.deadline - time.monotonic()
+        try:
+            self.proc.wait(timeout=max(0.0, remaining))
+        except subprocess.TimeoutExpired:
+            pass
+        return self.stop()
+
+    def stop(self) -> "Capture":
+        _stop_process(self.proc, STOP_TIMEOUT, signal.SIGINT)
+        self._stderr.close()
+        return self
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def lines(self, *tcpdump_args: str) -> list[str]:
+        """The packets as tcpdump prints them (``-nn -e`` plus any extra arguments)."""
+        self.stop()
+        if not self.pcap_path.exists() or self.pcap_path.stat().st_size == 0:
+            return []
+        out = _sh(["tcpdump", "-nn", "-e", *tcpdump_args, "-r", str(self.pcap_path)]).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+    def packets(self) -> list:
+        """The packets decoded by scapy (UDP 8472 is decoded as VXLAN)."""
+        self.stop()
+        # Slow imports, only when asked for; the layer modules register the link types.
+        import scapy.layers.inet  # noqa: F401
+        import scapy.layers.l2  # noqa: F401
+        import scapy.layers.vxlan  # noqa: F401
+        from scapy.utils import rdpcap
+
+        if not self.pcap_path.exists() or self.pcap_path.stat().st_size == 0:
+            return []
+        return list(rdpcap(str(self.pcap_path)))
+
+
+class Lab:
+    """``with Lab(nodes=3) as lab:`` builds the topology; leaving the block tears it all down.
+
+    Topology: router ``vxl-<tag>-r``; etcd host ``vxl-<tag>-e`` (198.18.0.2); node i
+    ``vxl-<tag>-n<i>`` (198.18.i.2/24, i = 1..N); outside host ``vxl-<tag>-o``
+    (198.18.200.2); pods ``vxl-<tag>-p-<name>``. Hosts reach each other only via the router.
+    """
+
+    def __init__(self, nodes: int = 3, pods_per_node: int = 0, tag: str | None = None,
+                 etcd: bool | EtcdFactory = True, *, agent_exe: str | None = None,
+                 pod_network: str = "198.19.0.0/16", pod_mtu: int = 1450,
+                 workdir_root: str | None = None, keep_workdir: bool | None = None):
+        if not 1 <= nodes <= MAX_NODES:
+            raise ValueError(f"nodes must be 1..{MAX_NODES}")
+        self.tag = tag or secrets.token_hex(3)
+        if not re.fullmatch(r"[a-z0-9]{1,8}", self.tag):
+            raise ValueError("tag: 1-8 lowercase letters or digits")
+        self.prefix = f"vxl-{self.tag}-"
+        self.node_count = nodes
+        self.pods_per_node = pods_per_node
+        self.etcd_factory: EtcdFactory | None = (
+            local_etcd if etcd is True else (etcd or None))
+        self.agent_exe = agent_exe or DEFAULT_AGENT_EXE
+        self.pod_network = ipaddress.IPv4Network(pod_network)
+        self.pod_mtu = pod_mtu
+        self._workdir_root = workdir_root
+        self.keep_workdir = (os.environ.get("VXLAN_LAB_KEEP") == "1"
+                             if keep_workdir is None else keep_workdir)
+        self.workdir: Path = Path()
+        self.router = Router(self, self.prefix + "r")
+        self.etcd_host = Host(self, self.prefix + "e", ETCD_SEGMENT)
+        self.outside = Host(self, self.prefix + "o", OUTSIDE_SEGMENT)
+        self.nodes: list[Node] = []
+        self.pods: dict[str, Pod] = {}
+        self.agents: list[Agent] = []
+        self.etcd: Any = None
+        self._namespaces: list[str] = []
+        self._processes: list[subprocess.Popen] = []
+        self._captures = 0
+        self._closed = True
+        self._old_sigterm: Any = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    @property
+    def etcd_url(self) -> str | None:
+        return self.etcd.client_url if self.etcd is not None else None
+
+    def __enter__(self) -> "Lab":
+        self._closed = False
+        atexit.register(self.close)
+        self._install_sigterm()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _install_sigterm(self) -> None:
+        # A SIGTERM to the test run would otherwise skip every finally block and atexit.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._old_sigterm = signal.SIG_DFL
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+    def _build(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"vxlan-lab-{self.tag}-",
+                                             dir=self._workdir_root))
+        hosts: list[Host] = [self.etcd_host, self.outside]
+        for i in range(1, self.node_count + 1):
+            node_dir = self.workdir / f"node{i}"
+            (node_dir / "state").mkdir(parents=True)
+            node = Node(self, f"{self.prefix}n{i}", i, node_dir)
+            self.nodes.append(node)
+            hosts.append(node)
+        for ns in [self.router, *hosts]:
+            self._add_netns(ns.name)
+
+        router_cmds = ["link set lo up"]
+        for host in hosts:
+            r_if = self._router_ifname(host)
+            router_cmds += [
+                f"link add {r_if} mtu {UNDERLAY_MTU} type veth peer name {host.underlay_ifname}"
+                f" mtu {UNDERLAY_MTU} netns {host.name}",
+                f"addr add {host.gateway}/24 dev {r_if}",
+                f"link set {r_if} up",
+            ]
+        self.router.ip_batch(router_cmds)
+        self.router.sysctl("net.ipv4.ip_forward", 1)
+        for host in hosts:
+            host.ip_batch([
+                "link set lo up",
+                f"addr add {host.public_ip}/24 dev {host.underlay_ifname}",
+                f"link set {host.underlay_ifname} up",
+                f"route add default via {host.gateway}",
+            ])
+
+        if self.etcd_factory is not None:
+            self.etcd = self.etcd_factory(self)
+        for node in self.nodes:
+            for j in range(self.pods_per_node):
+                self.add_pod(node, f"n{node.index}p{j + 1}",
+                             *self.pod_address(node, j + 1), mtu=self.pod_mtu)
+
+    @staticmethod
+    def _router_ifname(host: Host) -> str:
+        return {ETCD_SEGMENT: "to-etcd", OUTSIDE_SEGMENT: "to-out"}.get(
+            host.segment, f"to-n{host.segment}")
+
+    def _add_netns(self, name: str) -> None:
+        # Recorded first, so a half-made namespace is still deleted.
+        self._namespaces.append(name)
+        _sh(["ip", "netns", "add", name])
+        # IPv4 only: no router solicitations or MLD reports in the captures.
+        _sh(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+             "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+
+    def close(self) -> None:
+        """Stops every process the lab started and deletes every namespace it made."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[str] = []
+        try:
+            self.stop_agents()
+            for proc in reversed(self._processes):
+                _stop_process(proc)
+            if self.etcd is not None:
+                self.etcd.stop()
+        except BaseException as exc:  # keep going: namespaces must go regardless
+            errors.append(f"stopping processes: {exc!r}")
+        for name in reversed(self._namespaces):
+            proc = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True,
+                                  timeout=RUN_TIMEOUT)
+            if proc.returncode != 0 and name in list_namespaces():
+                errors.append(f"ip netns del {name}: {proc.stderr.strip()}")
+        left = [ns for ns in list_namespaces() if ns.startswith(self.prefix)]
+        if self.workdir != Path() and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        atexit.unregister(self.close)
+        if self._old_sigterm is not None and signal.getsignal(signal.SIGTERM) is \
+                _raise_keyboard_interrupt:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+        if left:
+            errors.append(f"namespaces left behind: {left}")
+        if errors:
+            raise LabError("lab cleanup incomplete: " + "; ".join(errors))
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def namespaces(self) -> list[str]:
+        """The lab's namespaces that exist now, from ``ip netns list``."""
+        return [ns for ns in list_namespaces() if ns.startswith(self.prefix)]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0,
+                 interval: float = 0.1, message: str = "") -> Any:
+        return wait_for(predicate, timeout, interval, message)
+
+    def etcdctl(self, *args: str, timeout: float = 10.0,
+                check: bool = True) -> subprocess.CompletedProcess:
+        """``etcdctl`` (API v3) against the lab's etcd, run in the etcd host namespace."""
+        if self.etcd_url is None:
+            raise LabError("this lab has no etcd")
+        cmd = ["env", "ETCDCTL_API=3", ETCDCTL_EXE, "--endpoints", self.etcd_url,
+               "--dial-timeout", "2s", "--command-timeout", f"{int(timeout)}s", *args]
+        return self.etcd_host.run(*cmd, timeout=timeout + 5, check=check)
+
+    def capture(self, ns: Netns | str, iface: str = "any", bpf: str = "", count: int = 100,
+                timeout: float = 10.0) -> Capture:
+        """Starts tcpdump in ``ns`` (returns once it listens); ``.wait()``/``.stop()`` end it,
+        ``.lines()``, ``.packets()`` and ``.pcap_path`` give the result."""
+        if isinstance(ns, str):
+            ns = self._netns_by_name(ns)
+        self._captures += 1
+        path = self.workdir / f"capture-{self._captures}-{ns.name}.pcap"
+        return Capture(ns, path, iface, bpf, count, timeout)
+
+    def _netns_by_name(self, name: str) -> Netns:
+        for ns in [self.router, self.etcd_host, self.outside, *self.nodes, *self.pods.values()]:
+            if ns.name == name:
+                return ns
+        raise LabError(f"no lab namespace {name}")
+
+    # -- agents -----------------------------------------------------------------------------
+
+    def agent_argv(self, node: Node, *extra_args: str) -> list[str]:
+        argv = [self.agent_exe, "agent", "--iface", node.underlay_ifname,
+                "--public-ip", node.public_ip, "--subnet-file", str(node.subnet_file),
+                "--state-dir", str(node.state_dir)]
+        if self.etcd_url is not None:
+            argv[2:2] = ["--etcd-endpoints", self.etcd_url]
+        return argv + [str(a) for a in extra_args]
+
+    def start_agent(self, node: Node, *extra_args: str, env: dict[str, str] | None = None) -> Agent:
+        """Starts the agent inside ``node``'s namespace; output goes to ``node.agent_log``."""
+        argv = self.agent_argv(node, *extra_args)
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        with open(node.agent_log, "ab") as log:
+            offset = log.tell()
+            proc = subprocess.Popen(node.argv(*argv), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=full_env)
+        agent = Agent(node, proc, argv, offset)
+        node.agent = agent
+        self.agents.append(agent)
+        return agent
+
+    def stop_agents(self, timeout: float = STOP_TIMEOUT) -> None:
+        for agent in self.agents:
+            agent.stop(timeout)
+
+    # -- pods -------------------------------------------------------------------------------
+
+    def pod_address(self, node: Node, n: int) -> tuple[str, str]:
+        """A static pod address for helper pods: (``198.19.<node>.<n+1>/24``, gateway ``.1``),
+        i.e. the subnet the lab assumes for node i when no agent chose one."""
+        subnets = list(self.pod_network.subnets(new_prefix=24))
+        subnet = subnets[node.index]
+        return f"{subnet.network_address + n + 1}/24", str(subnet.network_address + 1)
+
+    def add_pod(self, node: Node, name: str, ip_cidr: str, gateway: str,
+                mtu: int | None = None, bridge: str = "cni0") -> Pod:
+        """A pod as the CNI bridge plugin would make it: veth ``eth0`` in the pod namespace,
+        host end on ``bridge`` (created with ``gateway`` if missing), default route via it.
+        Like the reference plugin, it turns on IPv4 forwarding in the node namespace."""
+        if not _POD_NAME.match(name):
+            raise ValueError(f"pod name {name!r}: 1-24 of [A-Za-z0-9_-]")
+        if name in self.pods:
+            raise LabError(f"pod {name} exists")
+        mtu = mtu or self.pod_mtu
+        iface = ipaddress.IPv4Interface(ip_cidr)
+        host_if = "vh" + hashlib.sha1(f"{node.name}/{name}".encode()).hexdigest()[:10]
+        pod = Pod(self, f"{self.prefix}p-{name}", node, name, iface, gateway, host_if)
+        self._add_netns(pod.name)
+        self.pods[name] = pod
+        if not self._link_exists(node, bridge):
+            node.ip_batch([f"link add {bridge} type bridge", f"link set {bridge} up"])
+        node.ip_batch([
+            f"addr replace {gateway}/{iface.network.prefixlen} dev {bridge}",
+            f"link add {host_if} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {pod.name}",
+            f"link set {host_if} master {bridge}",
+            f"link set {host_if} up",
+        ])
+        node.sysctl("net.ipv4.ip_forward", 1)
+        pod.ip_batch([
+            "link set lo up",
+            f"addr add {iface} dev eth0",
+            "link set eth0 up",
+            f"route add default via {gateway} dev eth0",
+        ])
+        return pod
+
+    @staticmethod
+    def _link_exists(ns: Netns, ifname: str) -> bool:
+        return ns.run("ip", "link", "show", "dev", ifname).returncode == 0
+
+    def remove_pod(self, pod: Pod) -> None:
+        """Deletes the pod namespace (its veth pair goes with it)."""
+        _sh(["ip", "netns", "del", pod.name], check=False)
+        self.pods.pop(pod.pod_name, None)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def list_namespaces() -> list[str]:
+    """Names from ``ip netns list`` (the ``(id: N)`` suffix dropped)."""
+    out = _sh(["ip", "netns", "list"]).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1,
+             message: str = "") -> Any:
+    """Polls ``predicate`` until it returns something truthy (returned) or ``timeout`` passes
+    (``TimeoutError``). Bounded both in time and in the number of calls."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    for _ in range(int(timeout / max(interval, 0.001)) + 2):
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    raise TimeoutError(message or f"condition not met within {timeout}s (last value {last!r})")
+
+
+def _main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Builds a lab, prints its plan, tears it down.")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--pods-per-node", type=int, default=0)
+    parser.add_argument("--no-etcd", action="store_true")
+    parser.add_argument("--hold", type=float, default=0.0, help="seconds to keep it up")
+    args = parser.parse_args()
+    with Lab(args.nodes, args.pods_per_node, etcd=not args.no_etcd) as lab:
+        print(f"lab {lab.tag}: router {lab.router.name}, etcd {lab.etcd_url}, "
+              f"outside {lab.outside.public_ip}")
+        for node in lab.nodes:
+            print(f"  {node.name}: {node.public_ip} dev {node.underlay_ifname}")
+        for pod in lab.pods.values():
+            print(f"  {pod.name}: {pod.interface} on {pod.node.name}")
+        time.sleep(max(0.0, min(args.hold, 3600.0)))
+
+
+if __name__ == "__main__":
+    _main()
