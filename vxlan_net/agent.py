@@ -1,0 +1,261 @@
+"""The node agent: hold a subnet lease, follow everyone else's, keep the kernel in step."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from typing import Optional
+
+from . import firewall, kernel
+from .backoff import Backoff
+from .config import NetworkConfig, parse_config
+from .errors import InvalidConfig, LeaseGone, StoreUnavailable, SubnetsExhausted, SubnetTaken, WatchCompacted
+from .lease import Lease
+from .lease_book import LeaseBook, RecordEvent
+from .reconciler import Reconciler
+from .state import NodeState
+from .store import EtcdStore
+from .subnet_file import remembered_subnet, render_subnet_file, write_atomically
+from .subnet_lease import SubnetLeaseKeeper
+
+log = logging.getLogger(__name__)
+
+VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14)
+LOOP_TICK = 0.5  # longest wait between checks of the stop flag
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentOptions:
+    """Everything `vxlan-net agent` is told on its command line."""
+
+    etcd_endpoints: tuple[str, ...]
+    """etcd client URLs; the agent fails over between them."""
+    etcd_prefix: str = "/vxlan-net"
+    """Key prefix holding `config` and `subnets/`."""
+    etcd_cafile: Optional[str] = None
+    etcd_certfile: Optional[str] = None
+    etcd_keyfile: Optional[str] = None
+    iface: Optional[str] = None
+    """Underlay interface; default: the one carrying --public-ip, else the default route's."""
+    public_ip: Optional[IPv4Address] = None
+    """Address other nodes send tunnel traffic to; default: the underlay interface's."""
+    subnet_file: Path = Path("/run/vxlan-net/subnet.env")
+    state_dir: Path = Path("/var/lib/vxlan-net")
+    ip_masq: bool = False
+    """Masquerade traffic leaving the pod network to the node's address."""
+    subnet_lease_ttl: int = 24 * 3600
+    resync_interval: float = 30.0
+    """Seconds between full reconciles against a fresh read of the kernel."""
+
+
+def vtep_name(vni: int) -> str:
+    """`vxnet.<VNI>`: at most 14 characters, within the kernel's 15."""
+    return f"vxnet.{vni}"
+
+
+class Agent:
+    """Runs until `stop` is set; leaves kernel state and the lease in place on exit."""
+
+    def __init__(self, options: AgentOptions, stop: threading.Event):
+        self.options = options
+        self.stop = stop
+        self.node_state = NodeState(options.state_dir)
+        self.store = EtcdStore(list(options.etcd_endpoints), options.etcd_prefix, ca_cert=options.etcd_cafile,
+                               cert_key=options.etcd_keyfile, cert_cert=options.etcd_certfile)
+        self.config: Optional[NetworkConfig] = None
+        self.keeper: Optional[SubnetLeaseKeeper] = None
+        self.book: Optional[LeaseBook] = None
+        self.reconciler: Optional[Reconciler] = None
+        self.underlay: Optional[tuple[str, IPv4Address, int]] = None
+
+    # -- start-up ------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.config = self._wait(self._load_config, "network config")
+        if self.config is None:
+            return 0
+        ifname, public_ip, underlay_mtu = self._resolve_underlay()
+        self.underlay = (ifname, public_ip, underlay_mtu)
+        mac = self.node_state.vtep_mac()
+        self.keeper = SubnetLeaseKeeper(self.store, self.config, public_ip, mac, self.options.subnet_lease_ttl)
+        self.reconciler = Reconciler(vtep_name(self.config.vni), kernel)
+        lease = self._wait(self._acquire, "subnet lease")
+        if lease is None:
+            return 0
+        self._adopt(lease)
+        _enable_ip_forwarding()
+        self._follow_leases()
+        log.info("stopping; kernel entries and the lease stay in place")
+        self.store.close()
+        return 0
+
+    def _wait(self, attempt, what: str):
+        """Call `attempt` until it returns a value, backing off on errors; None if stopped."""
+        backoff, last_message = Backoff(base=0.5, cap=10.0), None
+        while not self.stop.is_set():
+            try:
+                return attempt()
+            except (StoreUnavailable, InvalidConfig, SubnetsExhausted, SubnetTaken, LeaseGone) as exc:
+                if str(exc) != last_message:
+                    log.warning("waiting for %s: %s", what, exc)
+                    last_message = str(exc)
+            self.stop.wait(backoff.next_delay())
+        return None
+
+    def _load_config(self) -> NetworkConfig:
+        raw = self.store.get_config()
+        if raw is None:
+            raise InvalidConfig(f"no config at {self.options.etcd_prefix}/config yet (write it with `vxlan-net config set`)")
+        return parse_config(raw)
+
+    def _resolve_underlay(self) -> tuple[str, IPv4Address, int]:
+        opts = self.options
+        if opts.iface:
+            public_ip = opts.public_ip or kernel.interface_address(opts.iface)
+            ifname = opts.iface
+        elif opts.public_ip:
+            public_ip = opts.public_ip
+            ifname, _ = kernel.underlay_for(public_ip)
+        else:
+            ifname, public_ip = kernel.default_route_source()
+        mtu = int(kernel.link_info(ifname)["mtu"])
+        log.info("underlay %s, public IP %s, MTU %d", ifname, public_ip, mtu)
+        return ifname, public_ip, mtu
+
+    def _acquire(self) -> Lease:
+        remembered = (self.keeper.lease.subnet if self.keeper.lease else None) \
+            or self.node_state.last_subnet() or remembered_subnet(self.options.subnet_file)
+        return self.keeper.acquire(remembered)
+
+    def _adopt(self, lease: Lease) -> None:
+        """Make the node match its lease: VTEP, subnet file, firewall, state dir."""
+        config, (ifname, public_ip, underlay_mtu) = self.config, self.underlay
+        mtu = config.mtu or underlay_mtu - VXLAN_OVERHEAD
+        spec = kernel.VtepSpec(
+            name=vtep_name(config.vni), vni=config.vni, port=config.port, local_ip=public_ip,
+            underlay_ifname=ifname, mac=lease.vtep_mac, mtu=mtu,
+            address=IPv4Interface((lease.subnet.network_address, 32)),
+        )
+        kernel.ensure_vtep(spec)
+        firewall.apply_rules(config.network, self.options.ip_masq)
+        write_atomically(self.options.subnet_file,
+                         render_subnet_file(config.network, lease.subnet, mtu, self.options.ip_masq))
+        self.node_state.remember_subnet(lease.subnet)
+        if self.book is not None:
+            self.book.own_subnet = lease.subnet
+        log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.subnet, spec.name, mtu, lease.vtep_mac)
+
+    # -- steady state --------------------------------------------------------------
+
+    def _follow_leases(self) -> None:
+        """One thread: watch batches, periodic resync, lease renewal; never a hot loop."""
+        self.book = LeaseBook(self.config, self.keeper.lease.subnet)
+        watch, watch_from = None, None
+        relist_backoff = Backoff(base=0.5, cap=10.0)
+        renew_backoff = Backoff(base=1.0, cap=10.0)
+        now = time.monotonic()
+        next_relist = now
+        next_resync = now + self.options.resync_interval
+        next_renew = now + self.keeper.renew_interval
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if watch is None and now >= next_relist:
+                try:
+                    watch_from = self._relist()
+                    watch = self.store.watch_leases(watch_from)
+                    relist_backoff.reset()
+                except (StoreUnavailable, WatchCompacted) as exc:
+                    delay = relist_backoff.next_delay()
+                    self._log_store_trouble(relist_backoff, f"cannot follow leases ({exc}); retrying in {delay:.1f}s")
+                    next_relist = now + delay
+            if now >= next_resync:
+                self._reconcile()
+                failures = self.reconciler.failures_in_a_row
+                next_resync = now + (self.options.resync_interval if not failures else min(
+                    self.options.resync_interval, 2.0 ** min(failures, 5)))
+            if now >= next_renew:
+                next_renew = now + self._renew(renew_backoff)
+            timeout = max(0.0, min(LOOP_TICK, next_resync - now, next_renew - now,
+                                   (next_relist - now) if watch is None else LOOP_TICK))
+            if watch is None:
+                self.stop.wait(timeout)
+                continue
+            try:
+                batch = watch.next_batch(timeout)
+            except (StoreUnavailable, WatchCompacted) as exc:  # WatchLost is a StoreUnavailable
+                log.warning("lease watch ended (%s); listing again", exc)
+                watch = None
+                next_relist = time.monotonic() + relist_backoff.next_delay()
+                continue
+            except StopIteration:
+                watch = None
+                continue
+            if batch:
+                self._take([RecordEvent(e.key_name, e.value) for e in batch])
+        if watch is not None:
+            watch.cancel()
+
+    def _relist(self) -> int:
+        snapshot = self.store.list_leases()
+        self._take({name: record.value for name, record in snapshot.records.items()}, replace=True)
+        return snapshot.revision + 1
+
+    def _take(self, events, replace: bool = False) -> None:
+        """Fold a listing or a batch of events into the book, then reconcile if peers moved."""
+        change = self.book.replace(events) if replace else self.book.apply(events)
+        for key_name, reason in change.rejected:
+            log.warning("skipping invalid lease %s: %s", key_name, reason)
+        own = self.book.leases.get(self.keeper.lease.subnet)
+        lost = change.own_lease_removed or (own is not None and own.public_ip != self.keeper.public_ip)
+        if lost:
+            log.warning("our lease on %s disappeared; acquiring again", self.keeper.lease.subnet)
+            self._reacquire()
+        if change.peers_changed or replace or lost:
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        self.reconciler.set_peers(self.book.peers())
+        self.reconciler.reconcile()
+
+    def _renew(self, backoff: Backoff) -> float:
+        """Refresh the lease; returns seconds until the next renewal attempt."""
+        try:
+            self.keeper.renew()
+            backoff.reset()
+            return self.keeper.renew_interval
+        except LeaseGone as exc:
+            log.warning("lease expired or revoked (%s); acquiring again", exc)
+            self._reacquire()
+            return self.keeper.renew_interval
+        except StoreUnavailable as exc:
+            delay = min(backoff.next_delay(), self.keeper.renew_interval)
+            self._log_store_trouble(backoff, f"cannot renew lease ({exc}); retrying in {delay:.1f}s")
+            return delay
+
+    def _reacquire(self) -> None:
+        previous = self.keeper.lease
+        lease = self._wait(self._acquire, "subnet lease")
+        if lease is None:
+            return
+        if lease.subnet != previous.subnet:
+            log.warning("node subnet changed from %s to %s: pods on the old subnet need new addresses",
+                        previous.subnet, lease.subnet)
+        self._adopt(lease)
+
+    @staticmethod
+    def _log_store_trouble(backoff: Backoff, message: str) -> None:
+        """Warn on the first failure in a row only, so an outage does not flood the log."""
+        (log.warning if backoff.failures <= 1 else log.debug)(message)
+
+
+def _enable_ip_forwarding() -> None:
+    """Pods' traffic is routed by the node, so forwarding must be on in its namespace."""
+    try:
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    except OSError as exc:
+        log.warning("cannot enable IPv4 forwarding: %s", exc)
+

@@ -1,0 +1,216 @@
+"""The `vxlan-net` command line: config set/get, agent, status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import InvalidConfig, InvalidLease, StoreConfigError, StoreUnavailable, VxlanNetError
+
+ENV_PREFIX = "VXLAN_NET_"
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 1
+
+
+class UsageError(Exception):
+    """A bad flag or value given by the user: one line, exit 2."""
+
+
+def env_default(flag: str, fallback=None):
+    """Every flag can come from VXLAN_NET_<FLAG> (dashes become underscores)."""
+    return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), fallback)
+
+
+def env_bool(flag: str) -> bool:
+    value = env_default(flag, "")
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    raise UsageError(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}={value!r} is not a boolean")
+
+
+def _add_etcd_flags(parser: argparse.ArgumentParser, tls: bool = True) -> None:
+    parser.add_argument("--etcd-endpoints", default=env_default("etcd-endpoints", "http://127.0.0.1:2379"),
+                        help="comma-separated etcd client URLs (env VXLAN_NET_ETCD_ENDPOINTS)")
+    parser.add_argument("--etcd-prefix", default=env_default("etcd-prefix", "/vxlan-net"))
+    if tls:
+        for name in ("cafile", "certfile", "keyfile"):
+            parser.add_argument(f"--etcd-{name}", default=env_default(f"etcd-{name}"))
+
+
+def _int_env(flag: str, fallback: Optional[int]) -> Optional[int]:
+    value = env_default(flag)
+    if value is None:
+        return fallback
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}={value!r} is not an integer") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vxlan-net", description="VXLAN overlay network for container clusters")
+    parser.add_argument("--log-level", default=env_default("log-level", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config = commands.add_parser("config", help="read or write the network config in etcd")
+    config_cmds = config.add_subparsers(dest="config_command", required=True)
+    config_set = config_cmds.add_parser("set", help="validate and write <prefix>/config")
+    _add_etcd_flags(config_set)
+    config_set.add_argument("--network", default=env_default("network"), help="pod network CIDR")
+    config_set.add_argument("--subnet-len", type=int, default=_int_env("subnet-len", None))
+    config_set.add_argument("--subnet-min", default=env_default("subnet-min"))
+    config_set.add_argument("--subnet-max", default=env_default("subnet-max"))
+    config_set.add_argument("--vni", type=int, default=_int_env("vni", 1))
+    config_set.add_argument("--port", type=int, default=_int_env("port", 8472))
+    config_set.add_argument("--mtu", type=int, default=_int_env("mtu", None))
+    config_get = config_cmds.add_parser("get", help="print <prefix>/config")
+    _add_etcd_flags(config_get)
+
+    agent = commands.add_parser("agent", help="run the node agent in the foreground")
+    _add_etcd_flags(agent)
+    agent.add_argument("--iface", default=env_default("iface"), help="underlay interface")
+    agent.add_argument("--public-ip", default=env_default("public-ip"), help="this node's tunnel endpoint address")
+    agent.add_argument("--subnet-file", default=env_default("subnet-file", "/run/vxlan-net/subnet.env"))
+    agent.add_argument("--state-dir", default=env_default("state-dir", "/var/lib/vxlan-net"))
+    agent.add_argument("--ip-masq", action="store_true", default=None,
+                       help="masquerade traffic leaving the pod network (env VXLAN_NET_IP_MASQ=true)")
+    agent.add_argument("--subnet-lease-ttl", type=int, default=_int_env("subnet-lease-ttl", 24 * 3600))
+    agent.add_argument("--resync-interval", type=float, default=float(_int_env("resync-interval", 30)))
+
+    status = commands.add_parser("status", help="show the leases and whether this node's kernel matches them")
+    _add_etcd_flags(status)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.command == "config":
+            return _config_set(args) if args.config_command == "set" else _config_get(args)
+        if args.command == "agent":
+            return _agent(args)
+        return _status(args)
+    except (UsageError, InvalidConfig, StoreConfigError) as exc:
+        print(f"vxlan-net: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreUnavailable as exc:
+        print(f"vxlan-net: etcd unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except VxlanNetError as exc:
+        print(f"vxlan-net: error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+def _endpoints(args) -> list[str]:
+    endpoints = [e.strip() for e in (args.etcd_endpoints or "").split(",") if e.strip()]
+    if not endpoints:
+        raise UsageError("--etcd-endpoints is empty")
+    return endpoints
+
+
+def _store(args):
+    from .store import EtcdStore  # imported late: `--help` and usage errors stay fast
+
+    return EtcdStore(_endpoints(args), args.etcd_prefix, ca_cert=getattr(args, "etcd_cafile", None),
+                     cert_key=getattr(args, "etcd_keyfile", None), cert_cert=getattr(args, "etcd_certfile", None))
+
+
+def _config_set(args) -> int:
+    from .config import build_config
+
+    if not args.network:
+        raise UsageError("--network is required")
+    config = build_config(args.network, args.subnet_len, args.subnet_min, args.subnet_max, args.vni, args.port,
+                          args.mtu)
+    with _store(args) as store:
+        store.put_config(config.to_json())
+    print(config.to_json())
+    return 0
+
+
+def _config_get(args) -> int:
+    with _store(args) as store:
+        raw = store.get_config()
+    if raw is None:
+        print(f"vxlan-net: no config at {args.etcd_prefix}/config", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(raw.decode(errors="replace"))
+    return 0
+
+
+def _agent(args) -> int:
+    from .agent import Agent, AgentOptions
+
+    try:
+        public_ip = IPv4Address(args.public_ip) if args.public_ip else None
+    except ValueError:
+        raise UsageError(f"--public-ip {args.public_ip!r} is not an IPv4 address") from None
+    if args.subnet_lease_ttl < 5:
+        raise UsageError(f"--subnet-lease-ttl {args.subnet_lease_ttl} must be at least 5 seconds")
+    if args.resync_interval <= 0:
+        raise UsageError(f"--resync-interval {args.resync_interval} must be positive")
+    options = AgentOptions(
+        etcd_endpoints=tuple(_endpoints(args)), etcd_prefix=args.etcd_prefix, etcd_cafile=args.etcd_cafile,
+        etcd_certfile=args.etcd_certfile, etcd_keyfile=args.etcd_keyfile, iface=args.iface, public_ip=public_ip,
+        subnet_file=Path(args.subnet_file), state_dir=Path(args.state_dir),
+        ip_masq=args.ip_masq if args.ip_masq is not None else env_bool("ip-masq"),
+        subnet_lease_ttl=args.subnet_lease_ttl, resync_interval=args.resync_interval,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return Agent(options, stop).run()
+
+
+def _status(args) -> int:
+    from . import kernel
+    from .agent import vtep_name
+    from .config import parse_config
+    from .desired import desired_entries
+    from .lease import parse_lease
+    from .status import describe_drift, render_lease_table
+
+    with _store(args) as store:
+        raw = store.get_config()
+        if raw is None:
+            print(f"vxlan-net: no config at {args.etcd_prefix}/config", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        config = parse_config(raw)
+        snapshot = store.list_leases(with_ttl=True)
+    rows, invalid = [], []
+    for name, record in snapshot.records.items():
+        try:
+            rows.append((parse_lease(name, record.value, config), record.ttl_remaining))
+        except InvalidLease as exc:
+            invalid.append(str(exc))
+    device = vtep_name(config.vni)
+    own = None
+    if kernel.link_exists(device):
+        own_gateway = kernel.interface_address(device)
+        own = next((lease.subnet for lease, _ in rows if lease.subnet.network_address == own_gateway), None)
+    print(render_lease_table(rows, own))
+    for reason in invalid:
+        print(f"invalid record skipped: {reason}")
+    if own is None:
+        print(f"this node: no {device} device here (not a node, or the agent has not started)")
+        return 0
+    peers = [lease for lease, _ in rows if lease.subnet != own]
+    drift = describe_drift(desired_entries(peers), kernel.read_overlay_entries(device))
+    if not drift:
+        print(f"this node ({own}): kernel entries match {len(peers)} peers")
+        return 0
+    print(f"this node ({own}): kernel entries differ from the leases:")
+    print("\n".join(f"  {line}" for line in drift))
+    return 1

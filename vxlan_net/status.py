@@ -1,0 +1,43 @@
+"""`vxlan-net status`: the lease table and this node's drift, rendered from plain data."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from .desired import OverlayEntries
+from .lease import Lease
+
+
+def format_expiry(seconds: Optional[int]) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 0:
+        return "expired"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def render_lease_table(rows: Iterable[tuple[Lease, Optional[int]]], own_subnet=None) -> str:
+    """One line per lease: subnet, public IP, VTEP MAC, time to expiry; ours marked with *."""
+    header = ("SUBNET", "PUBLIC IP", "VTEP MAC", "EXPIRES IN")
+    lines = [header]
+    for lease, ttl in sorted(rows, key=lambda row: row[0].subnet):
+        mark = "*" if own_subnet is not None and lease.subnet == own_subnet else ""
+        lines.append((f"{lease.subnet}{mark}", str(lease.public_ip), lease.vtep_mac, format_expiry(ttl)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def describe_drift(desired: OverlayEntries, actual: OverlayEntries) -> list[str]:
+    """Human lines for entries missing from or extra in the kernel; empty when in sync."""
+    lines = []
+    for kind in ("neighbours", "fdb", "routes"):
+        want, have = getattr(desired, kind), getattr(actual, kind)
+        lines += [f"missing {kind[:-1] if kind != 'fdb' else 'fdb entry'}: {_show(e)}" for e in sorted(want - have)]
+        lines += [f"unexpected {kind[:-1] if kind != 'fdb' else 'fdb entry'}: {_show(e)}" for e in sorted(have - want)]
+    return lines
+
+
+def _show(entry) -> str:
+    return " ".join(f"{k}={v}" for k, v in vars(entry).items())

@@ -1,0 +1,102 @@
+"""Acquiring, renewing and re-acquiring this node's subnet lease in etcd."""
+
+from __future__ import annotations
+
+import logging
+import random
+from ipaddress import IPv4Address, IPv4Network
+from typing import Optional
+
+from .allocator import choose_free_subnet, reusable_subnet
+from .config import NetworkConfig
+from .errors import InvalidLease, LeaseGone, SubnetTaken
+from .lease import Lease, parse_lease, parse_subnet_key_name
+
+log = logging.getLogger(__name__)
+
+MAX_RACE_RETRIES = 16
+
+
+class SubnetLeaseKeeper:
+    """Holds one subnet lease for this node: transactional create, reuse, renewal."""
+
+    def __init__(self, store, config: NetworkConfig, public_ip: IPv4Address, vtep_mac: str, ttl: int,
+                 rng: Optional[random.Random] = None):
+        self.store = store
+        self.config = config
+        self.public_ip = public_ip
+        self.vtep_mac = vtep_mac
+        self.ttl = ttl
+        self.rng = rng or random.SystemRandom()
+        self.lease: Optional[Lease] = None
+        self.lease_id: Optional[int] = None
+
+    @property
+    def renew_interval(self) -> float:
+        """Renew at a third of the TTL (at most hourly), well before expiry."""
+        return max(1.0, min(self.ttl / 3.0, 3600.0))
+
+    def _value_for(self, subnet: IPv4Network) -> Lease:
+        return Lease(subnet, self.public_ip, self.vtep_mac, self.config.vni)
+
+    def acquire(self, remembered: Optional[IPv4Network]) -> Lease:
+        """Reuse our previous subnet when we may, else take a random free one.
+
+        A lost creation race means another node took that subnet in the meantime:
+        pick another and try again (flannel exits here; we do not).
+        """
+        snapshot = self.store.list_leases()
+        valid, taken = {}, set()
+        for key_name, record in snapshot.records.items():
+            try:
+                taken.add(parse_subnet_key_name(key_name))
+                lease = parse_lease(key_name, record.value, self.config)
+            except InvalidLease:
+                continue
+            valid[lease.subnet] = (lease, record)
+        leases = {subnet: pair[0] for subnet, pair in valid.items()}
+        subnet = reusable_subnet(self.config, leases, self.public_ip, remembered)
+        if subnet is not None:
+            held = valid.get(subnet)
+            if held and held[0].public_ip == self.public_ip and held[1].lease_id:
+                if self._readopt(subnet, held[1].lease_id):
+                    return self.lease
+            elif subnet not in taken and self._try_create(subnet):
+                return self.lease
+        lost: set[IPv4Network] = set()
+        for _ in range(MAX_RACE_RETRIES):
+            subnet = choose_free_subnet(self.config, taken, self.rng, avoid=lost)
+            if self._try_create(subnet):
+                return self.lease
+            lost.add(subnet)
+        raise SubnetTaken(f"lost the race for {len(lost)} subnets in a row; will retry")
+
+    def _readopt(self, subnet: IPv4Network, lease_id: int) -> bool:
+        """Keep our existing etcd lease (a restart): rewrite the value if it changed, refresh it."""
+        lease = self._value_for(subnet)
+        try:
+            self.store.refresh(lease_id)
+            self.store.update_lease(subnet, lease.to_json(), lease_id)
+        except LeaseGone as exc:
+            log.info("previous lease on %s is gone (%s); creating a new one", subnet, exc)
+            return self._try_create(subnet)
+        self.lease, self.lease_id = lease, lease_id
+        log.info("reusing subnet %s (lease %x)", subnet, lease_id)
+        return True
+
+    def _try_create(self, subnet: IPv4Network) -> bool:
+        lease = self._value_for(subnet)
+        try:
+            lease_id = self.store.create_lease(subnet, lease.to_json(), self.ttl)
+        except SubnetTaken:
+            log.info("subnet %s was taken by another node first; trying another", subnet)
+            return False
+        self.lease, self.lease_id = lease, lease_id
+        log.info("acquired subnet %s (lease %x, ttl %ss)", subnet, lease_id, self.ttl)
+        return True
+
+    def renew(self) -> None:
+        """Refresh the etcd lease; raises LeaseGone when it expired or was revoked."""
+        if self.lease_id is None:
+            raise SubnetTaken("no lease held")
+        self.store.refresh(self.lease_id)
