@@ -140,13 +140,20 @@ def _config_set(args) -> int:
     return 0
 
 
+class NoConfig(VxlanNetError):
+    """No network config has been written to etcd yet."""
+
+
+def _read_config(store, args) -> bytes:
+    raw = store.get_config()
+    if raw is None:
+        raise NoConfig(f"no config at {args.etcd_prefix}/config (write it with `vxlan-net config set`)")
+    return raw
+
+
 def _config_get(args) -> int:
     with _store(args) as store:
-        raw = store.get_config()
-    if raw is None:
-        print(f"vxlan-net: no config at {args.etcd_prefix}/config", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    print(raw.decode(errors="replace"))
+        print(_read_config(store, args).decode(errors="replace"))
     return 0
 
 
@@ -183,11 +190,7 @@ def _status(args) -> int:
     from .status import describe_drift, render_lease_table
 
     with _store(args) as store:
-        raw = store.get_config()
-        if raw is None:
-            print(f"vxlan-net: no config at {args.etcd_prefix}/config", file=sys.stderr)
-            return EXIT_UNAVAILABLE
-        config = parse_config(raw)
+        config = parse_config(_read_config(store, args))
         snapshot = store.list_leases(with_ttl=True)
     rows, invalid = [], []
     for name, record in snapshot.records.items():
