@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from integration.etcd_server import ETCDCTL_EXE, EtcdServer
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_AGENT_EXE = os.environ.get("VXLAN_NET_AGENT_EXE", str(REPO / ".venv" / "bin" / "vxlan-net"))
-ETCD_EXE = os.environ.get("VXLAN_NET_ETCD_EXE", "/usr/bin/etcd")
-ETCDCTL_EXE = os.environ.get("VXLAN_NET_ETCDCTL_EXE", "/usr/bin/etcdctl")
 
 # Address plan (all inside 198.18.0.0/15): 198.18.0.0/24 etcd segment, 198.18.<i>.0/24 node i
 # (1..199), 198.18.200.0/24 the outside host. The router is .1 on every segment, the host .2.
@@ -36,7 +36,6 @@ UNDERLAY_IFNAME = "ul0"
 ETCD_SEGMENT = 0
 OUTSIDE_SEGMENT = 200
 MAX_NODES = OUTSIDE_SEGMENT - 1
-ETCD_CLIENT_PORT = 2379
 RUN_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 _POD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,24}$")
@@ -202,14 +201,14 @@ class Pod(Netns):
         self.host_ifname = host_ifname
 
 
+@dataclass(eq=False)
 class Agent:
     """One ``vxlan-net agent`` process started by the lab inside a node namespace."""
 
-    def __init__(self, node: Node, proc: subprocess.Popen, argv: list[str], log_offset: int):
-        self.node = node
-        self.proc = proc
-        self.argv = argv
-        self._log_offset = log_offset
+    node: Node
+    proc: subprocess.Popen
+    argv: list[str]
+    log_offset: int  # where this start's output begins in ``node.agent_log``
 
     @property
     def pid(self) -> int:
@@ -233,79 +232,20 @@ class Agent:
         """What this agent wrote to stdout/stderr (the node's log, from this start on)."""
         try:
             with open(self.node.agent_log, "rb") as f:
-                f.seek(self._log_offset)
+                f.seek(self.log_offset)
                 return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
 
-class LocalEtcd:
-    """A minimal single-member etcd inside a namespace (stand-in until etcd_server.py lands)."""
-
-    def __init__(self, netns: str, ip: str, data_dir: Path, log_path: Path,
-                 port: int = ETCD_CLIENT_PORT, ready_timeout: float = 15.0):
-        self.netns = netns
-        self.ip = ip
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.client_url = f"http://{ip}:{port}"
-        self.ready_timeout = ready_timeout
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def start(self) -> "LocalEtcd":
-        if self.proc is not None and self.proc.poll() is None:
-            return self
-        peer = "http://127.0.0.1:2380"
-        cmd = ["ip", "netns", "exec", self.netns, ETCD_EXE, "--name", "lab",
-               "--data-dir", str(self.data_dir),
-               "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
-               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"lab={peer}", "--initial-cluster-state", "new",
-               "--heartbeat-interval", "50", "--election-timeout", "500"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self) -> None:
-        health = ["ip", "netns", "exec", self.netns, ETCDCTL_EXE, "--endpoints", self.client_url,
-                  "--dial-timeout", "1s", "--command-timeout", "1s", "endpoint", "health"]
-        deadline = time.monotonic() + self.ready_timeout
-        for _ in range(int(self.ready_timeout / 0.1) + 1):
-            if self.proc.poll() is not None:
-                raise LabError(f"etcd exited {self.proc.returncode}; see {self.log_path}")
-            env = dict(os.environ, ETCDCTL_API="3")
-            proc = subprocess.run(health, capture_output=True, text=True, timeout=5, env=env)
-            if proc.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        raise LabError(f"etcd not healthy within {self.ready_timeout}s; see {self.log_path}")
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc, timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc, timeout=STOP_TIMEOUT, sig=signal.SIGKILL)
-
-
 EtcdFactory = Callable[["Lab"], Any]
 
 
-def local_etcd(lab: "Lab") -> LocalEtcd:
+def lab_etcd(lab: "Lab") -> EtcdServer:
     """The default etcd: started in the lab's etcd namespace, listening on its lab address."""
     etcd_dir = lab.workdir / "etcd"
-    etcd_dir.mkdir(exist_ok=True)
-    return LocalEtcd(lab.etcd_host.name, lab.etcd_host.public_ip, etcd_dir / "data",
-                     etcd_dir / "etcd.log").start()
+    return EtcdServer(host=lab.etcd_host.public_ip, netns=lab.etcd_host.name,
+                      data_dir=etcd_dir / "data", log_path=etcd_dir / "etcd.log").start()
 
 
 class Capture:
@@ -399,7 +339,7 @@ class Lab:
         self.node_count = nodes
         self.pods_per_node = pods_per_node
         self.etcd_factory: EtcdFactory | None = (
-            local_etcd if etcd is True else (etcd or None))
+            lab_etcd if etcd is True else (etcd or None))
         self.agent_exe = agent_exe or DEFAULT_AGENT_EXE
         self.pod_network = ipaddress.IPv4Network(pod_network)
         self.pod_mtu = pod_mtu

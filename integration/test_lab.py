@@ -103,6 +103,12 @@ def test_etcd_answers_from_inside_a_node(lab):
     assert got.stdout.strip() == "hello"
     assert cluster.etcdctl("get", "--print-value-only", "/lab/probe").stdout.strip() == "hello"
 
+    cluster.etcd.kill()
+    assert one.run("etcdctl", "--endpoints", cluster.etcd_url, "--dial-timeout", "1s",
+                   "--command-timeout", "1s", "endpoint", "health").returncode != 0
+    cluster.etcd.start()
+    assert cluster.etcdctl("get", "--print-value-only", "/lab/probe").stdout.strip() == "hello"
+
 
 def test_two_pods_on_one_node_ping_each_other_through_the_bridge(lab):
     cluster = lab(nodes=1, etcd=False)
