@@ -1,0 +1,131 @@
+"""A running vxlan-net cluster on top of a Lab: config, agents, pods and convergence checks.
+
+Shared by the integration tests, the benchmarks and the demo; every check reads the
+kernel with independent tools (`ip -j`, `bridge -j`), never the agent's own view.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Iterable, Optional
+
+from integration.lab import Lab, Node, Pod
+
+POD_NETWORK = "198.19.0.0/16"
+VTEP = "vxnet.1"
+
+
+def write_config(lab: Lab, *extra: str, network: str = POD_NETWORK) -> None:
+    """`vxlan-net config set`, run from the first node against the lab's etcd."""
+    lab.nodes[0].run(lab.agent_exe, "config", "set", "--etcd-endpoints", lab.etcd_url, "--network", network,
+                     *extra, check=True)
+
+
+def node_subnet(node: Node) -> Optional[ipaddress.IPv4Network]:
+    """The subnet the node's agent wrote to its subnet file, if any."""
+    try:
+        for line in node.subnet_file.read_text().splitlines():
+            if line.startswith("VXLAN_NET_SUBNET="):
+                return ipaddress.IPv4Interface(line.split("=", 1)[1]).network
+    except OSError:
+        return None
+    return None
+
+
+def overlay_routes(node: Node) -> dict[str, str]:
+    """{subnet: gateway} of the routes on the node's VXLAN device, from `ip -j route`."""
+    routes = node.ip_json("route", "show", "dev", VTEP) if _has_vtep(node) else []
+    return {r["dst"]: r.get("gateway") for r in routes if r.get("gateway")}
+
+
+def neighbours(node: Node) -> dict[str, str]:
+    """{ip: lladdr} of permanent neighbours on the VXLAN device, from `ip -j neigh`."""
+    if not _has_vtep(node):
+        return {}
+    return {n["dst"]: n.get("lladdr") for n in node.ip_json("neigh", "show", "dev", VTEP)
+            if "PERMANENT" in n.get("state", [])}
+
+
+def fdb(node: Node) -> dict[str, list[str]]:
+    """{mac: [dst, ...]} of the VXLAN device's FDB entries with a remote, from `bridge -j fdb`."""
+    if not _has_vtep(node):
+        return {}
+    out = node.run("bridge", "-j", "fdb", "show", "dev", VTEP, check=True).stdout
+    entries: dict[str, list[str]] = {}
+    for entry in json.loads(out or "[]"):
+        if entry.get("dst"):
+            entries.setdefault(entry["mac"], []).append(entry["dst"])
+    return entries
+
+
+def _has_vtep(node: Node) -> bool:
+    return node.run("ip", "link", "show", "dev", VTEP).returncode == 0
+
+
+def start_agents(lab: Lab, nodes: Iterable[Node], *agent_args: str, timeout: float = 20.0) -> None:
+    """Start agents on `nodes` and wait until each has written its subnet file."""
+    nodes = list(nodes)
+    for node in nodes:
+        lab.start_agent(node, *agent_args)
+    lab.wait_for(lambda: all(node_subnet(n) for n in nodes), timeout=timeout,
+                 message="agents did not write their subnet files")
+
+
+def wait_converged(lab: Lab, nodes: Iterable[Node], timeout: float = 15.0) -> None:
+    """Every node has a route to every other node's subnet, via that subnet's VTEP address."""
+    nodes = list(nodes)
+
+    def converged() -> bool:
+        subnets = {n.name: node_subnet(n) for n in nodes}
+        for node in nodes:
+            routes = overlay_routes(node)
+            for other in nodes:
+                subnet = subnets[other.name]
+                if other is not node and routes.get(str(subnet)) != str(subnet.network_address):
+                    return False
+        return True
+
+    lab.wait_for(converged, timeout=timeout, message="overlay routes did not converge")
+
+
+def add_pod(lab: Lab, node: Node, index: int, name: Optional[str] = None) -> Pod:
+    """A pod on `node` at host number `index + 1` of the node's subnet (`.1` is the bridge)."""
+    subnet = node_subnet(node)
+    mtu = next(int(line.split("=", 1)[1]) for line in node.subnet_file.read_text().splitlines()
+               if line.startswith("VXLAN_NET_MTU="))
+    address = f"{subnet.network_address + index + 1}/{subnet.prefixlen}"
+    return lab.add_pod(node, name or f"n{node.index}p{index}", address, str(subnet.network_address + 1), mtu)
+
+
+def running_cluster(lab: Lab, *agent_args: str, nodes: Optional[list[Node]] = None) -> list[Node]:
+    """Config written, agents started on `nodes` (default: all) and converged."""
+    nodes = lab.nodes if nodes is None else nodes
+    write_config(lab)
+    start_agents(lab, nodes, *agent_args)
+    wait_converged(lab, nodes)
+    return nodes
+
+
+class PingStream:
+    """A background `ping -i <interval> -c <count>` from a pod; `.lost()` after it ends."""
+
+    def __init__(self, pod: Pod, dst: str, count: int, interval: float = 0.05):
+        import subprocess
+
+        self.count = count
+        self.proc = pod.popen("ping", "-n", "-i", str(interval), "-c", str(count), "-W", "1", dst,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.timeout = count * interval + 10
+
+    def lost(self) -> int:
+        """Packets transmitted minus received, from ping's own summary."""
+        import re
+
+        out, _ = self.proc.communicate(timeout=self.timeout)
+        match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        if not match:
+            raise AssertionError(f"ping printed no summary: {out[-500:]}")
+        sent, received = int(match.group(1)), int(match.group(2))
+        assert sent == self.count, f"ping stopped early: {out[-300:]}"
+        return sent - received
