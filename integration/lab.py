@@ -137,9 +137,9 @@ class Netns:
     def ping(self, ip: str, count: int = 1, timeout: float = 2.0, *, size: int | None = None,
              dont_fragment: bool = False, interval: float = 0.2) -> PingResult:
         """``ping`` from this namespace, bounded by ``count`` and ``timeout`` (seconds)."""
-        deadline = max(1, int(timeout + interval * (count - 1) + 0.999))
-        cmd = ["ping", "-n", "-c", str(count), "-i", str(interval),
-               "-W", str(max(1, int(timeout))), "-w", str(deadline)]
+        # -c with -W (not -w): exactly ``count`` requests, also when no reply comes.
+        deadline = timeout + interval * (count - 1)
+        cmd = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(timeout)]
         if size is not None:
             cmd += ["-s", str(size)]
         if dont_fragment:
@@ -171,6 +171,9 @@ class Host(Netns):
         self.public_ip = _host(segment, 2)
         self.gateway = _host(segment, 1)
         self.underlay_ifname = UNDERLAY_IFNAME
+        # The router's end of this host's link (capture there to see this host's traffic).
+        self.router_ifname = {ETCD_SEGMENT: "to-etcd", OUTSIDE_SEGMENT: "to-out"}.get(
+            segment, f"to-n{segment}")
 
 
 class Node(Host):
@@ -184,6 +187,14 @@ class Node(Host):
         self.state_dir = workdir / "state"
         self.agent_log = workdir / "agent.log"
         self.agent: Agent | None = None
+
+    def subnet_env(self) -> dict[str, str]:
+        """The agent's subnet file (``VXLAN_NET_SUBNET=...`` lines) as a dict; {} if absent."""
+        try:
+            text = self.subnet_file.read_text()
+        except FileNotFoundError:
+            return {}
+        return dict(line.split("=", 1) for line in text.split() if "=" in line)
 
 
 class Pod(Netns):
@@ -403,7 +414,7 @@ class Lab:
 
         router_cmds = ["link set lo up"]
         for host in hosts:
-            r_if = self._router_ifname(host)
+            r_if = host.router_ifname
             router_cmds += [
                 f"link add {r_if} mtu {UNDERLAY_MTU} type veth peer name {host.underlay_ifname}"
                 f" mtu {UNDERLAY_MTU} netns {host.name}",
@@ -426,11 +437,6 @@ class Lab:
             for j in range(self.pods_per_node):
                 self.add_pod(node, f"n{node.index}p{j + 1}",
                              *self.pod_address(node, j + 1), mtu=self.pod_mtu)
-
-    @staticmethod
-    def _router_ifname(host: Host) -> str:
-        return {ETCD_SEGMENT: "to-etcd", OUTSIDE_SEGMENT: "to-out"}.get(
-            host.segment, f"to-n{host.segment}")
 
     def _add_netns(self, name: str) -> None:
         # Recorded first, so a half-made namespace is still deleted.
@@ -573,6 +579,21 @@ class Lab:
             f"route add default via {gateway} dev eth0",
         ])
         return pod
+
+    def add_pod_from_subnet_file(self, node: Node, name: str) -> Pod:
+        """A pod addressed from the subnet the agent wrote to ``node.subnet_file`` (gateway
+        and MTU from the file, the next free host address), as the CNI plugin would do."""
+        env = node.subnet_env()
+        if "VXLAN_NET_SUBNET" not in env:
+            raise LabError(f"{node.subnet_file}: no VXLAN_NET_SUBNET yet")
+        gateway = ipaddress.IPv4Interface(env["VXLAN_NET_SUBNET"])
+        taken = {p.interface.ip for p in self.pods.values() if p.node is node}
+        free = (h for h in gateway.network.hosts() if h != gateway.ip and h not in taken)
+        address = next(free, None)
+        if address is None:
+            raise LabError(f"no free address left in {gateway.network}")
+        return self.add_pod(node, name, f"{address}/{gateway.network.prefixlen}",
+                            str(gateway.ip), mtu=int(env.get("VXLAN_NET_MTU", self.pod_mtu)))
 
     @staticmethod
     def _link_exists(ns: Netns, ifname: str) -> bool:
