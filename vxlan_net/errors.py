@@ -52,3 +52,11 @@ class WatchCompacted(VxlanNetError):
 
 class KernelError(VxlanNetError):
     """A netlink request failed; the reconciler retries on its next pass."""
+
+
+class LinkNotFound(KernelError):
+    """A network device (or an interface carrying an address) is missing from this namespace."""
+
+
+class KernelBusy(KernelError):
+    """The kernel refused for now (EBUSY, EAGAIN, ENOBUFS, an interrupted dump); a retry soon may help."""

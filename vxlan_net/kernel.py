@@ -1,0 +1,846 @@
+"""The netlink door: the only importer of pyroute2, where errno becomes a domain
+exception and the only place that retries kernel calls (DESIGN §3).
+
+Every call works in the network namespace of the calling thread (the agent runs
+under `ip netns exec NODE`); `netns=NAME` opens the sockets in another one instead.
+
+Bulk work (reading and writing overlay entries) goes over one raw NETLINK_ROUTE
+socket: kernel-filtered dumps parsed by hand, and pre-encoded messages whose
+per-entry bytes are patched in, sent in chunks and acknowledged one by one.
+Device work (VTEP, bridge, addresses) uses pyroute2's IPRoute, where speed does
+not matter; IPRoute is synchronous over its own asyncio loop, so call these from
+plain threads, not from inside a running event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import os
+import socket
+import struct
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import tenacity
+from pyroute2 import IPRoute
+from pyroute2 import netns as _netns
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_ACK_TLVS,
+    NLM_F_CAPPED,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NETLINK_EXT_ACK,
+    NETLINK_GET_STRICT_CHK,
+    SOL_NETLINK,
+)
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_GETLINK,
+    RTM_GETNEIGH,
+    RTM_GETROUTE,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+)
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT, ndmsg
+from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK, rtmsg
+
+from .desired import FdbEntry, Neighbour, OverlayEntries, Route
+from .errors import KernelBusy, KernelError, LinkNotFound
+from .plan import Plan
+
+ROUTE_PROTO = 157
+"""rtm_protocol of the routes vxlan-net writes (`ip route ... proto 157`).
+
+read_overlay_entries returns only routes with this protocol, so routes someone
+else put on the device are never removed; a wanted subnet is still taken over,
+as an upsert replaces whatever route the main table holds for it."""
+
+RT_TABLE_MAIN = 254
+CHUNK = 200
+"""Messages per send; their acks must fit the receive buffer."""
+
+_NETLINK_ROUTE = 0
+_NETLINK_CAP_ACK = 10
+_NLMSGERR_ATTR_MSG = 1
+_SO_RCVBUFFORCE = 33
+_RCVBUF = 4 << 20
+_RECV_SIZE = 1 << 16
+_TIMEOUT = 10.0
+_RTN_UNICAST = 1
+_NDA_DST, _NDA_LLADDR, _NDA_IFINDEX = 1, 2, 8
+_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_TABLE = 1, 4, 5, 15
+_IFA_F_SECONDARY = 0x01
+_ZERO_MAC = bytes(6)
+
+_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type, flags
+_NLA = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_BE32 = struct.Struct(">I")
+_ERR = struct.Struct("=i")
+
+_TRANSIENT = frozenset({errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR})
+_GONE = frozenset({errno.ENOENT, errno.ESRCH})
+
+_retry_busy = tenacity.retry(
+    retry=tenacity.retry_if_exception_type(KernelBusy),
+    stop=tenacity.stop_after_attempt(4) | tenacity.stop_after_delay(5),
+    wait=tenacity.wait_exponential(multiplier=0.02, max=0.5),
+    reraise=True,
+)
+
+
+# --- errors ------------------------------------------------------------------
+
+
+def _kernel_error(code: int, what: str) -> KernelError:
+    text = f"{what}: {os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    if code == errno.ENODEV:
+        return LinkNotFound(text)
+    if code in _TRANSIENT:
+        return KernelBusy(text)
+    return KernelError(text)
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    try:
+        yield
+    except NetlinkError as exc:
+        raise _kernel_error(exc.code, what) from None
+    except OSError as exc:
+        raise _kernel_error(exc.errno or errno.EIO, what) from None
+
+
+# --- the raw socket: bulk requests and filtered dumps ------------------------
+
+
+Entry = Union[Neighbour, FdbEntry, Route]
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyFailure:
+    """One entry the kernel refused; `action` is the Plan field it came from."""
+
+    action: str
+    entry: Entry
+    errno: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.entry}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyResult:
+    """What apply_plan did: entries in place (removals of absent entries count) and refusals."""
+
+    applied: int = 0
+    failures: tuple[ApplyFailure, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class _Template:
+    """One message encoded by pyroute2; per-entry fields are patched into copies of its bytes."""
+
+    def __init__(self, msg, header_len: int, fields: Sequence[Union[str, int]]):
+        msg.encode()
+        self.data = bytes(msg.data)
+        attrs = {}
+        off = 16 + header_len
+        while off + 4 <= len(self.data):
+            length, kind = _NLA.unpack_from(self.data, off)
+            attrs[kind] = (off + 4, length - 4)
+            off += (length + 3) & ~3
+        # "dst_len" is rtmsg's second byte; integers are attribute types.
+        self.fields = tuple((17, 1) if f == "dst_len" else attrs[f] for f in fields)
+
+    def render_into(self, buf: bytearray, seq: int, values: Sequence[bytes]) -> None:
+        base = len(buf)
+        buf += self.data
+        _U32.pack_into(buf, base + 8, seq)
+        for (off, size), value in zip(self.fields, values):
+            if len(value) != size:
+                raise ValueError(f"{len(value)} bytes where {size} are expected")
+            buf[base + off : base + off + size] = value
+
+
+class _Rtnl:
+    """A raw NETLINK_ROUTE socket in the caller's (or the named) network namespace."""
+
+    def __init__(self, netns: Optional[str] = None):
+        with _translated("opening a netlink socket"):
+            if netns is None:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE)
+            else:
+                sock = _netns.create_socket(
+                    netns, socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE, flags=0
+                )
+            try:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+                # Error acks carry only the failed header plus the kernel's text.
+                sock.setsockopt(SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+                sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+                # Lets the kernel filter dumps by device, table and protocol.
+                sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+                sock.settimeout(_TIMEOUT)
+                sock.bind((0, 0))
+            except BaseException:
+                sock.close()
+                raise
+        self._sock = sock
+        self._seq = 0
+
+    def __enter__(self) -> "_Rtnl":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sock.close()
+
+    def _next_seqs(self, count: int) -> int:
+        first = self._seq + 1
+        self._seq += count
+        return first
+
+    def _send(self, data: bytes, what: str) -> None:
+        with _translated(what):
+            self._sock.sendto(data, (0, 0))
+
+    def _recv(self, what: str) -> bytes:
+        with _translated(what):
+            try:
+                return self._sock.recv(_RECV_SIZE)
+            except socket.timeout:
+                raise KernelError(f"{what}: no answer from the kernel in {_TIMEOUT:g} s") from None
+
+    def _answers(self, seq: int, what: str) -> Iterator[tuple[bytes, int, int, int]]:
+        """(buffer, offset, length, flags) of the messages answering `seq`, up to NLMSG_DONE;
+        an error answer is raised."""
+        while True:
+            data = self._recv(what)
+            for off, length, kind, flags, msg_seq in _walk(data):
+                if msg_seq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    raise _kernel_error(-_ERR.unpack_from(data, off + 16)[0], what)
+                yield data, off, length, flags
+
+    def ifindex(self, ifname: str) -> int:
+        """LinkNotFound if there is no such device."""
+        msg = ifinfmsg()
+        msg["attrs"] = [("IFLA_IFNAME", ifname)]
+        msg["header"]["type"] = RTM_GETLINK
+        msg["header"]["flags"] = NLM_F_REQUEST
+        seq = msg["header"]["sequence_number"] = self._next_seqs(1)
+        msg.encode()
+        what = f"looking up device {ifname}"
+        self._send(bytes(msg.data), what)
+        for data, off, _length, _flags in self._answers(seq, what):
+            return _ERR.unpack_from(data, off + 20)[0]  # ifinfomsg.ifi_index
+        raise KernelError(f"{what}: the kernel sent no answer")
+
+    def dump(self, request: bytes, what: str) -> Iterator[tuple[bytes, int, int]]:
+        """Yield (buffer, offset, length) of every message; KernelBusy if the dump was interrupted."""
+        seq = self._next_seqs(1)
+        self._send(request[:8] + _U32.pack(seq) + request[12:], what)
+        interrupted = False
+        for data, off, length, flags in self._answers(seq, what):
+            interrupted |= bool(flags & NLM_F_DUMP_INTR)
+            yield data, off, length
+        if interrupted:
+            raise KernelBusy(f"{what}: the dump was interrupted by a change")
+
+    def transact(
+        self, template: _Template, values: Sequence[Sequence[bytes]], what: str
+    ) -> dict[int, tuple[int, str]]:
+        """Send one message per values row, in chunks; return {row: (errno, reason)} for refusals."""
+        refused: dict[int, tuple[int, str]] = {}
+        for start in range(0, len(values), CHUNK):
+            rows = range(start, min(start + CHUNK, len(values)))
+            first = self._next_seqs(len(rows))
+            buf = bytearray()
+            pending = set()
+            for row in rows:
+                try:
+                    template.render_into(buf, first + row - start, values[row])
+                except ValueError as exc:
+                    refused[row] = (errno.EINVAL, f"cannot encode: {exc}")
+                    continue
+                pending.add(first + row - start)
+            if not pending:
+                continue
+            self._send(bytes(buf), what)
+            while pending:
+                data = self._recv(what)
+                for off, length, kind, flags, seq in _walk(data):
+                    if kind != NLMSG_ERROR or seq not in pending:
+                        continue
+                    pending.discard(seq)
+                    code = -_ERR.unpack_from(data, off + 16)[0]
+                    if code:
+                        refused[start + seq - first] = (code, _ack_reason(data, off, length, flags, code))
+        return refused
+
+
+def _walk(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(offset, length, type, flags, seq) of each netlink message in one datagram."""
+    off, end = 0, len(data)
+    while off + 16 <= end:
+        length, kind, flags, seq, _pid = _HDR.unpack_from(data, off)
+        if length < 16:
+            return
+        yield off, length, kind, flags, seq
+        off += (length + 3) & ~3
+
+
+def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload offset, payload length) of each attribute in data[off:end]."""
+    while off + 4 <= end:
+        length, kind = _NLA.unpack_from(data, off)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, off + 4, length - 4
+        off += (length + 3) & ~3
+
+
+def _ack_reason(data: bytes, off: int, length: int, flags: int, code: int) -> str:
+    reason = os.strerror(code)
+    if flags & NLM_F_ACK_TLVS:
+        inner = off + 20
+        inner_len = 16 if flags & NLM_F_CAPPED else _U32.unpack_from(data, inner)[0]
+        for kind, at, size in _attrs(data, inner + ((inner_len + 3) & ~3), off + length):
+            if kind == _NLMSGERR_ATTR_MSG:
+                reason += ": " + data[at : at + size].rstrip(b"\0").decode(errors="replace")
+    return reason
+
+
+# --- reading the overlay entries ----------------------------------------------
+
+
+def _dump_request(msg) -> bytes:
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+    msg.encode()
+    return bytes(msg.data)
+
+
+def _neigh_dump_request(family: int, ifindex: int) -> bytes:
+    msg = ndmsg()
+    msg["family"] = family
+    msg["header"]["type"] = RTM_GETNEIGH
+    if family == socket.AF_BRIDGE:
+        msg["ifindex"] = ifindex  # FDB dumps filter on the header's ifindex (the port)
+    else:
+        msg["attrs"] = [("NDA_IFINDEX", ifindex)]
+    return _dump_request(msg)
+
+
+def _route_dump_request(ifindex: int) -> bytes:
+    msg = rtmsg()
+    msg["family"] = socket.AF_INET
+    msg["table"] = RT_TABLE_MAIN
+    msg["proto"] = ROUTE_PROTO
+    msg["type"] = _RTN_UNICAST
+    msg["attrs"] = [("RTA_TABLE", RT_TABLE_MAIN), ("RTA_OIF", ifindex)]
+    msg["header"]["type"] = RTM_GETROUTE
+    return _dump_request(msg)
+
+
+# The readers walk attributes inline: this is the periodic resync's hot loop.
+
+
+def _permanent_ipv4_neighbours(nl: _Rtnl, family: int, ifindex: int, what: str) -> Iterator[tuple[int, bytes]]:
+    """(IPv4 NDA_DST as int, NDA_LLADDR) of the device's permanent neighbour or FDB entries."""
+    unpack_nla, unpack_be32 = _NLA.unpack_from, _BE32.unpack_from
+    for data, off, length in nl.dump(_neigh_dump_request(family, ifindex), what):
+        msg_family, index, state, _flags, _type = _NDMSG.unpack_from(data, off + 16)
+        if msg_family != family or index != ifindex or not state & NUD_PERMANENT:
+            continue
+        dst = mac = None
+        at, end = off + 28, off + length
+        while at + 4 <= end:
+            size, kind = unpack_nla(data, at)
+            if size < 4:
+                break
+            if kind == _NDA_DST and size == 8:  # an IPv6 remote (size 20) is not ours
+                dst = unpack_be32(data, at + 4)[0]
+            elif kind == _NDA_LLADDR and size == 10:
+                mac = data[at + 4 : at + 10]
+            at += (size + 3) & ~3
+        if dst is not None and mac is not None:
+            yield dst, mac
+
+
+def _read_neighbours(nl: _Rtnl, ifindex: int) -> frozenset[Neighbour]:
+    return frozenset(
+        Neighbour(IPv4Address(ip), mac.hex(":"))
+        for ip, mac in _permanent_ipv4_neighbours(nl, socket.AF_INET, ifindex, "reading neighbours")
+    )
+
+
+def _read_fdb(nl: _Rtnl, ifindex: int) -> frozenset[FdbEntry]:
+    return frozenset(
+        FdbEntry(mac.hex(":"), IPv4Address(dst))
+        for dst, mac in _permanent_ipv4_neighbours(nl, socket.AF_BRIDGE, ifindex, "reading FDB")
+        if dst and mac != _ZERO_MAC  # the all-zero default entry, or a remote of 0.0.0.0
+    )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _network(address: int, prefixlen: int) -> IPv4Network:
+    # IPv4Network() costs more than the rest of a route's parsing; the same
+    # subnets come back on every resync.
+    return IPv4Network((address, prefixlen))
+
+
+def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
+    found = set()
+    unpack_nla, unpack_u32, unpack_be32 = _NLA.unpack_from, _U32.unpack_from, _BE32.unpack_from
+    for data, off, length in nl.dump(_route_dump_request(ifindex), "reading routes"):
+        family, dst_len, _src, _tos, table, proto, _scope, rtype, _flags = _RTMSG.unpack_from(data, off + 16)
+        if family != socket.AF_INET or proto != ROUTE_PROTO or rtype != _RTN_UNICAST:
+            continue
+        dst, gateway, oif = 0, None, None
+        at, end = off + 28, off + length
+        while at + 4 <= end:
+            size, kind = unpack_nla(data, at)
+            if size < 4:
+                break
+            if kind == _RTA_DST:
+                dst = unpack_be32(data, at + 4)[0]
+            elif kind == _RTA_GATEWAY:
+                gateway = unpack_be32(data, at + 4)[0]
+            elif kind == _RTA_OIF:
+                oif = unpack_u32(data, at + 4)[0]
+            elif kind == _RTA_TABLE:
+                table = unpack_u32(data, at + 4)[0]
+            at += (size + 3) & ~3
+        if table == RT_TABLE_MAIN and oif == ifindex and gateway is not None:
+            found.add(Route(_network(dst, dst_len), IPv4Address(gateway)))
+    return frozenset(found)
+
+
+def read_overlay_entries(ifname: str, *, netns: Optional[str] = None) -> OverlayEntries:
+    """A fresh read of what is ours on the device: permanent IPv4 neighbours with a MAC,
+    permanent FDB entries with a remote IPv4 dst, and main-table gateway routes with
+    protocol ROUTE_PROTO. LinkNotFound if the device is missing."""
+    with _Rtnl(netns) as nl:
+        ifindex = nl.ifindex(ifname)
+        return OverlayEntries(
+            neighbours=_retry_busy(_read_neighbours)(nl, ifindex),
+            fdb=_retry_busy(_read_fdb)(nl, ifindex),
+            routes=_retry_busy(_read_routes)(nl, ifindex),
+        )
+
+
+# --- applying a plan ------------------------------------------------------------
+
+
+_UPSERT = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+_DELETE = NLM_F_REQUEST | NLM_F_ACK
+
+
+def _mac_bytes(mac: str) -> bytes:
+    try:
+        raw = bytes.fromhex(mac.replace(":", ""))
+    except ValueError:
+        raw = b""
+    if len(raw) != 6:
+        raise ValueError(f"{mac!r} is not a MAC address")
+    return raw
+
+
+_PLACEHOLDERS = {"NDA_DST": ("0.0.0.0", _NDA_DST), "NDA_LLADDR": ("00:00:00:00:00:00", _NDA_LLADDR)}
+
+
+def _neigh_template(msg_type: int, flags: int, family: int, ifindex: int, attrs: Sequence[str]) -> _Template:
+    """A permanent neighbour (AF_INET) or FDB entry (AF_BRIDGE, `self`); `attrs` are patched per entry."""
+    msg = ndmsg()
+    msg["family"] = family
+    msg["ifindex"] = ifindex
+    msg["state"] = NUD_PERMANENT
+    msg["flags"] = NTF_SELF if family == socket.AF_BRIDGE else 0
+    msg["attrs"] = [(name, _PLACEHOLDERS[name][0]) for name in attrs]
+    msg["header"]["type"], msg["header"]["flags"] = msg_type, flags
+    return _Template(msg, 12, [_PLACEHOLDERS[name][1] for name in attrs])
+
+
+def _route_template(msg_type: int, flags: int, ifindex: int) -> _Template:
+    msg = rtmsg()
+    msg["family"] = socket.AF_INET
+    msg["table"] = RT_TABLE_MAIN
+    msg["proto"] = ROUTE_PROTO
+    msg["type"] = _RTN_UNICAST
+    msg["flags"] = RTNH_F_ONLINK
+    msg["attrs"] = [("RTA_DST", "0.0.0.0"), ("RTA_GATEWAY", "0.0.0.0"), ("RTA_OIF", ifindex)]
+    msg["header"]["type"], msg["header"]["flags"] = msg_type, flags
+    return _Template(msg, 12, ["dst_len", _RTA_DST, _RTA_GATEWAY])
+
+
+def _route_values(route: Route) -> tuple[bytes, ...]:
+    return bytes((route.subnet.prefixlen,)), route.subnet.network_address.packed, route.gateway.packed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    template: _Template
+    values: Callable[[Entry], Sequence[bytes]]
+    removal: bool
+
+
+def _neighbour_values(n: Neighbour) -> tuple[bytes, ...]:
+    return n.ip.packed, _mac_bytes(n.mac)
+
+
+def _fdb_values(f: FdbEntry) -> tuple[bytes, ...]:
+    return _mac_bytes(f.mac), f.dst.packed
+
+
+def _steps(ifindex: int) -> dict[str, _Step]:
+    """How to send each Plan field; apply_plan walks them in the Plan's field order."""
+    neigh, fdb = ["NDA_DST", "NDA_LLADDR"], ["NDA_LLADDR", "NDA_DST"]
+    inet, bridge = socket.AF_INET, socket.AF_BRIDGE
+    return {
+        "upsert_neighbours": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, inet, ifindex, neigh), _neighbour_values, False),
+        "upsert_fdb": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, bridge, ifindex, fdb), _fdb_values, False),
+        "upsert_routes": _Step(_route_template(RTM_NEWROUTE, _UPSERT, ifindex), _route_values, False),
+        # Deleting with protocol and device set never touches a route that is not ours.
+        "remove_routes": _Step(_route_template(RTM_DELROUTE, _DELETE, ifindex), _route_values, True),
+        # With a dst, only that remote of the MAC goes.
+        "remove_fdb": _Step(_neigh_template(RTM_DELNEIGH, _DELETE, bridge, ifindex, fdb), _fdb_values, True),
+        "remove_neighbours": _Step(
+            _neigh_template(RTM_DELNEIGH, _DELETE, inet, ifindex, ["NDA_DST"]), lambda n: (n.ip.packed,), True
+        ),
+    }
+
+
+def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -> tuple[int, list[ApplyFailure]]:
+    failures: list[ApplyFailure] = []
+    pending = list(entries)
+
+    def send_pending() -> list[Entry]:
+        nonlocal pending
+        sent, values = [], []
+        for entry in pending:
+            try:
+                values.append(step.values(entry))
+            except ValueError as exc:  # the kernel would refuse it as well
+                failures.append(ApplyFailure(action, entry, errno.EINVAL, f"cannot encode: {exc}"))
+                continue
+            sent.append(entry)
+        refused = nl.transact(step.template, values, f"{action} on the VXLAN device")
+        retry = []
+        for row, (code, reason) in sorted(refused.items()):
+            if step.removal and code in _GONE:
+                continue
+            if code in _TRANSIENT:
+                retry.append(sent[row])
+            else:
+                failures.append(ApplyFailure(action, sent[row], code, reason))
+        pending = retry
+        return retry
+
+    leftover = tenacity.Retrying(
+        retry=tenacity.retry_if_result(bool),
+        stop=tenacity.stop_after_attempt(3),
+        wait=tenacity.wait_exponential(multiplier=0.02, max=0.2),
+        retry_error_callback=lambda state: state.outcome.result(),
+    )(send_pending)
+    failures.extend(ApplyFailure(action, e, errno.EBUSY, "the kernel stayed busy") for e in leftover)
+    return len(entries) - len(failures), failures
+
+
+def apply_plan(ifname: str, plan: Plan, *, netns: Optional[str] = None) -> ApplyResult:
+    """Write a Plan to the device in its field order; refusals are reported, not raised.
+
+    Upserts replace (NLM_F_CREATE|NLM_F_REPLACE); removals of entries already gone
+    count as applied. Raises LinkNotFound if the device is missing and KernelError
+    if the netlink socket itself fails."""
+    if plan.empty:
+        return ApplyResult()
+    applied, failures = 0, []
+    with _Rtnl(netns) as nl:
+        steps = _steps(nl.ifindex(ifname))
+        for field in dataclasses.fields(plan):
+            entries = getattr(plan, field.name)
+            if entries:
+                done, refused = _apply_step(nl, field.name, steps[field.name], entries)
+                applied += done
+                failures.extend(refused)
+    return ApplyResult(applied, tuple(failures))
+
+
+# --- devices and addresses (pyroute2's IPRoute) ----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VtepSpec:
+    """The node's VXLAN device as DESIGN §3 describes it."""
+
+    name: str
+    vni: int
+    port: int
+    local_ip: IPv4Address
+    underlay_ifname: str
+    mac: str
+    """Lower-case colon-separated; persisted by the caller, set at creation."""
+    mtu: int
+    address: IPv4Interface
+    """The own subnet's network address, /32."""
+
+
+@contextlib.contextmanager
+def _iproute(netns: Optional[str]) -> Iterator[IPRoute]:
+    with _translated("opening a netlink socket"):
+        ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _find_link(ipr: IPRoute, name: str):
+    try:
+        links = ipr.get_links(ifname=name)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+    return links[0] if links else None
+
+
+def _need_link(ipr: IPRoute, name: str):
+    link = _find_link(ipr, name)
+    if link is None:
+        raise LinkNotFound(f"no device named {name}")
+    return link
+
+
+def _kind(link) -> Optional[str]:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def _vxlan_attrs(link) -> Optional[dict]:
+    info = link.get_attr("IFLA_LINKINFO")
+    if not info or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+        return None
+    data = info.get_attr("IFLA_INFO_DATA")
+    return {
+        "vni": data.get_attr("IFLA_VXLAN_ID"),
+        "port": data.get_attr("IFLA_VXLAN_PORT"),
+        "local": data.get_attr("IFLA_VXLAN_LOCAL"),
+        "link": data.get_attr("IFLA_VXLAN_LINK"),
+        "learning": bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+    }
+
+
+def _ipv4_addresses(ipr: IPRoute, index: int) -> list:
+    return [a for a in ipr.get_addr(family=socket.AF_INET) if a["index"] == index]
+
+
+def _interface(addr) -> IPv4Interface:
+    local = addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS")
+    return IPv4Interface(f"{local}/{addr['prefixlen']}")
+
+
+def _ensure_only_address(ipr: IPRoute, index: int, address: IPv4Interface) -> None:
+    present = False
+    for addr in _ipv4_addresses(ipr, index):
+        current = _interface(addr)
+        if current == address:
+            present = True
+        else:
+            ipr.addr("del", index=index, address=str(current.ip), prefixlen=current.network.prefixlen)
+    if not present:
+        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+
+
+def _ensure_mac_mtu_up(ipr: IPRoute, link, mac: Optional[str], mtu: int) -> None:
+    changes = {}
+    if mac is not None and (link.get_attr("IFLA_ADDRESS") or "").lower() != mac.lower():
+        changes["address"] = mac
+    if link.get_attr("IFLA_MTU") != mtu:
+        changes["mtu"] = mtu
+    if changes:
+        ipr.link("set", index=link["index"], **changes)
+    if not link["flags"] & IFF_UP:
+        ipr.link("set", index=link["index"], state="up")
+
+
+def _add_link(ipr: IPRoute, **kwargs) -> None:
+    try:
+        ipr.link("add", **kwargs)
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:  # someone created it since we looked: look again
+            raise KernelBusy(f"device {kwargs['ifname']} appeared while being created") from None
+        raise
+
+
+@_retry_busy
+def ensure_vtep(spec: VtepSpec, *, netns: Optional[str] = None) -> int:
+    """Create or reuse the VXLAN device; return its ifindex.
+
+    A device of that name with another VNI, port, local address or underlay, or
+    with learning on (or of another kind), is deleted and recreated. MAC, MTU and
+    address are fixed in place; every other IPv4 address is removed."""
+    with _iproute(netns) as ipr, _translated(f"ensuring VXLAN device {spec.name}"):
+        underlay = _need_link(ipr, spec.underlay_ifname)["index"]
+        link = _find_link(ipr, spec.name)
+        wanted = {"vni": spec.vni, "port": spec.port, "local": str(spec.local_ip), "link": underlay, "learning": False}
+        if link is not None and _vxlan_attrs(link) != wanted:
+            ipr.link("del", index=link["index"])
+            link = None
+        if link is None:
+            _add_link(
+                ipr,
+                ifname=spec.name,
+                kind="vxlan",
+                vxlan_id=spec.vni,
+                vxlan_port=spec.port,
+                vxlan_local=str(spec.local_ip),
+                vxlan_link=underlay,
+                vxlan_learning=0,
+                address=spec.mac,
+                mtu=spec.mtu,
+            )
+            link = _need_link(ipr, spec.name)
+        _ensure_mac_mtu_up(ipr, link, spec.mac, spec.mtu)
+        _ensure_only_address(ipr, link["index"], spec.address)
+        return link["index"]
+
+
+@_retry_busy
+def ensure_bridge(name: str, address: IPv4Interface, mtu: int, *, netns: Optional[str] = None) -> int:
+    """Create or reuse a Linux bridge holding `address` (its only IPv4 address), up; return its ifindex.
+
+    KernelError if a device of that name exists and is not a bridge."""
+    with _iproute(netns) as ipr, _translated(f"ensuring bridge {name}"):
+        link = _find_link(ipr, name)
+        if link is not None and _kind(link) != "bridge":
+            raise KernelError(f"device {name} exists and is a {_kind(link) or 'device'}, not a bridge")
+        if link is None:
+            _add_link(ipr, ifname=name, kind="bridge", mtu=mtu)
+            link = _need_link(ipr, name)
+        _ensure_mac_mtu_up(ipr, link, None, mtu)
+        _ensure_only_address(ipr, link["index"], address)
+        return link["index"]
+
+
+@_retry_busy
+def delete_link(name: str, *, netns: Optional[str] = None) -> bool:
+    """Delete a device; False if there was none."""
+    with _iproute(netns) as ipr, _translated(f"deleting device {name}"):
+        link = _find_link(ipr, name)
+        if link is None:
+            return False
+        try:
+            ipr.link("del", index=link["index"])
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise
+        return True
+
+
+@_retry_busy
+def link_exists(name: str, *, netns: Optional[str] = None) -> bool:
+    with _iproute(netns) as ipr, _translated(f"looking up device {name}"):
+        return _find_link(ipr, name) is not None
+
+
+@_retry_busy
+def link_info(name: str, *, netns: Optional[str] = None) -> dict:
+    """For status/doctor: name, index, kind, mtu, mac, up, IPv4 addresses, and
+    `vxlan` (vni, port, local, link, underlay, learning) or None. LinkNotFound if missing."""
+    with _iproute(netns) as ipr, _translated(f"looking up device {name}"):
+        link = _need_link(ipr, name)
+        vxlan = _vxlan_attrs(link)
+        if vxlan is not None:
+            underlay = ipr.get_links(vxlan["link"])[0] if vxlan["link"] else None
+            vxlan["underlay"] = underlay.get_attr("IFLA_IFNAME") if underlay else None
+        return {
+            "name": name,
+            "index": link["index"],
+            "kind": _kind(link),
+            "mtu": link.get_attr("IFLA_MTU"),
+            "mac": link.get_attr("IFLA_ADDRESS"),
+            "up": bool(link["flags"] & IFF_UP),
+            "addresses": [str(_interface(a)) for a in _ipv4_addresses(ipr, link["index"])],
+            "vxlan": vxlan,
+        }
+
+
+@_retry_busy
+def underlay_for(public_ip: IPv4Address, *, netns: Optional[str] = None) -> tuple[str, int]:
+    """(ifname, mtu) of the interface carrying `public_ip`; LinkNotFound if none does."""
+    with _iproute(netns) as ipr, _translated(f"looking for the interface of {public_ip}"):
+        for addr in ipr.get_addr(family=socket.AF_INET):
+            if _interface(addr).ip == public_ip:
+                link = ipr.get_links(addr["index"])[0]
+                return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
+    raise LinkNotFound(f"no interface carries {public_ip}")
+
+
+def _primary_address(ipr: IPRoute, index: int, ifname: str) -> IPv4Address:
+    addrs = [a for a in _ipv4_addresses(ipr, index) if not a["flags"] & _IFA_F_SECONDARY]
+    if not addrs:
+        raise KernelError(f"interface {ifname} has no IPv4 address")
+    return _interface(addrs[0]).ip
+
+
+@_retry_busy
+def interface_address(ifname: str, *, netns: Optional[str] = None) -> IPv4Address:
+    """The primary IPv4 address of an interface; KernelError if it has none."""
+    with _iproute(netns) as ipr, _translated(f"reading the address of {ifname}"):
+        return _primary_address(ipr, _need_link(ipr, ifname)["index"], ifname)
+
+
+@_retry_busy
+def default_route_source(*, netns: Optional[str] = None) -> tuple[str, IPv4Address]:
+    """(ifname, source address) of the main table's preferred IPv4 default route."""
+    with _iproute(netns) as ipr, _translated("reading the default route"):
+        defaults = [
+            r
+            for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+            if r["dst_len"] == 0 and r["type"] == _RTN_UNICAST
+        ]
+        for route in sorted(defaults, key=lambda r: r.get_attr("RTA_PRIORITY") or 0):
+            oif = route.get_attr("RTA_OIF")
+            if oif is None:
+                hops = route.get_attr("RTA_MULTIPATH") or []
+                oif = hops[0]["oif"] if hops else None
+            if oif is None:
+                continue
+            ifname = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
+            source = route.get_attr("RTA_PREFSRC")
+            return ifname, IPv4Address(source) if source else _primary_address(ipr, oif, ifname)
+    raise KernelError("no IPv4 default route: give --public-ip or --iface")
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread into a named network namespace (for single-threaded
+    helper processes, e.g. tests standing in for `ip netns exec`)."""
+    with _translated(f"entering network namespace {name}"):
+        _netns.setns(name, flags=0)
