@@ -1,0 +1,330 @@
+"""The netlink door against the real kernel, in throw-away namespaces, checked with `ip`/`bridge`."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import secrets
+import subprocess
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+import pytest
+
+from vxlan_net import kernel
+from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.errors import KernelError, LinkNotFound
+from vxlan_net.lease import Lease
+from vxlan_net.plan import Plan, plan_changes
+
+pytestmark = pytest.mark.root
+
+UNDERLAY_IP = IPv4Address("198.18.0.1")
+ROUTER_IP = IPv4Address("198.18.0.2")
+SPEC = kernel.VtepSpec(
+    name="vxt0",
+    vni=42,
+    port=4789,
+    local_ip=UNDERLAY_IP,
+    underlay_ifname="und0",
+    mac="02:42:00:00:00:01",
+    mtu=1450,
+    address=IPv4Interface("198.19.0.0/32"),
+)
+
+
+def lease(index: int, mac: str | None = None, public_ip: str | None = None) -> Lease:
+    return Lease(
+        IPv4Network(f"198.19.{index}.0/24"),
+        IPv4Address(public_ip or f"198.18.1.{index}"),
+        mac or f"0a:00:00:00:00:{index:02x}",
+        SPEC.vni,
+    )
+
+
+def run(*argv: str, check: bool = True, stdin: str | None = None) -> str:
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+    if check and done.returncode:
+        raise AssertionError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+class Namespace:
+    """A network namespace with a veth underlay, and a child process living inside it."""
+
+    def __init__(self) -> None:
+        self.name = f"vnk-{secrets.token_hex(4)}"
+        self._inside: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def ip(self, *argv: str, check: bool = True) -> str:
+        return run("ip", "-n", self.name, *argv, check=check)
+
+    def json(self, tool: str, *argv: str):
+        return json.loads(run(tool, "-j", "-n", self.name, *argv) or "[]")
+
+    def inside(self, fn, *args, **kwargs):
+        """Call fn in a process that entered the namespace: the agent's `ip netns exec` mode."""
+        if self._inside is None:
+            self._inside = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=kernel.enter_netns,
+                initargs=(self.name,),
+            )
+        return self._inside.submit(fn, *args, **kwargs).result(timeout=60)
+
+    def close(self) -> None:
+        if self._inside is not None:
+            self._inside.shutdown(wait=True, cancel_futures=True)
+        run("ip", "netns", "del", self.name, check=False)
+
+    # --- what the independent tools see ---
+
+    def link(self, name: str) -> dict:
+        return self.json("ip", "-d", "link", "show", "dev", name)[0]
+
+    def addresses(self, name: str) -> set[str]:
+        info = self.json("ip", "-4", "addr", "show", "dev", name)[0]
+        return {f"{a['local']}/{a['prefixlen']}" for a in info["addr_info"]}
+
+    def neighbours(self, dev: str = SPEC.name) -> set[tuple]:
+        return {(n["dst"], n.get("lladdr"), tuple(n["state"])) for n in self.json("ip", "neigh", "show", "dev", dev)}
+
+    def fdb(self, dev: str = SPEC.name) -> set[tuple]:
+        return {
+            (f["mac"], f.get("dst"), tuple(f.get("flags", [])), f.get("state", ""))
+            for f in self.json("bridge", "fdb", "show", "dev", dev)
+        }
+
+    def routes(self, dev: str = SPEC.name) -> set[tuple]:
+        return {
+            (r["dst"], r.get("gateway"), r.get("protocol"), tuple(r.get("flags", [])))
+            for r in self.json("ip", "route", "show", "table", "main", "dev", dev)
+            if "gateway" in r
+        }
+
+
+@pytest.fixture
+def ns():
+    if os.geteuid() != 0:
+        pytest.fail("kernel tests need root (network namespaces)", pytrace=False)
+    space = Namespace()
+    try:
+        run("ip", "netns", "add", space.name)
+        space.ip("link", "set", "lo", "up")
+        space.ip("link", "add", SPEC.underlay_ifname, "mtu", "1500", "type", "veth", "peer", "name", "und1")
+        space.ip("addr", "add", f"{UNDERLAY_IP}/24", "dev", SPEC.underlay_ifname)
+        space.ip("link", "set", SPEC.underlay_ifname, "up")
+        space.ip("link", "set", "und1", "up")
+        yield space
+    finally:
+        space.close()
+
+
+def expected_tool_view(leases: list[Lease]) -> tuple[set, set, set]:
+    """What `ip`/`bridge` must show for these leases, in the Namespace helpers' tuple form."""
+    neigh = {(str(l.gateway), l.vtep_mac, ("PERMANENT",)) for l in leases}
+    fdb = {(l.vtep_mac, str(l.public_ip), ("self",), "permanent") for l in leases}
+    routes = {(str(l.subnet), str(l.gateway), str(kernel.ROUTE_PROTO), ("onlink",)) for l in leases}
+    return neigh, fdb, routes
+
+
+def sync(leases: list[Lease]) -> kernel.ApplyResult:
+    """The reconciler's pass, run inside the namespace."""
+    plan = plan_changes(desired_entries(leases), kernel.read_overlay_entries(SPEC.name))
+    return kernel.apply_plan(SPEC.name, plan)
+
+
+# --- the VXLAN device ---
+
+
+def test_ensure_vtep_creates_the_device_as_specified(ns):
+    index = ns.inside(kernel.ensure_vtep, SPEC)
+    link = ns.link(SPEC.name)
+    data = link["linkinfo"]["info_data"]
+    assert link["ifindex"] == index
+    assert link["linkinfo"]["info_kind"] == "vxlan"
+    assert (data["id"], data["port"], data["local"], data["link"]) == (42, 4789, "198.18.0.1", "und0")
+    assert data["learning"] is False
+    assert (link["address"], link["mtu"]) == (SPEC.mac, SPEC.mtu)
+    assert "UP" in link["flags"]
+    assert ns.addresses(SPEC.name) == {"198.19.0.0/32"}
+
+
+def test_ensure_vtep_reuses_a_compatible_device_and_fixes_mac_mtu_addresses_state(ns):
+    index = ns.inside(kernel.ensure_vtep, SPEC)
+    ns.ip("addr", "add", "198.19.77.1/24", "dev", SPEC.name)
+    ns.ip("link", "set", SPEC.name, "mtu", "1300")
+    ns.ip("link", "set", SPEC.name, "down")
+    changed = kernel.VtepSpec(**{**SPEC.__dict__, "mac": "02:42:00:00:00:99", "address": IPv4Interface("198.19.9.0/32")})
+    assert ns.inside(kernel.ensure_vtep, changed) == index
+    link = ns.link(SPEC.name)
+    assert (link["ifindex"], link["address"], link["mtu"]) == (index, "02:42:00:00:00:99", 1450)
+    assert "UP" in link["flags"]
+    assert ns.addresses(SPEC.name) == {"198.19.9.0/32"}
+
+
+@pytest.mark.parametrize(
+    "existing",
+    [
+        ["type", "vxlan", "id", "7", "dstport", "4789", "local", "198.18.0.1", "dev", "und0", "nolearning"],
+        ["type", "vxlan", "id", "42", "dstport", "8472", "local", "198.18.0.1", "dev", "und0", "nolearning"],
+        ["type", "vxlan", "id", "42", "dstport", "4789", "local", "198.18.0.1", "dev", "und0", "learning"],
+        ["type", "bridge"],
+    ],
+    ids=["other-vni", "other-port", "learning-on", "not-vxlan"],
+)
+def test_ensure_vtep_replaces_an_incompatible_device(ns, existing):
+    ns.ip("link", "add", SPEC.name, *existing)
+    old_index = ns.link(SPEC.name)["ifindex"]
+    index = ns.inside(kernel.ensure_vtep, SPEC)
+    link = ns.link(SPEC.name)
+    data = link["linkinfo"]["info_data"]
+    assert index == link["ifindex"] != old_index
+    assert (data["id"], data["port"], data["learning"]) == (42, 4789, False)
+
+
+def test_ensure_vtep_without_the_underlay_raises_link_not_found(ns):
+    missing = kernel.VtepSpec(**{**SPEC.__dict__, "underlay_ifname": "nosuch0"})
+    with pytest.raises(LinkNotFound):
+        ns.inside(kernel.ensure_vtep, missing)
+    assert not ns.inside(kernel.link_exists, SPEC.name)
+
+
+# --- overlay entries ---
+
+
+def test_apply_plan_writes_exactly_the_planned_entries(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    leases = [lease(i) for i in (1, 2, 3)]
+    result = ns.inside(sync, leases)
+    assert result.ok and result.applied == 9
+    neigh, fdb, routes = expected_tool_view(leases)
+    assert ns.neighbours() == neigh
+    assert ns.fdb() == fdb
+    assert ns.routes() == routes
+    assert ns.inside(sync, leases) == kernel.ApplyResult(0, ())  # in sync: nothing to write
+
+
+def test_a_changed_lease_leaves_no_stale_fdb_or_neighbour(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    ns.inside(sync, [lease(1), lease(2)])
+    now = [lease(1, mac="0a:00:00:00:01:01"), lease(2, public_ip="198.18.1.200")]
+    result = ns.inside(sync, now)
+    assert result.ok
+    neigh, fdb, routes = expected_tool_view(now)
+    assert ns.fdb() == fdb
+    assert ns.neighbours() == neigh
+    assert ns.routes() == routes
+
+
+def test_removals_are_idempotent_and_empty_the_device(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    ns.inside(sync, [lease(1), lease(2)])
+    actual = ns.inside(kernel.read_overlay_entries, SPEC.name)
+    removal = plan_changes(OverlayEntries(), actual)
+    for _ in range(2):
+        result = ns.inside(kernel.apply_plan, SPEC.name, removal)
+        assert result == kernel.ApplyResult(6, ())
+    assert ns.neighbours() == ns.fdb() == ns.routes() == set()
+
+
+def test_read_overlay_entries_round_trips_ip_batch_and_ignores_what_is_not_ours(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    leases = [lease(i) for i in (4, 5, 6)]
+    dev = SPEC.name
+    run("ip", "-n", ns.name, "-batch", "-", stdin="".join(
+        f"neigh replace {l.gateway} lladdr {l.vtep_mac} dev {dev} nud permanent\n"
+        f"route replace {l.subnet} via {l.gateway} dev {dev} onlink proto {kernel.ROUTE_PROTO}\n"
+        for l in leases
+    ) + (
+        f"neigh replace 198.19.50.0 lladdr 0a:00:00:00:00:50 dev {dev} nud reachable\n"  # not permanent
+        f"neigh replace 198.18.0.9 lladdr 0a:00:00:00:00:51 dev und0 nud permanent\n"  # other device
+        f"route replace 198.19.51.0/24 via 198.19.51.0 dev {dev} onlink\n"  # proto boot: not ours
+        f"route replace 198.19.52.0/24 via 198.18.0.2 dev und0\n"  # other device
+    ))
+    run("bridge", "-n", ns.name, "-batch", "-", stdin="".join(
+        f"fdb replace {l.vtep_mac} dev {dev} dst {l.public_ip} self permanent\n" for l in leases
+    ) + (
+        f"fdb append 00:00:00:00:00:00 dev {dev} dst 198.18.1.99 self permanent\n"  # default entry
+        f"fdb replace 0a:00:00:00:00:53 dev {dev} dst 198.18.1.53 self dynamic\n"  # not permanent
+    ))
+    assert ns.inside(kernel.read_overlay_entries, dev) == desired_entries(leases)
+
+
+def test_netns_argument_reaches_another_namespace(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    plan = plan_changes(desired_entries([lease(1)]), OverlayEntries())
+    assert kernel.apply_plan(SPEC.name, plan, netns=ns.name).applied == 3
+    assert kernel.read_overlay_entries(SPEC.name, netns=ns.name) == desired_entries([lease(1)])
+    assert kernel.link_info(SPEC.name, netns=ns.name)["vxlan"]["vni"] == SPEC.vni
+    assert ns.fdb() == expected_tool_view([lease(1)])[1]
+
+
+def test_apply_plan_reports_each_refusal_and_applies_the_rest(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    bad_route = Route(IPv4Network("198.19.8.0/24"), IPv4Address("224.0.0.1"))
+    bad_fdb = FdbEntry("not-a-mac", IPv4Address("198.18.1.8"))
+    good = lease(7)
+    plan = Plan(
+        upsert_neighbours=(Neighbour(good.gateway, good.vtep_mac),),
+        upsert_fdb=(bad_fdb, FdbEntry(good.vtep_mac, good.public_ip)),
+        upsert_routes=(bad_route, Route(good.subnet, good.gateway)),
+    )
+    result = ns.inside(kernel.apply_plan, SPEC.name, plan)
+    assert result.applied == 3
+    assert {(f.action, f.entry) for f in result.failures} == {("upsert_fdb", bad_fdb), ("upsert_routes", bad_route)}
+    assert all(f.errno and f.reason for f in result.failures)
+    assert ns.routes() == expected_tool_view([good])[2]
+
+
+def test_missing_device_raises_link_not_found(ns):
+    with pytest.raises(LinkNotFound):
+        ns.inside(kernel.read_overlay_entries, "nosuch0")
+    with pytest.raises(LinkNotFound):
+        ns.inside(kernel.apply_plan, "nosuch0", Plan(upsert_neighbours=(Neighbour(IPv4Address("198.19.1.0"), "0a:00:00:00:00:01"),)))
+
+
+# --- interfaces, bridge, info ---
+
+
+def test_underlay_and_default_route_lookups(ns):
+    ns.ip("route", "add", "default", "via", str(ROUTER_IP), "dev", SPEC.underlay_ifname)
+    assert ns.inside(kernel.underlay_for, UNDERLAY_IP) == ("und0", 1500)
+    assert ns.inside(kernel.default_route_source) == ("und0", UNDERLAY_IP)
+    assert ns.inside(kernel.interface_address, "und0") == UNDERLAY_IP
+    with pytest.raises(LinkNotFound):
+        ns.inside(kernel.underlay_for, IPv4Address("198.18.9.9"))
+    with pytest.raises(KernelError):
+        ns.inside(kernel.interface_address, "und1")  # no IPv4 address
+
+
+def test_default_route_source_without_default_route_raises(ns):
+    with pytest.raises(KernelError, match="default route"):
+        ns.inside(kernel.default_route_source)
+
+
+def test_link_info_describes_the_vtep(ns):
+    index = ns.inside(kernel.ensure_vtep, SPEC)
+    info = ns.inside(kernel.link_info, SPEC.name)
+    assert info["index"] == index and info["kind"] == "vxlan" and info["up"]
+    assert (info["mtu"], info["mac"], info["addresses"]) == (1450, SPEC.mac, ["198.19.0.0/32"])
+    assert info["vxlan"] == {
+        "vni": 42, "port": 4789, "local": "198.18.0.1", "link": ns.link("und0")["ifindex"],
+        "underlay": "und0", "learning": False,
+    }
+
+
+def test_ensure_bridge_creates_reuses_and_delete_link_tolerates_absence(ns):
+    index = ns.inside(kernel.ensure_bridge, "cnit0", IPv4Interface("198.19.0.1/24"), 1450)
+    link = ns.link("cnit0")
+    assert (link["ifindex"], link["linkinfo"]["info_kind"], link["mtu"]) == (index, "bridge", 1450)
+    assert "UP" in link["flags"] and ns.addresses("cnit0") == {"198.19.0.1/24"}
+    assert ns.inside(kernel.ensure_bridge, "cnit0", IPv4Interface("198.19.3.1/24"), 1400) == index
+    assert ns.addresses("cnit0") == {"198.19.3.1/24"} and ns.link("cnit0")["mtu"] == 1400
+    with pytest.raises(KernelError, match="not a bridge"):
+        ns.inside(kernel.ensure_bridge, "und0", IPv4Interface("198.19.0.1/24"), 1450)
+    assert ns.inside(kernel.delete_link, "cnit0") is True
+    assert ns.inside(kernel.delete_link, "cnit0") is False
+    assert not ns.inside(kernel.link_exists, "cnit0")
