@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -35,6 +36,7 @@ class EtcdServer:
 
     With `netns`, etcd runs via `ip netns exec` and `host` must be an address of that namespace;
     ports then default to 2379/2380 (free-port probing only works in our own namespace).
+    With `cert_file`/`key_file`, clients talk TLS (`https://`); the peer port stays plain.
     """
 
     def __init__(
@@ -47,7 +49,13 @@ class EtcdServer:
         name: str = "vxlan-net-test",
         ready_timeout: float = 15.0,
         log_path: Optional[str | Path] = None,
+        cert_file: Optional[str | Path] = None,
+        key_file: Optional[str | Path] = None,
     ) -> None:
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("TLS needs both cert_file and key_file")
+        self.cert_file = str(cert_file) if cert_file else None
+        self.key_file = str(key_file) if key_file else None
         self.host = host
         self.netns = netns
         self.name = name
@@ -63,7 +71,8 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        scheme = "https" if self.cert_file else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -91,6 +100,8 @@ class EtcdServer:
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
         ]
+        if self.cert_file and self.key_file:
+            argv += ["--cert-file", self.cert_file, "--key-file", self.key_file]
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
     def start(self) -> "EtcdServer":
@@ -125,12 +136,14 @@ class EtcdServer:
 
     def _healthy(self) -> bool:
         if self.netns:  # not reachable from our namespace: ask etcdctl inside it
-            cmd = ["ip", "netns", "exec", self.netns, ETCDCTL_EXE, "--endpoints", self.client_url,
+            tls = ["--cacert", self.cert_file] if self.cert_file else []
+            cmd = ["ip", "netns", "exec", self.netns, ETCDCTL_EXE, "--endpoints", self.client_url, *tls,
                    "--dial-timeout", "1s", "--command-timeout", "1s", "endpoint", "health"]
             env = dict(os.environ, ETCDCTL_API="3")
             return subprocess.run(cmd, capture_output=True, timeout=5, env=env).returncode == 0
         try:
-            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1) as response:
+            context = ssl.create_default_context(cafile=self.cert_file) if self.cert_file else None
+            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1, context=context) as response:
                 return b'"health":"true"' in response.read()
         except (OSError, urllib.error.URLError):
             return False
@@ -171,7 +184,11 @@ class EtcdServer:
             return ""
 
     def __enter__(self) -> "EtcdServer":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ will not run: remove the temp dir here
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

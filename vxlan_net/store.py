@@ -85,6 +85,7 @@ def _import_etcd3() -> None:
 
 
 _import_etcd3()
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's INFO lines repeat what our errors already say
 
 import etcd3  # noqa: E402  (after the protobuf modules are in place)
 import etcd3.etcdrpc as rpc  # noqa: E402
@@ -109,7 +110,8 @@ _GRPC_OPTIONS = [
 ]
 _RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _CREDENTIAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-_TLS_FAILURE_MARKERS = ("handshake", "ssl_error", "certificate")
+# A certificate that does not verify is a setting to fix; a handshake cut short (etcd restarting) is not.
+_TLS_CONFIG_MARKERS = ("certificate", "ssl_error_ssl")
 
 T = TypeVar("T")
 
@@ -512,8 +514,8 @@ def translate_rpc_error(what: str, url: str, exc: grpc.RpcError) -> Exception:
     message = f"etcd {url}: {what}: {code.name if code else 'UNKNOWN'}: {details}"
     if code in _CREDENTIAL_CODES:
         return StoreConfigError(f"{message} (check the etcd credentials and client certificate)")
-    if code == grpc.StatusCode.UNAVAILABLE and any(m in details.lower() for m in _TLS_FAILURE_MARKERS):
-        return StoreConfigError(f"{message} (TLS handshake failed: check the CA and client certificates)")
+    if code == grpc.StatusCode.UNAVAILABLE and any(m in details.lower() for m in _TLS_CONFIG_MARKERS):
+        return StoreConfigError(f"{message} (TLS failed: check the endpoint's scheme, the CA and client certificates)")
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return _LeaseNotFound(message)
     if code in _RETRYABLE_CODES:
