@@ -13,6 +13,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Callable, Iterator
 
+import grpc
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `integration` lives at the repo root
@@ -27,7 +28,14 @@ from vxlan_net.errors import (  # noqa: E402
     WatchLost,
 )
 from vxlan_net.lease import Lease  # noqa: E402
-from vxlan_net.store import EtcdStore, LeaseEvent, LeaseWatch, parse_endpoint, prefix_range_end  # noqa: E402
+from vxlan_net.store import (  # noqa: E402
+    EtcdStore,
+    LeaseEvent,
+    LeaseWatch,
+    parse_endpoint,
+    prefix_range_end,
+    translate_rpc_error,
+)
 
 SUBNET_A = IPv4Network("198.19.3.0/24")
 SUBNET_B = IPv4Network("198.19.4.0/24")
@@ -171,6 +179,37 @@ def test_bad_client_settings_are_permanent_errors_naming_the_problem(tmp_path: P
         EtcdStore(["https://198.18.0.2:2379"], cert_cert=str(not_pem))
     with pytest.raises(StoreConfigError, match="prefix"):
         EtcdStore(["http://198.18.0.2:2379"], prefix="vxlan-net")
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    "code, details, expected",
+    [
+        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", StoreUnavailable),
+        (grpc.StatusCode.UNAVAILABLE, "Handshake read failed (Socket closed)", StoreUnavailable),
+        (grpc.StatusCode.UNAVAILABLE, "SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED", StoreConfigError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", StoreUnavailable),
+        (grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token", StoreConfigError),
+        (grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied", StoreConfigError),
+        (grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found", LeaseGone),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded", StoreUnavailable),
+    ],
+)
+def test_grpc_failures_become_domain_errors(code: grpc.StatusCode, details: str, expected: type) -> None:
+    error = translate_rpc_error("get config", "http://198.18.0.2:2379", FakeRpcError(code, details))
+    error = getattr(error, "error", error)  # transient ones come wrapped for the door's retry
+    assert type(error) is expected or isinstance(error, expected) and expected is LeaseGone
+    assert "http://198.18.0.2:2379" in str(error) and details in str(error)
 
 
 # -- against etcd ---------------------------------------------------------------------------

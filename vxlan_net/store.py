@@ -104,7 +104,7 @@ _GRPC_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),  # etcd answers pings on an idle connection with GOAWAY
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 << 20),
 ]
@@ -454,15 +454,18 @@ class EtcdStore:
             if client is None:
                 endpoint = self.endpoints[index]
                 host, _, port = endpoint.target.rpartition(":")
-                client = etcd3.Etcd3Client(
-                    host=host,
-                    port=int(port),
-                    ca_cert=self._ca_cert,
-                    cert_key=self._cert_key,
-                    cert_cert=self._cert_cert,
-                    timeout=self.timeout,
-                    grpc_options=_GRPC_OPTIONS,
-                )
+                try:
+                    client = etcd3.Etcd3Client(
+                        host=host,
+                        port=int(port),
+                        ca_cert=self._ca_cert,
+                        cert_key=self._cert_key,
+                        cert_cert=self._cert_cert,
+                        timeout=self.timeout,
+                        grpc_options=_GRPC_OPTIONS,
+                    )
+                except (OSError, ValueError) as exc:  # TLS files read again here: moved, bad PEM
+                    raise StoreConfigError(f"etcd {endpoint.url}: cannot set up the client: {exc}") from None
                 self._clients[index] = client
             return index, client
 
@@ -548,7 +551,6 @@ class LeaseWatch:
             key=store._subnets_prefix,
             range_end=prefix_range_end(store._subnets_prefix),
             start_revision=start_revision,
-            progress_notify=True,
         )
         self._call = rpc.WatchStub(client.channel).Watch(self._requests(rpc.WatchRequest(create_request=create)))
         self._pump = threading.Thread(target=self._run, name=f"etcd-watch-{start_revision}", daemon=True)
@@ -587,6 +589,7 @@ class LeaseWatch:
         """The next batch of events; None when `timeout` seconds pass without one.
 
         Raises StopIteration after cancel(), WatchLost or WatchCompacted as the class says.
+        One consumer at a time; only cancel() may come from another thread.
         """
         if self._failed is not None:
             raise self._failed
@@ -598,11 +601,9 @@ class LeaseWatch:
                     self._pending.insert(0, item)
                     break
                 self._fail(item)
-            if item.events:
+            if item.events:  # etcd never splits one revision's events across responses
                 batch.extend(self._event(e) for e in item.events)
                 self.revision = max(self.revision, batch[-1].mod_revision)
-            elif not item.created:  # a progress notification: everything up to header.revision was sent
-                self.revision = max(self.revision, item.header.revision)
             item = self._pending.pop(0) if self._pending else self._get(0)
         return batch or None
 
