@@ -1,0 +1,121 @@
+"""`make demo`: a 3-node vxlan-net cluster in network namespaces, shown working, then removed.
+
+Usage: python -m integration.demo [--nodes N] [--pods-per-node K] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from integration.cluster import add_pod, start_agents, wait_converged, write_config
+from integration.lab import Lab
+
+OK, FAIL = "\u2713", "\u2717"
+
+
+class Step:
+    """Prints `[n] what ...` and the outcome; remembers the step for the failure message."""
+
+    current = "start-up"
+
+    def __init__(self, title: str):
+        Step.current = title
+        self.title = title
+
+    def __enter__(self):
+        print(f"==> {self.title} ...", flush=True)
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            print(f"    done in {time.monotonic() - self.started:.1f}s", flush=True)
+
+
+def connectivity_matrix(pods) -> tuple[str, int]:
+    """Every pod pings every other pod once: a table of RTTs (ms) or failures."""
+    names = [p.pod_name for p in pods]
+    width = max(max(len(n) for n in names), 8) + 2
+    lines = [" " * width + "".join(n.rjust(width) for n in names)]
+    failures = 0
+    for src in pods:
+        cells = []
+        for dst in pods:
+            if src is dst:
+                cells.append("-".rjust(width))
+                continue
+            result = src.ping(dst.ip, count=1, timeout=2)
+            failures += not result
+            cells.append((f"{OK} {result.rtt_ms:.2f}" if result else f"{FAIL}").rjust(width))
+        lines.append(src.pod_name.ljust(width) + "".join(cells))
+    return "\n".join(lines), failures
+
+
+def run(args) -> int:
+    with Lab(nodes=args.nodes) as lab:
+        print(f"lab {lab.tag}: router {lab.router.name}, etcd {lab.etcd_url}, "
+              f"{args.nodes} nodes on separate /24 underlays (198.18.<i>.0/24), L3 only")
+        with Step("writing the network config to etcd"):
+            write_config(lab)
+            print("    " + lab.nodes[0].run(lab.agent_exe, "config", "get", "--etcd-endpoints", lab.etcd_url,
+                                          check=True).stdout.strip())
+        with Step(f"starting vxlan-net agent on {args.nodes} nodes (--ip-masq)"):
+            start_agents(lab, lab.nodes, "--ip-masq")
+            wait_converged(lab, lab.nodes)
+            for node in lab.nodes:
+                print(f"    {node.name}: {node.subnet_file.read_text().split()[1]}")
+        with Step(f"starting {args.pods_per_node} pods per node"):
+            pods = [add_pod(lab, node, i) for node in lab.nodes for i in range(1, args.pods_per_node + 1)]
+            for pod in pods:
+                print(f"    {pod.pod_name:8} {pod.ip:15} on {pod.node.name}")
+        with Step("pinging every pod from every pod (RTT in ms)"):
+            matrix, failures = connectivity_matrix(pods)
+            print(matrix)
+        with Step("lease table and this node's kernel (vxlan-net status on node 1)"):
+            status = lab.nodes[0].run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url)
+            print("\n".join("    " + line for line in status.stdout.splitlines()))
+        verdict = f"{OK} all {len(pods) * (len(pods) - 1)} pod pairs reach each other" if not failures else \
+            f"{FAIL} {failures} pod pairs cannot reach each other"
+        print(verdict)
+        if args.keep:
+            _hold(lab)
+        return 0 if not failures and status.returncode == 0 else 1
+
+
+def _hold(lab: Lab) -> None:
+    print(f"""
+The lab stays up until you press Ctrl-C (or send SIGTERM to PID {__import__('os').getpid()}).
+Explore it, for example:
+  ip netns list | grep {lab.prefix}
+  ip netns exec {lab.nodes[0].name} ip -d link show vxnet.1
+  ip netns exec {lab.nodes[0].name} bridge fdb show dev vxnet.1
+  ip netns exec {lab.nodes[0].name} {lab.agent_exe} status --etcd-endpoints {lab.etcd_url}
+Ctrl-C tears everything down.""", flush=True)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        print("tearing down ...")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--pods-per-node", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the lab up until Ctrl-C")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during: {Step.current}; everything was cleaned up", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the lab is already torn down by its context manager here
+        print(f"\n{FAIL} demo failed while {Step.current}: {exc}", file=sys.stderr)
+        print("everything the demo created was removed", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
