@@ -279,6 +279,19 @@ def test_apply_plan_reports_each_refusal_and_applies_the_rest(ns):
     assert ns.routes() == expected_tool_view([good])[2]
 
 
+def test_refusals_map_to_their_entries_across_chunks(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    bad_rows = {0, kernel.CHUNK - 1, kernel.CHUNK, kernel.CHUNK + 49}  # first, chunk ends, last
+    routes = tuple(
+        Route(IPv4Network(f"198.19.{i // 64}.{i % 64 * 4}/30"),
+              IPv4Address("224.0.0.1") if i in bad_rows else IPv4Address(f"198.19.{i // 64}.{i % 64 * 4}"))
+        for i in range(kernel.CHUNK + 50)
+    )
+    result = ns.inside(kernel.apply_plan, SPEC.name, Plan(upsert_routes=routes))
+    assert {f.entry for f in result.failures} == {routes[i] for i in bad_rows}
+    assert result.applied == len(routes) - len(bad_rows) == len(ns.routes())
+
+
 def test_missing_device_raises_link_not_found(ns):
     with pytest.raises(LinkNotFound):
         ns.inside(kernel.read_overlay_entries, "nosuch0")

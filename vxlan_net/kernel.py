@@ -6,7 +6,8 @@ under `ip netns exec NODE`); `netns=NAME` opens the sockets in another one inste
 
 Bulk work (reading and writing overlay entries) goes over one raw NETLINK_ROUTE
 socket: kernel-filtered dumps parsed by hand, and pre-encoded messages whose
-per-entry bytes are patched in, sent in chunks and acknowledged one by one.
+per-entry bytes are patched in, sent in chunks of CHUNK; every refusal comes back
+as an error message mapped to its entry by sequence number.
 Device work (VTEP, bridge, addresses) uses pyroute2's IPRoute, where speed does
 not matter; IPRoute is synchronous over its own asyncio loop, so call these from
 plain threads, not from inside a running event loop.
@@ -88,6 +89,7 @@ _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type, flags
 _NLA = struct.Struct("=HH")
+_U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _BE32 = struct.Struct(">I")
 _ERR = struct.Struct("=i")
@@ -171,13 +173,19 @@ class _Template:
         # "dst_len" is rtmsg's second byte; integers are attribute types.
         self.fields = tuple((17, 1) if f == "dst_len" else attrs[f] for f in fields)
 
+    def check(self, values: Sequence[bytes]) -> Sequence[bytes]:
+        """The values, if each fits its field; a misfit would shift every later message."""
+        for (_off, size), value in zip(self.fields, values):
+            if len(value) != size:
+                raise ValueError(f"{len(value)} bytes where {size} are expected")
+        return values
+
     def render_into(self, buf: bytearray, seq: int, values: Sequence[bytes]) -> None:
+        """Append a copy with `seq` and the (checked) values patched in."""
         base = len(buf)
         buf += self.data
         _U32.pack_into(buf, base + 8, seq)
         for (off, size), value in zip(self.fields, values):
-            if len(value) != size:
-                raise ValueError(f"{len(value)} bytes where {size} are expected")
             buf[base + off : base + off + size] = value
 
 
@@ -275,29 +283,30 @@ class _Rtnl:
     def transact(
         self, template: _Template, values: Sequence[Sequence[bytes]], what: str
     ) -> dict[int, tuple[int, str]]:
-        """Send one message per values row, in chunks; return {row: (errno, reason)} for refusals."""
+        """Send one message per values row, in chunks; return {row: (errno, reason)} for refusals.
+
+        Only a chunk's last message asks for an ack: the kernel handles a send
+        in order and answers every failed message, so once that ack is in, every
+        refusal of the chunk is too. One recv per chunk instead of one per entry.
+        (A message the kernel drops with EINTR gets no answer and counts as done;
+        the next resync's fresh read would show it missing.)"""
         refused: dict[int, tuple[int, str]] = {}
         for start in range(0, len(values), CHUNK):
-            rows = range(start, min(start + CHUNK, len(values)))
-            first = self._next_seqs(len(rows))
+            first = self._next_seqs(CHUNK)
             buf = bytearray()
-            pending = set()
-            for row in rows:
-                try:
-                    template.render_into(buf, first + row - start, values[row])
-                except ValueError as exc:
-                    refused[row] = (errno.EINVAL, f"cannot encode: {exc}")
-                    continue
-                pending.add(first + row - start)
-            if not pending:
-                continue
+            for row in range(start, min(start + CHUNK, len(values))):
+                last = len(buf)
+                template.render_into(buf, first + row - start, values[row])
+            _U16.pack_into(buf, last + 6, _U16.unpack_from(buf, last + 6)[0] | NLM_F_ACK)
+            last_seq = first + row - start
             self._send(bytes(buf), what)
-            while pending:
+            done = False
+            while not done:
                 data = self._recv(what)
                 for off, length, kind, flags, seq in _walk(data):
-                    if kind != NLMSG_ERROR or seq not in pending:
+                    if kind != NLMSG_ERROR or not first <= seq <= last_seq:
                         continue
-                    pending.discard(seq)
+                    done |= seq == last_seq
                     code = -_ERR.unpack_from(data, off + 16)[0]
                     if code:
                         refused[start + seq - first] = (code, _ack_reason(data, off, length, flags, code))
@@ -457,8 +466,10 @@ def read_overlay_entries(ifname: str, *, netns: Optional[str] = None) -> Overlay
 # --- applying a plan ------------------------------------------------------------
 
 
-_UPSERT = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
-_DELETE = NLM_F_REQUEST | NLM_F_ACK
+# No NLM_F_ACK here: the kernel answers every refusal anyway, and transact() asks
+# for an ack on the last message of a chunk only, which marks the chunk done.
+_UPSERT = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE
+_DELETE = NLM_F_REQUEST
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -544,7 +555,7 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
         sent, values = [], []
         for entry in pending:
             try:
-                values.append(step.values(entry))
+                values.append(step.template.check(step.values(entry)))
             except ValueError as exc:  # the kernel would refuse it as well
                 failures.append(ApplyFailure(action, entry, errno.EINVAL, f"cannot encode: {exc}"))
                 continue
