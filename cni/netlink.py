@@ -1,0 +1,253 @@
+"""Raw rtnetlink with the standard library's C modules, for the plugin's start-up budget.
+
+`vxlan_net.kernel` (pyroute2) is the project's netlink door, but importing
+pyroute2 alone costs ~10x a whole Go ADD (DESIGN §5). The plugin needs a
+dozen fixed request shapes (link/addr/route new, del, get, dump), so it
+encodes them with `_struct` and talks over an `_socket` netlink socket; each
+ADD sends two batches. Errors come back as `NetlinkError` with the errno.
+"""
+
+import os
+from _socket import socket
+from _struct import pack, unpack_from
+
+AF_NETLINK = 16
+SOCK_RAW = 3
+SOCK_CLOEXEC = 0o2000000
+NETLINK_ROUTE = 0
+AF_UNSPEC = 0
+AF_INET = 2
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+
+IFF_UP = 0x1
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
+IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+VETH_INFO_PEER = 1
+IFLA_BRPORT_MODE = 4  # hairpin
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3
+RT_SCOPE_UNIVERSE = 0
+RTN_UNICAST = 1
+
+ENOENT, ESRCH, ENODEV, EEXIST = 2, 3, 19, 17
+
+
+class NetlinkError(OSError):
+    """The kernel refused a request; `errno` says why."""
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def attr_str(kind: int, text: str) -> bytes:
+    return attr(kind, text.encode() + b"\0")
+
+
+def attr_u32(kind: int, value: int) -> bytes:
+    return attr(kind, pack("=I", value))
+
+
+def ifinfo(index: int = 0, up: bool = False, family: int = AF_UNSPEC) -> bytes:
+    flags = IFF_UP if up else 0
+    return pack("=BxHiII", family, 0, index, flags, flags)
+
+
+def parse_attrs(data: bytes, offset: int, end: int) -> dict:
+    attrs = {}
+    while offset + 4 <= end:
+        length, kind = unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        attrs[kind & 0x3FFF] = data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return attrs
+
+
+class Link:
+    """What a link dump/get tells about one interface."""
+
+    __slots__ = ("index", "name", "flags", "mac", "mtu", "master", "peer_index", "kind")
+
+    def __init__(self, data: bytes, offset: int, end: int):
+        _, _, self.index, self.flags, _ = unpack_from("=BxHiII", data, offset + 16)
+        attrs = parse_attrs(data, offset + 32, end)
+        self.name = attrs.get(IFLA_IFNAME, b"\0").split(b"\0", 1)[0].decode(errors="replace")
+        self.mac = attrs.get(IFLA_ADDRESS, b"")
+        self.mtu = unpack_from("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0
+        self.master = unpack_from("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
+        self.peer_index = unpack_from("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
+        info = attrs.get(IFLA_LINKINFO)
+        kind = parse_attrs(info, 0, len(info)).get(IFLA_INFO_KIND, b"") if info else b""
+        self.kind = kind.split(b"\0", 1)[0].decode(errors="replace")
+
+
+class Address:
+    __slots__ = ("index", "prefix", "ip")
+
+    def __init__(self, data: bytes, offset: int, end: int):
+        _, self.prefix, _, _, self.index = unpack_from("=BBBBi", data, offset + 16)
+        attrs = parse_attrs(data, offset + 24, end)
+        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS) or b"\0\0\0\0"
+        self.ip = int.from_bytes(raw[:4], "big")
+
+
+class RouteEntry:
+    __slots__ = ("dst", "prefix", "gw", "oif", "table")
+
+    def __init__(self, data: bytes, offset: int, end: int):
+        _, self.prefix, _, _, table, _, _, _, _ = unpack_from("=BBBBBBBBI", data, offset + 16)
+        attrs = parse_attrs(data, offset + 28, end)
+        self.table = unpack_from("=I", attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table
+        self.dst = int.from_bytes(attrs[RTA_DST][:4], "big") if RTA_DST in attrs else 0
+        self.gw = int.from_bytes(attrs[RTA_GATEWAY][:4], "big") if RTA_GATEWAY in attrs else None
+        self.oif = unpack_from("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
+
+
+_PARSERS = {RTM_NEWLINK: Link, RTM_NEWADDR: Address, RTM_NEWROUTE: RouteEntry}
+
+
+class Netlink:
+    """One NETLINK_ROUTE socket, bound to the network namespace it was created in."""
+
+    def __init__(self):
+        self.sock = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def batch(self, requests):
+        """Send [(type, flags, body)] in one write; return [(errno, [parsed replies])] in order.
+
+        The kernel handles the messages in order, so a batch is one round trip.
+        """
+        seqs, chunks = [], []
+        for kind, flags, body in requests:
+            self.seq += 1
+            seqs.append(self.seq)
+            chunks.append(pack("=LHHLL", 16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, self.seq, 0))
+            chunks.append(body)
+        self.sock.send(b"".join(chunks))
+        results = {seq: [None, []] for seq in seqs}
+        pending = len(seqs)
+        for _ in range(1_000_000):  # bounded: a dump of a huge table still ends
+            if not pending:
+                break
+            data = self.sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, seq, _pid = unpack_from("=LHHLL", data, offset)
+                if length < 16:
+                    break
+                slot = results.get(seq)
+                if slot is not None and slot[0] is None:
+                    if kind == NLMSG_ERROR:
+                        slot[0] = -unpack_from("=i", data, offset + 16)[0]
+                        pending -= 1
+                    elif kind == NLMSG_DONE:
+                        slot[0] = 0
+                        pending -= 1
+                    else:
+                        parser = _PARSERS.get(kind)
+                        if parser is not None:
+                            slot[1].append(parser(data, offset, offset + length))
+                offset += (length + 3) & ~3
+        return [tuple(results[seq]) for seq in seqs]
+
+    def call(self, kind, flags, body, ok=()):
+        """One request; raise NetlinkError unless it succeeded or failed with an errno in `ok`."""
+        err, replies = self.batch([(kind, flags, body)])[0]
+        if err and err not in ok:
+            raise NetlinkError(err, os.strerror(err))
+        return err, replies
+
+    # -- the few request shapes the plugin needs -------------------------------------
+
+    def get_link(self, name: str):
+        err, replies = self.call(RTM_GETLINK, 0, ifinfo() + attr_str(IFLA_IFNAME, name), ok=(ENODEV,))
+        return None if err else replies[0]
+
+    def links(self):
+        return self.call(RTM_GETLINK, NLM_F_DUMP, ifinfo())[1]
+
+    def addresses(self):
+        return self.call(RTM_GETADDR, NLM_F_DUMP, pack("=BBBBi", AF_INET, 0, 0, 0, 0))[1]
+
+    def routes(self):
+        return self.call(RTM_GETROUTE, NLM_F_DUMP, pack("=BBBBBBBBI", AF_INET, 0, 0, 0, 0, 0, 0, 0, 0))[1]
+
+    def delete_link(self, name: str) -> bool:
+        """True when deleted, False when it did not exist."""
+        err, _ = self.call(RTM_DELLINK, 0, ifinfo() + attr_str(IFLA_IFNAME, name), ok=(ENODEV,))
+        return not err
+
+
+def new_bridge(name: str, mtu: int, mac: bytes):
+    body = (ifinfo(up=True) + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MTU, mtu) + attr(IFLA_ADDRESS, mac)
+            + attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "bridge")))
+    return RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def set_up(index: int):
+    return RTM_NEWLINK, 0, ifinfo(index, up=True)
+
+
+def new_veth(host: str, peer: str, mtu: int, master: int, peer_mac: bytes, peer_netns_fd: int):
+    """A veth pair, host end up and enslaved to `master`, peer created (down) inside the target netns.
+
+    The peer cannot be created up: the kernel opens it before the pair is
+    joined and veth_open() fails with ENOTCONN.
+    """
+    peer_body = (ifinfo() + attr_str(IFLA_IFNAME, peer) + attr_u32(IFLA_MTU, mtu)
+                 + attr(IFLA_ADDRESS, peer_mac) + attr_u32(IFLA_NET_NS_FD, peer_netns_fd))
+    info = attr_str(IFLA_INFO_KIND, "veth") + attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_body))
+    body = (ifinfo(up=True) + attr_str(IFLA_IFNAME, host) + attr_u32(IFLA_MTU, mtu)
+            + attr_u32(IFLA_MASTER, master) + attr(IFLA_LINKINFO, info))
+    return RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def set_hairpin(name: str):
+    data = attr(IFLA_INFO_SLAVE_DATA, attr(IFLA_BRPORT_MODE, b"\x01"))
+    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr(IFLA_LINKINFO, attr_str(IFLA_INFO_SLAVE_KIND, "bridge") + data)
+    return RTM_NEWLINK, 0, body
+
+
+def get_link(name: str):
+    return RTM_GETLINK, 0, ifinfo() + attr_str(IFLA_IFNAME, name)
+
+
+def new_address(index: int, ip: int, prefix: int):
+    raw = ip.to_bytes(4, "big")
+    body = pack("=BBBBi", AF_INET, prefix, 0, RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, raw) + attr(IFA_ADDRESS, raw)
+    return RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def new_route(dst: int, prefix: int, gw: int, oif: int):
+    body = (pack("=BBBBBBBBI", AF_INET, prefix, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+            + (attr(RTA_DST, dst.to_bytes(4, "big")) if prefix else b"")
+            + attr(RTA_GATEWAY, gw.to_bytes(4, "big")) + attr_u32(RTA_OIF, oif))
+    return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body

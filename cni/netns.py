@@ -1,0 +1,52 @@
+"""Entering a network namespace from Python 3.11, which has no `os.setns`.
+
+`_ctypes.call_function` reaches libc's setns(2) without importing `ctypes`
+(a few milliseconds of the plugin's start-up budget). The plugin is single
+threaded, so switching the process's namespace is safe; the caller always
+switches back in a `finally`.
+"""
+
+import os
+
+CLONE_NEWNET = 0x40000000
+
+try:
+    import _ctypes
+
+    _SETNS = _ctypes.dlsym(_ctypes.dlopen(None), "setns")
+
+    def setns(fd: int) -> None:
+        if _ctypes.call_function(_SETNS, (fd, CLONE_NEWNET)) != 0:
+            raise OSError(22, "setns failed: not a network namespace, or not permitted")
+
+except (ImportError, AttributeError, OSError):  # pragma: no cover - other interpreters
+    def setns(fd: int) -> None:
+        os.setns(fd, CLONE_NEWNET)
+
+
+def open_netns(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+class Entered:
+    """`with Entered(fd):` runs the block inside the netns of fd, then returns to ours."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.home = None
+
+    def __enter__(self):
+        self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            setns(self.fd)
+        except OSError:
+            os.close(self.home)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            setns(self.home)
+        finally:
+            os.close(self.home)
+        return False

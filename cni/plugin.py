@@ -1,0 +1,234 @@
+"""The dispatcher: env + stdin in, (exit code, stdout text) out, for every CNI command.
+
+Takes the kernel as an argument (the real `Wiring` by default) so that tests
+can run every command in-process with a fake one. Errors are the spec's JSON
+on stdout with exit 1; nothing here writes to stdout itself.
+"""
+
+import os
+
+from . import errors as E
+from .config import (SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env, parse_netconf,
+                     peek_version, plan_addresses, read_subnet_file)
+from .errors import CniError
+from .ipam import DiskStore, owner_matches, allocate, release_owner
+from .jsonfast import dumps
+
+HOST_VETH_PREFIX = "vxn"
+
+try:
+    from _blake2 import blake2s
+except ImportError:  # pragma: no cover
+    from hashlib import blake2s
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """Deterministic, so DEL and GC find the host end without the container's netns."""
+    digest = blake2s(f"{container_id}\0{ifname}".encode(), digest_size=6).hexdigest()
+    return HOST_VETH_PREFIX + digest
+
+
+def run(environ, stdin: bytes, kernel=None, store=DiskStore):
+    """Run one plugin invocation; returns (exit code, text for stdout).
+
+    `kernel` (default `Wiring`) and `store` (a `DiskStore`-like factory) are
+    swapped for fakes in tests.
+    """
+    version = peek_version(stdin) if stdin else "1.1.0"
+    try:
+        env = parse_env(environ)
+        if env.command == "VERSION":
+            return 0, dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
+        conf = parse_netconf(decode_config(stdin), env)
+        if kernel is None:
+            from .wiring import Wiring
+
+            kernel = Wiring()
+        return COMMANDS[env.command](env, conf, kernel, store)
+    except CniError as exc:
+        return 1, dumps(exc.to_dict(version))
+    except Exception as exc:  # a bug: still answer in the spec's shape, and log the traceback
+        import traceback
+
+        traceback.print_exc()
+        return 1, dumps(CniError(E.INTERNAL, f"internal error: {exc!r}").to_dict(version))
+
+
+def _open_netns(path: str) -> int:
+    from .netns import open_netns
+    from .wiring import check_netns_fd
+
+    try:
+        fd = open_netns(path)
+    except FileNotFoundError:
+        raise CniError(E.INVALID_ENV, f"CNI_NETNS {path} does not exist") from None
+    except OSError as exc:
+        raise CniError(E.INVALID_ENV, f"cannot open CNI_NETNS {path}: {exc.strerror}") from None
+    try:
+        check_netns_fd(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def cmd_add(env, conf, kernel, store):
+    from .wiring import random_mac
+
+    node = read_subnet_file(conf.subnet_file)
+    plan = plan_addresses(conf, node)
+    netns_fd = _open_netns(env.netns)
+    try:
+        requested = conf.requested_ips[0] if conf.requested_ips else None
+        with store(conf.data_dir, conf.name) as locked:
+            ip = allocate(locked, plan, env.container_id, env.ifname, requested)
+        host_veth = host_veth_name(env.container_id, env.ifname)
+        try:
+            made = kernel.attach(bridge=conf.bridge, gateway=plan.gateway, prefix=plan.prefix, mtu=plan.mtu,
+                                 hairpin=conf.hairpin, host_veth=host_veth, netns_fd=netns_fd, ifname=env.ifname,
+                                 mac=conf.requested_mac or random_mac(), ip=ip, routes=plan.routes)
+        except BaseException:
+            with store(conf.data_dir, conf.name) as locked:
+                locked.release(ip)
+            raise
+    finally:
+        os.close(netns_fd)
+    interfaces = [
+        {"name": conf.bridge, "mac": format_mac(made.bridge_mac)},
+        {"name": host_veth, "mac": format_mac(made.host_mac)},
+        {"name": env.ifname, "mac": format_mac(made.container_mac), "sandbox": env.netns},
+    ]
+    if conf.cni_version == "1.1.0":
+        interfaces[2]["mtu"] = plan.mtu
+    address = {"address": f"{int_to_ip(ip)}/{plan.prefix}", "gateway": int_to_ip(plan.gateway), "interface": 2}
+    if conf.cni_version < "1.0.0":
+        address["version"] = "4"
+    result = {"cniVersion": conf.cni_version, "interfaces": interfaces, "ips": [address],
+              "routes": [r.to_dict() for r in plan.routes], "dns": {}}
+    return 0, dumps(_merge_prev(conf.prev_result, result))
+
+
+def _merge_prev(prev, result):
+    """A chained ADD: keep what earlier plugins reported, ours after it."""
+    if not prev:
+        return result
+    interfaces = prev.get("interfaces") if isinstance(prev.get("interfaces"), list) else []
+    offset = len(interfaces)
+    for ip in result["ips"]:
+        ip["interface"] += offset
+    merged = dict(result)
+    merged["interfaces"] = interfaces + result["interfaces"]
+    for key in ("ips", "routes"):
+        earlier = prev.get(key) if isinstance(prev.get(key), list) else []
+        merged[key] = earlier + result[key]
+    if isinstance(prev.get("dns"), dict):
+        merged["dns"] = prev["dns"]
+    return merged
+
+
+def cmd_del(env, conf, kernel, store):
+    problems = []
+    try:
+        kernel.detach(host_veth_name(env.container_id, env.ifname))
+    except CniError as exc:
+        problems.append(exc)
+    with store(conf.data_dir, conf.name, create=False) as locked:
+        if locked is not None:
+            release_owner(locked, env.container_id, env.ifname)
+    if problems:
+        raise problems[0]
+    return 0, ""
+
+
+def _result_mac(prev: dict, ifname: str, netns: str):
+    for iface in prev.get("interfaces") or []:
+        if isinstance(iface, dict) and iface.get("name") == ifname and iface.get("sandbox"):
+            return iface.get("mac")
+    return None
+
+
+def cmd_check(env, conf, kernel, store):
+    from .config import netmask
+
+    prev = conf.prev_result
+    if not prev:
+        raise CniError(E.INVALID_CONFIG, "CHECK needs prevResult (the ADD result) in the config")
+    node = read_subnet_file(conf.subnet_file)
+    plan = plan_addresses(conf, node)
+    with store(conf.data_dir, conf.name, create=False) as locked:
+        owners = locked.reservations() if locked is not None else {}
+    mine = sorted(ip for ip, owner in owners.items() if owner_matches("\r\n".join(owner), env.container_id, env.ifname))
+    if not mine:
+        raise CniError(E.UNKNOWN_CONTAINER, f"no address is reserved for container {env.container_id} "
+                       f"interface {env.ifname}")
+    ip = mine[0]
+    problems = []
+    reported = {a.get("address") for a in prev.get("ips") or [] if isinstance(a, dict)}
+    if f"{int_to_ip(ip)}/{plan.prefix}" not in reported:
+        problems.append(f"reserved address {int_to_ip(ip)}/{plan.prefix} is not in prevResult ({', '.join(map(str, sorted(reported))) or 'none'})")
+    host_veth = host_veth_name(env.container_id, env.ifname)
+    netns_fd = _open_netns(env.netns)
+    try:
+        facts = kernel.inspect(netns_fd, env.ifname, host_veth, conf.bridge)
+    finally:
+        os.close(netns_fd)
+    link = facts["link"]
+    if link is None:
+        problems.append(f"interface {env.ifname} is missing in {env.netns}")
+    else:
+        if link.mtu != plan.mtu:
+            problems.append(f"{env.ifname} has MTU {link.mtu}, want {plan.mtu}")
+        if not link.flags & 1:
+            problems.append(f"{env.ifname} is down")
+        want_mac = _result_mac(prev, env.ifname, env.netns)
+        if want_mac and format_mac(link.mac) != want_mac.lower():
+            problems.append(f"{env.ifname} has MAC {format_mac(link.mac)}, prevResult says {want_mac}")
+        if (ip, plan.prefix) not in facts["addresses"]:
+            problems.append(f"{env.ifname} lacks address {int_to_ip(ip)}/{plan.prefix}")
+        for route in plan.routes:
+            if (route.dst & netmask(route.prefix), route.prefix, route.gw) not in facts["routes"]:
+                problems.append(f"route {int_to_ip(route.dst)}/{route.prefix} via {int_to_ip(route.gw)} "
+                                f"is missing on {env.ifname}")
+    host, bridge = facts["host"], facts["bridge"]
+    if host is None:
+        problems.append(f"host end {host_veth} is missing")
+    else:
+        if bridge is None or host.master != bridge.index:
+            problems.append(f"host end {host_veth} is not attached to bridge {conf.bridge}")
+        if host.mtu != plan.mtu:
+            problems.append(f"host end {host_veth} has MTU {host.mtu}, want {plan.mtu}")
+    if problems:
+        raise CniError(E.CHECK_MISMATCH, "; ".join(problems))
+    return 0, ""
+
+
+def cmd_gc(env, conf, kernel, store):
+    valid = conf.valid_attachments
+    if valid is None:
+        raise CniError(E.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the config")
+    keep = {host_veth_name(cid, ifname) for cid, ifname in valid}
+    with store(conf.data_dir, conf.name, create=False) as locked:
+        if locked is not None:
+            for ip, owner in locked.reservations().items():
+                if owner not in valid:
+                    locked.release(ip)
+    for name in kernel.ports(conf.bridge, HOST_VETH_PREFIX):
+        if name not in keep:
+            kernel.detach(name)
+    return 0, ""
+
+
+def cmd_status(env, conf, kernel, store):
+    try:
+        plan = plan_addresses(conf, read_subnet_file(conf.subnet_file))
+    except CniError as exc:
+        raise CniError(E.NOT_AVAILABLE, f"not ready for ADD: {exc.msg}") from None
+    with store(conf.data_dir, conf.name, create=False) as locked:
+        used = len(locked.reservations()) if locked is not None else 0
+    size = plan.end - plan.start + 1 - (plan.start <= plan.gateway <= plan.end)
+    if used >= size:
+        raise CniError(E.NOT_AVAILABLE_LIMITED, f"all {size} addresses of the node subnet are allocated")
+    return 0, ""
+
+
+COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}

@@ -1,0 +1,175 @@
+"""The plugin's kernel steps: bridge, veth pair, pod address and routes; and their inverse and inspection.
+
+`Wiring` is the real kernel (raw netlink, `cni.netlink`); tests pass a fake with
+the same four methods to the dispatcher. `attach` is all-or-nothing: once the
+veth pair exists, any later failure deletes it (which removes both ends).
+"""
+
+import os
+
+from . import errors as E
+from . import netlink as nl
+from .config import int_to_ip
+from .errors import CniError
+from .netns import Entered
+
+NS_GET_NSTYPE = 0xB703  # ioctl: which kind of namespace an nsfs fd is
+CLONE_NEWNET = 0x40000000
+
+
+def random_mac() -> bytes:
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered
+    return bytes(raw)
+
+
+def check_netns_fd(fd: int, path: str) -> None:
+    from fcntl import ioctl
+
+    try:
+        kind = ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = None
+    if kind != CLONE_NEWNET:
+        raise CniError(E.INVALID_ENV, f"CNI_NETNS {path} is not a network namespace")
+
+
+def _kernel_error(what: str, exc: OSError) -> CniError:
+    return CniError(E.KERNEL, f"{what}: {exc.strerror or exc}", f"errno {exc.errno}")
+
+
+def _raise_if(err: int, what: str, ok=()) -> None:
+    if err and err not in ok:
+        raise CniError(E.KERNEL, f"{what}: {os.strerror(err)}", f"errno {err}")
+
+
+def enable_ip_forward() -> None:
+    """The bridge routes pod traffic, as the reference bridge plugin ensures (per network namespace)."""
+    path = "/proc/sys/net/ipv4/ip_forward"
+    try:
+        with open(path, "r+") as fh:
+            if fh.read(4).strip() != "1":
+                fh.seek(0)
+                fh.write("1")
+    except OSError as exc:
+        raise _kernel_error(f"cannot enable {path}", exc) from None
+
+
+class Attachment:
+    """What `attach` made, for the result."""
+
+    __slots__ = ("bridge_mac", "host_mac", "container_mac")
+
+    def __init__(self, bridge_mac: bytes, host_mac: bytes, container_mac: bytes):
+        self.bridge_mac = bridge_mac
+        self.host_mac = host_mac
+        self.container_mac = container_mac
+
+
+class Wiring:
+    """Kernel state for one pod interface, over raw netlink."""
+
+    def _ensure_bridge(self, sock: nl.Netlink, name: str, mtu: int) -> nl.Link:
+        link = sock.get_link(name)
+        if link is None:
+            err, _ = sock.batch([nl.new_bridge(name, mtu, random_mac())])[0]
+            _raise_if(err, f"cannot create bridge {name}", ok=(nl.EEXIST,))  # a parallel ADD made it
+            link = sock.get_link(name)
+            if link is None:
+                raise CniError(E.KERNEL, f"bridge {name} vanished right after creation")
+        if link.kind != "bridge":
+            raise CniError(E.KERNEL, f"{name} exists and is a {link.kind or 'non-bridge'} device, not a bridge")
+        return link
+
+    def attach(self, *, bridge: str, gateway: int, prefix: int, mtu: int, hairpin: bool, host_veth: str,
+               netns_fd: int, ifname: str, mac: bytes, ip: int, routes) -> Attachment:
+        enable_ip_forward()
+        try:
+            with nl.Netlink() as sock:
+                return self._attach(sock, bridge, gateway, prefix, mtu, hairpin, host_veth, netns_fd, ifname,
+                                    mac, ip, routes)
+        except OSError as exc:
+            raise _kernel_error("netlink", exc) from None
+
+    def _attach(self, sock, bridge, gateway, prefix, mtu, hairpin, host_veth, netns_fd, ifname, mac, ip, routes):
+        br = self._ensure_bridge(sock, bridge, mtu)
+        head = [nl.new_address(br.index, gateway, prefix)]
+        if not br.flags & nl.IFF_UP:
+            head.append(nl.set_up(br.index))
+        pair = [nl.new_veth(host_veth, ifname, mtu, br.index, mac, netns_fd)]
+        if hairpin:
+            pair.append(nl.set_hairpin(host_veth))
+        pair.append(nl.get_link(host_veth))
+        results = sock.batch(head + pair)
+        _raise_if(results[0][0], f"cannot add {int_to_ip(gateway)}/{prefix} to bridge {bridge}", ok=(nl.EEXIST,))
+        if len(head) > 1:
+            _raise_if(results[1][0], f"cannot set bridge {bridge} up")
+        results = results[len(head):]
+        if results[0][0] == nl.EEXIST and sock.get_link(host_veth) is not None:
+            # A leftover of an ADD killed before it could reserve/record (its reservation is gone,
+            # or `allocate` would have refused): the name is ours, replace it once.
+            sock.delete_link(host_veth)
+            results = sock.batch(pair)
+        if results[0][0] == nl.EEXIST:
+            raise CniError(E.KERNEL, f"cannot create veth pair: interface {ifname} already exists "
+                           "in the container's network namespace", "errno 17")
+        _raise_if(results[0][0], f"cannot create veth pair {host_veth}/{ifname}")
+        try:
+            if hairpin:
+                _raise_if(results[1][0], f"cannot set hairpin mode on {host_veth}")
+            err, links = results[-1]
+            _raise_if(err, f"cannot read back {host_veth}")
+            host = links[0]
+            with Entered(netns_fd):
+                inside = nl.Netlink()
+            with inside:
+                requests = [nl.set_up(host.peer_index), nl.new_address(host.peer_index, ip, prefix)]
+                requests += [nl.new_route(r.dst, r.prefix, r.gw, host.peer_index) for r in routes]
+                replies = inside.batch(requests)
+            _raise_if(replies[0][0], f"cannot set {ifname} up")
+            _raise_if(replies[1][0], f"cannot add {int_to_ip(ip)}/{prefix} to {ifname}")
+            for route, (err, _) in zip(routes, replies[2:]):
+                _raise_if(err, f"cannot add route {int_to_ip(route.dst)}/{route.prefix} via {int_to_ip(route.gw)} "
+                               f"in the container")
+            return Attachment(br.mac, host.mac, mac)
+        except BaseException:
+            sock.delete_link(host_veth)  # both ends go
+            raise
+
+    def detach(self, host_veth: str) -> bool:
+        try:
+            with nl.Netlink() as sock:
+                return sock.delete_link(host_veth)
+        except OSError as exc:
+            raise _kernel_error(f"cannot delete {host_veth}", exc) from None
+
+    def ports(self, bridge: str, prefix: str) -> list:
+        """Names of links starting with prefix enslaved to bridge."""
+        try:
+            with nl.Netlink() as sock:
+                links = sock.links()
+        except OSError as exc:
+            raise _kernel_error("cannot list links", exc) from None
+        index = next((link.index for link in links if link.name == bridge), None)
+        return [link.name for link in links if link.master == index and index and link.name.startswith(prefix)]
+
+    def inspect(self, netns_fd: int, ifname: str, host_veth: str, bridge: str) -> dict:
+        """Facts for CHECK: the pod link, its IPv4 addresses and routes, the host end and the bridge."""
+        try:
+            with nl.Netlink() as sock:
+                host = sock.get_link(host_veth)
+                br = sock.get_link(bridge)
+            with Entered(netns_fd):
+                inside = nl.Netlink()
+            with inside:
+                link = inside.get_link(ifname)
+                addresses = inside.addresses() if link else []
+                routes = inside.routes() if link else []
+        except OSError as exc:
+            raise _kernel_error("cannot inspect the pod's interfaces", exc) from None
+        return {
+            "link": link, "host": host, "bridge": br,
+            "addresses": [(a.ip, a.prefix) for a in addresses if link and a.index == link.index],
+            "routes": [(r.dst, r.prefix, r.gw) for r in routes
+                       if link and r.oif == link.index and r.table == nl.RT_TABLE_MAIN],
+        }
