@@ -1,0 +1,103 @@
+"""`vxlan-net` as a user runs it, against a real etcd on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from integration.etcd_server import ETCDCTL_EXE, EtcdServer  # noqa: E402
+
+EXE = str(Path(sys.executable).with_name("vxlan-net"))
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix():
+    return f"/cli-{uuid.uuid4().hex[:8]}"
+
+
+def vxlan_net(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})})
+
+
+def etcd_get(etcd: EtcdServer, key: str) -> str:
+    out = subprocess.run([ETCDCTL_EXE, "--endpoints", etcd.client_url, "get", key, "--print-value-only"],
+                         capture_output=True, text=True, timeout=10, env={**os.environ, "ETCDCTL_API": "3"})
+    return out.stdout.strip()
+
+
+def test_config_set_writes_flannel_json_and_get_prints_it(etcd, prefix):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                       "--network", "198.19.0.0/16", "--subnet-len", "26", "--vni", "7", "--port", "4789")
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(etcd_get(etcd, f"{prefix}/config"))
+    assert stored == {"Network": "198.19.0.0/16", "SubnetLen": 26, "SubnetMin": "198.19.0.64",
+                      "SubnetMax": "198.19.255.192", "Backend": {"Type": "vxlan", "VNI": 7, "Port": 4789}}
+    shown = vxlan_net("config", "get", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix)
+    assert json.loads(shown.stdout) == stored
+
+
+@pytest.mark.parametrize("flags", [
+    ["--network", "198.19.0.1/16"],
+    ["--network", "198.19.0.0/16", "--subnet-len", "31"],
+    ["--network", "198.19.0.0/16", "--subnet-min", "198.19.0.128"],
+    ["--network", "198.19.0.0/16", "--subnet-max", "198.20.0.0"],
+    ["--network", "198.19.0.0/16", "--vni", "16777216"],
+    ["--network", "198.19.0.0/16", "--vni", "0"],
+])
+def test_invalid_config_exits_2_with_one_line_and_writes_nothing(etcd, prefix, flags):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix, *flags)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert etcd_get(etcd, f"{prefix}/config") == ""
+
+
+def test_flags_come_from_the_environment_too(etcd, prefix):
+    env = {"VXLAN_NET_ETCD_ENDPOINTS": etcd.client_url, "VXLAN_NET_ETCD_PREFIX": prefix,
+           "VXLAN_NET_NETWORK": "198.19.0.0/20"}
+    assert vxlan_net("config", "set", env=env).returncode == 0
+    assert json.loads(etcd_get(etcd, f"{prefix}/config"))["SubnetLen"] == 24
+
+
+def test_status_prints_the_lease_table_and_flags_garbage(etcd, prefix):
+    vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+              "--network", "198.19.0.0/16")
+    value = json.dumps({"PublicIP": "198.18.4.2", "BackendType": "vxlan",
+                        "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:04"}})
+    subprocess.run([ETCDCTL_EXE, "--endpoints", etcd.client_url, "put", f"{prefix}/subnets/198.19.4.0-24", value],
+                   check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10)
+    subprocess.run([ETCDCTL_EXE, "--endpoints", etcd.client_url, "put", f"{prefix}/subnets/198.19.5.0-24", "{"],
+                   check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10)
+    result = vxlan_net("status", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["SUBNET", "PUBLIC", "IP", "VTEP", "MAC", "EXPIRES", "IN"]
+    assert lines[1].split() == ["198.19.4.0/24", "198.18.4.2", "0a:00:00:00:00:04", "never"]
+    assert any("invalid record skipped" in line and "198.19.5.0" in line for line in lines)
+
+
+def test_unreachable_etcd_is_a_clear_error_not_a_traceback():
+    result = vxlan_net("config", "get", "--etcd-endpoints", "http://127.0.0.1:9")
+    assert result.returncode == 1 and "etcd unavailable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_agent_flags_exit_2_before_touching_anything():
+    for flags in (["--public-ip", "nope"], ["--subnet-lease-ttl", "1"], ["--resync-interval", "0"]):
+        result = vxlan_net("agent", "--etcd-endpoints", "http://127.0.0.1:9", *flags)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert vxlan_net("agent", env={"VXLAN_NET_IP_MASQ": "maybe"}).returncode == 2
