@@ -394,7 +394,20 @@ class EtcdStore:
     def watch_leases(self, start_revision: int) -> "LeaseWatch":
         """Follow the subnet records from `start_revision` (the snapshot's revision + 1).
 
-        Returns once etcd confirmed the watch; iterate the result for batches of LeaseEvent.
+        Returns once etcd confirmed the watch (StoreUnavailable if no endpoint could); iterate the
+        result for batches of LeaseEvent, in a thread of its own if the caller has other work:
+
+            snapshot = store.list_leases()
+            watch = store.watch_leases(snapshot.revision + 1)
+            try:
+                for batch in watch:          # or watch.next_batch(timeout) -> batch or None
+                    apply(batch)
+            except WatchLost as lost:        # back off, then watch_leases(lost.last_revision + 1)
+                ...
+            except WatchCompacted:           # list_leases() again, diff, watch from its revision + 1
+                ...
+            finally:
+                watch.cancel()
         """
         if start_revision < 1:
             raise ValueError(f"start_revision must be >= 1, not {start_revision}")
