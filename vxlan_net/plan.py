@@ -32,16 +32,20 @@ class Plan:
 
 
 def plan_changes(desired: OverlayEntries, actual: OverlayEntries) -> Plan:
-    """Compute the minimal ordered change that turns `actual` into `desired`."""
+    """Compute the minimal ordered change that turns `actual` into `desired`.
+
+    Within one kind the order does not matter to the kernel, so entries are not
+    sorted (sorting 15,000 dataclasses cost more than sending them).
+    """
     wanted_neigh_ips = {n.ip for n in desired.neighbours}
     wanted_route_subnets = {r.subnet for r in desired.routes}
     return Plan(
-        upsert_neighbours=tuple(sorted(desired.neighbours - actual.neighbours)),
-        upsert_fdb=tuple(sorted(desired.fdb - actual.fdb)),
-        upsert_routes=tuple(sorted(desired.routes - actual.routes)),
-        remove_routes=tuple(sorted(r for r in actual.routes if r.subnet not in wanted_route_subnets)),
+        upsert_neighbours=tuple(desired.neighbours - actual.neighbours),
+        upsert_fdb=tuple(desired.fdb - actual.fdb),
+        upsert_routes=tuple(desired.routes - actual.routes),
+        remove_routes=tuple(r for r in actual.routes if r.subnet not in wanted_route_subnets),
         # A stale FDB entry is removed even when its MAC is wanted with another dst:
         # replace only rewrites one remote, and a leftover remote would duplicate traffic.
-        remove_fdb=tuple(sorted(actual.fdb - desired.fdb)),
-        remove_neighbours=tuple(sorted(n for n in actual.neighbours if n.ip not in wanted_neigh_ips)),
+        remove_fdb=tuple(actual.fdb - desired.fdb),
+        remove_neighbours=tuple(n for n in actual.neighbours if n.ip not in wanted_neigh_ips),
     )
