@@ -135,3 +135,33 @@ def test_garbage_in_etcd_is_skipped_and_logged(lab):
         log = node.agent.log_text()
         for name in garbage:
             assert log.count(f"skipping invalid lease {name}") == 1, (name, log[-2000:])
+
+
+def test_a_vtep_deleted_by_hand_comes_back_with_the_same_mac(lab):
+    lab = lab(nodes=2)
+    nodes = running_cluster(lab, *FAST)
+    pod_a, pod_b = add_pod(lab, nodes[0], 1), add_pod(lab, nodes[1], 1)
+    mac = nodes[0].ip_json("link", "show", "dev", VTEP)[0]["address"]
+    nodes[0].run("ip", "link", "del", VTEP, check=True)
+    lab.wait_for(lambda: str(node_subnet(nodes[1])) in overlay_routes(nodes[0]), timeout=6,
+                 message="VTEP not recreated within a resync")
+    assert nodes[0].ip_json("link", "show", "dev", VTEP)[0]["address"] == mac
+    assert pod_a.ping(pod_b.ip, count=1, timeout=3)
+
+
+def test_our_lease_deleted_under_us_is_reacquired_on_the_same_subnet(lab):
+    lab = lab(nodes=2)
+    nodes = running_cluster(lab, *FAST)
+    subnet = node_subnet(nodes[0])
+    key = f"/vxlan-net/subnets/{subnet.network_address}-{subnet.prefixlen}"
+    lab.etcdctl("del", key)
+
+    def stored():
+        out = lab.etcdctl("get", key, "--print-value-only").stdout.strip()
+        return json.loads(out) if out else None
+
+    value = lab.wait_for(stored, timeout=10, message="lease not re-acquired")
+    assert value["PublicIP"] == nodes[0].public_ip
+    assert node_subnet(nodes[0]) == subnet
+    assert nodes[0].agent.alive()
+    assert overlay_routes(nodes[1])[str(subnet)] == str(subnet.network_address)

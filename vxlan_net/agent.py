@@ -13,7 +13,8 @@ from typing import Optional
 from . import firewall, kernel
 from .backoff import Backoff
 from .config import NetworkConfig, parse_config
-from .errors import InvalidConfig, LeaseGone, StoreUnavailable, SubnetsExhausted, SubnetTaken, WatchCompacted
+from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreUnavailable, SubnetsExhausted, SubnetTaken,
+                     VxlanNetError, WatchCompacted)
 from .lease import Lease
 from .lease_book import LeaseBook, RecordEvent
 from .reconciler import Reconciler
@@ -219,7 +220,15 @@ class Agent:
 
     def _reconcile(self) -> None:
         self.reconciler.set_peers(self.book.peers())
-        self.reconciler.reconcile()
+        result = self.reconciler.reconcile()
+        if isinstance(result.error, LinkNotFound):
+            log.warning("%s is gone; recreating it with the same MAC", self.reconciler.ifname)
+            try:
+                self._adopt(self.keeper.lease)
+            except VxlanNetError as exc:
+                log.warning("cannot recreate %s yet: %s", self.reconciler.ifname, exc)
+                return
+            self.reconciler.reconcile()
 
     def _renew(self, backoff: Backoff) -> float:
         """Refresh the lease; returns seconds until the next renewal attempt."""

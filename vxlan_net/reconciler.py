@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Iterable, Protocol
+from typing import Iterable, Optional, Protocol
 
 from .desired import OverlayEntries, desired_entries
 from .errors import VxlanNetError
@@ -28,6 +28,7 @@ class ReconcileResult:
     ok: bool
     changes: int
     duration: float
+    error: Optional[Exception] = None
 
 
 class Reconciler:
@@ -70,7 +71,7 @@ class Reconciler:
                 raise VxlanNetError(f"{len(failures)} of {len(plan)} changes failed, first: {failures[0]}")
         except VxlanNetError as exc:
             self._note_failure(exc)
-            return ReconcileResult(False, 0, time.monotonic() - started)
+            return ReconcileResult(False, 0, time.monotonic() - started, exc)
         if self.failures_in_a_row:
             log.info("overlay entries back in sync after %d failed passes", self.failures_in_a_row)
         elif len(plan):

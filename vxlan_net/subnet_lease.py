@@ -9,7 +9,7 @@ from typing import Optional
 
 from .allocator import choose_free_subnet, reusable_subnet
 from .config import NetworkConfig
-from .errors import InvalidLease, LeaseGone, SubnetTaken
+from .errors import InvalidLease, LeaseGone, SubnetTaken, VxlanNetError
 from .lease import Lease, parse_lease, parse_subnet_key_name
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,18 @@ class SubnetLeaseKeeper:
         except SubnetTaken:
             log.info("subnet %s was taken by another node first; trying another", subnet)
             return False
+        self._forget_previous(lease_id)
         self.lease, self.lease_id = lease, lease_id
         log.info("acquired subnet %s (lease %x, ttl %ss)", subnet, lease_id, self.ttl)
         return True
+
+    def _forget_previous(self, new_lease_id: int) -> None:
+        """Revoke the etcd lease we held before, so it does not linger keyless until its TTL."""
+        if self.lease_id is not None and self.lease_id != new_lease_id:
+            try:
+                self.store.revoke(self.lease_id)
+            except VxlanNetError as exc:
+                log.debug("could not revoke old lease %x: %s", self.lease_id, exc)
 
     def renew(self) -> None:
         """Refresh the etcd lease; raises LeaseGone when it expired or was revoked."""

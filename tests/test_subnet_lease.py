@@ -1,0 +1,95 @@
+"""Acquiring a subnet against a real etcd: reuse, random choice, lost races, exhaustion."""
+
+from __future__ import annotations
+
+import random
+import sys
+import uuid
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from integration.etcd_server import EtcdServer  # noqa: E402
+from vxlan_net.config import build_config  # noqa: E402
+from vxlan_net.errors import SubnetsExhausted  # noqa: E402
+from vxlan_net.lease import Lease, parse_lease  # noqa: E402
+from vxlan_net.store import EtcdStore  # noqa: E402
+from vxlan_net.subnet_lease import SubnetLeaseKeeper  # noqa: E402
+
+CONFIG = build_config("198.19.0.0/28", subnet_len=30)  # three subnets: .4 .8 .12
+ME, OTHER = IPv4Address("198.18.1.2"), IPv4Address("198.18.2.2")
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def store(etcd):
+    with EtcdStore([etcd.client_url], prefix=f"/sl-{uuid.uuid4().hex[:8]}", timeout=3) as store:
+        yield store
+
+
+class RacingStore(EtcdStore):
+    """An EtcdStore where another node creates each subnet just before we try to."""
+
+    def __init__(self, *args, losses: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.losses = losses
+        self.stolen: list[IPv4Network] = []
+
+    def create_lease(self, subnet, value, ttl):
+        if len(self.stolen) < self.losses:
+            self.stolen.append(subnet)
+            super().create_lease(subnet, Lease(subnet, OTHER, "0a:00:00:00:00:0f").to_json(), ttl)
+        return super().create_lease(subnet, value, ttl)
+
+
+def stored(store, subnet) -> Lease:
+    record = store.list_leases().records[f"{subnet.network_address}-{subnet.prefixlen}"]
+    return parse_lease(record.key_name, record.value, CONFIG)
+
+
+def test_first_acquire_takes_a_free_subnet_and_a_restart_reuses_it(store):
+    keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    lease = keeper.acquire(remembered=None)
+    assert stored(store, lease.subnet).public_ip == ME
+    again = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:02", ttl=60)  # restarted, new MAC
+    assert again.acquire(remembered=None).subnet == lease.subnet
+    assert again.lease_id == keeper.lease_id
+    assert stored(store, lease.subnet).vtep_mac == "0a:00:00:00:00:02"
+
+
+def test_remembered_subnet_is_preferred_when_free(store):
+    keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    assert keeper.acquire(remembered=IPv4Network("198.19.0.12/30")).subnet == IPv4Network("198.19.0.12/30")
+
+
+def test_a_lost_race_picks_another_subnet_instead_of_exiting(etcd):
+    with RacingStore([etcd.client_url], prefix=f"/sl-{uuid.uuid4().hex[:8]}", timeout=3, losses=2) as racing:
+        keeper = SubnetLeaseKeeper(racing, CONFIG, ME, "0a:00:00:00:00:01", ttl=60, rng=random.Random(3))
+        lease = keeper.acquire(remembered=None)
+        assert len(racing.stolen) == 2 and lease.subnet not in racing.stolen
+        assert stored(racing, lease.subnet).public_ip == ME
+        assert all(stored(racing, s).public_ip == OTHER for s in racing.stolen)
+
+
+def test_exhausted_network_is_a_clear_error(etcd):
+    with RacingStore([etcd.client_url], prefix=f"/sl-{uuid.uuid4().hex[:8]}", timeout=3, losses=3) as racing:
+        keeper = SubnetLeaseKeeper(racing, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+        with pytest.raises(SubnetsExhausted, match="no free /30"):
+            keeper.acquire(remembered=None)
+
+
+def test_reacquire_revokes_the_lease_held_before(store):
+    keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    first = keeper.acquire(remembered=None)
+    old_id = keeper.lease_id
+    store.delete_lease(first.subnet)
+    assert keeper.acquire(remembered=first.subnet).subnet == first.subnet
+    assert keeper.lease_id != old_id and store.lease_ttl(old_id) is None
