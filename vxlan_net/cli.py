@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -89,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the leases and whether this node's kernel matches them")
     _add_etcd_flags(status)
+    for name in PLUGGED_COMMANDS:
+        importlib.import_module(f".{name}", __package__).register(commands, add_etcd_flags=_add_etcd_flags)
     return parser
+
+
+# Subcommands that live in modules of their own; each module has
+# `register(subparsers, add_etcd_flags)` which sets `handler=<callable(args) -> int>`.
+PLUGGED_COMMANDS: tuple[str, ...] = ()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -97,6 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
         if args.command == "config":
             return _config_set(args) if args.config_command == "set" else _config_get(args)
         if args.command == "agent":
