@@ -1,0 +1,334 @@
+"""Benchmark probe run INSIDE a lab node namespace (`python -m benchmarks._probe ...`).
+
+fill: write N valid remote leases to etcd in a few transactions.
+joins: Put/revoke leases one by one and time each until the node's kernel announces the
+route (RTM_NEWROUTE / RTM_DELROUTE on an RTNLGRP_IPV4_ROUTE netlink socket); the probe's own
+etcd watch marks when etcd delivered the event, splitting etcd from agent time.
+breakdown: time the agent's reconcile steps against this node's live VXLAN device.
+Prints one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from ipaddress import IPv4Address, IPv4Network
+
+from vxlan_net.store import EtcdStore, rpc
+
+RTMGRP_IPV4_ROUTE = 0x40
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTA_DST, RTA_TABLE = 1, 15
+RT_TABLE_MAIN = 254
+FIRST_PUBLIC_IP = int(IPv4Address("198.18.201.0"))  # above the lab's segments 198.18.0-200.x
+TXN_OPS = 100  # etcd's --max-txn-ops defaults to 128
+WAIT_EACH = 5.0  # seconds a single join may take before it counts as lost
+
+
+def lease_value(i: int, vni: int = 1) -> str:
+    mac = f"0a:58:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}:01"
+    return json.dumps({"PublicIP": str(IPv4Address(FIRST_PUBLIC_IP + i)), "BackendType": "vxlan",
+                       "BackendData": {"VNI": vni, "VtepMAC": mac}})
+
+
+def candidate_subnets(network: str, subnet_len: int) -> list[IPv4Network]:
+    """Every subnet except the first (SubnetMin defaults to the second one)."""
+    return list(IPv4Network(network).subnets(new_prefix=subnet_len))[1:]
+
+
+def taken_subnets(store: EtcdStore) -> set[str]:
+    return set(store.list_leases().records)
+
+
+def fill(store: EtcdStore, subnets: list[IPv4Network], first_index: int) -> float:
+    """Put every subnet's lease under one shared etcd lease, TXN_OPS per transaction."""
+    started = time.monotonic()
+    grant = store._call("grant", lambda c: c.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=24 * 3600),
+                                                                     store.timeout))
+    for start in range(0, len(subnets), TXN_OPS):
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(
+                   key=store.subnet_key(s), value=lease_value(first_index + start + k).encode(), lease=grant.ID))
+               for k, s in enumerate(subnets[start:start + TXN_OPS])]
+        request = rpc.TxnRequest(success=ops)
+        store._call("fill", lambda c: c.kvstub.Txn(request, store.timeout))
+    return time.monotonic() - started
+
+
+class RouteEvents:
+    """Netlink route notifications of the main table: (type, 'a.b.c.d/len') -> monotonic time."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind((0, RTMGRP_IPV4_ROUTE))
+        self.sock.settimeout(0.5)
+        self.seen: dict[tuple[int, str], float] = {}
+        self.overruns = 0
+        self.cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except OSError:  # ENOBUFS: notifications were dropped; the join then times out
+                self.overruns += 1
+                continue
+            now = time.monotonic()
+            found = []
+            off = 0
+            while off + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, off)
+                if length < 16:
+                    break
+                if kind in (RTM_NEWROUTE, RTM_DELROUTE) and length >= 28:
+                    family, dst_len, _src, _tos, table = struct.unpack_from("=BBBBB", data, off + 16)
+                    dst, at = None, off + 28
+                    while at + 4 <= off + length:
+                        size, atype = struct.unpack_from("=HH", data, at)
+                        if size < 4:
+                            break
+                        if atype == RTA_DST and size == 8:
+                            dst = socket.inet_ntoa(data[at + 4:at + 8])
+                        elif atype == RTA_TABLE and size == 8:
+                            table = struct.unpack_from("=I", data, at + 4)[0]
+                        at += (size + 3) & ~3
+                    if family == socket.AF_INET and table == RT_TABLE_MAIN and dst is not None:
+                        found.append(((kind, f"{dst}/{dst_len}"), now))
+                off += (length + 3) & ~3
+            if found:
+                with self.cond:
+                    for key, t in found:
+                        self.seen.setdefault(key, t)
+                    self.cond.notify_all()
+
+    def wait(self, key: tuple[int, str], timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while key not in self.seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+            return self.seen[key]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+class WatchTimes:
+    """The probe's own etcd watch: key name -> (put/delete, monotonic arrival)."""
+
+    def __init__(self, store: EtcdStore, start_revision: int) -> None:
+        self.seen: dict[tuple[str, str], float] = {}
+        self._watch = store.watch_leases(start_revision)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for batch in self._watch:
+                now = time.monotonic()
+                for event in batch:
+                    self.seen.setdefault((event.kind, event.key_name), now)
+        except Exception:  # the watch ends on cancel(); the numbers are then simply absent
+            return
+
+    def close(self) -> None:
+        self._watch.cancel()
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def pct(p: float) -> float:  # nearest rank
+        return ordered[max(0, min(len(ordered), math.ceil(p / 100 * len(ordered))) - 1)]
+
+    return {"n": len(ordered), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": ordered[-1],
+            "mean": statistics.fmean(ordered)}
+
+
+class _Timings:
+    """One kind of change (join or leave): request -> kernel notification, RPC time, etcd watch."""
+
+    def __init__(self, events: RouteEvents, watch: WatchTimes, message: int, watch_kind: str) -> None:
+        self.events, self.watch, self.message, self.watch_kind = events, watch, message, watch_kind
+        self.latency: list[float] = []
+        self.rpc: list[float] = []
+        self.etcd: list[float] = []
+        self.lost = 0
+
+    def time(self, subnet: IPv4Network, request) -> object:
+        """Run `request()` (the etcd call) and wait for the kernel's notification about `subnet`."""
+        t0 = time.monotonic()
+        answer = request()
+        self.rpc.append(time.monotonic() - t0)
+        seen = self.events.wait((self.message, str(subnet)), WAIT_EACH)
+        if seen is None:
+            self.lost += 1
+            return answer
+        self.latency.append(seen - t0)
+        watched = self.watch.seen.get((self.watch_kind, f"{subnet.network_address}-{subnet.prefixlen}"))
+        if watched is not None:
+            self.etcd.append(watched - t0)
+        return answer
+
+    def report(self, name: str) -> dict:
+        return {name: percentiles(self.latency), f"{name}_lost": self.lost, f"{name}_rpc": percentiles(self.rpc),
+                f"{name}_etcd_watch": percentiles(self.etcd)}
+
+
+def joins(store: EtcdStore, subnets: list[IPv4Network], first_index: int, gap: float) -> dict:
+    """Join every subnet one at a time, then let each leave again (its etcd lease revoked)."""
+    events = RouteEvents()
+    watch = WatchTimes(store, store.list_leases().revision + 1)
+    join = _Timings(events, watch, RTM_NEWROUTE, "put")
+    leave = _Timings(events, watch, RTM_DELROUTE, "delete")
+    rng = random.Random(7)
+    lease_ids = []
+    budget_end = time.monotonic() + 2 * len(subnets) * (WAIT_EACH + gap) + 10
+    try:
+        for i, subnet in enumerate(subnets):
+            if time.monotonic() > budget_end:
+                break
+            value = lease_value(first_index + i)
+            lease_ids.append(join.time(subnet, lambda: store.create_lease(subnet, value, ttl=3600)))
+            time.sleep(gap * (0.5 + rng.random()))  # separate events, never batched together
+        for subnet, lease_id in zip(subnets, lease_ids):
+            if time.monotonic() > budget_end:
+                break
+            leave.time(subnet, lambda: store.revoke(lease_id))  # a node leaving: its key goes with its lease
+            time.sleep(gap * (0.5 + rng.random()))
+    finally:
+        watch.close()
+        events.close()
+    return {**join.report("join"), **leave.report("leave"), "netlink_overruns": events.overruns}
+
+
+def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
+    """Median seconds of each step the agent takes for one watch event, with today's peers.
+
+    The event alternates between adding and removing one spare lease; an odd `repeat` ends
+    with it removed."""
+    from vxlan_net import kernel
+    from vxlan_net.config import parse_config
+    from vxlan_net.desired import desired_entries
+    from vxlan_net.lease_book import LeaseBook, RecordEvent
+    from vxlan_net.plan import plan_changes
+
+    config = parse_config(store.get_config())
+    records = {name: r.value for name, r in store.list_leases().records.items()}
+    own = IPv4Network(kernel.interface_address(device)).supernet(new_prefix=config.subnet_len)
+    book = LeaseBook(config, own)
+    book.replace(records)
+    spare = next(s for s in candidate_subnets(str(config.network), config.subnet_len)
+                 if f"{s.network_address}-{s.prefixlen}" not in records and s != own)
+    spare_name = f"{spare.network_address}-{spare.prefixlen}"
+    steps: dict[str, list[float]] = {k: [] for k in ("etcd_list", "book_apply_1_event", "book_leases_copy",
+                                                     "book_peers", "desired_entries", "read_overlay_entries",
+                                                     "plan_changes")}
+    clock = time.perf_counter
+    for n in range(repeat):
+        t = clock(); store.list_leases(); steps["etcd_list"].append(clock() - t)
+        event = [RecordEvent(spare_name, lease_value(900_000 + n).encode() if n % 2 else None)]
+        t = clock(); book.apply(event); steps["book_apply_1_event"].append(clock() - t)
+        t = clock(); book.leases; steps["book_leases_copy"].append(clock() - t)
+        t = clock(); peers = book.peers(); steps["book_peers"].append(clock() - t)
+        t = clock(); desired = desired_entries(peers); steps["desired_entries"].append(clock() - t)
+        t = clock(); actual = kernel.read_overlay_entries(device); steps["read_overlay_entries"].append(clock() - t)
+        t = clock(); plan_changes(desired, actual); steps["plan_changes"].append(clock() - t)
+    # Writing one peer's three entries, as an event-sized plan would (same values: no change).
+    from vxlan_net.plan import Plan
+    neighbour = min(actual.neighbours)
+    route = next(r for r in actual.routes if r.gateway == neighbour.ip)
+    fdb = next(f for f in actual.fdb if f.mac == neighbour.mac)
+    one_peer = Plan(upsert_neighbours=(neighbour,), upsert_fdb=(fdb,), upsert_routes=(route,))
+    for _ in range(repeat):
+        t = clock(); applied = kernel.apply_plan(device, one_peer)
+        steps.setdefault("apply_plan_1_peer", []).append(clock() - t)
+        if not applied.ok:
+            raise RuntimeError(f"apply_plan of one peer failed: {applied.failures[0]}")
+    # What a cheaper representation would cost: the same three dumps walked without building
+    # ipaddress/dataclass objects, and the diff done on tuples of ints.
+    ifindex_read = _raw_dumps(kernel, device)
+    desired_t, actual_t = _as_tuples(desired), _as_tuples(actual)
+    for _ in range(repeat):
+        t = clock(); ifindex_read(); steps.setdefault("dumps_only_no_objects", []).append(clock() - t)
+        t = clock(); [(d - a, a - d) for d, a in zip(desired_t, actual_t)]
+        steps.setdefault("diff_on_int_tuples", []).append(clock() - t)
+    result = {k: statistics.median(v) for k, v in steps.items()}
+    result["peers"] = len(book.peers())
+    return result
+
+
+def _raw_dumps(kernel, device: str):
+    """The kernel door's own three dumps, walked message by message, nothing built (private API:
+    a measurement of where read_overlay_entries' time goes, not something the agent can call)."""
+    def read() -> int:
+        count = 0
+        with kernel._Rtnl() as nl:
+            ifindex = nl.ifindex(device)
+            for family in (socket.AF_INET, socket.AF_BRIDGE):
+                for _entry in kernel._permanent_ipv4_neighbours(nl, family, ifindex, "dump"):
+                    count += 1
+            for _msg in nl.dump(kernel._route_dump_request(ifindex), "dump"):
+                count += 1
+        return count
+    return read
+
+
+def _as_tuples(entries) -> tuple[set, set, set]:
+    return ({(int(n.ip), n.mac) for n in entries.neighbours}, {(n.mac, int(n.dst)) for n in entries.fdb},
+            {(int(r.subnet.network_address), r.subnet.prefixlen, int(r.gateway)) for r in entries.routes})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["fill", "joins", "breakdown"])
+    parser.add_argument("--etcd", required=True)
+    parser.add_argument("--prefix", default="/vxlan-net")
+    parser.add_argument("--network", default="198.19.0.0/16")
+    parser.add_argument("--subnet-len", type=int, default=28)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--first-index", type=int, default=0, help="numbers the leases' public IPs and MACs")
+    parser.add_argument("--gap", type=float, default=0.03, help="mean pause between joins, seconds")
+    parser.add_argument("--device", default="vxnet.1")
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args(argv)
+    with EtcdStore([args.etcd], args.prefix) as store:
+        if args.command == "breakdown":
+            print(json.dumps(breakdown(store, args.device, args.repeat)))
+            return 0
+        taken = taken_subnets(store)
+        free = [s for s in candidate_subnets(args.network, args.subnet_len)
+                if f"{s.network_address}-{s.prefixlen}" not in taken]
+        # Leave a margin of free subnets so the agent that starts later still finds one.
+        if len(free) < args.count + 16:
+            print(f"only {len(free)} free subnets for {args.count} leases", file=sys.stderr)
+            return 1
+        chosen = free[:args.count]
+        if args.command == "fill":
+            print(json.dumps({"count": len(chosen), "seconds": fill(store, chosen, args.first_index)}))
+        else:
+            print(json.dumps(joins(store, chosen, args.first_index, args.gap)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
