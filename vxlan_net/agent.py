@@ -15,6 +15,7 @@ from .backoff import Backoff
 from .config import NetworkConfig, parse_config
 from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreUnavailable, SubnetsExhausted, SubnetTaken,
                      VxlanNetError, WatchCompacted)
+from .health import AgentMetrics, HealthServer, Readiness
 from .lease import Lease
 from .lease_book import LeaseBook, RecordEvent
 from .reconciler import Reconciler
@@ -51,6 +52,10 @@ class AgentOptions:
     subnet_lease_ttl: int = 24 * 3600
     resync_interval: float = 30.0
     """Seconds between full reconciles against a fresh read of the kernel."""
+    vxlan_ingress_filter: bool = True
+    """Accept VXLAN frames only from the public IPs of current leases (nftables)."""
+    healthz_addr: Optional[tuple[str, int]] = None
+    """Where to serve /healthz, /readyz and /metrics; None: not served."""
 
 
 def vtep_name(vni: int) -> str:
@@ -72,10 +77,25 @@ class Agent:
         self.book: Optional[LeaseBook] = None
         self.reconciler: Optional[Reconciler] = None
         self.underlay: Optional[tuple[str, IPv4Address, int]] = None
+        self.metrics = AgentMetrics()
+        self.readiness = Readiness(options.resync_interval)
+        self._filtered_peers: Optional[frozenset[IPv4Address]] = None
+        self._lease_expires_at = time.monotonic()
+        self.metrics.lease_expiry.set_function(lambda: max(0.0, self._lease_expires_at - time.monotonic()))
 
     # -- start-up ------------------------------------------------------------------
 
     def run(self) -> int:
+        server = None
+        if self.options.healthz_addr is not None:
+            server = HealthServer(self.options.healthz_addr, self.metrics, self.readiness).start()
+        try:
+            return self._run()
+        finally:
+            if server is not None:
+                server.close()
+
+    def _run(self) -> int:
         self.config = self._wait(self._load_config, "network config")
         if self.config is None:
             return 0
@@ -142,9 +162,13 @@ class Agent:
             address=IPv4Interface((lease.subnet.network_address, 32)),
         )
         kernel.ensure_vtep(spec)
-        firewall.apply_rules(config.network, self.options.ip_masq)
+        firewall.apply_rules(config.network, self.options.ip_masq,
+                             config.port if self.options.vxlan_ingress_filter else None)
+        self._filtered_peers = None
         write_atomically(self.options.subnet_file,
                          render_subnet_file(config.network, lease.subnet, mtu, self.options.ip_masq))
+        self.readiness.lease_held = self.readiness.subnet_file_written = True
+        self._lease_expires_at = time.monotonic() + self.keeper.ttl
         self.node_state.remember_subnet(lease.subnet)
         if self.book is not None:
             self.book.own_subnet = lease.subnet
@@ -155,7 +179,7 @@ class Agent:
     def _follow_leases(self) -> None:
         """One thread: watch batches, periodic resync, lease renewal; never a hot loop."""
         self.book = LeaseBook(self.config, self.keeper.lease.subnet)
-        watch, watch_from = None, None
+        watch, watch_from, watches_opened = None, None, 0
         relist_backoff = Backoff(base=0.5, cap=10.0)
         renew_backoff = Backoff(base=1.0, cap=10.0)
         now = time.monotonic()
@@ -168,6 +192,9 @@ class Agent:
                 try:
                     watch_from = self._relist()
                     watch = self.store.watch_leases(watch_from)
+                    if watches_opened:
+                        self.metrics.watch_restarts.inc()
+                    watches_opened += 1
                     relist_backoff.reset()
                 except (StoreUnavailable, WatchCompacted) as exc:
                     delay = relist_backoff.next_delay()
@@ -210,6 +237,8 @@ class Agent:
         change = self.book.replace(events) if replace else self.book.apply(events)
         for key_name, reason in change.rejected:
             log.warning("skipping invalid lease %s: %s", key_name, reason)
+        self.metrics.invalid_leases.inc(len(change.rejected))
+        self.metrics.leases_known.set(len(self.book.leases))
         own = self.book.leases.get(self.keeper.lease.subnet)
         lost = change.own_lease_removed or (own is not None and own.public_ip != self.keeper.public_ip)
         if lost:
@@ -219,8 +248,10 @@ class Agent:
             self._reconcile()
 
     def _reconcile(self) -> None:
-        self.reconciler.set_peers(self.book.peers())
-        result = self.reconciler.reconcile()
+        peers = self.book.peers()
+        self._filter_vxlan_sources(peers)
+        self.reconciler.set_peers(peers)
+        result = self._timed_reconcile()
         if isinstance(result.error, LinkNotFound):
             log.warning("%s is gone; recreating it with the same MAC", self.reconciler.ifname)
             try:
@@ -228,12 +259,39 @@ class Agent:
             except VxlanNetError as exc:
                 log.warning("cannot recreate %s yet: %s", self.reconciler.ifname, exc)
                 return
-            self.reconciler.reconcile()
+            self._filter_vxlan_sources(peers)
+            self._timed_reconcile()
+
+    def _timed_reconcile(self):
+        result = self.reconciler.reconcile()
+        self.metrics.reconcile_duration.observe(result.duration)
+        self.readiness.last_reconcile_ok = result.ok
+        self.readiness.last_reconcile_at = time.monotonic()
+        if result.ok:
+            self.metrics.peers_programmed.set(self.reconciler.peers_programmed)
+        else:
+            self.metrics.reconcile_errors.inc()
+        return result
+
+    def _filter_vxlan_sources(self, peers: list[Lease]) -> None:
+        """Keep the nftables set of allowed VXLAN sources equal to the peers' public IPs."""
+        if not self.options.vxlan_ingress_filter:
+            return
+        sources = frozenset(lease.public_ip for lease in peers)
+        if sources == self._filtered_peers:
+            return
+        try:
+            firewall.update_peers(sources)
+        except VxlanNetError as exc:
+            log.warning("cannot update the VXLAN ingress filter, will retry: %s", exc)
+            return
+        self._filtered_peers = sources
 
     def _renew(self, backoff: Backoff) -> float:
         """Refresh the lease; returns seconds until the next renewal attempt."""
         try:
-            self.keeper.renew()
+            ttl = self.keeper.renew()
+            self._lease_expires_at = time.monotonic() + (ttl if ttl else self.keeper.ttl)
             backoff.reset()
             return self.keeper.renew_interval
         except LeaseGone as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import InvalidConfig, InvalidLease, StoreConfigError, StoreUnavailable, VxlanNetError
+from .logs import configure_logging
 
 ENV_PREFIX = "VXLAN_NET_"
 EXIT_USAGE = 2
@@ -29,9 +29,11 @@ def env_default(flag: str, fallback=None):
     return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), fallback)
 
 
-def env_bool(flag: str) -> bool:
+def env_bool(flag: str, default: bool = False) -> bool:
     value = env_default(flag, "")
-    if value.lower() in ("", "0", "false", "no", "off"):
+    if value == "":
+        return default
+    if value.lower() in ("0", "false", "no", "off"):
         return False
     if value.lower() in ("1", "true", "yes", "on"):
         return True
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vxlan-net", description="VXLAN overlay network for container clusters")
     parser.add_argument("--log-level", default=env_default("log-level", "info"),
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default=env_default("log-format", "text"), choices=["text", "json"],
+                        help="json: one JSON object per line with stable keys (time, level, logger, message)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     config = commands.add_parser("config", help="read or write the network config in etcd")
@@ -87,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="masquerade traffic leaving the pod network (env VXLAN_NET_IP_MASQ=true)")
     agent.add_argument("--subnet-lease-ttl", type=int, default=_int_env("subnet-lease-ttl", 24 * 3600))
     agent.add_argument("--resync-interval", type=float, default=float(_int_env("resync-interval", 30)))
+    agent.add_argument("--vxlan-ingress-filter", action=argparse.BooleanOptionalAction, default=None,
+                       help="accept VXLAN only from current nodes' public IPs (default on)")
+    agent.add_argument("--healthz-addr", default=env_default("healthz-addr"),
+                       help="HOST:PORT serving /healthz, /readyz and /metrics (default: off)")
 
     status = commands.add_parser("status", help="show the leases and whether this node's kernel matches them")
     _add_etcd_flags(status)
@@ -97,14 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live in modules of their own; each module has
 # `register(subparsers, add_etcd_flags)` which sets `handler=<callable(args) -> int>`.
-PLUGGED_COMMANDS: tuple[str, ...] = ()
+PLUGGED_COMMANDS: tuple[str, ...] = ("inspect_cmd", "doctor_cmd")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(args.log_level, args.log_format)
         if getattr(args, "handler", None) is not None:
             return args.handler(args)
         if args.command == "config":
@@ -169,6 +176,7 @@ def _config_get(args) -> int:
 
 def _agent(args) -> int:
     from .agent import Agent, AgentOptions
+    from .health import parse_listen_address
 
     try:
         public_ip = IPv4Address(args.public_ip) if args.public_ip else None
@@ -178,12 +186,22 @@ def _agent(args) -> int:
         raise UsageError(f"--subnet-lease-ttl {args.subnet_lease_ttl} must be at least 5 seconds")
     if args.resync_interval <= 0:
         raise UsageError(f"--resync-interval {args.resync_interval} must be positive")
+    healthz = None
+    if args.healthz_addr:
+        try:
+            healthz = parse_listen_address(args.healthz_addr)
+        except ValueError as exc:
+            raise UsageError(f"--healthz-addr: {exc}") from None
+    ingress_filter = args.vxlan_ingress_filter
+    if ingress_filter is None:
+        ingress_filter = env_bool("vxlan-ingress-filter", default=True)
     options = AgentOptions(
         etcd_endpoints=tuple(_endpoints(args)), etcd_prefix=args.etcd_prefix, etcd_cafile=args.etcd_cafile,
         etcd_certfile=args.etcd_certfile, etcd_keyfile=args.etcd_keyfile, iface=args.iface, public_ip=public_ip,
         subnet_file=Path(args.subnet_file), state_dir=Path(args.state_dir),
         ip_masq=args.ip_masq if args.ip_masq is not None else env_bool("ip-masq"),
         subnet_lease_ttl=args.subnet_lease_ttl, resync_interval=args.resync_interval,
+        vxlan_ingress_filter=ingress_filter, healthz_addr=healthz,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

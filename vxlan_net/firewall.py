@@ -6,7 +6,8 @@ import json
 import logging
 import shutil
 import subprocess
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
+from typing import Iterable, Optional
 
 from .errors import KernelError
 
@@ -19,8 +20,30 @@ RULE_COMMENT = "vxlan-net pod network"
 IPTABLES_FORWARD = ("ip", "filter", "FORWARD")
 
 
-def render_ruleset(network: IPv4Network, ip_masq: bool) -> str:
-    """Our whole table, replaced atomically by one `nft -f` transaction."""
+PEER_SET = "vxlan_peers"
+NOT_A_NODE = "vxlan-net: VXLAN from a non-node"
+
+
+def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: Optional[int] = None,
+                   peer_ips: Iterable[IPv4Address] = ()) -> str:
+    """Our whole table, replaced atomically by one `nft -f` transaction.
+
+    With `vxlan_port`, UDP to that port is accepted only from the nodes' public
+    IPs (the set `vxlan_peers`); anyone else could inject frames that look like
+    they come from any pod, since VXLAN has no authentication.
+    """
+    ingress = ""
+    if vxlan_port is not None:
+        elements = _elements(peer_ips)
+        ingress = f"""
+    set {PEER_SET} {{
+        type ipv4_addr;{f"{chr(10)}        elements = {{ {elements} }}" if elements else ""}
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        udp dport {vxlan_port} ip saddr @{PEER_SET} accept
+        udp dport {vxlan_port} counter drop comment "{NOT_A_NODE}"
+    }}"""
     masquerade = ""
     if ip_masq:
         masquerade = f"""
@@ -37,15 +60,48 @@ table ip {TABLE} {{
         type filter hook forward priority filter; policy accept;
         ip saddr {network} accept
         ip daddr {network} accept
-    }}{masquerade}
+    }}{masquerade}{ingress}
 }}
 """
 
 
-def apply_rules(network: IPv4Network, ip_masq: bool) -> None:
-    """Install (or replace) our rules; idempotent."""
-    _nft(["-f", "-"], render_ruleset(network, ip_masq))
+def render_peer_update(peer_ips: Iterable[IPv4Address]) -> str:
+    """Replace the set's elements in one transaction (counters and rules untouched)."""
+    elements = _elements(peer_ips)
+    text = f"flush set ip {TABLE} {PEER_SET}\n"
+    return text + (f"add element ip {TABLE} {PEER_SET} {{ {elements} }}\n" if elements else "")
+
+
+def _elements(peer_ips: Iterable[IPv4Address]) -> str:
+    return ", ".join(sorted({str(ip) for ip in peer_ips}, key=lambda a: IPv4Address(a)))
+
+
+def apply_rules(network: IPv4Network, ip_masq: bool, vxlan_port: Optional[int] = None,
+                peer_ips: Iterable[IPv4Address] = ()) -> None:
+    """Install (or replace) our rules; idempotent.
+
+    Peers already in the set are kept until the next update_peers(), so that
+    re-applying the rules (an agent restart) never drops tunnel traffic.
+    """
+    peers = set(peer_ips) | set(current_peers())
+    _nft(["-f", "-"], render_ruleset(network, ip_masq, vxlan_port, peers))
     _ensure_iptables_forward_accept(network)
+
+
+def update_peers(peer_ips: Iterable[IPv4Address]) -> None:
+    """Set the public IPs allowed to send us VXLAN frames."""
+    _nft(["-f", "-"], render_peer_update(peer_ips))
+
+
+def current_peers() -> list[IPv4Address]:
+    """The set's elements now; empty when the table or the set does not exist."""
+    proc = _run(["-j", "list", "set", "ip", TABLE, PEER_SET], check=False)
+    if proc.returncode != 0:
+        return []
+    for item in json.loads(proc.stdout).get("nftables", []):
+        if "set" in item:
+            return [IPv4Address(e) for e in item["set"].get("elem", []) if isinstance(e, str)]
+    return []
 
 
 def remove_rules() -> None:

@@ -104,8 +104,8 @@ class SubnetLeaseKeeper:
             except VxlanNetError as exc:
                 log.debug("could not revoke old lease %x: %s", self.lease_id, exc)
 
-    def renew(self) -> None:
-        """Refresh the etcd lease; raises LeaseGone when it expired or was revoked."""
+    def renew(self) -> int:
+        """Refresh the etcd lease and return its TTL; raises LeaseGone when it expired or was revoked."""
         if self.lease_id is None:
             raise SubnetTaken("no lease held")
-        self.store.refresh(self.lease_id)
+        return self.store.refresh(self.lease_id)
