@@ -13,8 +13,8 @@ from typing import Optional
 from . import firewall, kernel
 from .backoff import Backoff
 from .config import NetworkConfig, parse_config
-from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreUnavailable, SubnetsExhausted, SubnetTaken,
-                     VxlanNetError, WatchCompacted)
+from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
+                     SubnetTaken, VxlanNetError, WatchCompacted)
 from .health import AgentMetrics, HealthServer, Readiness
 from .lease import Lease
 from .lease_book import LeaseBook, RecordEvent
@@ -120,7 +120,8 @@ class Agent:
         while not self.stop.is_set():
             try:
                 return attempt()
-            except (StoreUnavailable, InvalidConfig, SubnetsExhausted, SubnetTaken, LeaseGone) as exc:
+            except (StoreUnavailable, StoreConfigError, InvalidConfig, SubnetsExhausted, SubnetTaken,
+                    LeaseGone) as exc:
                 if str(exc) != last_message:
                     log.warning("waiting for %s: %s", what, exc)
                     last_message = str(exc)
@@ -196,7 +197,7 @@ class Agent:
                         self.metrics.watch_restarts.inc()
                     watches_opened += 1
                     relist_backoff.reset()
-                except (StoreUnavailable, WatchCompacted) as exc:
+                except (StoreUnavailable, StoreConfigError, WatchCompacted) as exc:
                     delay = relist_backoff.next_delay()
                     self._log_store_trouble(relist_backoff, f"cannot follow leases ({exc}); retrying in {delay:.1f}s")
                     next_relist = now + delay
@@ -298,7 +299,7 @@ class Agent:
             log.warning("lease expired or revoked (%s); acquiring again", exc)
             self._reacquire()
             return self.keeper.renew_interval
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, StoreConfigError) as exc:
             delay = min(backoff.next_delay(), self.keeper.renew_interval)
             self._log_store_trouble(backoff, f"cannot renew lease ({exc}); retrying in {delay:.1f}s")
             return delay
