@@ -10,27 +10,10 @@ import subprocess
 import pytest
 
 from cni.install import install
-from cni.netns import setns
 from integration.cluster import node_subnet, running_cluster
+from integration.cni_pods import run_plugin
 
 pytestmark = pytest.mark.lab
-
-
-def plugin_env(command, cid, netns=""):
-    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
-            "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"}
-
-
-def run_plugin(plugin, node, command, conf, cid, netns=""):
-    """The plugin with the node's namespace as its host side."""
-    fd = os.open(f"/run/netns/{node.name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        proc = subprocess.run([plugin], input=json.dumps(conf).encode(), env=plugin_env(command, cid, netns),
-                              capture_output=True, timeout=30, preexec_fn=lambda: setns(fd))
-    finally:
-        os.close(fd)
-    assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
-    return json.loads(proc.stdout) if proc.stdout.strip() else None
 
 
 def test_pods_added_by_the_plugin_reach_each_other_across_nodes(lab):
