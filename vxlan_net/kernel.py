@@ -782,6 +782,13 @@ def link_exists(name: str, *, netns: Optional[str] = None) -> bool:
 
 
 @_retry_busy
+def vxlan_link_names(*, netns: Optional[str] = None) -> list[str]:
+    """Names of the VXLAN devices here, sorted (for doctor, when etcd cannot say the VNI)."""
+    with _iproute(netns) as ipr, _translated("listing devices"):
+        return sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links() if _kind(link) == "vxlan")
+
+
+@_retry_busy
 def link_info(name: str, *, netns: Optional[str] = None) -> dict:
     """For status/doctor: name, index, kind, mtu, mac, up, IPv4 addresses, and
     `vxlan` (vni, port, local, link, underlay, learning) or None. LinkNotFound if missing."""

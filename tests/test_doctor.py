@@ -1,0 +1,360 @@
+"""doctor's checks on hand-made facts: a healthy node passes, and each broken item is named."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+import pytest
+
+from vxlan_net import doctor
+from vxlan_net.config import build_config
+from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.doctor import Finding, Link, NodeFacts, TunnelFrame, Unavailable, VxlanAttrs
+from vxlan_net.firewall import render_ruleset
+from vxlan_net.lease import Lease
+
+CONFIG = build_config("198.19.0.0/16")
+OWN = Lease(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.1.2"), "02:00:00:00:00:01")
+PEER = Lease(IPv4Network("198.19.7.0/24"), IPv4Address("198.18.2.2"), "02:00:00:00:00:02")
+OTHER = Lease(IPv4Network("198.19.9.0/24"), IPv4Address("198.18.3.2"), "02:00:00:00:00:03")
+SUBNET_FILE = ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\n"
+               "VXLAN_NET_MTU=1450\nVXLAN_NET_IPMASQ=true\n")
+
+
+def nft_listing(network: str = "198.19.0.0/16", ip_masq: bool = True) -> dict:
+    """What `nft -j list table ip vxlan-net` prints for our ruleset, built by hand in the same shape."""
+    def prefix(field, net):
+        addr, length = net.split("/")
+        return {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}},
+                          "right": {"prefix": {"addr": addr, "len": int(length)}}}}
+
+    def rule(chain, *expr):
+        return {"rule": {"family": "ip", "table": "vxlan-net", "chain": chain, "expr": list(expr)}}
+
+    items = [{"table": {"family": "ip", "name": "vxlan-net"}},
+             rule("forward", prefix("saddr", network), {"accept": None}),
+             rule("forward", prefix("daddr", network), {"accept": None})]
+    if ip_masq:
+        items += [rule("postrouting", prefix("saddr", network), prefix("daddr", network), {"return": None}),
+                  rule("postrouting", prefix("saddr", network),
+                       {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                                  "right": {"prefix": {"addr": "224.0.0.0", "len": 4}}}}, {"return": None}),
+                  rule("postrouting", prefix("saddr", network), {"masquerade": {"flags": "fully-random"}})]
+    return {"nftables": items}
+
+
+def healthy(**changes) -> NodeFacts:
+    facts = NodeFacts(
+        config=CONFIG,
+        leases={OWN.subnet: OWN, PEER.subnet: PEER, OTHER.subnet: OTHER},
+        vtep_name="vxnet.1",
+        vtep=Link("vxnet.1", "vxlan", 1450, OWN.vtep_mac, True, (IPv4Interface("198.19.3.0/32"),),
+                  VxlanAttrs(1, 8472, OWN.public_ip, "ul0", False)),
+        underlay=Link("ul0", "veth", 1500, "0a:00:00:00:00:01", True, (IPv4Interface("198.18.1.2/24"),)),
+        entries=desired_entries([PEER, OTHER]),
+        bridge=Link("cni0", "bridge", 1450, "0a:00:00:00:00:02", True, (IPv4Interface("198.19.3.1/24"),)),
+        subnet_file=SUBNET_FILE,
+        nft=nft_listing(),
+        ip_forward=True,
+        state={"VtepMAC": OWN.vtep_mac, "Subnet": "198.19.3.0/24"},
+        subnet_file_path="/run/vxlan-net/subnet.env",
+        etcd_endpoints="http://198.18.0.2:2379",
+    )
+    return dataclasses.replace(facts, **changes)
+
+
+def failures(facts: NodeFacts) -> dict[str, Finding]:
+    return {f.item: f for f in doctor.run_checks(facts) if not f.ok}
+
+
+def only_failure(facts: NodeFacts) -> Finding:
+    failed = failures(facts)
+    assert len(failed) == 1, failed
+    finding = next(iter(failed.values()))
+    assert finding.fix, finding
+    return finding
+
+
+def vtep(**changes) -> Link:
+    return dataclasses.replace(healthy().vtep, **changes)
+
+
+def test_a_healthy_node_passes_every_check():
+    findings = doctor.run_checks(healthy())
+    assert all(f.ok for f in findings), [f for f in findings if not f.ok]
+    items = [f.item for f in findings]
+    assert items == ["config", "own lease 198.19.3.0/24", "state /var/lib/vxlan-net/node.json", "device vxnet.1",
+                     "peer 198.19.7.0/24 at 198.18.2.2", "peer 198.19.9.0/24 at 198.18.3.2", "stale entries",
+                     "bridge cni0", "subnet file /run/vxlan-net/subnet.env", "nftables table ip vxlan-net",
+                     "masquerade", "ip_forward"]
+
+
+def test_etcd_unavailable_fails_config_with_its_reason_and_the_data_plane_is_still_checked():
+    down = Unavailable("etcd unavailable: etcd http://198.18.0.2:2379: get config: UNAVAILABLE: connection refused")
+    failed = failures(healthy(config=down, leases=down))
+    assert "connection refused" in failed["config"].reason
+    assert "198.18.0.2:2379" in failed["config"].fix
+    assert "own lease" in failed and "peer entries" in failed
+    assert "device vxnet.1" not in failed and "bridge cni0" not in failed and "ip_forward" not in failed
+
+
+def test_missing_config_says_how_to_write_it():
+    finding = failures(healthy(config=Unavailable("no config at /vxlan-net/config"),
+                               leases=Unavailable("no config")))["config"]
+    assert "config set" in finding.fix
+
+
+def test_own_lease_missing_is_named():
+    finding = only_failure(healthy(leases={PEER.subnet: PEER, OTHER.subnet: OTHER}))
+    assert finding.item == "own lease" and "no lease for 198.19.3.0/24" in finding.reason
+
+
+def test_own_lease_with_another_public_ip_or_mac_is_named():
+    moved = dataclasses.replace(OWN, public_ip=IPv4Address("198.18.9.2"), vtep_mac="02:00:00:00:00:99")
+    failed = failures(healthy(leases={OWN.subnet: moved, PEER.subnet: PEER}, entries=desired_entries([PEER])))
+    reason = failed["own lease 198.19.3.0/24"].reason
+    assert "PublicIP 198.18.9.2 but vxnet.1 sends from 198.18.1.2" in reason
+    assert "VtepMAC 02:00:00:00:00:99" in reason
+
+
+def test_own_subnet_is_found_from_the_subnet_file_when_the_vtep_is_gone():
+    failed = failures(healthy(vtep=Unavailable("no device named vxnet.1"),
+                              entries=Unavailable("cannot read the entries of vxnet.1")))
+    assert "no device named vxnet.1" in failed["device vxnet.1"].reason
+    assert "own lease 198.19.3.0/24" in failed  # found, but cannot be compared with the device
+
+
+def test_persisted_mac_differing_from_the_device_is_named():
+    finding = only_failure(healthy(state={"VtepMAC": "02:00:00:00:00:42", "Subnet": "198.19.3.0/24"}))
+    assert finding.item.startswith("state ") and "persisted VtepMAC 02:00:00:00:00:42" in finding.reason
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(mtu=1400), "MTU 1400, expected 1450 (underlay ul0 MTU 1500 - 50)"),
+    (dict(up=False), "down"),
+    (dict(addresses=()), "lacks address 198.19.3.0/32"),
+    (dict(addresses=(IPv4Interface("198.19.3.0/32"), IPv4Interface("198.18.77.1/24"))),
+     "extra addresses 198.18.77.1/24"),
+    (dict(vxlan=VxlanAttrs(2, 8472, OWN.public_ip, "ul0", False)), "VNI 2, config says 1"),
+    (dict(vxlan=VxlanAttrs(1, 4789, OWN.public_ip, "ul0", False)), "port 4789, config says 8472"),
+    (dict(vxlan=VxlanAttrs(1, 8472, OWN.public_ip, "ul0", True)), "learning is on"),
+    (dict(vxlan=VxlanAttrs(1, 8472, OWN.public_ip, "eth9", False)), "underlay eth9, expected ul0"),
+])
+def test_each_wrong_vtep_attribute_is_named(change, expected):
+    failed = failures(healthy(vtep=vtep(**change)))
+    assert expected in failed["device vxnet.1"].reason
+
+
+def test_vtep_local_differing_from_the_lease_is_named():
+    failed = failures(healthy(vtep=vtep(vxlan=VxlanAttrs(1, 8472, IPv4Address("198.18.1.9"), "ul0", False))))
+    assert "local 198.18.1.9, the lease's PublicIP is 198.18.1.2" in failed["device vxnet.1"].reason
+
+
+def test_the_config_mtu_wins_over_the_underlay():
+    facts = healthy(config=dataclasses.replace(CONFIG, mtu=1400))
+    assert "MTU 1450, expected 1400 (config MTU)" in failures(facts)["device vxnet.1"].reason
+
+
+def test_a_missing_peer_route_is_named_with_the_commands_that_restore_it():
+    entries = healthy().entries
+    facts = healthy(entries=dataclasses.replace(entries, routes=entries.routes - {Route(PEER.subnet, PEER.gateway)}))
+    finding = only_failure(facts)
+    assert finding.item == "peer 198.19.7.0/24 at 198.18.2.2"
+    assert finding.reason == "missing route 198.19.7.0/24 via 198.19.7.0"
+    assert "ip route replace 198.19.7.0/24 via 198.19.7.0 dev vxnet.1 onlink proto 157" in finding.fix
+
+
+def test_a_missing_fdb_entry_and_a_wrong_neighbour_are_named():
+    entries = healthy().entries
+    fdb = entries.fdb - {FdbEntry(OTHER.vtep_mac, OTHER.public_ip)}
+    neighbours = entries.neighbours - {Neighbour(OTHER.gateway, OTHER.vtep_mac)} | {
+        Neighbour(OTHER.gateway, "02:00:00:00:00:66")}
+    finding = only_failure(healthy(entries=OverlayEntries(neighbours, fdb, entries.routes)))
+    assert finding.item == "peer 198.19.9.0/24 at 198.18.3.2"
+    assert "neighbour 198.19.9.0 has lladdr 02:00:00:00:00:66, lease says 02:00:00:00:00:03" in finding.reason
+    assert "missing FDB entry 02:00:00:00:00:03 dst 198.18.3.2" in finding.reason
+
+
+def test_entries_of_no_lease_are_named_as_stale():
+    gone = Lease(IPv4Network("198.19.44.0/24"), IPv4Address("198.18.4.2"), "02:00:00:00:00:44")
+    entries = desired_entries([PEER, OTHER, gone])
+    finding = only_failure(healthy(entries=entries))
+    assert finding.item == "stale entries"
+    assert "route 198.19.44.0/24 via 198.19.44.0" in finding.reason
+    assert "FDB entry 02:00:00:00:00:44 dst 198.18.4.2" in finding.reason
+
+
+@pytest.mark.parametrize("bridge, expected", [
+    (Unavailable("no device named cni0"), "no device named cni0"),
+    (Link("cni0", "bridge", 1450, "0a:00:00:00:00:02", False, (IPv4Interface("198.19.3.1/24"),)), "down"),
+    (Link("cni0", "bridge", 1450, "0a:00:00:00:00:02", True, ()), "lacks the gateway address 198.19.3.1/24"),
+    (Link("cni0", "dummy", 1450, "0a:00:00:00:00:02", True, (IPv4Interface("198.19.3.1/24"),)), "not a bridge"),
+])
+def test_each_bridge_problem_is_named(bridge, expected):
+    finding = only_failure(healthy(bridge=bridge))
+    assert finding.item == "bridge cni0" and expected in finding.reason
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("garbage\x00\n", "missing VXLAN_NET_NETWORK"),
+    (SUBNET_FILE.replace("1450", "fourteen"), "VXLAN_NET_MTU='fourteen' is not a number"),
+    (SUBNET_FILE.replace("=true", "=maybe"), "VXLAN_NET_IPMASQ='maybe' is not true or false"),
+])
+def test_a_subnet_file_that_does_not_parse_is_named(text, expected):
+    failed = failures(healthy(subnet_file=text))
+    assert expected in failed["subnet file /run/vxlan-net/subnet.env"].reason
+    assert "bridge cni0" not in failed  # the gateway then comes from the lease
+
+
+@pytest.mark.parametrize("text, expected", [
+    (SUBNET_FILE.replace("VXLAN_NET_MTU=1450", "VXLAN_NET_MTU=1500"), "VXLAN_NET_MTU 1500, expected 1450"),
+    (SUBNET_FILE.replace("198.19.0.0/16", "198.19.0.0/17"), "VXLAN_NET_NETWORK 198.19.0.0/17, config says"),
+])
+def test_a_subnet_file_that_disagrees_with_config_is_named(text, expected):
+    failed = failures(healthy(subnet_file=text))
+    assert expected in failed["subnet file /run/vxlan-net/subnet.env"].reason
+
+
+def test_a_subnet_file_for_another_subnet_is_named():
+    text = SUBNET_FILE.replace("198.19.3.1/24", "198.19.5.1/24")
+    failed = failures(healthy(subnet_file=text, bridge=dataclasses.replace(
+        healthy().bridge, addresses=(IPv4Interface("198.19.5.1/24"),))))
+    assert "VXLAN_NET_SUBNET 198.19.5.1/24, our lease is 198.19.3.0/24" in \
+        failed["subnet file /run/vxlan-net/subnet.env"].reason
+
+
+def test_a_missing_subnet_file_is_named():
+    failed = failures(healthy(subnet_file=Unavailable("/run/vxlan-net/subnet.env does not exist")))
+    assert "does not exist" in failed["subnet file /run/vxlan-net/subnet.env"].reason
+
+
+def test_a_missing_nft_table_fails_firewall_and_masquerade():
+    failed = failures(healthy(nft=Unavailable("the nftables table ip vxlan-net does not exist")))
+    assert set(failed) == {"nftables table ip vxlan-net", "masquerade"}
+    assert "VXLAN_NET_IPMASQ=true but the nftables table" in failed["masquerade"].reason
+
+
+def test_a_table_without_masquerade_fails_only_when_the_subnet_file_asks_for_it():
+    no_masq = nft_listing(ip_masq=False)
+    assert only_failure(healthy(nft=no_masq)).item == "masquerade"
+    assert not failures(healthy(nft=no_masq, subnet_file=SUBNET_FILE.replace("=true", "=false")))
+
+
+def test_masquerade_without_the_pod_to_pod_exception_is_named():
+    listing = nft_listing()
+    listing["nftables"] = [i for i in listing["nftables"]
+                           if not ("rule" in i and {"return": None} in i["rule"]["expr"]
+                                   and len(i["rule"]["expr"]) == 3
+                                   and i["rule"]["expr"][1]["match"]["right"]["prefix"]["len"] == 16)]
+    assert "pod-to-pod traffic would be masqueraded" in only_failure(healthy(nft=listing)).reason
+
+
+def test_masquerade_for_another_network_is_named():
+    listing = nft_listing(network="198.19.0.0/17")
+    failed = failures(healthy(nft=listing))
+    assert set(failed) == {"nftables table ip vxlan-net", "masquerade"}
+
+
+def test_ip_forward_off_is_named():
+    finding = only_failure(healthy(ip_forward=False))
+    assert finding.item == "ip_forward" and "sysctl -w net.ipv4.ip_forward=1" in finding.fix
+
+
+def test_invalid_lease_records_are_named():
+    finding = only_failure(healthy(invalid_leases=("lease 198.19.8.0/24 is not valid JSON",)))
+    assert finding.item == "lease records" and "198.19.8.0/24" in finding.reason
+
+
+def test_render_prints_one_line_per_item_and_a_fix_under_failures():
+    facts = healthy(ip_forward=False)
+    text = doctor.render(doctor.run_checks(facts))
+    lines = text.splitlines()
+    assert lines[0].startswith("OK    config: Network 198.19.0.0/16")
+    assert "FAIL  ip_forward: net.ipv4.ip_forward is 0: pod traffic is not routed" in lines
+    assert lines[lines.index("FAIL  ip_forward: net.ipv4.ip_forward is 0: pod traffic is not routed") + 1] \
+        .startswith("      fix: ")
+    assert lines[-1] == "12 checks, 1 failed"
+    doc = json.loads(doctor.render_json(doctor.run_checks(facts)))
+    assert doc["ok"] is False and {"ok", "item", "reason", "fix"} == set(doc["findings"][0])
+
+
+def test_the_nft_rules_doctor_expects_are_the_ones_the_agent_renders():
+    """Guards the hand-built listing above: same rules as firewall.render_ruleset, in the same order."""
+    text = render_ruleset(IPv4Network("198.19.0.0/16"), True)
+    assert "ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 return" in text
+    assert text.index("ip daddr 198.19.0.0/16 return") < text.index("masquerade")
+    assert "ip saddr 198.19.0.0/16 accept" in text and "ip daddr 198.19.0.0/16 accept" in text
+
+
+# --- the probe ---------------------------------------------------------------------
+
+
+SOURCE, DEST = IPv4Address("198.19.3.1"), IPv4Address("198.19.7.2")
+
+
+def plan():
+    result = doctor.plan_probe(healthy(), DEST)
+    assert not isinstance(result, Unavailable), result
+    return result
+
+
+def frame(outer_dst="198.18.2.2", vni=1, inner_src=SOURCE, inner_dst=DEST, icmp_type=8, outer_src="198.18.1.2"):
+    return TunnelFrame(IPv4Address(outer_src), IPv4Address(outer_dst), vni,
+                       IPv4Address(inner_src), IPv4Address(inner_dst), icmp_type)
+
+
+def reply():
+    return frame(outer_src="198.18.2.2", outer_dst="198.18.1.2", inner_src=DEST, inner_dst=SOURCE, icmp_type=0)
+
+
+def test_probe_plan_picks_the_lease_holding_the_destination_and_the_bridge_address():
+    p = plan()
+    assert (p.peer, p.source, p.vni, p.port, p.underlay, p.local) == (PEER, SOURCE, 1, 8472, "ul0", OWN.public_ip)
+
+
+@pytest.mark.parametrize("dest, expected", [
+    ("198.18.2.2", "outside the pod network"),
+    ("198.19.3.5", "this node's own subnet"),
+    ("198.19.200.5", "no lease covers 198.19.200.5"),
+])
+def test_probe_plan_refuses_destinations_that_never_cross_the_tunnel(dest, expected):
+    result = doctor.plan_probe(healthy(), IPv4Address(dest))
+    assert isinstance(result, Unavailable) and expected in result.reason
+
+
+def test_probe_passes_with_the_right_outer_destination_vni_and_inner_addresses():
+    findings = doctor.check_probe(plan(), [frame(), reply()], replied=True)
+    assert [f.ok for f in findings] == [True, True]
+    assert "outer 198.18.1.2 -> 198.18.2.2 (node of 198.19.7.0/24), VNI 1, inner 198.19.3.1 -> 198.19.7.2" \
+        == findings[0].reason
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (frame(outer_dst="198.18.3.2"), "outer destination 198.18.3.2, but 198.19.7.0/24 is held by 198.18.2.2"),
+    (frame(vni=7), "VNI 7, expected 1"),
+    (frame(inner_src="198.18.1.2"), "inner source 198.18.1.2, expected 198.19.3.1"),
+])
+def test_probe_names_a_wrong_frame(bad, expected):
+    findings = doctor.check_probe(plan(), [bad], replied=False)
+    assert not findings[0].ok and expected in findings[0].reason
+
+
+def test_probe_with_no_frame_or_no_reply_fails():
+    assert "no VXLAN frame carrying an echo request to 198.19.7.2 left ul0" in \
+        doctor.check_probe(plan(), [], replied=False)[0].reason
+    findings = doctor.check_probe(plan(), [frame()], replied=False)
+    assert findings[0].ok and not findings[1].ok and "no reply from 198.19.7.2" in findings[1].reason
+
+
+def test_tunnel_frame_reads_a_hand_built_vxlan_packet():
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+
+    packet = (Ether() / IP(src="198.18.1.2", dst="198.18.2.2") / UDP(sport=40000, dport=8472)
+              / VXLAN(vni=1, flags=0x08) / Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+              / IP(src=str(SOURCE), dst=str(DEST)) / ICMP(type=8))
+    assert doctor.tunnel_frame(Ether(bytes(packet)), 8472) == frame()
+    assert doctor.tunnel_frame(Ether(bytes(packet)), 4789) is None
