@@ -10,7 +10,8 @@ import signal
 import sys
 import time
 
-from integration.cluster import add_pod, start_agents, wait_converged, write_config
+from integration.cluster import start_agents, wait_converged, write_config
+from integration.cni_pods import add_pod_via_cni
 from integration.lab import Lab
 
 OK, FAIL = "\u2713", "\u2717"
@@ -67,8 +68,9 @@ def run(args) -> int:
             wait_converged(lab, lab.nodes)
             for node in lab.nodes:
                 print(f"    {node.name}: {node.subnet_file.read_text().split()[1]}")
-        with Step(f"starting {args.pods_per_node} pods per node"):
-            pods = [add_pod(lab, node, i) for node in lab.nodes for i in range(1, args.pods_per_node + 1)]
+        with Step(f"starting {args.pods_per_node} pods per node through the CNI plugin (vxlan-net-cni ADD)"):
+            pods = [add_pod_via_cni(lab, node, f"n{node.index}p{i}") for node in lab.nodes
+                    for i in range(1, args.pods_per_node + 1)]
             for pod in pods:
                 print(f"    {pod.pod_name:8} {pod.ip:15} on {pod.node.name}")
         with Step("pinging every pod from every pod (RTT in ms)"):
@@ -93,6 +95,7 @@ Explore it, for example:
   ip netns exec {lab.nodes[0].name} ip -d link show vxnet.1
   ip netns exec {lab.nodes[0].name} bridge fdb show dev vxnet.1
   ip netns exec {lab.nodes[0].name} {lab.agent_exe} status --etcd-endpoints {lab.etcd_url}
+  ls {lab.nodes[0].workdir / "cni" / "podnet"}    # the CNI plugin's address reservations on node 1
 Ctrl-C tears everything down.""", flush=True)
     try:
         signal.pause()
