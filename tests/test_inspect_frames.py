@@ -115,7 +115,15 @@ def test_frame_larger_than_the_path_mtu_is_flagged():
     fits = decode_frame(tunnelled(IP(src=POD_A, dst=POD_B) / ICMP() / Raw(b"x" * (1450 - 28))), CONTEXT)
     assert fits.length == 1500 and fits.anomalies == ()
     big = decode_frame(tunnelled(IP(src=POD_A, dst=POD_B) / ICMP() / Raw(b"x" * (1451 - 28))), CONTEXT)
-    assert big.length == 1501 and kinds(big) == {"oversize"}
+    assert big.length == 1501 and kinds(big) == {"oversize"} and not big.aggregate
+
+
+def test_tcp_larger_than_the_path_mtu_is_an_offload_aggregate_not_an_anomaly():
+    frame = decode_frame(tunnelled(IP(src=POD_A, dst=POD_B) / TCP(sport=1, dport=2) / Raw(b"x" * 7000)), CONTEXT)
+    assert frame.aggregate and frame.anomalies == ()
+    assert format_line(frame).endswith(f"len {frame.length} (offload aggregate)")
+    small = decode_frame(tunnelled(IP(src=POD_A, dst=POD_B) / TCP(sport=1, dport=2) / Raw(b"x" * 100)), CONTEXT)
+    assert not small.aggregate
 
 
 def test_fragmented_outer_packet_and_misdirected_frame_are_flagged():
@@ -141,7 +149,7 @@ def test_json_is_one_line_with_plain_types():
     assert set(doc) == {
         "time", "outer_src", "outer_dst", "outer_sport", "outer_dport", "vni", "inner_src_mac", "inner_dst_mac",
         "inner_src", "inner_dst", "protocol", "sport", "dport", "icmp_type", "icmp_code", "length", "inner_length",
-        "outer_src_subnet", "outer_dst_subnet", "inner_src_node", "inner_dst_node", "anomalies"}
+        "outer_src_subnet", "outer_dst_subnet", "inner_src_node", "inner_dst_node", "aggregate", "anomalies"}
     assert doc["outer_src"] == NODE_1 and doc["outer_dst_subnet"] == str(SUBNET_2)
     assert doc["inner_src"] == POD_A and doc["inner_dst_node"] == NODE_2
     assert (doc["protocol"], doc["sport"], doc["dport"], doc["vni"]) == ("tcp", 1234, 80, 42)

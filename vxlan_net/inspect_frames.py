@@ -96,6 +96,9 @@ class VxlanFrame:
     inner_src_node: Optional[IPv4Address]
     """Public IP of the node whose lease covers inner_src, when known."""
     inner_dst_node: Optional[IPv4Address]
+    aggregate: bool = False
+    """A TCP frame longer than the path MTU: a GSO/GRO aggregate the kernel cuts into (or merged
+    from) wire-sized frames, not an oversize frame; captures on veths and NICs show these."""
     anomalies: tuple[Anomaly, ...] = ()
 
 
@@ -130,8 +133,9 @@ def decode_frame(packet: Packet, context: InspectContext) -> Optional[VxlanFrame
         inner_dst_node=context.node_holding(inner_dst),
         **fields,
     )
-    anomalies = _anomalies(frame, context, fragmented=bool(outer.flags.MF))
-    return dataclasses.replace(frame, anomalies=anomalies)
+    aggregate = context.path_mtu is not None and frame.length > context.path_mtu and frame.protocol == "tcp"
+    frame = dataclasses.replace(frame, aggregate=aggregate)
+    return dataclasses.replace(frame, anomalies=_anomalies(frame, context, fragmented=bool(outer.flags.MF)))
 
 
 def _inner_fields(inner: Optional[Ether]) -> dict[str, Any]:
@@ -177,7 +181,7 @@ def _anomalies(frame: VxlanFrame, context: InspectContext, fragmented: bool) -> 
                 found.append(Anomaly(f"inner-{end}-outside-pod-network",
                                      f"inner {'source' if end == 'src' else 'destination'} {address} "
                                      f"is outside the pod network {context.pod_network}"))
-    if context.path_mtu is not None and frame.length > context.path_mtu:
+    if context.path_mtu is not None and frame.length > context.path_mtu and not frame.aggregate:
         found.append(Anomaly("oversize", f"{frame.length}-byte outer packet exceeds the path MTU {context.path_mtu}"))
     if fragmented:
         found.append(Anomaly("fragmented", "the outer packet was fragmented (tunnel MTU above the path's)"))
@@ -265,7 +269,7 @@ def format_line(frame: VxlanFrame) -> str:
             f"{_endpoint(frame.outer_dst, frame.outer_dst_subnet)} vni {frame.vni} | "
             f"{frame.inner_src_mac or '?'} > {frame.inner_dst_mac or '?'} | "
             f"{_with_port(frame.inner_src, frame.sport)} > {_with_port(frame.inner_dst, frame.dport)} "
-            f"{_what(frame)} | len {frame.length}")
+            f"{_what(frame)} | len {frame.length}{' (offload aggregate)' if frame.aggregate else ''}")
     if frame.anomalies:
         line += " !! " + "; ".join(f"{a.kind}: {a.message}" for a in frame.anomalies)
     return line
