@@ -189,6 +189,16 @@ def expected_mtu(facts: NodeFacts) -> Fact[int]:
     return facts.underlay.mtu - VXLAN_OVERHEAD
 
 
+def pod_network(facts: NodeFacts) -> Fact[IPv4Network]:
+    """The config's network, else the subnet file's (so the firewall is checked while etcd is away)."""
+    if not isinstance(facts.config, Unavailable):
+        return facts.config.network
+    values = subnet_file_values(facts)
+    if isinstance(values, Unavailable):
+        return Unavailable("neither the config nor the subnet file names the pod network")
+    return values.network
+
+
 def peer_leases(facts: NodeFacts) -> Fact[list[Lease]]:
     subnet = own_subnet(facts)
     why = _missing(facts.leases, subnet)
@@ -217,8 +227,9 @@ def check_config(facts: NodeFacts) -> Finding:
 def check_own_lease(facts: NodeFacts) -> Finding:
     lease = own_lease(facts)
     if isinstance(lease, Unavailable):
-        return Finding(False, "own lease", lease.reason,
-                       "the agent re-acquires its lease when it is gone; " + AGENT_FIX)
+        fix = "fix the failures above first" if isinstance(facts.leases, Unavailable) else \
+            "the agent re-acquires its lease when it is gone; " + AGENT_FIX
+        return Finding(False, "own lease", lease.reason, fix)
     item = f"own lease {lease.subnet}"
     problems = []
     if isinstance(facts.vtep, Unavailable):
@@ -452,26 +463,25 @@ def check_firewall(facts: NodeFacts) -> Finding:
     item = f"nftables table ip {NFT_TABLE}"
     if isinstance(facts.nft, Unavailable):
         return Finding(False, item, facts.nft.reason, "the agent installs it at start-up: restart the agent")
-    config = facts.config
-    if isinstance(config, Unavailable):
-        return Finding(False, item, f"not checked: {config.reason}", "fix the config check first")
+    network = pod_network(facts)
+    if isinstance(network, Unavailable):
+        return Finding(False, item, f"not checked: {network.reason}", "fix the failures above first")
     rules = _rules(facts.nft, "forward")
-    missing = [f"ip {d} {config.network} accept" for d in ("saddr", "daddr")
-               if not any(_matches(r, config.network if d == "saddr" else None,
-                                   config.network if d == "daddr" else None, "accept") for r in rules)]
+    missing = [f"ip {d} {network} accept" for d in ("saddr", "daddr")
+               if not any(_matches(r, network if d == "saddr" else None, network if d == "daddr" else None,
+                                   "accept") for r in rules)]
     if missing:
         return Finding(False, item, f"forward chain lacks {' and '.join(missing)}",
                        "the agent installs it at start-up: restart the agent")
-    return Finding(True, item, f"forward accepts {config.network}")
+    return Finding(True, item, f"forward accepts {network}")
 
 
 def check_masquerade(facts: NodeFacts) -> Finding:
     item = "masquerade"
-    values = subnet_file_values(facts)
-    why = _missing(values, facts.config)
+    values, network = subnet_file_values(facts), pod_network(facts)
+    why = _missing(values, network)
     if why:
         return Finding(False, item, f"not checked: {why}", "fix the failures above first")
-    network = facts.config.network
     if not values.ip_masq:
         return Finding(True, item, "off (VXLAN_NET_IPMASQ=false)")
     if isinstance(facts.nft, Unavailable):
@@ -743,8 +753,8 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     from .errors import KernelError, VxlanNetError
 
     config = _read_config(store, options.etcd_prefix)
-    leases, invalid, ids = (Unavailable(config.reason), (), {}) if isinstance(config, Unavailable) \
-        else _read_leases(store, config)
+    leases, invalid, ids = (Unavailable("leases not read: see the config line"), (), {}) \
+        if isinstance(config, Unavailable) else _read_leases(store, config)
     if isinstance(config, Unavailable):
         # The data plane can still be checked while etcd is away.
         vtep_name = next((n for n in kernel.vxlan_link_names() if n.startswith("vxnet.")), "vxnet.1")

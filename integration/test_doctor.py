@@ -1,0 +1,131 @@
+"""`vxlan-net doctor` on a lab node: all OK on a healthy node, and each item broken by hand is named."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from integration.cluster import VTEP, add_pod, node_subnet, running_cluster
+
+pytestmark = pytest.mark.lab
+
+LINE = re.compile(r"^(OK|FAIL)\s+(.+?): (.*)$")
+
+
+class Verdict:
+    def __init__(self, proc):
+        self.rc = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+        self.lines = {}
+        for line in proc.stdout.splitlines():
+            match = LINE.match(line)
+            if match:
+                self.lines[match.group(2)] = (match.group(1) == "OK", match.group(3))
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return {item: reason for item, (ok, reason) in self.lines.items() if not ok}
+
+    def __repr__(self) -> str:
+        return f"rc={self.rc}\n{self.out}\n{self.err[-1500:]}"
+
+
+def doctor(lab, node, *extra: str) -> Verdict:
+    verdict = Verdict(node.run(lab.agent_exe, "doctor", "--etcd-endpoints", lab.etcd_url,
+                               "--subnet-file", str(node.subnet_file), "--state-dir", str(node.state_dir),
+                               *extra, timeout=40))
+    assert "Traceback" not in verdict.err, verdict
+    return verdict
+
+
+@pytest.fixture
+def cluster(lab):
+    lab = lab(nodes=2)
+    # A resync interval far beyond the test: what is broken by hand stays broken until doctor looks.
+    running_cluster(lab, "--ip-masq", "--resync-interval", "3600")
+    n1, n2 = lab.nodes
+    pods = add_pod(lab, n1, 1), add_pod(lab, n2, 1)
+    return lab, n1, n2, pods
+
+
+def test_doctor_passes_then_names_each_item_broken_by_hand(cluster):
+    lab, n1, n2, (pod1, pod2) = cluster
+    own, peer = node_subnet(n1), node_subnet(n2)
+    gateway = peer.network_address
+    peer_item = f"peer {peer} at {n2.public_ip}"
+    peer_mac = n2.ip_json("link", "show", "dev", VTEP)[0]["address"]
+
+    healthy = doctor(lab, n1)
+    assert healthy.rc == 0 and not healthy.failed, healthy
+    assert {"config", f"own lease {own}", "device vxnet.1", peer_item, "bridge cni0", "masquerade",
+            "ip_forward", "nftables table ip vxlan-net"} <= set(healthy.lines), healthy
+    assert healthy.out.rstrip().endswith("all OK")
+
+    def broken(expected: set[str], *extra: str) -> Verdict:
+        verdict = doctor(lab, n1, *extra)
+        assert verdict.rc == 1 and set(verdict.failed) == expected, verdict
+        assert "      fix: " in verdict.out
+        return verdict
+
+    # A peer route deleted: named as the missing route of that peer.
+    n1.run("ip", "route", "del", str(peer), "dev", VTEP, check=True)
+    assert broken({peer_item}).failed[peer_item] == f"missing route {peer} via {gateway}"
+    n1.run("ip", "route", "replace", str(peer), "via", str(gateway), "dev", VTEP, "onlink", "proto", "157",
+           check=True)
+
+    # An FDB entry deleted: named, and the probe sees no frame leave for that node.
+    n1.run("bridge", "fdb", "del", peer_mac, "dev", VTEP, "dst", n2.public_ip, "self", check=True)
+    verdict = broken({peer_item, f"probe {own.network_address + 1} -> {pod2.ip}"},
+                     "--probe", pod2.ip, "--probe-timeout", "1")
+    assert verdict.failed[peer_item] == f"missing FDB entry {peer_mac} dst {n2.public_ip}"
+    n1.run("bridge", "fdb", "append", peer_mac, "dev", VTEP, "dst", n2.public_ip, "self", "permanent", check=True)
+
+    # The VTEP's MTU changed.
+    n1.run("ip", "link", "set", VTEP, "mtu", "1400", check=True)
+    assert "MTU 1400, expected 1450 (underlay ul0 MTU 1500 - 50)" in broken({"device vxnet.1"}).failed[
+        "device vxnet.1"]
+    n1.run("ip", "link", "set", VTEP, "mtu", "1450", check=True)
+
+    # The bridge down.
+    n1.run("ip", "link", "set", "cni0", "down", check=True)
+    assert broken({"bridge cni0"}).failed["bridge cni0"] == "down"
+    n1.run("ip", "link", "set", "cni0", "up", check=True)
+
+    # The subnet file corrupted.
+    text = n1.subnet_file.read_text()
+    n1.subnet_file.write_text("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=not-an-address\n")
+    item = f"subnet file {n1.subnet_file}"
+    assert "does not parse" in broken({item, "masquerade"}).failed[item]
+    n1.subnet_file.write_text(text)
+
+    assert doctor(lab, n1).rc == 0  # everything put back is seen as put back
+
+    # Our nftables table deleted: the firewall and the masquerade it carried.
+    n1.run("nft", "delete", "table", "ip", "vxlan-net", check=True)
+    verdict = broken({"nftables table ip vxlan-net", "masquerade"})
+    assert "does not exist" in verdict.failed["nftables table ip vxlan-net"]
+    assert verdict.failed["masquerade"].startswith("VXLAN_NET_IPMASQ=true but")
+
+    # etcd stopped: the config check says why, the data plane is still checked, no traceback.
+    lab.etcd.stop()
+    verdict = doctor(lab, n1)
+    assert verdict.rc == 1, verdict
+    assert verdict.failed["config"].startswith("etcd unavailable:"), verdict
+    assert lab.etcd_url.split("//")[1] in verdict.failed["config"]
+    assert verdict.lines["device vxnet.1"][0] and verdict.lines["bridge cni0"][0], verdict
+
+
+def test_doctor_probe_sees_the_frame_leave_for_the_node_holding_the_destination(cluster):
+    lab, n1, n2, (pod1, pod2) = cluster
+    source = node_subnet(n1).network_address + 1
+    verdict = doctor(lab, n1, "--probe", pod2.ip)
+    assert verdict.rc == 0 and not verdict.failed, verdict
+    ok, reason = verdict.lines[f"probe {source} -> {pod2.ip}"]
+    assert ok and reason.startswith(f"outer {n1.public_ip} -> {n2.public_ip} (node of {node_subnet(n2)}), VNI 1, "
+                                    f"inner {source} -> {pod2.ip}"), verdict
+    assert verdict.lines[f"reply {pod2.ip} -> {source}"][0], verdict
+
+    usage = n1.run(lab.agent_exe, "doctor", "--etcd-endpoints", lab.etcd_url, "--probe", "not-an-ip")
+    assert usage.returncode == 2 and usage.stderr.strip().count("\n") == 0, usage.stderr
