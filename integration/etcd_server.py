@@ -37,6 +37,8 @@ class EtcdServer:
     With `netns`, etcd runs via `ip netns exec` and `host` must be an address of that namespace;
     ports then default to 2379/2380 (free-port probing only works in our own namespace).
     With `cert_file`/`key_file`, clients talk TLS (`https://`); the peer port stays plain.
+    With `trusted_ca_file` too, etcd demands client certificates signed by that CA (`--client-cert-auth`);
+    its own health checks then present `client_cert_file`/`client_key_file`.
     """
 
     def __init__(
@@ -51,11 +53,19 @@ class EtcdServer:
         log_path: Optional[str | Path] = None,
         cert_file: Optional[str | Path] = None,
         key_file: Optional[str | Path] = None,
+        trusted_ca_file: Optional[str | Path] = None,
+        client_cert_file: Optional[str | Path] = None,
+        client_key_file: Optional[str | Path] = None,
     ) -> None:
         if (cert_file is None) != (key_file is None):
             raise ValueError("TLS needs both cert_file and key_file")
+        if trusted_ca_file and not (cert_file and client_cert_file and client_key_file):
+            raise ValueError("client certificate auth needs cert_file/key_file and a client cert for health checks")
         self.cert_file = str(cert_file) if cert_file else None
         self.key_file = str(key_file) if key_file else None
+        self.trusted_ca_file = str(trusted_ca_file) if trusted_ca_file else None
+        self.client_cert_file = str(client_cert_file) if client_cert_file else None
+        self.client_key_file = str(client_key_file) if client_key_file else None
         self.host = host
         self.netns = netns
         self.name = name
@@ -102,6 +112,8 @@ class EtcdServer:
         ]
         if self.cert_file and self.key_file:
             argv += ["--cert-file", self.cert_file, "--key-file", self.key_file]
+        if self.trusted_ca_file:
+            argv += ["--client-cert-auth", "--trusted-ca-file", self.trusted_ca_file]
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
     def start(self) -> "EtcdServer":
@@ -136,13 +148,17 @@ class EtcdServer:
 
     def _healthy(self) -> bool:
         if self.netns:  # not reachable from our namespace: ask etcdctl inside it
-            tls = ["--cacert", self.cert_file] if self.cert_file else []
+            tls = ["--cacert", self.trusted_ca_file or self.cert_file] if self.cert_file else []
+            if self.trusted_ca_file:
+                tls += ["--cert", self.client_cert_file, "--key", self.client_key_file]
             cmd = ["ip", "netns", "exec", self.netns, ETCDCTL_EXE, "--endpoints", self.client_url, *tls,
                    "--dial-timeout", "1s", "--command-timeout", "1s", "endpoint", "health"]
             env = dict(os.environ, ETCDCTL_API="3")
             return subprocess.run(cmd, capture_output=True, timeout=5, env=env).returncode == 0
         try:
-            context = ssl.create_default_context(cafile=self.cert_file) if self.cert_file else None
+            context = ssl.create_default_context(cafile=self.trusted_ca_file or self.cert_file) if self.cert_file else None
+            if context is not None and self.trusted_ca_file:
+                context.load_cert_chain(self.client_cert_file, self.client_key_file)
             with urllib.request.urlopen(f"{self.client_url}/health", timeout=1, context=context) as response:
                 return b'"health":"true"' in response.read()
         except (OSError, urllib.error.URLError):

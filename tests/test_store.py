@@ -212,6 +212,36 @@ def test_grpc_failures_become_domain_errors(code: grpc.StatusCode, details: str,
     assert "http://198.18.0.2:2379" in str(error) and details in str(error)
 
 
+_REJECTED = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:198.18.0.2:2379: Unwrap failed (TSI_DATA_CORRUPTED)"
+
+
+def test_a_refused_tls_connection_names_its_cause(certificates: dict[str, Path], tmp_path: Path) -> None:
+    expired, key, request = tmp_path / "expired.pem", tmp_path / "expired.key", tmp_path / "expired.csr"
+    for argv in (
+        ["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=old", "-keyout", key, "-out", request],
+        ["openssl", "x509", "-req", "-in", request, "-signkey", key, "-days", "-1", "-out", expired],  # ended yesterday
+    ):
+        subprocess.run([str(a) for a in argv], capture_output=True, check=True, timeout=30)
+    url = "https://198.18.0.2:2379"
+
+    def message(details: str, **files: str) -> str:
+        error = translate_rpc_error("get config", url, FakeRpcError(grpc.StatusCode.UNAVAILABLE, details), **files)
+        assert isinstance(error, StoreConfigError) and "\n" not in str(error)
+        return str(error)
+
+    assert "requires a client certificate and none was given" in message(_REJECTED, ca_cert="ca.pem")
+    assert f"client certificate {expired}: it expired on" in message(_REJECTED, client_cert=str(expired))
+    right = str(certificates["right"])
+    assert f"client certificate {right}: it is not signed by a CA that etcd trusts" in message(
+        _REJECTED, client_cert=right)
+    verify = "Tls handshake failed: SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK"
+    assert "does not verify against the CA certificate ca.pem: unable to get local issuer certificate" in message(
+        verify, ca_cert="ca.pem")
+    plain = translate_rpc_error("get config", "http://198.18.0.2:2379",
+                                FakeRpcError(grpc.StatusCode.UNAVAILABLE, _REJECTED))
+    assert isinstance(getattr(plain, "error", plain), StoreUnavailable)  # no TLS: nothing to blame on certificates
+
+
 # -- against etcd ---------------------------------------------------------------------------
 
 

@@ -13,8 +13,11 @@ import io
 import logging
 import os
 import queue
+import re
+import ssl
 import sys
 import threading
+import time
 import tokenize
 import types
 import urllib.parse
@@ -112,6 +115,10 @@ _RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEED
 _CREDENTIAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 # A certificate that does not verify is a setting to fix; a handshake cut short (etcd restarting) is not.
 _TLS_CONFIG_MARKERS = ("certificate", "ssl_error_ssl")
+_VERIFY_FAILED = re.compile(r"CERTIFICATE_VERIFY_FAILED:([^:]+)")
+# What gRPC says when the server's TLS alert (bad or missing client certificate) ends the connection.
+_PEER_REJECTED_MARKERS = ("TSI_DATA_CORRUPTED", "ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REQUIRED",
+                          "ALERT_CERTIFICATE_EXPIRED", "ALERT_UNKNOWN_CA")
 
 T = TypeVar("T")
 
@@ -510,7 +517,8 @@ class EtcdStore:
                         try:
                             return request(client)
                         except grpc.RpcError as exc:
-                            raise translate_rpc_error(what, self.endpoints[index].url, exc) from None
+                            raise translate_rpc_error(what, self.endpoints[index].url, exc, ca_cert=self._ca_cert,
+                                                  client_cert=self._cert_cert) from None
                     except _Retryable:
                         self._fail_over(index)
                         raise
@@ -523,13 +531,22 @@ class _LeaseNotFound(LeaseGone):
     """Internal: etcd answered NOT_FOUND for a lease id."""
 
 
-def translate_rpc_error(what: str, url: str, exc: grpc.RpcError) -> Exception:
-    """A gRPC failure as the domain error the caller can act on (a _Retryable for transient ones)."""
+def translate_rpc_error(
+    what: str, url: str, exc: grpc.RpcError, *, ca_cert: Optional[str] = None, client_cert: Optional[str] = None
+) -> Exception:
+    """A gRPC failure as the domain error the caller can act on (a _Retryable for transient ones).
+
+    `ca_cert`/`client_cert` are the store's TLS files: they let a refused handshake name its cause.
+    """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     message = f"etcd {url}: {what}: {code.name if code else 'UNKNOWN'}: {details}"
     if code in _CREDENTIAL_CODES:
         return StoreConfigError(f"{message} (check the etcd credentials and client certificate)")
+    if code == grpc.StatusCode.UNAVAILABLE and url.startswith("https:"):
+        problem = _tls_problem(details, ca_cert, client_cert)
+        if problem:
+            return StoreConfigError(f"etcd {url}: {what}: TLS: {problem} [{code.name}: {details}]")
     if code == grpc.StatusCode.UNAVAILABLE and any(m in details.lower() for m in _TLS_CONFIG_MARKERS):
         return StoreConfigError(f"{message} (TLS failed: check the endpoint's scheme, the CA and client certificates)")
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
@@ -537,6 +554,42 @@ def translate_rpc_error(what: str, url: str, exc: grpc.RpcError) -> Exception:
     if code in _RETRYABLE_CODES:
         return _Retryable(StoreUnavailable(message))
     return StoreUnavailable(message)
+
+
+def _tls_problem(details: str, ca_cert: Optional[str], client_cert: Optional[str]) -> Optional[str]:
+    """What a failed TLS connection to etcd says about our settings, in words; None if nothing.
+
+    gRPC reports a server that rejects our client certificate only as a record it cannot decrypt
+    (TLS 1.3 sends the alert after the handshake) and logs the alert itself elsewhere, so the cause is
+    read from our own certificate: none given, outside its validity dates, or else not trusted.
+    """
+    verify = _VERIFY_FAILED.search(details)
+    if verify:
+        return (f"etcd's server certificate does not verify against the CA certificate {ca_cert or '(none)'}: "
+                f"{verify.group(1).strip()} (is it the CA that signed etcd's certificate?)")
+    if not any(marker in details for marker in _PEER_REJECTED_MARKERS):
+        return None
+    if client_cert is None:
+        return "etcd refused the connection: it requires a client certificate and none was given"
+    dates = _certificate_dates(client_cert)
+    if dates is not None:
+        not_before, not_after = dates
+        now = time.time()
+        if now > ssl.cert_time_to_seconds(not_after):
+            return f"etcd refused the client certificate {client_cert}: it expired on {not_after}"
+        if now < ssl.cert_time_to_seconds(not_before):
+            return f"etcd refused the client certificate {client_cert}: it is not valid before {not_before}"
+    return (f"etcd refused the client certificate {client_cert}: "
+            "it is not signed by a CA that etcd trusts (its --trusted-ca-file)")
+
+
+def _certificate_dates(path: str) -> Optional[tuple[str, str]]:
+    """(notBefore, notAfter) of the first certificate in a PEM file, as OpenSSL prints them; None if unreadable."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # the stdlib's only X.509 reader
+        return decoded["notBefore"], decoded["notAfter"]
+    except (AttributeError, KeyError, OSError, ssl.SSLError, ValueError):
+        return None
 
 
 _END = object()
