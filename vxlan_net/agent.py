@@ -239,19 +239,28 @@ class Agent:
         for key_name, reason in change.rejected:
             log.warning("skipping invalid lease %s: %s", key_name, reason)
         self.metrics.invalid_leases.inc(len(change.rejected))
-        self.metrics.leases_known.set(len(self.book.leases))
-        own = self.book.leases.get(self.keeper.lease.subnet)
+        self.metrics.leases_known.set(len(self.book))
+        own = self.book.lease_for(self.keeper.lease.subnet)
         lost = change.own_lease_removed or (own is not None and own.public_ip != self.keeper.public_ip)
         if lost:
             log.warning("our lease on %s disappeared; acquiring again", self.keeper.lease.subnet)
             self._reacquire()
-        if change.peers_changed or replace or lost:
-            self._reconcile()
+        if replace or lost:
+            self._reconcile(full=True)
+        elif change.peers_changed:
+            own_subnet = self.keeper.lease.subnet
+            self.reconciler.update_peers(
+                [l for l in change.added + change.updated if not l.subnet.overlaps(own_subnet)],
+                [l.subnet for l in change.removed])
+            self._reconcile(full=False)
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, full: bool = True) -> None:
+        """A full pass re-declares every peer and re-reads the kernel; else only what changed."""
         peers = self.book.peers()
         self._filter_vxlan_sources(peers)
-        self.reconciler.set_peers(peers)
+        if full:
+            self.reconciler.set_peers(peers)
+            self.reconciler.request_full_pass()
         result = self._timed_reconcile()
         if isinstance(result.error, LinkNotFound):
             log.warning("%s is gone; recreating it with the same MAC", self.reconciler.ifname)
@@ -260,7 +269,6 @@ class Agent:
             except VxlanNetError as exc:
                 log.warning("cannot recreate %s yet: %s", self.reconciler.ifname, exc)
                 return
-            self._filter_vxlan_sources(peers)
             self._timed_reconcile()
 
     def _timed_reconcile(self):

@@ -62,12 +62,14 @@ class LeaseBook:
         return self.apply(events)
 
     def apply(self, events: Iterable[RecordEvent]) -> LeaseChange:
-        """Apply a batch of events in order and summarise the net effect."""
-        before = dict(self._leases)
+        """Apply a batch of events in order and summarise the net effect (cost ~ the batch, not the book)."""
+        before: dict[IPv4Network, Optional[Lease]] = {}
         rejected = []
-        own_removed = False
         for event in events:
             previous_reason = self._rejected.get(event.key_name)
+            old_subnet = self._by_key.get(event.key_name)
+            if old_subnet is not None:
+                before.setdefault(old_subnet, self._leases.get(old_subnet))
             self._forget(event.key_name)
             if event.value is None:
                 continue
@@ -78,11 +80,18 @@ class LeaseBook:
                     rejected.append((event.key_name, str(exc)))
                 self._rejected[event.key_name] = str(exc)
                 continue
+            before.setdefault(lease.subnet, self._leases.get(lease.subnet))
             self._leases[lease.subnet] = lease
             self._by_key[event.key_name] = lease.subnet
-        if self.own_subnet is not None and self.own_subnet in before and self.own_subnet not in self._leases:
-            own_removed = True
+        own = self.own_subnet
+        own_removed = own is not None and before.get(own) is not None and own not in self._leases
         return self._summarise(before, own_removed, tuple(rejected))
+
+    def lease_for(self, subnet: IPv4Network) -> Optional[Lease]:
+        return self._leases.get(subnet)
+
+    def __len__(self) -> int:
+        return len(self._leases)
 
     def _forget(self, key_name: str) -> None:
         self._rejected.pop(key_name, None)
@@ -91,11 +100,14 @@ class LeaseBook:
             self._leases.pop(subnet, None)
 
     def _summarise(self, before: dict, own_removed: bool, rejected: tuple) -> LeaseChange:
-        after = self._leases
-        return LeaseChange(
-            added=tuple(sorted(after[s] for s in after.keys() - before.keys())),
-            removed=tuple(sorted(before[s] for s in before.keys() - after.keys())),
-            updated=tuple(sorted(after[s] for s in after.keys() & before.keys() if after[s] != before[s])),
-            own_lease_removed=own_removed,
-            rejected=rejected,
-        )
+        added, removed, updated = [], [], []
+        for subnet, old in before.items():
+            new = self._leases.get(subnet)
+            if old is None and new is not None:
+                added.append(new)
+            elif old is not None and new is None:
+                removed.append(old)
+            elif old != new:
+                updated.append(new)
+        return LeaseChange(tuple(sorted(added)), tuple(sorted(removed)), tuple(sorted(updated)),
+                           own_removed, rejected)

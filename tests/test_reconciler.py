@@ -1,0 +1,103 @@
+"""Reconciler logic against an in-memory kernel (the real kernel is covered in integration/)."""
+
+from ipaddress import IPv4Address, IPv4Network
+
+from vxlan_net.desired import FdbEntry, OverlayEntries, desired_entries
+from vxlan_net.errors import KernelError
+from vxlan_net.lease import Lease
+from vxlan_net.reconciler import Reconciler
+
+
+def lease(n: int, mac_suffix: int | None = None) -> Lease:
+    return Lease(IPv4Network(f"198.19.{n}.0/24"), IPv4Address(f"198.18.{n}.2"),
+                 f"0a:00:00:00:00:{mac_suffix if mac_suffix is not None else n:02x}")
+
+
+class MemoryKernel:
+    """Holds entries like the kernel would; counts reads; can be told to fail."""
+
+    def __init__(self):
+        self.entries = OverlayEntries()
+        self.reads = 0
+        self.fail = False
+        self.applied = []
+
+    def read_overlay_entries(self, ifname):
+        self.reads += 1
+        return self.entries
+
+    def apply_plan(self, ifname, plan):
+        if self.fail:
+            raise KernelError("injected")
+        self.applied.append(plan)
+        e = self.entries
+        self.entries = OverlayEntries(
+            (e.neighbours - {x for x in e.neighbours if x.ip in {n.ip for n in plan.upsert_neighbours}}
+             - set(plan.remove_neighbours)) | set(plan.upsert_neighbours),
+            (e.fdb - set(plan.remove_fdb)) | set(plan.upsert_fdb),
+            (e.routes - {r for r in e.routes if r.subnet in {u.subnet for u in plan.upsert_routes}}
+             - set(plan.remove_routes)) | set(plan.upsert_routes),
+        )
+
+
+def test_first_pass_reads_the_kernel_then_batches_touch_only_what_changed():
+    kernel = MemoryKernel()
+    rec = Reconciler("vxnet.1", kernel)
+    rec.set_peers([lease(n) for n in range(1, 51)])
+    result = rec.reconcile()
+    assert result.ok and result.full and result.changes == 150 and kernel.reads == 1
+    rec.update_peers([lease(60)])
+    result = rec.reconcile()
+    assert result.ok and not result.full and result.changes == 3 and kernel.reads == 1
+    assert kernel.entries == desired_entries([lease(n) for n in [*range(1, 51), 60]])
+
+
+def test_a_new_mac_replaces_entries_and_drops_the_stale_fdb_without_a_full_read():
+    kernel = MemoryKernel()
+    rec = Reconciler("vxnet.1", kernel)
+    rec.set_peers([lease(1), lease(2)])
+    rec.reconcile()
+    rec.update_peers([lease(2, mac_suffix=0x99)])
+    assert rec.reconcile().changes == 3  # neighbour + FDB upsert, old FDB removed
+    assert FdbEntry("0a:00:00:00:00:02", IPv4Address("198.18.2.2")) not in kernel.entries.fdb
+    assert kernel.entries == desired_entries([lease(1), lease(2, mac_suffix=0x99)])
+
+
+def test_removal_and_periodic_full_pass_heal_drift():
+    kernel = MemoryKernel()
+    rec = Reconciler("vxnet.1", kernel)
+    rec.set_peers([lease(1), lease(2)])
+    rec.reconcile()
+    rec.update_peers(removed=[lease(2).subnet])
+    rec.reconcile()
+    assert kernel.entries == desired_entries([lease(1)])
+    kernel.entries = OverlayEntries()  # someone flushed the device by hand
+    assert rec.reconcile().changes == 0  # a batch pass trusts what it knows ...
+    rec.request_full_pass()
+    assert rec.reconcile().changes == 3  # ... the resync re-reads and heals
+    assert kernel.entries == desired_entries([lease(1)])
+
+
+def test_a_failure_forces_the_next_pass_to_be_full():
+    kernel = MemoryKernel()
+    rec = Reconciler("vxnet.1", kernel)
+    rec.set_peers([lease(1)])
+    rec.reconcile()
+    kernel.fail = True
+    rec.update_peers([lease(2)])
+    result = rec.reconcile()
+    assert not result.ok and rec.failures_in_a_row == 1
+    kernel.fail = False
+    result = rec.reconcile()
+    assert result.ok and result.full and kernel.reads == 2
+    assert kernel.entries == desired_entries([lease(1), lease(2)])
+
+
+def test_two_leases_sharing_a_mac_keep_its_fdb_entry_until_both_are_gone():
+    kernel = MemoryKernel()
+    rec = Reconciler("vxnet.1", kernel)
+    rec.set_peers([lease(1, mac_suffix=7), lease(2, mac_suffix=7)])
+    rec.reconcile()
+    rec.update_peers(removed=[lease(1).subnet])
+    rec.reconcile()
+    assert kernel.entries == desired_entries([lease(2, mac_suffix=7)])
