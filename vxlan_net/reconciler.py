@@ -44,21 +44,19 @@ class KnownEntries:
         self.routes: dict[IPv4Network, set[Route]] = defaultdict(set)
         self.add(entries)
 
+    def _slots(self, entries: OverlayEntries):
+        """(index, key, entry) for every entry: where each one is filed."""
+        yield from ((self.neighbours, n.ip, n) for n in entries.neighbours)
+        yield from ((self.fdb, f.mac, f) for f in entries.fdb)
+        yield from ((self.routes, r.subnet, r) for r in entries.routes)
+
     def add(self, entries: OverlayEntries) -> None:
-        for n in entries.neighbours:
-            self.neighbours[n.ip].add(n)
-        for f in entries.fdb:
-            self.fdb[f.mac].add(f)
-        for r in entries.routes:
-            self.routes[r.subnet].add(r)
+        for index, key, entry in self._slots(entries):
+            index[key].add(entry)
 
     def remove(self, entries: OverlayEntries) -> None:
-        for n in entries.neighbours:
-            self.neighbours[n.ip].discard(n)
-        for f in entries.fdb:
-            self.fdb[f.mac].discard(f)
-        for r in entries.routes:
-            self.routes[r.subnet].discard(r)
+        for index, key, entry in self._slots(entries):
+            index[key].discard(entry)
 
     def subset(self, subnets: Iterable[IPv4Network], macs: Iterable[str]) -> OverlayEntries:
         subnets = list(subnets)
