@@ -41,12 +41,13 @@ LABEL org.opencontainers.image.title="vxlan-net" \
       io.vxlan-net.install-cni="python -m vxlan_net.install_cni" \
       io.vxlan-net.healthz-port="9473"
 
-# The agent shells out to nft for its firewall table; iproute2 (ip, bridge) is for operators
+# The agent shells out to nft for its firewall table; `inspect` and `doctor --probe` capture
+# through scapy, which compiles BPF filters with tcpdump; iproute2 (ip, bridge) is for operators
 # debugging from inside the container. Debian's point releases bring their security fixes, so
 # the packages are not pinned to a version that would vanish from the archive.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install --yes --no-install-recommends nftables iproute2 \
+    && apt-get install --yes --no-install-recommends nftables iproute2 tcpdump \
     && rm -rf /var/lib/apt/lists/*
 
 COPY --from=builder /opt/vxlan-net /opt/vxlan-net

@@ -87,6 +87,7 @@ def test_the_final_stage_has_no_build_tools_and_copies_only_the_venv_and_the_con
         assert not re.search(rf"(^|\s){re.escape(tool)}(\s|$)", runs), f"{tool} in the final stage"
     assert "pip" not in runs
     assert "nftables" in runs and "iproute2" in runs  # the agent runs nft
+    assert "tcpdump" in runs  # scapy compiles inspect's and doctor's BPF filters with it
     assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
     copies = of("COPY", final)
     assert copies[0] == "--from=builder /opt/vxlan-net /opt/vxlan-net"
