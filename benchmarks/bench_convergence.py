@@ -77,15 +77,17 @@ def report(filled: dict, initial: float, run: dict, steps: dict) -> None:
     if join.get("n"):
         verdict = "meets" if join["p99"] <= TARGET_P99 else "misses"
         print(f"join p99 {ms(join['p99'])} ms: {verdict} the 100 ms target (ratio {join['p99'] / TARGET_P99:.2f})")
-        result("convergence", f"join p50/p99 ({EXISTING} leases)", f"{ms(join['p50'])} / {ms(join['p99'])} ms",
+        result("convergence", "agent CPU per watch event", f"{ms(run['agent_cpu_per_event'])} ms")
+    result("convergence", f"join p50/p99 ({EXISTING} leases)", f"{ms(join['p50'])} / {ms(join['p99'])} ms",
                "p99 <= 100 ms")
     leave = run["leave"]
     if leave.get("n"):
         result("convergence", f"leave p50/p99 ({EXISTING} leases)", f"{ms(leave['p50'])} / {ms(leave['p99'])} ms")
     print(f"agent CPU time per watch event during the joins/leaves (all threads, /proc/PID/stat): "
           f"{ms(run['agent_cpu_per_event'])} ms")
-    print(f"\none watch event's work in the agent at {steps['peers']} peers (median, ms, measured by the probe "
-          f"with the agent's own functions):")
+    print(f"\none FULL reconcile pass at {steps['peers']} peers (start-up, every resync interval, after a failure;"
+          f" a watch event takes the targeted path, whose cost is the CPU per event above) — median ms, measured by"
+          f" the probe with the agent's own functions:")
     for key in ("book_apply_1_event", "book_leases_copy", "book_peers", "desired_entries", "read_overlay_entries",
                 "plan_changes"):
         print(f"  {key:24} {ms(steps[key]):>7}")
@@ -98,7 +100,7 @@ def report(filled: dict, initial: float, run: dict, steps: dict) -> None:
           f"{ms(steps['read_overlay_entries'])})")
     print(f"  {'diff on int tuples':24} {ms(steps['diff_on_int_tuples']):>7}   (vs plan_changes "
           f"{ms(steps['plan_changes'])})")
-    result("convergence", f"agent work per event at {steps['peers']} peers", f"{ms(total)} ms "
+    result("convergence", f"full resync pass at {steps['peers']} peers", f"{ms(total)} ms "
            f"(kernel read {ms(steps['read_overlay_entries'])}, plan {ms(steps['plan_changes'])}, "
            f"desired {ms(steps['desired_entries'])}, book {ms(steps['book_apply_1_event'])})")
 

@@ -256,10 +256,8 @@ class Agent:
 
     def _reconcile(self, full: bool = True) -> None:
         """A full pass re-declares every peer and re-reads the kernel; else only what changed."""
-        peers = self.book.peers()
-        self._filter_vxlan_sources(peers)
         if full:
-            self.reconciler.set_peers(peers)
+            self.reconciler.set_peers(self.book.peers())
             self.reconciler.request_full_pass()
         result = self._timed_reconcile()
         if isinstance(result.error, LinkNotFound):
@@ -270,6 +268,8 @@ class Agent:
                 log.warning("cannot recreate %s yet: %s", self.reconciler.ifname, exc)
                 return
             self._timed_reconcile()
+        # After the routes: the filter update forks `nft`, which must not delay convergence.
+        self._filter_vxlan_sources(self.reconciler.peer_public_ips())
 
     def _timed_reconcile(self):
         result = self.reconciler.reconcile()
@@ -282,11 +282,10 @@ class Agent:
             self.metrics.reconcile_errors.inc()
         return result
 
-    def _filter_vxlan_sources(self, peers: list[Lease]) -> None:
+    def _filter_vxlan_sources(self, sources: frozenset[IPv4Address]) -> None:
         """Keep the nftables set of allowed VXLAN sources equal to the peers' public IPs."""
         if not self.options.vxlan_ingress_filter:
             return
-        sources = frozenset(lease.public_ip for lease in peers)
         if sources == self._filtered_peers:
             return
         try:

@@ -128,6 +128,9 @@ class Reconciler:
         self._dirty_subnets.add(subnet)
         self._dirty_macs.add(old.vtep_mac)
 
+    def peer_public_ips(self) -> frozenset[IPv4Address]:
+        return frozenset(lease.public_ip for lease in self._peers.values())
+
     @property
     def desired(self) -> OverlayEntries:
         return desired_entries(self._peers.values())
