@@ -6,7 +6,6 @@ node never use the tunnel; only egress is masqueraded (with --ip-masq); the tunn
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
