@@ -362,6 +362,7 @@ class Lab:
         self.etcd_host = Host(self, self.prefix + "e", ETCD_SEGMENT)
         self.outside = Host(self, self.prefix + "o", OUTSIDE_SEGMENT)
         self.nodes: list[Node] = []
+        self.extra_hosts: list[Host] = []
         self.pods: dict[str, Pod] = {}
         self.agents: list[Agent] = []
         self.etcd: Any = None
@@ -411,8 +412,20 @@ class Lab:
             hosts.append(node)
         for ns in [self.router, *hosts]:
             self._add_netns(ns.name)
+        self.router.ip_batch(["link set lo up"])
+        self.router.sysctl("net.ipv4.ip_forward", 1)
+        self._wire(hosts)
 
-        router_cmds = ["link set lo up"]
+        if self.etcd_factory is not None:
+            self.etcd = self.etcd_factory(self)
+        for node in self.nodes:
+            for j in range(self.pods_per_node):
+                self.add_pod(node, f"n{node.index}p{j + 1}",
+                             *self.pod_address(node, j + 1), mtu=self.pod_mtu)
+
+    def _wire(self, hosts: Sequence[Host]) -> None:
+        """A veth from the router to each host, .1 on the router's end, .2 and a default route on the host's."""
+        router_cmds = []
         for host in hosts:
             r_if = host.router_ifname
             router_cmds += [
@@ -422,7 +435,6 @@ class Lab:
                 f"link set {r_if} up",
             ]
         self.router.ip_batch(router_cmds)
-        self.router.sysctl("net.ipv4.ip_forward", 1)
         for host in hosts:
             host.ip_batch([
                 "link set lo up",
@@ -431,12 +443,18 @@ class Lab:
                 f"route add default via {host.gateway}",
             ])
 
-        if self.etcd_factory is not None:
-            self.etcd = self.etcd_factory(self)
-        for node in self.nodes:
-            for j in range(self.pods_per_node):
-                self.add_pod(node, f"n{node.index}p{j + 1}",
-                             *self.pod_address(node, j + 1), mtu=self.pod_mtu)
+    def add_host(self, suffix: str, segment: int) -> Host:
+        """One more host (e.g. another etcd member) at 198.18.<segment>.2 on a segment of its own
+        behind the router; a segment above the outside host's, so it never meets a node's."""
+        if not OUTSIDE_SEGMENT < segment <= 255 or any(h.segment == segment for h in self.extra_hosts):
+            raise ValueError(f"segment {segment}: must be free and in {OUTSIDE_SEGMENT + 1}..255")
+        if not re.fullmatch(r"[a-z0-9]{1,6}", suffix):
+            raise ValueError("suffix: 1-6 lowercase letters or digits")
+        host = Host(self, self.prefix + suffix, segment)
+        self._add_netns(host.name)
+        self.extra_hosts.append(host)
+        self._wire([host])
+        return host
 
     def _add_netns(self, name: str) -> None:
         # Recorded first, so a half-made namespace is still deleted.
@@ -507,7 +525,8 @@ class Lab:
         return Capture(ns, path, iface, bpf, count, timeout)
 
     def _netns_by_name(self, name: str) -> Netns:
-        for ns in [self.router, self.etcd_host, self.outside, *self.nodes, *self.pods.values()]:
+        for ns in [self.router, self.etcd_host, self.outside, *self.extra_hosts, *self.nodes,
+                   *self.pods.values()]:
             if ns.name == name:
                 return ns
         raise LabError(f"no lab namespace {name}")
