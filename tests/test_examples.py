@@ -205,3 +205,22 @@ def test_the_lab_cluster_script_wraps_the_demo_and_is_valid_bash():
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=10).returncode == 0
     assert "-m integration.demo --keep" in script.read_text()
+
+
+def test_the_operations_guide_links_existing_files_and_names_real_flags():
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    for target in re.findall(r"\]\((\.\./[^)#]+)\)", guide):
+        assert (ROOT / "docs" / target).resolve().exists(), target
+    helps = " ".join(subprocess.run([sys.executable, "-m", "vxlan_net", *args, "--help"], capture_output=True,
+                                    text=True, timeout=60, cwd=ROOT).stdout
+                     for args in ([], ["agent"], ["doctor"], ["inspect"], ["config", "set"]))
+    helps += subprocess.run([sys.executable, "-m", "vxlan_net.install_cni", "--help"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT).stdout
+    blocks = re.findall(r"```\n(.*?)```", guide, re.S)
+    prose = re.sub(r"```\n.*?```", "", guide, flags=re.S)
+    codes = re.findall(r"`([^`]+)`", prose) + [b for b in blocks if "etcdctl" not in b]
+    mentioned = {flag for code in codes for flag in re.findall(r"--[a-z][a-z-]+", code)}
+    others = {"--entrypoint", "--cluster-cidr", "--allocate-node-cidrs", "--now"}  # docker, kubernetes, systemctl
+    assert len(mentioned) > 20
+    for flag in sorted(mentioned - others):
+        assert flag in helps, f"docs/operations.md names {flag}, which no vxlan-net command has"
