@@ -5,7 +5,7 @@
 #                   -v /run/vxlan-net:/run/vxlan-net -v /var/lib/vxlan-net:/var/lib/vxlan-net \
 #                   -e VXLAN_NET_ETCD_ENDPOINTS=https://etcd1:2379 vxlan-net:0.1.0
 #   install CNI:  docker run --rm -v /opt/cni/bin:/opt/cni/bin -v /etc/cni/net.d:/etc/cni/net.d \
-#                   vxlan-net:0.1.0 python -m vxlan_net.install_cni --copy-plugin
+#                   --entrypoint python vxlan-net:0.1.0 -m vxlan_net.install_cni --copy-plugin
 #                 (the plugin's standard-library-only sources and a launcher run by the host's
 #                 /usr/bin/python3 into /opt/cni/bin, the bundled conflist into /etc/cni/net.d)
 #
