@@ -154,7 +154,9 @@ class EtcdServer:
             cmd = ["ip", "netns", "exec", self.netns, ETCDCTL_EXE, "--endpoints", self.client_url, *tls,
                    "--dial-timeout", "1s", "--command-timeout", "1s", "endpoint", "health"]
             env = dict(os.environ, ETCDCTL_API="3")
-            return subprocess.run(cmd, capture_output=True, timeout=5, env=env).returncode == 0
+            proc = subprocess.run(cmd, capture_output=True, timeout=5, env=env, text=True)
+            # with auth enabled etcd answers the anonymous probe "user name is empty": it is serving
+            return proc.returncode == 0 or "user name is empty" in proc.stdout + proc.stderr
         try:
             context = ssl.create_default_context(cafile=self.trusted_ca_file or self.cert_file) if self.cert_file else None
             if context is not None and self.trusted_ca_file:

@@ -34,6 +34,7 @@ from vxlan_net.store import (  # noqa: E402
     LeaseWatch,
     parse_endpoint,
     prefix_range_end,
+    _TokenRejected,
     translate_rpc_error,
 )
 
@@ -240,6 +241,29 @@ def test_a_refused_tls_connection_names_its_cause(certificates: dict[str, Path],
     plain = translate_rpc_error("get config", "http://198.18.0.2:2379",
                                 FakeRpcError(grpc.StatusCode.UNAVAILABLE, _REJECTED))
     assert isinstance(getattr(plain, "error", plain), StoreUnavailable)  # no TLS: nothing to blame on certificates
+
+
+@pytest.mark.parametrize(
+    "details, user, expected",
+    [
+        ("etcdserver: permission denied", "node", "permission denied: etcd user 'node' may not do this"),
+        ("etcdserver: authentication failed, invalid user ID or password", "node",
+         "authentication failed: wrong password for etcd user 'node'"),
+        ("etcdserver: user name is empty", None, "etcd has authentication enabled: give an etcd user name"),
+        ("etcdserver: authentication is not enabled", "node", "etcd has authentication disabled"),
+    ],
+)
+def test_auth_refusals_name_the_user_and_the_fix(details: str, user: str | None, expected: str) -> None:
+    error = translate_rpc_error("get config", "http://198.18.0.2:2379",
+                                FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, details), user=user)
+    assert isinstance(error, StoreConfigError) and expected in str(error) and details in str(error)
+
+
+def test_a_stale_auth_token_is_retried_after_logging_in_again_and_half_credentials_are_refused() -> None:
+    stale = FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
+    assert isinstance(translate_rpc_error("get config", "http://198.18.0.2:2379", stale, user="node"), _TokenRejected)
+    with pytest.raises(StoreConfigError, match="both a user name and a password"):
+        EtcdStore(["http://198.18.0.2:2379"], username="node")
 
 
 # -- against etcd ---------------------------------------------------------------------------

@@ -41,6 +41,9 @@ class AgentOptions:
     etcd_cafile: Optional[str] = None
     etcd_certfile: Optional[str] = None
     etcd_keyfile: Optional[str] = None
+    etcd_username: Optional[str] = None
+    """etcd user (with etcd auth on); its role needs readwrite on `<etcd_prefix>/` only."""
+    etcd_password: Optional[str] = dataclasses.field(default=None, repr=False)
     iface: Optional[str] = None
     """Underlay interface; default: the one carrying --public-ip, else the default route's."""
     public_ip: Optional[IPv4Address] = None
@@ -71,7 +74,8 @@ class Agent:
         self.stop = stop
         self.node_state = NodeState(options.state_dir)
         self.store = EtcdStore(list(options.etcd_endpoints), options.etcd_prefix, ca_cert=options.etcd_cafile,
-                               cert_key=options.etcd_keyfile, cert_cert=options.etcd_certfile)
+                               cert_key=options.etcd_keyfile, cert_cert=options.etcd_certfile,
+                               username=options.etcd_username, password=options.etcd_password)
         self.config: Optional[NetworkConfig] = None
         self.keeper: Optional[SubnetLeaseKeeper] = None
         self.book: Optional[LeaseBook] = None

@@ -47,6 +47,10 @@ def _add_etcd_flags(parser: argparse.ArgumentParser, tls: bool = True) -> None:
     if tls:
         for name in ("cafile", "certfile", "keyfile"):
             parser.add_argument(f"--etcd-{name}", default=env_default(f"etcd-{name}"))
+        parser.add_argument("--etcd-username", default=env_default("etcd-username"),
+                            help="etcd user, with etcd auth enabled (env VXLAN_NET_ETCD_USERNAME)")
+        parser.add_argument("--etcd-password", default=env_default("etcd-password"),
+                            help="its password; prefer env VXLAN_NET_ETCD_PASSWORD (argv is visible to all)")
 
 
 def _int_env(flag: str, fallback: Optional[int]) -> Optional[int]:
@@ -141,7 +145,8 @@ def _store(args):
     from .store import EtcdStore  # imported late: `--help` and usage errors stay fast
 
     return EtcdStore(_endpoints(args), args.etcd_prefix, ca_cert=getattr(args, "etcd_cafile", None),
-                     cert_key=getattr(args, "etcd_keyfile", None), cert_cert=getattr(args, "etcd_certfile", None))
+                     cert_key=getattr(args, "etcd_keyfile", None), cert_cert=getattr(args, "etcd_certfile", None),
+                     username=getattr(args, "etcd_username", None), password=getattr(args, "etcd_password", None))
 
 
 def _config_set(args) -> int:
@@ -197,7 +202,8 @@ def _agent(args) -> int:
         ingress_filter = env_bool("vxlan-ingress-filter", default=True)
     options = AgentOptions(
         etcd_endpoints=tuple(_endpoints(args)), etcd_prefix=args.etcd_prefix, etcd_cafile=args.etcd_cafile,
-        etcd_certfile=args.etcd_certfile, etcd_keyfile=args.etcd_keyfile, iface=args.iface, public_ip=public_ip,
+        etcd_certfile=args.etcd_certfile, etcd_keyfile=args.etcd_keyfile, etcd_username=args.etcd_username,
+        etcd_password=args.etcd_password, iface=args.iface, public_ip=public_ip,
         subnet_file=Path(args.subnet_file), state_dir=Path(args.state_dir),
         ip_masq=args.ip_masq if args.ip_masq is not None else env_bool("ip-masq"),
         subnet_lease_ttl=args.subnet_lease_ttl, resync_interval=args.resync_interval,

@@ -7,6 +7,7 @@ is the caller's business.
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import importlib.util
 import io
@@ -113,6 +114,8 @@ _GRPC_OPTIONS = [
 ]
 _RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _CREDENTIAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# etcd drops simple tokens after --auth-token-ttl of idleness, on restart and when auth settings change.
+_STALE_TOKEN_MARKERS = ("invalid auth token", "revision of auth store is old")
 # A certificate that does not verify is a setting to fix; a handshake cut short (etcd restarting) is not.
 _TLS_CONFIG_MARKERS = ("certificate", "ssl_error_ssl")
 _VERIFY_FAILED = re.compile(r"CERTIFICATE_VERIFY_FAILED:([^:]+)")
@@ -238,6 +241,8 @@ class EtcdStore:
         cert_key: Optional[str] = None,
         cert_cert: Optional[str] = None,
         timeout: float = DEFAULT_TIMEOUT,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
@@ -255,6 +260,9 @@ class EtcdStore:
         self._ca_cert = _check_tls_file("CA certificate", ca_cert)
         self._cert_key = _check_tls_file("client key", cert_key)
         self._cert_cert = _check_tls_file("client certificate", cert_cert)
+        if bool(username) != (password is not None):
+            raise StoreConfigError("etcd authentication needs both a user name and a password, or neither")
+        self._username, self._password = username or None, password
         tls = [e.url for e in self.endpoints if e.tls]
         if tls and self._ca_cert is None:
             raise StoreConfigError(f"etcd endpoint {tls[0]} uses https but no CA certificate was given")
@@ -263,6 +271,7 @@ class EtcdStore:
             raise StoreConfigError(f"TLS files were given but etcd endpoint {plain} is plain http")
         self._lock = threading.Lock()
         self._clients: list[Optional[etcd3.Etcd3Client]] = [None] * len(self.endpoints)
+        self._tokens: list[Optional[_AuthToken]] = [None] * len(self.endpoints)
         self._current = 0
         self._subnets_prefix = f"{self.prefix}/subnets/".encode()
 
@@ -455,6 +464,7 @@ class EtcdStore:
     def close(self) -> None:
         with self._lock:
             clients, self._clients = self._clients, [None] * len(self.endpoints)
+            self._tokens = [None] * len(self.endpoints)
         for client in clients:
             if client is not None:
                 client.close()
@@ -486,8 +496,23 @@ class EtcdStore:
                     )
                 except (OSError, ValueError) as exc:  # TLS files read again here: moved, bad PEM
                     raise StoreConfigError(f"etcd {endpoint.url}: cannot set up the client: {exc}") from None
+                if self._username is not None:
+                    self._tokens[index] = _AuthToken.install(client)
                 self._clients[index] = client
             return index, client
+
+    def _authenticate(self, index: int) -> None:
+        """Get an auth token from the endpoint if this client has none (user name and password set)."""
+        token = self._tokens[index]
+        if token is None or token.value is not None:
+            return
+        request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+        token.value = rpc.AuthStub(token.channel).Authenticate(request, self.timeout).token
+
+    def _drop_token(self, index: int) -> None:
+        token = self._tokens[index]
+        if token is not None:
+            token.value = None
 
     def _endpoint_of(self, client: etcd3.Etcd3Client) -> Endpoint:
         with self._lock:
@@ -515,10 +540,14 @@ class EtcdStore:
                     index, client = self._client()
                     try:
                         try:
+                            self._authenticate(index)
                             return request(client)
                         except grpc.RpcError as exc:
                             raise translate_rpc_error(what, self.endpoints[index].url, exc, ca_cert=self._ca_cert,
-                                                  client_cert=self._cert_cert) from None
+                                                      client_cert=self._cert_cert, user=self._username) from None
+                    except _TokenRejected:
+                        self._drop_token(index)  # expired, or etcd restarted: log in again on the next try
+                        raise
                     except _Retryable:
                         self._fail_over(index)
                         raise
@@ -531,16 +560,79 @@ class _LeaseNotFound(LeaseGone):
     """Internal: etcd answered NOT_FOUND for a lease id."""
 
 
+class _TokenRejected(_Retryable):
+    """Internal: etcd no longer accepts our auth token (it expired, etcd restarted, auth changed)."""
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                                            "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _AuthToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Sends etcd's auth token with every call of one client, watches and keepalives included.
+
+    etcd3's own `user=`/`password=` log in once, in the constructor, and only its high-level methods
+    send the token; the store calls the stubs directly and must log in again when a token expires.
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        """The plain channel: logging in must not send a stale token."""
+        self.value: Optional[str] = None
+
+    @classmethod
+    def install(cls, client: etcd3.Etcd3Client) -> "_AuthToken":
+        """Route the client's stubs through a token-adding channel; returns the token holder."""
+        token = cls(client.channel)
+        client.channel = grpc.intercept_channel(client.channel, token)
+        client.kvstub = rpc.KVStub(client.channel)
+        client.leasestub = rpc.LeaseStub(client.channel)
+        client.maintenancestub = rpc.MaintenanceStub(client.channel)
+        client.clusterstub = rpc.ClusterStub(client.channel)
+        return token
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        if self.value is None:
+            return details
+        metadata = [*(details.metadata or ()), ("token", self.value)]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
 def translate_rpc_error(
-    what: str, url: str, exc: grpc.RpcError, *, ca_cert: Optional[str] = None, client_cert: Optional[str] = None
+    what: str, url: str, exc: grpc.RpcError, *, ca_cert: Optional[str] = None, client_cert: Optional[str] = None,
+    user: Optional[str] = None,
 ) -> Exception:
     """A gRPC failure as the domain error the caller can act on (a _Retryable for transient ones).
 
-    `ca_cert`/`client_cert` are the store's TLS files: they let a refused handshake name its cause.
+    `ca_cert`/`client_cert` are the store's TLS files and `user` its etcd user: they let a refused
+    handshake or request name its cause.
     """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     message = f"etcd {url}: {what}: {code.name if code else 'UNKNOWN'}: {details}"
+    if user is not None and any(m in details for m in _STALE_TOKEN_MARKERS):
+        return _TokenRejected(StoreUnavailable(message))
+    auth_problem = _auth_problem(details, user)
+    if auth_problem:
+        return StoreConfigError(f"etcd {url}: {what}: {auth_problem} [{code.name if code else 'UNKNOWN'}: {details}]")
     if code in _CREDENTIAL_CODES:
         return StoreConfigError(f"{message} (check the etcd credentials and client certificate)")
     if code == grpc.StatusCode.UNAVAILABLE and url.startswith("https:"):
@@ -554,6 +646,20 @@ def translate_rpc_error(
     if code in _RETRYABLE_CODES:
         return _Retryable(StoreUnavailable(message))
     return StoreUnavailable(message)
+
+
+def _auth_problem(details: str, user: Optional[str]) -> Optional[str]:
+    """What etcd's auth refusal means for our settings, in words; None if it is not one."""
+    who = f"etcd user {user!r}" if user else "this client (no etcd user given)"
+    if "permission denied" in details:
+        return f"permission denied: {who} may not do this (its role needs readwrite on the key prefix)"
+    if "authentication failed" in details:
+        return f"authentication failed: wrong password for {who}, or no such user"
+    if "user name is empty" in details or ("invalid auth token" in details and user is None):
+        return "etcd has authentication enabled: give an etcd user name and password"
+    if "authentication is not enabled" in details:
+        return f"etcd has authentication disabled but {who} was given: drop the user name and password"
+    return None
 
 
 def _tls_problem(details: str, ca_cert: Optional[str], client_cert: Optional[str]) -> Optional[str]:
