@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live in modules of their own; each module has
 # `register(subparsers, add_etcd_flags)` which sets `handler=<callable(args) -> int>`.
-PLUGGED_COMMANDS: tuple[str, ...] = ("inspect_cmd", "doctor_cmd")
+PLUGGED_COMMANDS: tuple[str, ...] = ("inspect_cmd", "doctor_cmd", "install_cni")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
