@@ -82,6 +82,8 @@ def wait_converged(lab: Lab, nodes: Iterable[Node], timeout: float = 15.0) -> No
             routes = overlay_routes(node)
             for other in nodes:
                 subnet = subnets[other.name]
+                if subnet is None:
+                    return False
                 if other is not node and routes.get(str(subnet)) != str(subnet.network_address):
                     return False
         return True

@@ -141,10 +141,11 @@ def _endpoints(args) -> list[str]:
     return endpoints
 
 
-def _store(args):
+def _store(args, **options):
+    """The etcd door as the etcd flags describe it (`options`: e.g. timeout)."""
     from .store import EtcdStore  # imported late: `--help` and usage errors stay fast
 
-    return EtcdStore(_endpoints(args), args.etcd_prefix, ca_cert=getattr(args, "etcd_cafile", None),
+    return EtcdStore(_endpoints(args), args.etcd_prefix, **options, ca_cert=getattr(args, "etcd_cafile", None),
                      cert_key=getattr(args, "etcd_keyfile", None), cert_cert=getattr(args, "etcd_certfile", None),
                      username=getattr(args, "etcd_username", None), password=getattr(args, "etcd_password", None))
 

@@ -144,18 +144,16 @@ def _cluster(args: argparse.Namespace) -> tuple[Any, list]:
     from .config import parse_config
     from .errors import InvalidLease, VxlanNetError
     from .lease import parse_lease
-    from .store import EtcdStore
+    from .cli import UsageError, _store
 
-    endpoints = [e.strip() for e in (args.etcd_endpoints or "").split(",") if e.strip()]
     try:
-        with EtcdStore(endpoints, args.etcd_prefix, ca_cert=args.etcd_cafile, cert_key=args.etcd_keyfile,
-                       cert_cert=args.etcd_certfile, timeout=ETCD_TIMEOUT) as store:
+        with _store(args, timeout=ETCD_TIMEOUT) as store:
             raw = store.get_config()
             if raw is None:
                 raise VxlanNetError(f"no config at {args.etcd_prefix}/config")
             config = parse_config(raw)
             snapshot = store.list_leases()
-    except VxlanNetError as exc:
+    except (VxlanNetError, UsageError) as exc:
         print(f"vxlan-net inspect: etcd not usable ({exc}); decoding without node names or pod network checks",
               file=sys.stderr)
         return None, []

@@ -89,7 +89,7 @@ def _import_etcd3() -> None:
 
 
 _import_etcd3()
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's INFO lines repeat what our errors already say
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own lines repeat what our errors already say, on every retry
 
 import etcd3  # noqa: E402  (after the protobuf modules are in place)
 import etcd3.etcdrpc as rpc  # noqa: E402
