@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import time
 
@@ -55,6 +56,26 @@ def connectivity_matrix(pods) -> tuple[str, int]:
     return "\n".join(lines), failures
 
 
+def inspect_one_frame(lab: Lab, src, dst) -> str:
+    """Start `vxlan-net inspect --count 1` on the source's node, ping once, return its line."""
+    node = src.node
+    capture = node.popen(lab.agent_exe, "inspect", "--iface", "ul0", "--count", "1", "--timeout", "20",
+                         "--filter", f"pod {dst.ip}", "--etcd-endpoints", lab.etcd_url,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = ""
+    for _ in range(30):  # bounded: the capture needs a moment to start (scapy import); ping until it reports
+        src.ping(dst.ip, count=1, timeout=1)
+        if capture.poll() is not None:
+            break
+        time.sleep(0.5)
+    try:
+        out, err = capture.communicate(timeout=25)
+    except subprocess.TimeoutExpired:
+        capture.kill()
+        out, err = capture.communicate()
+    return out.strip() or f"(no frame decoded: {err.strip()[-200:]})"
+
+
 def run(args) -> int:
     with Lab(nodes=args.nodes) as lab:
         print(f"lab {lab.tag}: router {lab.router.name}, etcd {lab.etcd_url}, "
@@ -79,12 +100,24 @@ def run(args) -> int:
         with Step("lease table and this node's kernel (vxlan-net status on node 1)"):
             status = lab.nodes[0].run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url)
             print("\n".join("    " + line for line in status.stdout.splitlines()))
+        remote = next((p for p in pods if p.node is not pods[0].node), None)
+        if remote is not None:
+            with Step(f"one VXLAN frame on node 1's underlay, decoded by `vxlan-net inspect` "
+                      f"({pods[0].pod_name} -> {remote.pod_name})"):
+                print("    " + inspect_one_frame(lab, pods[0], remote))
+        with Step("vxlan-net doctor on node 1" + (f" (with --probe {remote.ip})" if remote else "")):
+            doctor = lab.nodes[0].run(lab.agent_exe, "doctor", "--etcd-endpoints", lab.etcd_url,
+                                      "--subnet-file", str(lab.nodes[0].subnet_file),
+                                      "--state-dir", str(lab.nodes[0].state_dir),
+                                      *(["--probe", remote.ip] if remote else []), timeout=60)
+            print("\n".join("    " + line for line in doctor.stdout.splitlines()))
         verdict = f"{OK} all {len(pods) * (len(pods) - 1)} pod pairs reach each other" if not failures else \
             f"{FAIL} {failures} pod pairs cannot reach each other"
         print(verdict)
+        print(f"{OK} doctor: every check holds" if doctor.returncode == 0 else f"{FAIL} doctor found problems")
         if args.keep:
             _hold(lab)
-        return 0 if not failures and status.returncode == 0 else 1
+        return 0 if not failures and status.returncode == 0 and doctor.returncode == 0 else 1
 
 
 def _hold(lab: Lab) -> None:

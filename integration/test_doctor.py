@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 
@@ -129,3 +130,18 @@ def test_doctor_probe_sees_the_frame_leave_for_the_node_holding_the_destination(
 
     usage = n1.run(lab.agent_exe, "doctor", "--etcd-endpoints", lab.etcd_url, "--probe", "not-an-ip")
     assert usage.returncode == 2 and usage.stderr.strip().count("\n") == 0, usage.stderr
+
+
+def test_doctor_node_flag_runs_inside_the_named_namespace(lab):
+    from integration.cluster import running_cluster
+
+    lab = lab(nodes=2)
+    nodes = running_cluster(lab)
+    root_side = subprocess.run([lab.agent_exe, "doctor", "--node", nodes[0].name, "--etcd-endpoints", lab.etcd_url,
+                                "--subnet-file", str(nodes[0].subnet_file), "--state-dir", str(nodes[0].state_dir),
+                                "--bridge", "none-here"], capture_output=True, text=True, timeout=60)
+    assert "device vxnet.1: VNI 1" in root_side.stdout and "local 198.18.1.2" in root_side.stdout
+    assert "bridge none-here" in root_side.stdout and root_side.returncode == 1  # no bridge: named, not hidden
+    missing = subprocess.run([lab.agent_exe, "doctor", "--node", "no-such-ns"], capture_output=True, text=True,
+                             timeout=30)
+    assert missing.returncode == 2 and "no such network namespace" in missing.stderr

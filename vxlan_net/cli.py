@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accept VXLAN only from current nodes' public IPs (default on)")
     agent.add_argument("--healthz-addr", default=env_default("healthz-addr"),
                        help="HOST:PORT serving /healthz, /readyz and /metrics (default: off)")
+    agent.add_argument("--cni-socket", default=env_default("cni-socket"),
+                       help="socket where the CNI plugin hands over veth deletions (default: cni.sock next to "
+                            "--subnet-file, where the plugin looks)")
 
     status = commands.add_parser("status", help="show the leases and whether this node's kernel matches them")
     _add_etcd_flags(status)
@@ -209,6 +212,7 @@ def _agent(args) -> int:
         ip_masq=args.ip_masq if args.ip_masq is not None else env_bool("ip-masq"),
         subnet_lease_ttl=args.subnet_lease_ttl, resync_interval=args.resync_interval,
         vxlan_ingress_filter=ingress_filter, healthz_addr=healthz,
+        cni_socket=Path(args.cni_socket) if args.cni_socket else None,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -247,7 +251,7 @@ def _status(args) -> int:
     peers = [lease for lease, _ in rows if lease.subnet != own]
     drift = describe_drift(desired_entries(peers), kernel.read_overlay_entries(device))
     if not drift:
-        print(f"this node ({own}): kernel entries match {len(peers)} peers")
+        print(f"this node ({own}): kernel entries match {len(peers)} peer{'' if len(peers) == 1 else 's'}")
         return 0
     print(f"this node ({own}): kernel entries differ from the leases:")
     print("\n".join(f"  {line}" for line in drift))

@@ -25,13 +25,37 @@ def register(subparsers, add_etcd_flags) -> None:
                              "underlay, that it leaves for the right node with our VNI and unchanged addresses")
     parser.add_argument("--probe-timeout", type=float, default=3.0, help="seconds to wait for the probe's frames")
     parser.add_argument("--json", action="store_true", help="print the findings as one JSON document")
+    parser.add_argument("--node", metavar="NETNS",
+                        help="run inside this named network namespace (a lab node) instead of here")
     parser.set_defaults(handler=run)
+
+
+def _rerun_inside(netns: str) -> None:
+    """Replace this process with the same doctor command inside `netns` (never returns)."""
+    import os
+    import sys
+
+    from .cli import UsageError
+
+    if "/" in netns or not os.path.exists(f"/run/netns/{netns}"):
+        raise UsageError(f"--node {netns!r}: no such network namespace (see `ip netns list`)")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--node":
+            skip = True
+        elif not arg.startswith("--node="):
+            argv.append(arg)
+    os.execvp("ip", ["ip", "netns", "exec", netns, sys.executable, "-m", "vxlan_net", *argv])
 
 
 def run(args: argparse.Namespace) -> int:
     from . import doctor
     from .cli import UsageError, _endpoints, _store
 
+    if args.node:
+        _rerun_inside(args.node)
     dest = None
     if args.probe is not None:
         try:
