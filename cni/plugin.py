@@ -8,13 +8,12 @@ on stdout with exit 1; nothing here writes to stdout itself.
 import os
 
 from . import errors as E
+from .agent_socket import HOST_VETH_DIGEST_CHARS, HOST_VETH_PREFIX, socket_path
 from .config import (SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env, parse_netconf,
                      peek_version, plan_addresses, read_subnet_file)
 from .errors import CniError
 from .ipam import DiskStore, owner_matches, allocate, release_owner
 from .jsonfast import dumps
-
-HOST_VETH_PREFIX = "vxn"
 
 try:
     from _blake2 import blake2s
@@ -24,7 +23,7 @@ except ImportError:  # pragma: no cover
 
 def host_veth_name(container_id: str, ifname: str) -> str:
     """Deterministic, so DEL and GC find the host end without the container's netns."""
-    digest = blake2s(f"{container_id}\0{ifname}".encode(), digest_size=6).hexdigest()
+    digest = blake2s(f"{container_id}\0{ifname}".encode(), digest_size=HOST_VETH_DIGEST_CHARS // 2).hexdigest()
     return HOST_VETH_PREFIX + digest
 
 
@@ -43,7 +42,7 @@ def run(environ, stdin: bytes, kernel=None, store=DiskStore):
         if kernel is None:
             from .wiring import Wiring
 
-            kernel = Wiring()
+            kernel = Wiring(agent_socket=socket_path(conf.subnet_file))
         return COMMANDS[env.command](env, conf, kernel, store)
     except CniError as exc:
         return 1, dumps(exc.to_dict(version))
@@ -127,16 +126,15 @@ def _merge_prev(prev, result):
 
 
 def cmd_del(env, conf, kernel, store):
-    problems = []
-    try:
-        kernel.detach(host_veth_name(env.container_id, env.ifname))
-    except CniError as exc:
-        problems.append(exc)
+    """Release the address, then remove the host veth (its peer goes with it).
+
+    The release is synchronous; the veth's removal may be handed to the agent
+    (`Wiring.detach`), the same order as the reference bridge plugin's DEL.
+    """
     with store(conf.data_dir, conf.name, create=False) as locked:
         if locked is not None:
             release_owner(locked, env.container_id, env.ifname)
-    if problems:
-        raise problems[0]
+    kernel.detach(host_veth_name(env.container_id, env.ifname))
     return 0, ""
 
 

@@ -3,12 +3,14 @@
 `Wiring` is the real kernel (raw netlink, `cni.netlink`); tests pass a fake with
 the same four methods to the dispatcher. `attach` is all-or-nothing: once the
 veth pair exists, any later failure deletes it (which removes both ends).
+`detach` first asks the node agent to delete the host veth (`cni.agent_socket`).
 """
 
 import os
 
 from . import errors as E
 from . import netlink as nl
+from .agent_socket import LOCK_SUFFIX, NameLock, ask_agent_to_delete
 from .config import int_to_ip
 from .errors import CniError
 from .netns import Entered
@@ -67,7 +69,13 @@ class Attachment:
 
 
 class Wiring:
-    """Kernel state for one pod interface, over raw netlink."""
+    """Kernel state for one pod interface, over raw netlink.
+
+    `agent_socket`: the node agent's CNI socket; None: do everything in-process.
+    """
+
+    def __init__(self, agent_socket=None):
+        self.agent_socket = agent_socket
 
     def _ensure_bridge(self, sock: nl.Netlink, name: str, mtu: int) -> nl.Link:
         link = sock.get_link(name)
@@ -85,7 +93,7 @@ class Wiring:
                netns_fd: int, ifname: str, mac: bytes, ip: int, routes) -> Attachment:
         enable_ip_forward()
         try:
-            with nl.Netlink() as sock:
+            with self._name_lock(host_veth), nl.Netlink() as sock:
                 return self._attach(sock, bridge, gateway, prefix, mtu, hairpin, host_veth, netns_fd, ifname,
                                     mac, ip, routes)
         except OSError as exc:
@@ -105,11 +113,18 @@ class Wiring:
         if len(head) > 1:
             _raise_if(results[1][0], f"cannot set bridge {bridge} up")
         results = results[len(head):]
-        if results[0][0] == nl.EEXIST and sock.get_link(host_veth) is not None:
-            # A leftover of an ADD killed before it could reserve/record (its reservation is gone,
-            # or `allocate` would have refused): the name is ours, replace it once.
-            sock.delete_link(host_veth)
-            results = sock.batch(pair)
+        if results[0][0] == nl.EEXIST:
+            stale = sock.get_link(host_veth)
+            if stale is not None and stale.kind != "veth":
+                raise CniError(E.KERNEL, f"cannot create veth {host_veth}: a {stale.kind or 'non-veth'} device "
+                               "holds that name", "errno 17")
+            if stale is not None:
+                # The host end of an earlier attachment of this container/ifname: one whose DEL
+                # handed it to the agent (not deleted yet), or an ADD killed before it could
+                # reserve/record. Its reservation is gone (or `allocate` would have refused), the
+                # name is ours: replace it once.
+                sock.delete_link(host_veth)
+                results = sock.batch(pair)
         if results[0][0] == nl.EEXIST:
             raise CniError(E.KERNEL, f"cannot create veth pair: interface {ifname} already exists "
                            "in the container's network namespace", "errno 17")
@@ -136,7 +151,18 @@ class Wiring:
             sock.delete_link(host_veth)  # both ends go
             raise
 
+    def _name_lock(self, host_veth: str):
+        """Keeps a deletion the agent queued for this name off the veth being created under it."""
+        if self.agent_socket is None:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        return NameLock(self.agent_socket + LOCK_SUFFIX, host_veth)
+
     def detach(self, host_veth: str) -> bool:
+        """Delete the host veth (both ends go); True if deleted or handed to the agent."""
+        if self.agent_socket is not None and ask_agent_to_delete(self.agent_socket, host_veth):
+            return True
         try:
             with nl.Netlink() as sock:
                 return sock.delete_link(host_veth)
