@@ -12,6 +12,7 @@ from typing import Optional
 
 from . import firewall, kernel
 from .backoff import Backoff
+from .cni_service import CniService
 from .config import NetworkConfig, parse_config
 from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
                      SubnetTaken, VxlanNetError, WatchCompacted)
@@ -59,6 +60,13 @@ class AgentOptions:
     """Accept VXLAN frames only from the public IPs of current leases (nftables)."""
     healthz_addr: Optional[tuple[str, int]] = None
     """Where to serve /healthz, /readyz and /metrics; None: not served."""
+    cni_socket: Optional[Path] = None
+    """Root-only socket where the CNI plugin hands over host veth deletions; None: `cni.sock` next to
+    subnet_file, where the plugin looks for it."""
+
+    def __post_init__(self):
+        if self.cni_socket is None:
+            object.__setattr__(self, "cni_socket", self.subnet_file.parent / "cni.sock")
 
 
 def vtep_name(vni: int) -> str:
@@ -90,12 +98,15 @@ class Agent:
     # -- start-up ------------------------------------------------------------------
 
     def run(self) -> int:
-        server = None
+        server = service = None
         if self.options.healthz_addr is not None:
             server = HealthServer(self.options.healthz_addr, self.metrics, self.readiness).start()
         try:
+            service = CniService(self.options.cni_socket).start()
             return self._run()
         finally:
+            if service is not None:
+                service.close()
             if server is not None:
                 server.close()
 
