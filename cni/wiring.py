@@ -13,7 +13,6 @@ from . import netlink as nl
 from .agent_socket import LOCK_SUFFIX, NameLock, ask_agent_to_delete
 from .config import int_to_ip
 from .errors import CniError
-from .netns import Entered
 
 NS_GET_NSTYPE = 0xB703  # ioctl: which kind of namespace an nsfs fd is
 CLONE_NEWNET = 0x40000000
@@ -135,6 +134,8 @@ class Wiring:
             err, links = results[-1]
             _raise_if(err, f"cannot read back {host_veth}")
             host = links[0]
+            from .netns import Entered  # here, not at the top: DEL never enters a netns (_ctypes)
+
             with Entered(netns_fd):
                 inside = nl.Netlink()
             with inside:
@@ -185,6 +186,8 @@ class Wiring:
             with nl.Netlink() as sock:
                 host = sock.get_link(host_veth)
                 br = sock.get_link(bridge)
+            from .netns import Entered
+
             with Entered(netns_fd):
                 inside = nl.Netlink()
             with inside:
