@@ -33,9 +33,11 @@ def nft_listing(network: str = "198.19.0.0/16", ip_masq: bool = True) -> dict:
     def rule(chain, *expr):
         return {"rule": {"family": "ip", "table": "vxlan-net", "chain": chain, "expr": list(expr)}}
 
+    udp_port = {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 8472}}
     items = [{"table": {"family": "ip", "name": "vxlan-net"}},
-             rule("forward", prefix("saddr", network), {"accept": None}),
-             rule("forward", prefix("daddr", network), {"accept": None})]
+             {"set": {"family": "ip", "name": "vxlan_peers", "table": "vxlan-net", "type": "ipv4_addr",
+                      "elem": [str(PEER.public_ip), str(OTHER.public_ip)]}},
+             rule("input", udp_port, {"counter": {"packets": 0, "bytes": 0}}, {"drop": None})]
     if ip_masq:
         items += [rule("postrouting", prefix("saddr", network), prefix("daddr", network), {"return": None}),
                   rule("postrouting", prefix("saddr", network),
@@ -253,8 +255,22 @@ def test_masquerade_without_the_pod_to_pod_exception_is_named():
 
 def test_masquerade_for_another_network_is_named():
     listing = nft_listing(network="198.19.0.0/17")
-    failed = failures(healthy(nft=listing))
-    assert set(failed) == {"nftables table ip vxlan-net", "masquerade"}
+    assert only_failure(healthy(nft=listing)).item == "masquerade"
+
+
+def test_a_peer_missing_from_the_ingress_filter_is_named():
+    listing = nft_listing()
+    for item in listing["nftables"]:
+        if "set" in item:
+            item["set"]["elem"] = [str(PEER.public_ip)]
+    finding = only_failure(healthy(nft=listing))
+    assert finding.item == "nftables table ip vxlan-net" and str(OTHER.public_ip) in finding.reason
+
+
+def test_no_input_chain_means_the_ingress_filter_is_off_not_broken():
+    listing = nft_listing()
+    listing["nftables"] = [i for i in listing["nftables"] if "set" not in i and i.get("rule", {}).get("chain") != "input"]
+    assert not failures(healthy(nft=listing))
 
 
 def test_ip_forward_off_is_named():
@@ -282,10 +298,12 @@ def test_render_prints_one_line_per_item_and_a_fix_under_failures():
 
 def test_the_nft_rules_doctor_expects_are_the_ones_the_agent_renders():
     """Guards the hand-built listing above: same rules as firewall.render_ruleset, in the same order."""
-    text = render_ruleset(IPv4Network("198.19.0.0/16"), True)
+    text = render_ruleset(IPv4Network("198.19.0.0/16"), True, 8472, [PEER.public_ip, OTHER.public_ip])
     assert "ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 return" in text
     assert text.index("ip daddr 198.19.0.0/16 return") < text.index("masquerade")
-    assert "ip saddr 198.19.0.0/16 accept" in text and "ip daddr 198.19.0.0/16 accept" in text
+    assert "udp dport 8472 ip saddr != @vxlan_peers counter drop" in text
+    assert f"elements = {{ {PEER.public_ip}, {OTHER.public_ip} }}" in text
+    assert "hook forward" not in text
 
 
 # --- the probe ---------------------------------------------------------------------

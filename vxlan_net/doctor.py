@@ -460,20 +460,24 @@ def _matches(expr_list, saddr: Optional[IPv4Network], daddr: Optional[IPv4Networ
 
 
 def check_firewall(facts: NodeFacts) -> Finding:
+    """Our table exists; with the ingress filter on, every peer's public IP may send us VXLAN."""
     item = f"nftables table ip {NFT_TABLE}"
     if isinstance(facts.nft, Unavailable):
         return Finding(False, item, facts.nft.reason, "the agent installs it at start-up: restart the agent")
-    network = pod_network(facts)
-    if isinstance(network, Unavailable):
-        return Finding(False, item, f"not checked: {network.reason}", "fix the failures above first")
-    rules = _rules(facts.nft, "forward")
-    missing = [f"ip {d} {network} accept" for d in ("saddr", "daddr")
-               if not any(_matches(r, network if d == "saddr" else None, network if d == "daddr" else None,
-                                   "accept") for r in rules)]
-    if missing:
-        return Finding(False, item, f"forward chain lacks {' and '.join(missing)}",
-                       "the agent installs it at start-up: restart the agent")
-    return Finding(True, item, f"forward accepts {network}")
+    filtering = any(isinstance(e, Mapping) and "drop" in e for r in _rules(facts.nft, "input") for e in r)
+    if not filtering:
+        return Finding(True, item, "present; VXLAN ingress filter off")
+    allowed = {str(e) for item_ in facts.nft.get("nftables", []) if isinstance(item_, Mapping)
+               and isinstance(item_.get("set"), Mapping) for e in item_["set"].get("elem", [])}
+    peers = peer_leases(facts)
+    if isinstance(peers, Unavailable):  # etcd down: the config line already fails; say what we could see
+        return Finding(True, item, f"VXLAN ingress filter on ({len(allowed)} addresses allowed; "
+                                   f"not compared with the leases: {peers.reason})")
+    blocked = sorted({str(lease.public_ip) for lease in peers} - allowed)
+    if blocked:
+        return Finding(False, item, f"ingress filter drops VXLAN from peer nodes {', '.join(blocked)}",
+                       "the agent updates the set with the leases: restart it if this persists past a resync")
+    return Finding(True, item, f"VXLAN accepted only from the {len(peers)} peer nodes' addresses")
 
 
 def check_masquerade(facts: NodeFacts) -> Finding:
