@@ -101,3 +101,10 @@ def test_bad_agent_flags_exit_2_before_touching_anything():
         result = vxlan_net("agent", "--etcd-endpoints", "http://127.0.0.1:9", *flags)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert vxlan_net("agent", env={"VXLAN_NET_IP_MASQ": "maybe"}).returncode == 2
+
+
+def test_numeric_flags_from_the_environment_are_validated():
+    bad = vxlan_net("agent", env={"VXLAN_NET_RESYNC_INTERVAL": "soon"})
+    assert bad.returncode == 2 and "VXLAN_NET_RESYNC_INTERVAL='soon' is not a number" in bad.stderr
+    bad = vxlan_net("config", "set", env={"VXLAN_NET_VNI": "1.5"})
+    assert bad.returncode == 2 and "is not an integer" in bad.stderr

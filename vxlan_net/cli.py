@@ -53,14 +53,16 @@ def _add_etcd_flags(parser: argparse.ArgumentParser, tls: bool = True) -> None:
                             help="its password; prefer env VXLAN_NET_ETCD_PASSWORD (argv is visible to all)")
 
 
-def _int_env(flag: str, fallback: Optional[int]) -> Optional[int]:
+def _int_env(flag: str, fallback, kind=int):
+    """A numeric flag's default from the environment; a bad value is a usage error."""
     value = env_default(flag)
     if value is None:
         return fallback
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
-        raise UsageError(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}={value!r} is not an integer") from None
+        noun = "an integer" if kind is int else "a number"
+        raise UsageError(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}={value!r} is not {noun}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--ip-masq", action="store_true", default=None,
                        help="masquerade traffic leaving the pod network (env VXLAN_NET_IP_MASQ=true)")
     agent.add_argument("--subnet-lease-ttl", type=int, default=_int_env("subnet-lease-ttl", 24 * 3600))
-    agent.add_argument("--resync-interval", type=float, default=float(_int_env("resync-interval", 30)))
+    agent.add_argument("--resync-interval", type=float, default=_int_env("resync-interval", 30.0, float))
     agent.add_argument("--vxlan-ingress-filter", action=argparse.BooleanOptionalAction, default=None,
                        help="accept VXLAN only from current nodes' public IPs (default on)")
     agent.add_argument("--healthz-addr", default=env_default("healthz-addr"),
