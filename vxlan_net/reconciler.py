@@ -89,7 +89,6 @@ class Reconciler:
         self._dirty_macs: set[str] = set()
         self._known: Optional[KnownEntries] = None  # None: a full pass is due
         self.failures_in_a_row = 0
-        self.last_success: float | None = None
         self.peers_programmed = 0
 
     # -- declaring ---------------------------------------------------------------
@@ -189,7 +188,6 @@ class Reconciler:
         elif changes:
             log.info("overlay entries: %d changes applied (%d peers)", changes, len(self._peers))
         self.failures_in_a_row = 0
-        self.last_success = time.time()
         self.peers_programmed = len(self._peers)
 
     def _note_failure(self, exc: Exception) -> None:
