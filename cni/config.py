@@ -200,18 +200,6 @@ class NetConf(Record):
                  "valid_attachments")
 
 
-def peek_version(stdin: bytes) -> str:
-    """The cniVersion to put in an error/VERSION reply, whatever the config's state."""
-    from .jsonfast import loads
-
-    try:
-        conf = loads(stdin.decode())
-    except (ValueError, UnicodeError):
-        return LATEST_VERSION
-    version = conf.get("cniVersion") if isinstance(conf, dict) else None
-    return version if version in SUPPORTED_VERSIONS else LATEST_VERSION
-
-
 def decode_config(stdin: bytes) -> dict:
     from .jsonfast import loads
 

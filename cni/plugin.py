@@ -9,8 +9,8 @@ import os
 
 from . import errors as E
 from .agent_socket import HOST_VETH_DIGEST_CHARS, HOST_VETH_PREFIX, socket_path
-from .config import (SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env, parse_netconf,
-                     peek_version, plan_addresses, read_subnet_file)
+from .config import (LATEST_VERSION, SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env,
+                     parse_netconf, plan_addresses, read_subnet_file)
 from .errors import CniError
 from .ipam import DiskStore, owner_matches, allocate, release_owner
 from .jsonfast import dumps
@@ -33,12 +33,21 @@ def run(environ, stdin: bytes, kernel=None, store=DiskStore):
     `kernel` (default `Wiring`) and `store` (a `DiskStore`-like factory) are
     swapped for fakes in tests.
     """
-    version = peek_version(stdin) if stdin else "1.1.0"
+    raw, bad_config = None, None
+    try:
+        raw = decode_config(stdin)
+    except CniError as exc:  # reported after the env's errors, and never for VERSION
+        bad_config = exc
+    version = raw.get("cniVersion") if raw is not None else None
+    if version not in SUPPORTED_VERSIONS:
+        version = LATEST_VERSION  # what an error or VERSION reply says when the config does not
     try:
         env = parse_env(environ)
         if env.command == "VERSION":
             return 0, dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
-        conf = parse_netconf(decode_config(stdin), env)
+        if bad_config is not None:
+            raise bad_config
+        conf = parse_netconf(raw, env)
         if kernel is None:
             from .wiring import Wiring
 
