@@ -32,10 +32,10 @@ def pick_address(start: int, end: int, gateway: int, taken, last):
     return None
 
 
-def owner_matches(content: str, container_id: str, ifname: str) -> bool:
-    content = content.strip()
+def held_by(owners: dict, container_id: str, ifname: str) -> list:
+    """The addresses in `owners` (ip -> (container ID, ifname)) that container_id/ifname holds, lowest first."""
     # Files written before host-local recorded ifnames hold only the container ID.
-    return content == container_id + LINE_BREAK + ifname or content == container_id
+    return sorted(ip for ip, owner in owners.items() if owner in ((container_id, ifname), (container_id, "")))
 
 
 class MemoryStore:
@@ -161,11 +161,11 @@ class DiskStore:
 def allocate(store, plan, container_id: str, ifname: str, requested=None) -> int:
     """Reserve one address for (container_id, ifname) in a locked store; CniError when impossible."""
     owners = store.reservations()
-    for ip, owner in owners.items():
-        if owner_matches(LINE_BREAK.join(owner), container_id, ifname):
-            raise CniError(E.DUPLICATE_ALLOCATION, f"{int_to_ip(ip)} is already allocated to container "
-                           f"{container_id} interface {ifname}; duplicate allocation is not allowed "
-                           "(DEL it first)")
+    held = held_by(owners, container_id, ifname)
+    if held:
+        raise CniError(E.DUPLICATE_ALLOCATION, f"{int_to_ip(held[0])} is already allocated to container "
+                       f"{container_id} interface {ifname}; duplicate allocation is not allowed "
+                       "(DEL it first)")
     if requested is not None:
         if not plan.start <= requested <= plan.end or requested == plan.gateway:
             raise CniError(E.ADDRESS_UNAVAILABLE, f"requested IP {int_to_ip(requested)} is outside the range "
@@ -188,9 +188,7 @@ def allocate(store, plan, container_id: str, ifname: str, requested=None) -> int
 
 def release_owner(store, container_id: str, ifname: str) -> list:
     """Release every address held by (container_id, ifname); returns the addresses."""
-    released = []
-    for ip, owner in store.reservations().items():
-        if owner_matches(LINE_BREAK.join(owner), container_id, ifname):
-            store.release(ip)
-            released.append(ip)
+    released = held_by(store.reservations(), container_id, ifname)
+    for ip in released:
+        store.release(ip)
     return released

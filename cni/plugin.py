@@ -12,7 +12,7 @@ from .agent_socket import HOST_VETH_DIGEST_CHARS, HOST_VETH_PREFIX, socket_path
 from .config import (LATEST_VERSION, SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env,
                      parse_netconf, plan_addresses, read_subnet_file)
 from .errors import CniError
-from .ipam import DiskStore, owner_matches, allocate, release_owner
+from .ipam import DiskStore, allocate, held_by, release_owner
 from .jsonfast import dumps
 
 try:
@@ -164,7 +164,7 @@ def cmd_check(env, conf, kernel, store):
     plan = plan_addresses(conf, node)
     with store(conf.data_dir, conf.name, create=False) as locked:
         owners = locked.reservations() if locked is not None else {}
-    mine = sorted(ip for ip, owner in owners.items() if owner_matches("\r\n".join(owner), env.container_id, env.ifname))
+    mine = held_by(owners, env.container_id, env.ifname)
     if not mine:
         raise CniError(E.UNKNOWN_CONTAINER, f"no address is reserved for container {env.container_id} "
                        f"interface {env.ifname}")
