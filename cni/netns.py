@@ -7,8 +7,10 @@ switches back in a `finally`.
 """
 
 import os
+from fcntl import ioctl
 
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # ioctl: which kind of namespace an nsfs fd is
 
 try:
     import _ctypes
@@ -26,6 +28,13 @@ except (ImportError, AttributeError, OSError):  # pragma: no cover - other inter
 
 def open_netns(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def is_netns(fd: int) -> bool:
+    try:
+        return ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:  # not an nsfs file at all
+        return False
 
 
 class Entered:

@@ -63,8 +63,7 @@ def run(environ, stdin: bytes, kernel=None, store=DiskStore):
 
 
 def _open_netns(path: str) -> int:
-    from .netns import open_netns
-    from .wiring import check_netns_fd
+    from .netns import is_netns, open_netns
 
     try:
         fd = open_netns(path)
@@ -72,11 +71,9 @@ def _open_netns(path: str) -> int:
         raise CniError(E.INVALID_ENV, f"CNI_NETNS {path} does not exist") from None
     except OSError as exc:
         raise CniError(E.INVALID_ENV, f"cannot open CNI_NETNS {path}: {exc.strerror}") from None
-    try:
-        check_netns_fd(fd, path)
-    except BaseException:
+    if not is_netns(fd):
         os.close(fd)
-        raise
+        raise CniError(E.INVALID_ENV, f"CNI_NETNS {path} is not a network namespace")
     return fd
 
 

@@ -14,25 +14,11 @@ from .agent_socket import LOCK_SUFFIX, NameLock, ask_agent_to_delete
 from .config import int_to_ip
 from .errors import CniError
 
-NS_GET_NSTYPE = 0xB703  # ioctl: which kind of namespace an nsfs fd is
-CLONE_NEWNET = 0x40000000
-
 
 def random_mac() -> bytes:
     raw = bytearray(os.urandom(6))
     raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered
     return bytes(raw)
-
-
-def check_netns_fd(fd: int, path: str) -> None:
-    from fcntl import ioctl
-
-    try:
-        kind = ioctl(fd, NS_GET_NSTYPE)
-    except OSError:
-        kind = None
-    if kind != CLONE_NEWNET:
-        raise CniError(E.INVALID_ENV, f"CNI_NETNS {path} is not a network namespace")
 
 
 def _kernel_error(what: str, exc: OSError) -> CniError:
