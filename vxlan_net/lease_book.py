@@ -46,10 +46,6 @@ class LeaseBook:
         self._by_key: dict[str, IPv4Network] = {}
         self._rejected: dict[str, str] = {}
 
-    @property
-    def leases(self) -> Mapping[IPv4Network, Lease]:
-        return dict(self._leases)
-
     def peers(self) -> list[Lease]:
         """The leases of other nodes: never ours, never overlapping ours."""
         own = self.own_subnet
