@@ -43,7 +43,7 @@ RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
 RTN_UNICAST = 1
 
-ENOENT, ESRCH, ENODEV, EEXIST = 2, 3, 19, 17
+ENODEV, EEXIST = 19, 17
 
 
 class NetlinkError(OSError):
@@ -66,6 +66,11 @@ def attr_u32(kind: int, value: int) -> bytes:
 def ifinfo(index: int = 0, up: bool = False, family: int = AF_UNSPEC) -> bytes:
     flags = IFF_UP if up else 0
     return pack("=BxHiII", family, 0, index, flags, flags)
+
+
+def by_name(name: str) -> bytes:
+    """An ifinfomsg body naming the link by IFLA_IFNAME (no index)."""
+    return ifinfo() + attr_str(IFLA_IFNAME, name)
 
 
 def parse_attrs(data: bytes, offset: int, end: int) -> dict:
@@ -188,7 +193,7 @@ class Netlink:
     # -- the few request shapes the plugin needs -------------------------------------
 
     def get_link(self, name: str):
-        err, replies = self.call(RTM_GETLINK, 0, ifinfo() + attr_str(IFLA_IFNAME, name), ok=(ENODEV,))
+        err, replies = self.call(*get_link(name), ok=(ENODEV,))
         return None if err else replies[0]
 
     def links(self):
@@ -202,7 +207,7 @@ class Netlink:
 
     def delete_link(self, name: str) -> bool:
         """True when deleted, False when it did not exist."""
-        err, _ = self.call(RTM_DELLINK, 0, ifinfo() + attr_str(IFLA_IFNAME, name), ok=(ENODEV,))
+        err, _ = self.call(RTM_DELLINK, 0, by_name(name), ok=(ENODEV,))
         return not err
 
 
@@ -232,12 +237,12 @@ def new_veth(host: str, peer: str, mtu: int, master: int, peer_mac: bytes, peer_
 
 def set_hairpin(name: str):
     data = attr(IFLA_INFO_SLAVE_DATA, attr(IFLA_BRPORT_MODE, b"\x01"))
-    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr(IFLA_LINKINFO, attr_str(IFLA_INFO_SLAVE_KIND, "bridge") + data)
+    body = by_name(name) + attr(IFLA_LINKINFO, attr_str(IFLA_INFO_SLAVE_KIND, "bridge") + data)
     return RTM_NEWLINK, 0, body
 
 
 def get_link(name: str):
-    return RTM_GETLINK, 0, ifinfo() + attr_str(IFLA_IFNAME, name)
+    return RTM_GETLINK, 0, by_name(name)
 
 
 def new_address(index: int, ip: int, prefix: int):
