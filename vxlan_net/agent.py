@@ -17,7 +17,7 @@ from .config import NetworkConfig, parse_config
 from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
                      SubnetTaken, VxlanNetError, WatchCompacted)
 from .health import AgentMetrics, HealthServer, Readiness
-from .lease import Lease
+from .lease import Lease, trusted_peers
 from .lease_book import LeaseBook, RecordEvent
 from .reconciler import Reconciler
 from .state import NodeState
@@ -263,10 +263,8 @@ class Agent:
         if replace or lost:
             self._reconcile(full=True)
         elif change.peers_changed:
-            own_subnet = self.keeper.lease.subnet
-            self.reconciler.update_peers(
-                [l for l in change.added + change.updated if not l.subnet.overlaps(own_subnet)],
-                [l.subnet for l in change.removed])
+            self.reconciler.update_peers(trusted_peers(change.added + change.updated, self.keeper.lease.subnet),
+                                         [l.subnet for l in change.removed])
             self._reconcile(full=False)
 
     def _reconcile(self, full: bool = True) -> None:

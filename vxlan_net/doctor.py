@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 from .config import NetworkConfig
 from .desired import OverlayEntries, desired_entries
-from .lease import Lease
+from .lease import Lease, trusted_peers
 from .subnet_file import parse_subnet_file
 
 VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14), as the agent uses
@@ -204,7 +204,7 @@ def peer_leases(facts: NodeFacts) -> Fact[list[Lease]]:
     why = _missing(facts.leases, subnet)
     if why:
         return Unavailable(why)
-    return [lease for s, lease in sorted(facts.leases.items()) if not s.overlaps(subnet)]
+    return trusted_peers(sorted(facts.leases.values()), subnet)
 
 
 # --- the checks -------------------------------------------------------------------

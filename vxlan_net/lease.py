@@ -6,7 +6,7 @@ import dataclasses
 import json
 import re
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from .config import NetworkConfig
 from .errors import InvalidLease
@@ -109,10 +109,8 @@ def _public_ip(subnet: IPv4Network, value: Any) -> IPv4Address:
     return address
 
 
-def trusted_peers(
-    leases: Mapping[IPv4Network, Lease], own_subnet: Optional[IPv4Network]
-) -> dict[IPv4Network, Lease]:
-    """Leases safe to program: not ours and not overlapping ours (keys are already parsed)."""
+def trusted_peers(leases: Iterable[Lease], own_subnet: Optional[IPv4Network]) -> list[Lease]:
+    """The leases of other nodes, safe to program: never ours, never overlapping ours."""
     if own_subnet is None:
-        return dict(leases)
-    return {s: l for s, l in leases.items() if not s.overlaps(own_subnet)}
+        return list(leases)
+    return [lease for lease in leases if not lease.subnet.overlaps(own_subnet)]

@@ -8,7 +8,7 @@ from typing import Iterable, Mapping, Optional
 
 from .config import NetworkConfig
 from .errors import InvalidLease
-from .lease import Lease, parse_lease
+from .lease import Lease, parse_lease, trusted_peers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +47,7 @@ class LeaseBook:
         self._rejected: dict[str, str] = {}
 
     def peers(self) -> list[Lease]:
-        """The leases of other nodes: never ours, never overlapping ours."""
-        own = self.own_subnet
-        return [l for s, l in self._leases.items() if own is None or not s.overlaps(own)]
+        return trusted_peers(self._leases.values(), self.own_subnet)
 
     def replace(self, records: Mapping[str, bytes]) -> LeaseChange:
         """Take a full listing: everything not in it is gone (diff includes attribute changes)."""
