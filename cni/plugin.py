@@ -144,15 +144,16 @@ def cmd_del(env, conf, kernel, store):
     return 0, ""
 
 
-def _result_mac(prev: dict, ifname: str, netns: str):
+def _result_mac(prev: dict, ifname: str):
     for iface in prev.get("interfaces") or []:
         if isinstance(iface, dict) and iface.get("name") == ifname and iface.get("sandbox"):
-            return iface.get("mac")
+            mac = iface.get("mac")
+            return mac if isinstance(mac, str) else None  # prevResult is the runtime's, not ours
     return None
 
 
 def cmd_check(env, conf, kernel, store):
-    from .config import netmask
+    from .netlink import IFF_UP
 
     prev = conf.prev_result
     if not prev:
@@ -182,15 +183,15 @@ def cmd_check(env, conf, kernel, store):
     else:
         if link.mtu != plan.mtu:
             problems.append(f"{env.ifname} has MTU {link.mtu}, want {plan.mtu}")
-        if not link.flags & 1:
+        if not link.flags & IFF_UP:
             problems.append(f"{env.ifname} is down")
-        want_mac = _result_mac(prev, env.ifname, env.netns)
+        want_mac = _result_mac(prev, env.ifname)
         if want_mac and format_mac(link.mac) != want_mac.lower():
             problems.append(f"{env.ifname} has MAC {format_mac(link.mac)}, prevResult says {want_mac}")
         if (ip, plan.prefix) not in facts["addresses"]:
             problems.append(f"{env.ifname} lacks address {int_to_ip(ip)}/{plan.prefix}")
         for route in plan.routes:
-            if (route.dst & netmask(route.prefix), route.prefix, route.gw) not in facts["routes"]:
+            if (route.dst, route.prefix, route.gw) not in facts["routes"]:  # parse_netconf refused host bits
                 problems.append(f"route {int_to_ip(route.dst)}/{route.prefix} via {int_to_ip(route.gw)} "
                                 f"is missing on {env.ifname}")
     host, bridge = facts["host"], facts["bridge"]
