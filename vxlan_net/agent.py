@@ -13,7 +13,7 @@ from typing import Optional
 from . import firewall, kernel
 from .backoff import Backoff
 from .cni_service import CniService
-from .config import NetworkConfig, parse_config
+from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
 from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
                      SubnetTaken, VxlanNetError, WatchCompacted)
 from .health import AgentMetrics, HealthServer, Readiness
@@ -27,7 +27,6 @@ from .subnet_lease import SubnetLeaseKeeper
 
 log = logging.getLogger(__name__)
 
-VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14)
 LOOP_TICK = 0.5  # longest wait between checks of the stop flag
 
 

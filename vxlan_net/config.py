@@ -14,6 +14,9 @@ DEFAULT_VNI = 1
 DEFAULT_PORT = 8472
 MAX_VNI = 16_777_215
 MAX_SUBNET_LEN = 30
+VXLAN_OVERHEAD = 50
+"""Bytes the tunnel adds: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14); the default
+tunnel MTU is the underlay's minus this."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,7 @@ class NetworkConfig:
     port: int = DEFAULT_PORT
     """UDP destination port of the tunnel (`Backend.Port`)."""
     mtu: Optional[int] = None
-    """Tunnel MTU override (`Backend.MTU`); None means underlay MTU - 50."""
+    """Tunnel MTU override (`Backend.MTU`); None means underlay MTU - VXLAN_OVERHEAD."""
 
     def subnet_at(self, address: IPv4Address) -> IPv4Network:
         """The node subnet whose network address is `address`."""

@@ -17,12 +17,11 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
-from .config import NetworkConfig
+from .config import VXLAN_OVERHEAD, NetworkConfig
 from .desired import OverlayEntries, desired_entries
 from .lease import Lease, trusted_peers
 from .subnet_file import parse_subnet_file
 
-VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14), as the agent uses
 NFT_TABLE = "vxlan-net"
 ROUTE_PROTO = 157  # kernel.ROUTE_PROTO, repeated so the pure half does not import pyroute2
 SUBNET_FILE_KEYS = ("VXLAN_NET_NETWORK", "VXLAN_NET_SUBNET", "VXLAN_NET_MTU", "VXLAN_NET_IPMASQ")
