@@ -87,7 +87,7 @@ def parse_attrs(data: bytes, offset: int, end: int) -> dict:
 class Link:
     """What a link dump/get tells about one interface."""
 
-    __slots__ = ("index", "name", "flags", "mac", "mtu", "master", "peer_index", "kind")
+    __slots__ = ("index", "name", "flags", "mac", "mtu", "master", "peer_index", "kind", "port_data")
 
     def __init__(self, data: bytes, offset: int, end: int):
         _, _, self.index, self.flags, _ = unpack_from("=BxHiII", data, offset + 16)
@@ -97,9 +97,15 @@ class Link:
         self.mtu = unpack_from("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0
         self.master = unpack_from("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
         self.peer_index = unpack_from("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
-        info = attrs.get(IFLA_LINKINFO)
-        kind = parse_attrs(info, 0, len(info)).get(IFLA_INFO_KIND, b"") if info else b""
-        self.kind = kind.split(b"\0", 1)[0].decode(errors="replace")
+        info = attrs.get(IFLA_LINKINFO, b"")
+        info = parse_attrs(info, 0, len(info))
+        self.kind = info.get(IFLA_INFO_KIND, b"").split(b"\0", 1)[0].decode(errors="replace")
+        self.port_data = info.get(IFLA_INFO_SLAVE_DATA, b"")  # bridge port attributes, parsed on demand
+
+    @property
+    def hairpin(self) -> bool:
+        mode = parse_attrs(self.port_data, 0, len(self.port_data)).get(IFLA_BRPORT_MODE)
+        return bool(mode and mode[0])
 
 
 class Address:

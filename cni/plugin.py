@@ -202,6 +202,14 @@ def cmd_check(env, conf, kernel, store):
             problems.append(f"host end {host_veth} is not attached to bridge {conf.bridge}")
         if host.mtu != plan.mtu:
             problems.append(f"host end {host_veth} has MTU {host.mtu}, want {plan.mtu}")
+        if conf.hairpin and not host.hairpin:
+            problems.append(f"host end {host_veth} has hairpin mode off, the config wants it on")
+        if link is not None and host.peer_index != link.index:
+            problems.append(f"host end {host_veth} is not the peer of {env.ifname}")
+    if bridge is None:
+        problems.append(f"bridge {conf.bridge} is missing")
+    elif (plan.gateway, plan.prefix) not in facts["bridge_addresses"]:
+        problems.append(f"bridge {conf.bridge} lacks the gateway address {int_to_ip(plan.gateway)}/{plan.prefix}")
     if problems:
         raise CniError(E.CHECK_MISMATCH, "; ".join(problems))
     return 0, ""

@@ -167,11 +167,12 @@ class Wiring:
         return [link.name for link in links if link.master == index and index and link.name.startswith(prefix)]
 
     def inspect(self, netns_fd: int, ifname: str, host_veth: str, bridge: str) -> dict:
-        """Facts for CHECK: the pod link, its IPv4 addresses and routes, the host end and the bridge."""
+        """Facts for CHECK: the pod link, its IPv4 addresses and routes, the host end, the bridge and its addresses."""
         try:
             with nl.Netlink() as sock:
                 host = sock.get_link(host_veth)
                 br = sock.get_link(bridge)
+                bridge_addresses = sock.addresses() if br else []
             from .netns import Entered
 
             with Entered(netns_fd):
@@ -184,6 +185,7 @@ class Wiring:
             raise _kernel_error("cannot inspect the pod's interfaces", exc) from None
         return {
             "link": link, "host": host, "bridge": br,
+            "bridge_addresses": [(a.ip, a.prefix) for a in bridge_addresses if a.index == br.index],
             "addresses": [(a.ip, a.prefix) for a in addresses if link and a.index == link.index],
             "routes": [(r.dst, r.prefix, r.gw) for r in routes
                        if link and r.oif == link.index and r.table == nl.RT_TABLE_MAIN],

@@ -348,3 +348,39 @@ def test_no_default_gateway_routes_the_cluster_network(lab):
     assert result["routes"] == [{"dst": "198.19.0.0/16", "gw": "198.19.3.1"}]
     assert ("198.19.0.0/16", "198.19.3.1", "eth0") in lab.routes(ns)
     assert lab.links(ns)["eth0"]["mtu"] == 1400
+
+
+def test_check_names_lost_hairpin_mode_gateway_address_and_a_foreign_peer(lab):
+    ns, result = add(lab)
+    host_veth = result["interfaces"][1]["name"]
+    prev = json.loads(json.dumps(result))
+    prev["interfaces"][2]["mac"] = 5  # a runtime's odd prevResult MAC is not compared, and is no crash
+    rc, out, err = lab.run("CHECK", lab.conf(prevResult=prev), netns=ns)
+    assert (rc, out) == (0, None), err
+    conf = lab.conf(prevResult=result)
+
+    sh("ip", "link", "set", host_veth, "type", "bridge_slave", "hairpin", "off", netns=lab.host.name)
+    assert lab.links()[host_veth]["linkinfo"]["info_slave_data"]["hairpin"] is False
+    rc, err, _ = lab.run("CHECK", conf, netns=ns)
+    assert rc == 1 and err["code"] == 104 and f"{host_veth} has hairpin mode off" in err["msg"]
+    rc, out, err = lab.run("CHECK", lab.conf(prevResult=result, hairpinMode=False), netns=ns)
+    assert (rc, out) == (0, None), err
+    sh("ip", "link", "set", host_veth, "type", "bridge_slave", "hairpin", "on", netns=lab.host.name)
+
+    sh("ip", "addr", "del", "198.19.3.1/24", "dev", "cni0", netns=lab.host.name)
+    assert lab.addresses(lab.host, "cni0") == []
+    rc, err, _ = lab.run("CHECK", conf, netns=ns)
+    assert rc == 1 and err["code"] == 104 and "cni0 lacks the gateway address 198.19.3.1/24" in err["msg"]
+    sh("ip", "addr", "add", "198.19.3.1/24", "dev", "cni0", netns=lab.host.name)
+    rc, out, err = lab.run("CHECK", conf, netns=ns)
+    assert (rc, out) == (0, None), err
+
+    # Another veth takes the pod's interface name: our host end is no longer its peer.
+    sh("ip", "link", "set", "eth0", "name", "eth7", netns=ns.name)
+    sh("ip", "link", "add", "eth0", "mtu", "1450", "address", result["interfaces"][2]["mac"], "type", "veth",
+       "peer", "name", "vnc-peer", netns=ns.name)
+    sh("ip", "link", "set", "eth0", "up", netns=ns.name)
+    sh("ip", "addr", "add", "198.19.3.2/24", "dev", "eth0", netns=ns.name)
+    sh("ip", "route", "replace", "default", "via", "198.19.3.1", "dev", "eth0", netns=ns.name)
+    rc, err, _ = lab.run("CHECK", conf, netns=ns)
+    assert rc == 1 and err["code"] == 104 and err["msg"] == f"host end {host_veth} is not the peer of eth0"
