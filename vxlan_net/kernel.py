@@ -164,12 +164,7 @@ class _Template:
     def __init__(self, msg, header_len: int, fields: Sequence[Union[str, int]]):
         msg.encode()
         self.data = bytes(msg.data)
-        attrs = {}
-        off = 16 + header_len
-        while off + 4 <= len(self.data):
-            length, kind = _NLA.unpack_from(self.data, off)
-            attrs[kind] = (off + 4, length - 4)
-            off += (length + 3) & ~3
+        attrs = {kind: (at, size) for kind, at, size in _attrs(self.data, 16 + header_len, len(self.data))}
         # "dst_len" is rtmsg's second byte; integers are attribute types.
         self.fields = tuple((17, 1) if f == "dst_len" else attrs[f] for f in fields)
 
