@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 from benchmarks._probe import candidate_subnets, lease_value
 from vxlan_net.config import parse_config
 from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.lease import subnet_key_name
 from vxlan_net.lease_book import LeaseBook
 from vxlan_net.plan import plan_changes
 from vxlan_net.store import LeaseRecord
@@ -24,8 +25,8 @@ from vxlan_net.store import LeaseRecord
 
 def measure(peers: int) -> dict:
     config = parse_config(json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 29}))
-    subnets = candidate_subnets("198.19.0.0/16", 29)[1:peers + 1]
-    own = candidate_subnets("198.19.0.0/16", 29)[0]
+    own, *others = candidate_subnets("198.19.0.0/16", 29)
+    subnets = others[:peers]
     sizes: dict[str, int] = {}
     keep = []
     gc.collect()
@@ -41,9 +42,8 @@ def measure(peers: int) -> dict:
         return value
 
     records = step("etcd listing (LeaseRecord per key)", lambda: {
-        f"{s.network_address}-{s.prefixlen}": LeaseRecord(f"{s.network_address}-{s.prefixlen}",
-                                                          lease_value(i).encode(), 1, None, i)
-        for i, s in enumerate(subnets)})
+        name: LeaseRecord(name, lease_value(i).encode(), 1, None, i)
+        for i, name in enumerate(map(subnet_key_name, subnets))})
     book = step("LeaseBook (parsed Lease objects)", lambda: _book(config, own, records))
     desired = step("desired OverlayEntries", lambda: desired_entries(book.peers()))
     actual = step("kernel read OverlayEntries (fresh objects)", lambda: _fresh_copy(desired))

@@ -22,6 +22,8 @@ import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
 
+from vxlan_net import kernel
+from vxlan_net.lease import subnet_key_name
 from vxlan_net.store import EtcdStore, rpc
 
 RTMGRP_IPV4_ROUTE = 0x40
@@ -88,26 +90,18 @@ class RouteEvents:
                 continue
             now = time.monotonic()
             found = []
-            off = 0
-            while off + 16 <= len(data):
-                length, kind = struct.unpack_from("=IH", data, off)
-                if length < 16:
-                    break
-                if kind in (RTM_NEWROUTE, RTM_DELROUTE) and length >= 28:
-                    family, dst_len, _src, _tos, table = struct.unpack_from("=BBBBB", data, off + 16)
-                    dst, at = None, off + 28
-                    while at + 4 <= off + length:
-                        size, atype = struct.unpack_from("=HH", data, at)
-                        if size < 4:
-                            break
-                        if atype == RTA_DST and size == 8:
-                            dst = socket.inet_ntoa(data[at + 4:at + 8])
-                        elif atype == RTA_TABLE and size == 8:
-                            table = struct.unpack_from("=I", data, at + 4)[0]
-                        at += (size + 3) & ~3
-                    if family == socket.AF_INET and table == RT_TABLE_MAIN and dst is not None:
-                        found.append(((kind, f"{dst}/{dst_len}"), now))
-                off += (length + 3) & ~3
+            for off, length, kind, _flags, _seq in kernel._walk(data):
+                if kind not in (RTM_NEWROUTE, RTM_DELROUTE) or length < 28:
+                    continue
+                family, dst_len, _src, _tos, table = struct.unpack_from("=BBBBB", data, off + 16)
+                dst = None
+                for atype, at, size in kernel._attrs(data, off + 28, off + length):
+                    if atype == RTA_DST and size == 4:
+                        dst = socket.inet_ntoa(data[at:at + 4])
+                    elif atype == RTA_TABLE and size == 4:
+                        table = struct.unpack_from("=I", data, at)[0]
+                if family == socket.AF_INET and table == RT_TABLE_MAIN and dst is not None:
+                    found.append(((kind, f"{dst}/{dst_len}"), now))
             if found:
                 with self.cond:
                     for key, t in found:
@@ -184,7 +178,7 @@ class _Timings:
             self.lost += 1
             return answer
         self.latency.append(seen - t0)
-        watched = self.watch.seen.get((self.watch_kind, f"{subnet.network_address}-{subnet.prefixlen}"))
+        watched = self.watch.seen.get((self.watch_kind, subnet_key_name(subnet)))
         if watched is not None:
             self.etcd.append(watched - t0)
         return answer
@@ -226,7 +220,6 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
 
     The event alternates between adding and removing one spare lease; an odd `repeat` ends
     with it removed."""
-    from vxlan_net import kernel
     from vxlan_net.config import parse_config
     from vxlan_net.desired import desired_entries
     from vxlan_net.lease_book import LeaseBook, RecordEvent
@@ -237,11 +230,10 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
     own = IPv4Network(kernel.interface_address(device)).supernet(new_prefix=config.subnet_len)
     book = LeaseBook(config, own)
     book.replace(records)
-    spare = next(s for s in candidate_subnets(str(config.network), config.subnet_len)
-                 if f"{s.network_address}-{s.prefixlen}" not in records and s != own)
-    spare_name = f"{spare.network_address}-{spare.prefixlen}"
-    steps: dict[str, list[float]] = {k: [] for k in ("etcd_list", "book_apply_1_event", "book_peers", "desired_entries", "read_overlay_entries",
-                                                     "plan_changes")}
+    candidates = map(subnet_key_name, candidate_subnets(str(config.network), config.subnet_len))
+    spare_name = next(name for name in candidates if name not in records and name != subnet_key_name(own))
+    steps: dict[str, list[float]] = {k: [] for k in ("etcd_list", "book_apply_1_event", "book_peers",
+                                                     "desired_entries", "read_overlay_entries", "plan_changes")}
     clock = time.perf_counter
     for n in range(repeat):
         t = clock(); store.list_leases(); steps["etcd_list"].append(clock() - t)
@@ -315,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         taken = taken_subnets(store)
         free = [s for s in candidate_subnets(args.network, args.subnet_len)
-                if f"{s.network_address}-{s.prefixlen}" not in taken]
+                if subnet_key_name(s) not in taken]
         # Leave a margin of free subnets so the agent that starts later still finds one.
         if len(free) < args.count + 16:
             print(f"only {len(free)} free subnets for {args.count} leases", file=sys.stderr)
