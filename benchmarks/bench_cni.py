@@ -15,15 +15,13 @@ import argparse
 import concurrent.futures
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from cni_netns import REFERENCE_DIR, ROOT, CniLab  # noqa: E402
+from cni_netns import REFERENCE_DIR, ROOT, AgentService, CniLab  # noqa: E402
 
 from cni.plugin import host_veth_name  # noqa: E402
 
@@ -40,12 +38,8 @@ class Side:
     def settle(self, cid, timeout=5.0):
         """Untimed: wait until a DEL handed to the agent has deleted the veth, so that its deletion
         (which holds the kernel's rtnl lock for ~20 ms) is not charged to the next side's call."""
-        if not self.async_del:
-            return
-        name = host_veth_name(cid, "eth0")
-        deadline = time.monotonic() + timeout
-        while name in self.lab.links() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        if self.async_del:
+            self.lab.wait_link_gone(host_veth_name(cid, "eth0"), timeout)
 
     def call(self, command, cid, netns, conf=None, plugin=None):
         start = time.perf_counter()
@@ -60,27 +54,6 @@ class Side:
         elapsed, out = self.call(command, cid, netns, **kw)
         self.times.setdefault(label or command, []).append(elapsed)
         return out
-
-
-def start_agent_service(lab):
-    """The agent's CNI socket service next to the lab's subnet file, in its host namespace."""
-    path = os.path.join(os.path.dirname(lab.subnet_file), "cni.sock")
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.host.name, sys.executable, "-m", "vxlan_net.cni_service",
-                             "--socket", path], cwd=ROOT, stdout=subprocess.PIPE)
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    if not ready or not proc.stdout.readline().startswith(b"serving"):
-        stop_agent_service(proc)
-        raise SystemExit("the CNI socket service did not start")
-    return proc
-
-
-def stop_agent_service(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def make_sides(labs):
@@ -144,7 +117,7 @@ def main():
     labs, service = [], None
     try:
         labs = [CniLab(), CniLab(), CniLab()]
-        service = start_agent_service(labs[0])
+        service = AgentService(labs[0])
         ours, ref, fallback = make_sides(labs)
         sequential((ours, ref, fallback), runs)
         script = os.path.join(ROOT, ".venv", "bin", "vxlan-net-cni")
@@ -154,7 +127,7 @@ def main():
         walls = {side.label: concurrent_wall(side, args.concurrent) for side in (ours, ref)}
     finally:
         if service is not None:
-            stop_agent_service(service)
+            sys.stderr.write(service.stop())
         for lab in labs:
             lab.close()
 

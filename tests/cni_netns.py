@@ -8,15 +8,18 @@ nothing is ever added to the root namespace.
 import json
 import os
 import secrets
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cni.agent_socket import socket_path  # noqa: E402
 from cni.install import install  # noqa: E402
 from cni.netns import setns  # noqa: E402
 
@@ -147,3 +150,42 @@ class CniLab:
 
     def routes(self, netns):
         return [(r["dst"], r.get("gateway"), r.get("dev")) for r in ip_json(netns.name, "route", "show")]
+
+    def wait_link_gone(self, name, timeout):
+        """True once the host namespace has no link `name` (a DEL handed it to the agent), False after timeout."""
+        deadline = time.monotonic() + timeout
+        for _ in range(1000):
+            if name not in self.links():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return False
+
+
+class AgentService:
+    """The agent's CNI socket service (`python -m vxlan_net.cni_service`) in the lab's host namespace,
+    serving the socket the plugin looks for next to the subnet file; `stop()` returns its log."""
+
+    def __init__(self, lab, log_level="info"):
+        self.path = socket_path(lab.subnet_file)
+        self.log = ""
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.host.name, sys.executable, "-m", "vxlan_net.cni_service",
+             "--socket", self.path, "--log-level", log_level],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
+        if not ready or not self.proc.stdout.readline().startswith(b"serving"):
+            self.stop()
+            raise AssertionError(f"the CNI socket service did not start: {self.log}")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+        self.log = err.decode(errors="replace")
+        return self.log

@@ -5,8 +5,6 @@ Root tests in throw-away namespaces (`vnc-...`): the service runs as
 exec'd there as a runtime would; what happened is read back with `ip -j`.
 """
 
-import os
-import select
 import subprocess
 import sys
 import time
@@ -14,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from cni_netns import ROOT, CniLab, require_root
+from cni_netns import AgentService, CniLab, require_root
 
-from cni.agent_socket import MAX_MESSAGE, is_host_veth_name
+from cni.agent_socket import MAX_MESSAGE, is_host_veth_name, socket_path
 from cni.plugin import host_veth_name
 from vxlan_net.cni_service import Refused, check_device, parse_request
 
@@ -61,33 +59,6 @@ def test_only_veths_on_a_bridge_or_on_no_master_may_be_deleted():
 # -- root ----------------------------------------------------------------------------
 
 
-class Service:
-    """`python -m vxlan_net.cni_service` in the lab's host namespace, serving `cni.sock` next to the subnet file."""
-
-    def __init__(self, lab):
-        self.path = os.path.join(os.path.dirname(lab.subnet_file), "cni.sock")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.host.name, sys.executable, "-m", "vxlan_net.cni_service",
-             "--socket", self.path, "--log-level", "debug"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
-        if not ready or not self.proc.stdout.readline().startswith(b"serving"):
-            self.stop()
-            raise AssertionError(f"the service did not start: {self.log}")
-        self.log = ""
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-        self.log = err.decode(errors="replace")
-        return self.log
-
-
 @pytest.fixture
 def lab():
     require_root()
@@ -97,7 +68,7 @@ def lab():
 
 @pytest.fixture
 def service(lab):
-    service = Service(lab)
+    service = AgentService(lab, log_level="debug")
     try:
         yield service
     finally:
@@ -113,17 +84,6 @@ def add(lab, cid, netns):
 def delete(lab, cid, netns):
     rc, out, err = lab.run("DEL", cid=cid, netns=netns)
     assert rc == 0, (out, err)
-
-
-def wait_gone(lab, name, timeout=GONE_WITHIN):
-    deadline = time.monotonic() + timeout
-    for _ in range(200):
-        if name not in lab.links():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return False
 
 
 def raw_request(lab, path, payload: bytes) -> bytes:
@@ -152,7 +112,7 @@ def test_del_hands_the_host_veth_to_the_agent_and_releases_the_address_at_once(l
     delete(lab, "c1", pod)
 
     assert lab.reserved() == {}
-    assert wait_gone(lab, host_veth), f"{host_veth} still present {GONE_WITHIN}s after DEL"
+    assert lab.wait_link_gone(host_veth, GONE_WITHIN), f"{host_veth} still present {GONE_WITHIN}s after DEL"
     assert "eth0" not in lab.links(pod)
     assert f"deleted host veth {host_veth}" in service.stop()
 
@@ -191,7 +151,7 @@ def test_del_without_an_agent_deletes_the_veth_in_process(lab):
 
 
 def test_del_falls_back_when_the_socket_is_a_stale_file(lab):
-    with open(os.path.join(os.path.dirname(lab.subnet_file), "cni.sock"), "w"):
+    with open(socket_path(lab.subnet_file), "w"):
         pass
     pod = lab.netns()
     add(lab, "c1", pod)
@@ -213,7 +173,7 @@ def test_add_right_after_del_of_the_same_container_keeps_the_new_veth(lab, servi
         address = result["ips"][0]["address"].split("/")[0]
         assert (address, 24) in lab.addresses(pod, "eth0")
         delete(lab, "c1", pod)
-        assert wait_gone(lab, host_veth)
+        assert lab.wait_link_gone(host_veth, GONE_WITHIN)
 
 
 def test_add_replaces_a_leftover_host_veth_of_the_same_name(lab):
