@@ -42,6 +42,14 @@ def enable_ip_forward() -> None:
         raise _kernel_error(f"cannot enable {path}", exc) from None
 
 
+def _netlink_in(netns_fd: int) -> nl.Netlink:
+    """A netlink socket bound to the netns of netns_fd (it stays there; we return to ours at once)."""
+    from .netns import Entered  # here, not at the top: DEL never enters a netns (_ctypes)
+
+    with Entered(netns_fd):
+        return nl.Netlink()
+
+
 class Attachment:
     """What `attach` made, for the result."""
 
@@ -120,11 +128,7 @@ class Wiring:
             err, links = results[-1]
             _raise_if(err, f"cannot read back {host_veth}")
             host = links[0]
-            from .netns import Entered  # here, not at the top: DEL never enters a netns (_ctypes)
-
-            with Entered(netns_fd):
-                inside = nl.Netlink()
-            with inside:
+            with _netlink_in(netns_fd) as inside:
                 requests = [nl.set_up(host.peer_index), nl.new_address(host.peer_index, ip, prefix)]
                 requests += [nl.new_route(r.dst, r.prefix, r.gw, host.peer_index) for r in routes]
                 replies = inside.batch(requests)
@@ -173,11 +177,7 @@ class Wiring:
                 host = sock.get_link(host_veth)
                 br = sock.get_link(bridge)
                 bridge_addresses = sock.addresses() if br else []
-            from .netns import Entered
-
-            with Entered(netns_fd):
-                inside = nl.Netlink()
-            with inside:
+            with _netlink_in(netns_fd) as inside:
                 link = inside.get_link(ifname)
                 addresses = inside.addresses() if link else []
                 routes = inside.routes() if link else []
