@@ -24,13 +24,8 @@ def write_config(lab: Lab, *extra: str, network: str = POD_NETWORK) -> None:
 
 def node_subnet(node: Node) -> Optional[ipaddress.IPv4Network]:
     """The subnet the node's agent wrote to its subnet file, if any."""
-    try:
-        for line in node.subnet_file.read_text().splitlines():
-            if line.startswith("VXLAN_NET_SUBNET="):
-                return ipaddress.IPv4Interface(line.split("=", 1)[1]).network
-    except OSError:
-        return None
-    return None
+    gateway = node.subnet_env().get("VXLAN_NET_SUBNET")
+    return ipaddress.IPv4Interface(gateway).network if gateway else None
 
 
 def overlay_routes(node: Node) -> dict[str, str]:
@@ -93,9 +88,8 @@ def wait_converged(lab: Lab, nodes: Iterable[Node], timeout: float = 15.0) -> No
 
 def add_pod(lab: Lab, node: Node, index: int, name: Optional[str] = None) -> Pod:
     """A pod on `node` at host number `index + 1` of the node's subnet (`.1` is the bridge)."""
-    subnet = node_subnet(node)
-    mtu = next(int(line.split("=", 1)[1]) for line in node.subnet_file.read_text().splitlines()
-               if line.startswith("VXLAN_NET_MTU="))
+    env = node.subnet_env()
+    subnet, mtu = ipaddress.IPv4Interface(env["VXLAN_NET_SUBNET"]).network, int(env["VXLAN_NET_MTU"])
     address = f"{subnet.network_address + index + 1}/{subnet.prefixlen}"
     return lab.add_pod(node, name or f"n{node.index}p{index}", address, str(subnet.network_address + 1), mtu)
 
