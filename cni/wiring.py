@@ -11,7 +11,7 @@ import os
 from . import errors as E
 from . import netlink as nl
 from .agent_socket import LOCK_SUFFIX, NameLock, ask_agent_to_delete
-from .config import int_to_ip
+from .config import Record, int_to_ip
 from .errors import CniError
 
 
@@ -50,15 +50,10 @@ def _netlink_in(netns_fd: int) -> nl.Netlink:
         return nl.Netlink()
 
 
-class Attachment:
-    """What `attach` made, for the result."""
+class Attachment(Record):
+    """What `attach` made, for the result: the MACs of the bridge, the host end and the pod's interface."""
 
     __slots__ = ("bridge_mac", "host_mac", "container_mac")
-
-    def __init__(self, bridge_mac: bytes, host_mac: bytes, container_mac: bytes):
-        self.bridge_mac = bridge_mac
-        self.host_mac = host_mac
-        self.container_mac = container_mac
 
 
 class Wiring:
