@@ -84,6 +84,10 @@ def parse_attrs(data: bytes, offset: int, end: int) -> dict:
     return attrs
 
 
+def _u32(attrs: dict, kind: int, default=0) -> int:
+    return unpack_from("=I", attrs[kind])[0] if kind in attrs else default
+
+
 class Link:
     """What a link dump/get tells about one interface."""
 
@@ -94,9 +98,9 @@ class Link:
         attrs = parse_attrs(data, offset + 32, end)
         self.name = attrs.get(IFLA_IFNAME, b"\0").split(b"\0", 1)[0].decode(errors="replace")
         self.mac = attrs.get(IFLA_ADDRESS, b"")
-        self.mtu = unpack_from("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0
-        self.master = unpack_from("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
-        self.peer_index = unpack_from("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
+        self.mtu = _u32(attrs, IFLA_MTU)
+        self.master = _u32(attrs, IFLA_MASTER)
+        self.peer_index = _u32(attrs, IFLA_LINK)
         info = attrs.get(IFLA_LINKINFO, b"")
         info = parse_attrs(info, 0, len(info))
         self.kind = info.get(IFLA_INFO_KIND, b"").split(b"\0", 1)[0].decode(errors="replace")
@@ -124,10 +128,10 @@ class RouteEntry:
     def __init__(self, data: bytes, offset: int, end: int):
         _, self.prefix, _, _, table, _, _, _, _ = unpack_from("=BBBBBBBBI", data, offset + 16)
         attrs = parse_attrs(data, offset + 28, end)
-        self.table = unpack_from("=I", attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table
+        self.table = _u32(attrs, RTA_TABLE, table)
         self.dst = int.from_bytes(attrs[RTA_DST][:4], "big") if RTA_DST in attrs else 0
         self.gw = int.from_bytes(attrs[RTA_GATEWAY][:4], "big") if RTA_GATEWAY in attrs else None
-        self.oif = unpack_from("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
+        self.oif = _u32(attrs, RTA_OIF)
 
 
 _PARSERS = {RTM_NEWLINK: Link, RTM_NEWADDR: Address, RTM_NEWROUTE: RouteEntry}
