@@ -3,7 +3,8 @@
 Addresses are kept as ints and validated with `inet_pton` instead of
 `ipaddress`/`dataclasses`: both import `re` and cost more start-up time than
 the whole Go reference spends on an ADD (DESIGN §5). Every failure is a
-`CniError` with the spec's code; nothing here touches the kernel or the disk.
+`CniError` with the spec's code; nothing here touches the kernel, and the disk only
+in `read_subnet_file` (the agent's subnet file).
 """
 
 from _socket import AF_INET, inet_ntop, inet_pton
