@@ -30,13 +30,13 @@ def node_subnet(node: Node) -> Optional[ipaddress.IPv4Network]:
 
 def overlay_routes(node: Node) -> dict[str, str]:
     """{subnet: gateway} of the routes on the node's VXLAN device, from `ip -j route`."""
-    routes = node.ip_json("route", "show", "dev", VTEP) if _has_vtep(node) else []
+    routes = node.ip_json("route", "show", "dev", VTEP) if node.has_link(VTEP) else []
     return {r["dst"]: r.get("gateway") for r in routes if r.get("gateway")}
 
 
 def neighbours(node: Node) -> dict[str, str]:
     """{ip: lladdr} of permanent neighbours on the VXLAN device, from `ip -j neigh`."""
-    if not _has_vtep(node):
+    if not node.has_link(VTEP):
         return {}
     return {n["dst"]: n.get("lladdr") for n in node.ip_json("neigh", "show", "dev", VTEP)
             if "PERMANENT" in n.get("state", [])}
@@ -44,7 +44,7 @@ def neighbours(node: Node) -> dict[str, str]:
 
 def fdb(node: Node) -> dict[str, list[str]]:
     """{mac: [dst, ...]} of the VXLAN device's FDB entries with a remote, from `bridge -j fdb`."""
-    if not _has_vtep(node):
+    if not node.has_link(VTEP):
         return {}
     out = node.run("bridge", "-j", "fdb", "show", "dev", VTEP, check=True).stdout
     entries: dict[str, list[str]] = {}
@@ -52,10 +52,6 @@ def fdb(node: Node) -> dict[str, list[str]]:
         if entry.get("dst"):
             entries.setdefault(entry["mac"], []).append(entry["dst"])
     return entries
-
-
-def _has_vtep(node: Node) -> bool:
-    return node.run("ip", "link", "show", "dev", VTEP).returncode == 0
 
 
 def start_agents(lab: Lab, nodes: Iterable[Node], *agent_args: str, timeout: float = 20.0) -> None:

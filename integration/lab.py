@@ -128,6 +128,9 @@ class Netns:
         out = _sh(["ip", "-j", "-n", self.name, *args]).stdout
         return json.loads(out) if out.strip() else []
 
+    def has_link(self, ifname: str) -> bool:
+        return self.run("ip", "link", "show", "dev", ifname).returncode == 0
+
     def ip_batch(self, lines: Iterable[str]) -> None:
         _sh(["ip", "-n", self.name, "-batch", "-"], input="\n".join(lines) + "\n")
 
@@ -582,7 +585,7 @@ class Lab:
         pod = Pod(self, f"{self.prefix}p-{name}", node, name, iface, gateway, host_if)
         self._add_netns(pod.name)
         self.pods[name] = pod
-        if not self._link_exists(node, bridge):
+        if not node.has_link(bridge):
             node.ip_batch([f"link add {bridge} type bridge", f"link set {bridge} up"])
         node.ip_batch([
             f"addr replace {gateway}/{iface.network.prefixlen} dev {bridge}",
@@ -613,10 +616,6 @@ class Lab:
             raise LabError(f"no free address left in {gateway.network}")
         return self.add_pod(node, name, f"{address}/{gateway.network.prefixlen}",
                             str(gateway.ip), mtu=int(env.get("VXLAN_NET_MTU", self.pod_mtu)))
-
-    @staticmethod
-    def _link_exists(ns: Netns, ifname: str) -> bool:
-        return ns.run("ip", "link", "show", "dev", ifname).returncode == 0
 
     def remove_pod(self, pod: Pod) -> None:
         """Deletes the pod namespace (its veth pair goes with it)."""
