@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._labbench import VTEP, BenchFailure, result as bench_result, run_main  # noqa: E402
 from integration.cluster import running_cluster  # noqa: E402
 from integration.cni_pods import add_pod_via_cni  # noqa: E402
 from integration.lab import Lab, Netns, Node  # noqa: E402
@@ -32,17 +31,13 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", 4))  # ours and hand every round, th
 SECONDS = int(os.environ.get("BENCH_SECONDS", 5))
 PINGS = 100
 TARGET = 0.97
-VNI, PORT, MTU, VTEP = 1, 8472, 1450, "vxnet.1"
+VNI, PORT, MTU = 1, 8472, 1450
 HAND_SUBNETS = {1: "198.19.1.0/24", 2: "198.19.2.0/24"}
 PATHS = ("vxlan-net", "by hand", "underlay")
 
 
-class BenchFailure(Exception):
-    """Something did not work (as opposed to: it was slow)."""
-
-
 def result(metric: str, value: str, target: str = "") -> None:
-    print(f"RESULT\tdataplane\t{metric}\t{value}\t{target}", flush=True)
+    bench_result("dataplane", metric, value, target)
 
 
 def hand_mac(node: Node) -> str:
@@ -172,8 +167,4 @@ def report(gbits: dict[str, list[float]], rtts: dict[str, list[float]], elapsed:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchFailure as exc:
-        print(f"bench_dataplane failed: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)
