@@ -220,10 +220,12 @@ def cmd_gc(env, conf, kernel, store):
     if valid is None:
         raise CniError(E.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the config")
     keep = {host_veth_name(cid, ifname) for cid, ifname in valid}
+    valid_containers = {cid for cid, _ in valid}
     with store(conf.data_dir, conf.name, create=False) as locked:
         if locked is not None:
-            for ip, owner in locked.reservations().items():
-                if owner not in valid:
+            for ip, (cid, ifname) in locked.reservations().items():
+                # A file in host-local's old format names only the container: it is valid if the container is.
+                if (cid, ifname) not in valid and not (ifname == "" and cid in valid_containers):
                     locked.release(ip)
     for name in kernel.ports(conf.bridge, HOST_VETH_PREFIX):
         if name not in keep:

@@ -293,6 +293,18 @@ def test_add_chains_prev_result(subnet_file):
     assert result["ips"][0]["interface"] == 3 and result["dns"] == prev["dns"]
 
 
+def test_gc_keeps_valid_attachments_including_old_format_reservations(subnet_file):
+    stores = MemoryStores()
+    owners = stores.stores.setdefault("podnet", MemoryStore()).owners
+    owners.update({ip("198.19.3.2"): ("keep", "eth0"), ip("198.19.3.3"): ("old", ""),
+                   ip("198.19.3.4"): ("gone", "eth0"), ip("198.19.3.5"): ("gone", "")})
+    valid = [{"containerID": "keep", "ifname": "eth0"}, {"containerID": "old", "ifname": "eth0"}]
+    rc, out = run(env("GC"), conf(subnet_file, cniVersion="1.1.0", **{"cni.dev/valid-attachments": valid}),
+                  kernel=FakeKernel(), store=stores)
+    assert rc == 0, out
+    assert owners == {ip("198.19.3.2"): ("keep", "eth0"), ip("198.19.3.3"): ("old", "")}
+
+
 def test_gc_needs_the_attachment_list_and_1_1_0(subnet_file):
     rc, out = run(env("GC"), conf(subnet_file, cniVersion="1.1.0"), kernel=FakeKernel(), store=MemoryStores())
     assert "valid-attachments" in assert_spec_error(rc, out, 7)["msg"]
