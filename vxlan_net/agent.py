@@ -10,6 +10,8 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Optional
 
+from cni.agent_socket import socket_path
+
 from . import firewall, kernel
 from .backoff import Backoff
 from .cni_service import CniService
@@ -65,7 +67,7 @@ class AgentOptions:
 
     def __post_init__(self):
         if self.cni_socket is None:
-            object.__setattr__(self, "cni_socket", self.subnet_file.parent / "cni.sock")
+            object.__setattr__(self, "cni_socket", Path(socket_path(str(self.subnet_file))))
 
 
 def vtep_name(vni: int) -> str:
