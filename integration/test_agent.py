@@ -9,7 +9,7 @@ import time
 import pytest
 
 from integration.cluster import (POD_NETWORK, PingStream, VTEP, add_pod, fdb, neighbours, node_subnet,
-                                 overlay_routes, running_cluster, start_agents, wait_converged, write_config)
+                                 overlay_routes, running_cluster)
 
 pytestmark = pytest.mark.lab
 

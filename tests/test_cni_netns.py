@@ -4,12 +4,11 @@ import concurrent.futures
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
-from cni_netns import ROOT, CniLab, ip_json, require_root, sh
+from cni_netns import ROOT, CniLab, require_root, sh
 
 pytestmark = pytest.mark.root
 

@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cni import config as C
-from cni import ipam
 from cni.errors import CniError
 from cni.ipam import DiskStore, MemoryStore, allocate, pick_address, release_owner
 from cni.plugin import host_veth_name, run

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from .lease import Lease
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -43,7 +46,7 @@ class OverlayEntries:
         return len(self.neighbours) + len(self.fdb) + len(self.routes)
 
 
-def desired_entries(peers: Iterable["Lease"]) -> OverlayEntries:  # noqa: F821
+def desired_entries(peers: Iterable[Lease]) -> OverlayEntries:
     """Three entries per remote lease (DESIGN §3)."""
     neighbours, fdb, routes = set(), set(), set()
     for lease in peers:

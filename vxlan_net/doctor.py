@@ -347,8 +347,8 @@ def check_peers(facts: NodeFacts) -> list[Finding]:
         return [Finding(False, "peer entries", f"not checked: {why}", "fix the failures above first")]
     have: OverlayEntries = facts.entries
     findings = []
-    fix = (f"the agent restores them on its next resync (--resync-interval); if they stay missing, read its log; "
-           f"by hand: ")
+    fix = ("the agent restores them on its next resync (--resync-interval); if they stay missing, read its log; "
+           "by hand: ")
     for lease in peers:
         item = f"peer {lease.subnet} at {lease.public_ip}"
         problems = _entry_problems(desired_entries([lease]), have)

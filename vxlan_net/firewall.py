@@ -103,13 +103,6 @@ def current_peers() -> list[IPv4Address]:
     return []
 
 
-def remove_rules() -> None:
-    """Remove our table and our tagged FORWARD rules; nothing else is touched."""
-    _nft(["-f", "-"], f"table ip {TABLE}\ndelete table ip {TABLE}\n")
-    for handle in _tagged_forward_handles():
-        _nft(["delete", "rule", *IPTABLES_FORWARD, "handle", str(handle)])
-
-
 def _ensure_iptables_forward_accept(network: IPv4Network) -> None:
     if not _chain_exists(*IPTABLES_FORWARD):
         return
