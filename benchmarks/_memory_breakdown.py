@@ -18,7 +18,7 @@ from benchmarks._probe import candidate_subnets, lease_value
 from vxlan_net.config import parse_config
 from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
 from vxlan_net.lease import subnet_key_name
-from vxlan_net.lease_book import LeaseBook
+from vxlan_net.lease_book import LeaseBook, RecordEvent
 from vxlan_net.plan import plan_changes
 from vxlan_net.store import LeaseRecord
 
@@ -42,7 +42,7 @@ def measure(peers: int) -> dict:
         return value
 
     records = step("etcd listing (LeaseRecord per key)", lambda: {
-        name: LeaseRecord(name, lease_value(i).encode(), 1, None, i)
+        name: LeaseRecord(name, lease_value(i).encode(), 1, None, i, i)
         for i, name in enumerate(map(subnet_key_name, subnets))})
     book = step("LeaseBook (parsed Lease objects)", lambda: _book(config, own, records))
     desired = step("desired OverlayEntries", lambda: desired_entries(book.peers()))
@@ -58,7 +58,7 @@ def measure(peers: int) -> dict:
 
 def _book(config, own, records) -> LeaseBook:
     book = LeaseBook(config, own)
-    book.replace({name: r.value for name, r in records.items()})
+    book.replace(RecordEvent(name, r.value, r.create_revision) for name, r in records.items())
     return book
 
 

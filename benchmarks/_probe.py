@@ -226,10 +226,10 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
     from vxlan_net.plan import plan_changes
 
     config = parse_config(store.get_config())
-    records = {name: r.value for name, r in store.list_leases().records.items()}
+    records = store.list_leases().records
     own = IPv4Network(kernel.interface_address(device)).supernet(new_prefix=config.subnet_len)
     book = LeaseBook(config, own)
-    book.replace(records)
+    book.replace(RecordEvent(name, r.value, r.create_revision) for name, r in records.items())
     candidates = map(subnet_key_name, candidate_subnets(str(config.network), config.subnet_len))
     spare_name = next(name for name in candidates if name not in records and name != subnet_key_name(own))
     steps: dict[str, list[float]] = {k: [] for k in ("etcd_list", "book_apply_1_event", "book_peers",

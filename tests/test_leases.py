@@ -70,15 +70,21 @@ def test_reuse_prefers_the_lease_with_our_public_ip_then_the_remembered_subnet()
     assert reusable_subnet(CONFIG, leases, me, IPv4Network("198.20.0.0/24")) is None
 
 
+def _listing(records: dict) -> list[RecordEvent]:
+    return [RecordEvent(name, value, create_revision=n) for n, (name, value) in enumerate(records.items(), 1)]
+
+
 def test_book_diffs_snapshots_including_attribute_changes():
     book = LeaseBook(CONFIG, own_subnet=IPv4Network("198.19.1.0/24"))
-    change = book.replace({"198.19.1.0-24": record(ip="198.18.1.2"), "198.19.2.0-24": record(ip="198.18.2.2")})
-    assert [str(l.subnet) for l in change.added] == ["198.19.1.0/24", "198.19.2.0/24"]
-    assert [str(l.subnet) for l in book.peers()] == ["198.19.2.0/24"]  # never ourselves
-    change = book.replace({"198.19.1.0-24": record(ip="198.18.1.2"), "198.19.2.0-24": record(ip="198.18.2.2", mac=MAC_B)})
-    assert [l.vtep_mac for l in change.updated] == [MAC_B] and not change.added and not change.removed
-    change = book.replace({"198.19.2.0-24": record(ip="198.18.2.2", mac=MAC_B)})
-    assert change.own_lease_removed and [str(l.subnet) for l in change.removed] == ["198.19.1.0/24"]
+    change = book.replace(_listing({"198.19.1.0-24": record(ip="198.18.1.2"),
+                                    "198.19.2.0-24": record(ip="198.18.2.2", mac=MAC_B)}))
+    assert [str(l.subnet) for l in change.added] == ["198.19.2.0/24"]  # never ourselves
+    assert [str(l.subnet) for l in book.peers()] == ["198.19.2.0/24"]
+    change = book.replace(_listing({"198.19.1.0-24": record(ip="198.18.1.2"),
+                                    "198.19.2.0-24": record(ip="198.18.2.2", mac="0a:00:00:00:00:03")}))
+    assert [l.vtep_mac for l in change.updated] == ["0a:00:00:00:00:03"] and not change.added and not change.removed
+    change = book.replace(_listing({"198.19.2.0-24": record(ip="198.18.2.2", mac=MAC_B)}))
+    assert change.own_lease_removed and not change.removed
 
 
 def test_book_reports_each_invalid_record_once_and_drops_it():

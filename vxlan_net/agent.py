@@ -16,16 +16,17 @@ from . import firewall, kernel
 from .backoff import Backoff
 from .cni_service import CniService
 from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
-from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
+from .errors import (InvalidConfig, InvalidLease, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
                      SubnetTaken, VxlanNetError, WatchCompacted)
 from .health import AgentMetrics, HealthServer, Readiness
-from .lease import Lease, trusted_peers
+from .lease import Lease, parse_lease_value
 from .lease_book import LeaseBook, RecordEvent
 from .reconciler import Reconciler
 from .state import NodeState
 from .store import EtcdStore
 from .subnet_file import remembered_subnet, render_subnet_file, write_atomically
 from .subnet_lease import SubnetLeaseKeeper
+from .untrusted import shown
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class Agent:
         self.readiness = Readiness(options.resync_interval)
         self._filtered_peers: Optional[frozenset[IPv4Address]] = None
         self._lease_expires_at = time.monotonic()
+        self._etcd_addresses = self.store.endpoint_addresses()
+        self._gateways: set[IPv4Address] = set()
+        self._addresses: dict[IPv4Address, str] = {}
         self.metrics.lease_expiry.set_function(lambda: max(0.0, self._lease_expires_at - time.monotonic()))
 
     # -- start-up ------------------------------------------------------------------
@@ -188,14 +192,16 @@ class Agent:
         self._lease_expires_at = time.monotonic() + self.keeper.ttl
         self.node_state.remember_subnet(lease.subnet)
         if self.book is not None:
-            self.book.own_subnet = lease.subnet
+            self._note_skipped(self.book.set_own(lease))
         log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.subnet, spec.name, mtu, lease.vtep_mac)
 
     # -- steady state --------------------------------------------------------------
 
     def _follow_leases(self) -> None:
         """One thread: watch batches, periodic resync, lease renewal; never a hot loop."""
-        self.book = LeaseBook(self.config, self.keeper.lease.subnet)
+        self.book = LeaseBook(self.config)
+        self.book.set_own(self.keeper.lease)
+        self.book.set_protected(self._protected_addresses(read_gateways=True))
         watch, watch_from, watches_opened = None, None, 0
         relist_backoff = Backoff(base=0.5, cap=10.0)
         renew_backoff = Backoff(base=1.0, cap=10.0)
@@ -240,37 +246,80 @@ class Agent:
                 watch = None
                 continue
             if batch:
-                self._take([RecordEvent(e.key_name, e.value) for e in batch])
+                self._take([RecordEvent(e.key_name, e.value, e.create_revision) for e in batch])
         if watch is not None:
             watch.cancel()
 
     def _relist(self) -> int:
         snapshot = self.store.list_leases()
-        self._take({name: record.value for name, record in snapshot.records.items()}, replace=True)
+        self._take([RecordEvent(name, r.value, r.create_revision) for name, r in snapshot.records.items()],
+                   replace=True)
         return snapshot.revision + 1
 
     def _take(self, events, replace: bool = False) -> None:
         """Fold a listing or a batch of events into the book, then reconcile if peers moved."""
         change = self.book.replace(events) if replace else self.book.apply(events)
-        for key_name, reason in change.rejected:
-            log.warning("skipping invalid lease %s: %s", key_name, reason)
-        self.metrics.invalid_leases.inc(len(change.rejected))
+        self._note_skipped(change)
         self.metrics.leases_known.set(len(self.book))
-        own = self.book.lease_for(self.keeper.lease.subnet)
-        lost = change.own_lease_removed or (own is not None and own.public_ip != self.keeper.public_ip)
+        lost = change.own_lease_removed
         if lost:
-            log.warning("our lease on %s disappeared; acquiring again", self.keeper.lease.subnet)
+            log.warning("our lease record for %s was deleted; acquiring again (same subnet if possible)",
+                        self.keeper.lease.subnet)
             self._reacquire()
+        elif change.own_record_changed or replace:
+            self._restore_own_record()
         if replace or lost:
             self._reconcile(full=True)
         elif change.peers_changed:
-            self.reconciler.update_peers(trusted_peers(change.added + change.updated, self.keeper.lease.subnet),
-                                         [l.subnet for l in change.removed])
+            self.reconciler.update_peers(change.added + change.updated, [l.subnet for l in change.removed])
             self._reconcile(full=False)
+
+    def _protected_addresses(self, read_gateways: bool = False) -> dict[IPv4Address, str]:
+        """What a peer subnet must never capture: our addresses, our gateways, the etcd endpoints.
+
+        Addresses are read on every full pass; gateways (a full route dump) only when asked."""
+        try:
+            if read_gateways:
+                self._gateways = kernel.gateways()
+            self._addresses = kernel.node_addresses()
+        except VxlanNetError as exc:
+            log.warning("cannot read this node's addresses (%s); keeping the previous ones", exc)
+        protected = {address: f"etcd endpoint {url}" for address, url in self._etcd_addresses.items()}
+        protected.update((gateway, "this node's gateway") for gateway in self._gateways)
+        protected.update((address, f"this node's address on {ifname}") for address, ifname in self._addresses.items())
+        return protected
+
+    def _note_skipped(self, change) -> None:
+        for key_name, reason in change.rejected:
+            log.warning("skipping lease record %s: %s", shown(key_name), reason)
+        self.metrics.invalid_leases.inc(len(change.rejected))
+
+    def _restore_own_record(self) -> None:
+        """Someone else rewrote our record (other MAC, PublicIP or garbage): write ours back.
+
+        Only our etcd lease expiring or being revoked gives up the subnet (then: acquire again).
+        """
+        held = self.keeper.lease
+        if self.book.lease_for(held.subnet) == held:
+            return
+        try:
+            parse_lease_value(held.subnet, held.to_json(), self.config)
+        except InvalidLease as exc:  # restoring would only make every agent skip it again
+            log.error("our own lease record is invalid for this network (%s); not rewriting it", exc)
+            return
+        log.warning("our lease record for %s was overwritten by someone else; restoring it", held.subnet)
+        try:
+            self.keeper.restore()
+        except LeaseGone as exc:
+            log.warning("our lease is gone (%s); acquiring again", exc)
+            self._reacquire()
+        except (StoreUnavailable, StoreConfigError) as exc:
+            log.warning("cannot restore our lease record yet (%s); will retry at the next listing", exc)
 
     def _reconcile(self, full: bool = True) -> None:
         """A full pass re-declares every peer and re-reads the kernel; else only what changed."""
         if full:
+            self._note_skipped(self.book.set_protected(self._protected_addresses()))
             self.reconciler.set_peers(self.book.peers())
             self.reconciler.request_full_pass()
         result = self._timed_reconcile()
@@ -319,6 +368,7 @@ class Agent:
         except LeaseGone as exc:
             log.warning("lease expired or revoked (%s); acquiring again", exc)
             self._reacquire()
+            self._reconcile(full=True)
             return self.keeper.renew_interval
         except (StoreUnavailable, StoreConfigError) as exc:
             delay = min(backoff.next_delay(), self.keeper.renew_interval)

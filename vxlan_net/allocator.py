@@ -23,19 +23,24 @@ def reusable_subnet(
     leases: Mapping[IPv4Network, Lease],
     public_ip: IPv4Address,
     remembered: Optional[IPv4Network],
+    vtep_mac: Optional[str] = None,
 ) -> Optional[IPv4Network]:
     """The subnet this node held before, if it may keep it.
 
-    A lease carrying our PublicIP wins; otherwise the subnet remembered in the
-    state dir or subnet file, as long as nobody else holds it now.
+    First the subnet remembered in the state dir or subnet file when its record carries our
+    PublicIP: a record elsewhere that merely claims our PublicIP (anyone can write one) must not
+    move us. Then a lease carrying our PublicIP and VTEP MAC, then one carrying our PublicIP
+    (flannel's rule, for a node that lost its state dir); last the remembered subnet if it is free.
     """
-    for subnet, lease in sorted(leases.items()):
-        if lease.public_ip == public_ip and _in_range(config, subnet):
-            return subnet
-    if remembered is not None and _in_range(config, remembered):
-        holder = leases.get(remembered)
-        if holder is None or holder.public_ip == public_ip:
-            return remembered
+    holder = leases.get(remembered) if remembered is not None else None
+    if holder is not None and holder.public_ip == public_ip and _in_range(config, remembered):
+        return remembered
+    ours = [s for s, lease in sorted(leases.items()) if lease.public_ip == public_ip and _in_range(config, s)]
+    same_mac = [s for s in ours if leases[s].vtep_mac == vtep_mac]
+    if same_mac or ours:
+        return (same_mac or ours)[0]
+    if remembered is not None and holder is None and _in_range(config, remembered):
+        return remembered
     return None
 
 

@@ -9,6 +9,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Mapping, Optional
 
 from .errors import InvalidConfig
+from .untrusted import load_json_object
 
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472
@@ -104,12 +105,7 @@ def build_config(
 
 def parse_config(raw: str | bytes) -> NetworkConfig:
     """Parse the JSON stored at `<prefix>/config`."""
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidConfig(f"config is not valid JSON: {exc}") from None
-    if not isinstance(doc, Mapping):
-        raise InvalidConfig("config must be a JSON object")
+    doc = load_json_object(raw, "config", InvalidConfig)
     if "Network" not in doc:
         raise InvalidConfig("config has no Network")
     backend = doc.get("Backend") or {}

@@ -852,6 +852,22 @@ def default_route_source(*, netns: Optional[str] = None) -> tuple[str, IPv4Addre
     raise KernelError("no IPv4 default route: give --public-ip or --iface")
 
 
+@_retry_busy
+def node_addresses(*, netns: Optional[str] = None) -> dict[IPv4Address, str]:
+    """Every IPv4 address on this node's interfaces -> which interface (one address dump: cheap)."""
+    with _iproute(netns) as ipr, _translated("reading the node's addresses"):
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        return {_interface(addr).ip: names.get(addr["index"], "?") for addr in ipr.get_addr(family=socket.AF_INET)}
+
+
+@_retry_busy
+def gateways(*, netns: Optional[str] = None) -> set[IPv4Address]:
+    """Every gateway of the main table's routes (a full route dump: not for every pass)."""
+    with _iproute(netns) as ipr, _translated("reading the routes' gateways"):
+        return {IPv4Address(g) for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+                if (g := r.get_attr("RTA_GATEWAY"))}
+
+
 def enter_netns(name: str) -> None:
     """Move the calling thread into a named network namespace (for single-threaded
     helper processes, e.g. tests standing in for `ip netns exec`)."""

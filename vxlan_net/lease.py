@@ -10,9 +10,13 @@ from typing import Any, Iterable, Mapping, Optional
 
 from .config import NetworkConfig
 from .errors import InvalidLease
+from .untrusted import load_json_object, shown
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_KEY = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})$")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})")
+_NOT_AN_ENDPOINT = (IPv4Network("0.0.0.0/8"), IPv4Network("127.0.0.0/8"), IPv4Network("169.254.0.0/16"),
+                    IPv4Network("224.0.0.0/4"), IPv4Network("240.0.0.0/4"))
+"""Unspecified, loopback, link-local, multicast, reserved and broadcast: never a tunnel endpoint."""
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -47,51 +51,58 @@ def subnet_key_name(subnet: IPv4Network) -> str:
 
 
 def parse_subnet_key_name(name: str) -> IPv4Network:
-    """Inverse of subnet_key_name; raises InvalidLease for anything else."""
-    match = _KEY.match(name)
+    """Inverse of subnet_key_name, and only of it: a key in any other spelling (leading zeros,
+    a trailing newline, other digits) names no subnet, so it cannot alias another node's."""
+    match = _KEY.fullmatch(name)
     if not match:
-        raise InvalidLease(f"key {name!r} is not of the form <address>-<prefixlen>")
+        raise InvalidLease(f"key {shown(name)} is not of the form <address>-<prefixlen>")
     try:
-        return IPv4Network(f"{match.group(1)}/{match.group(2)}", strict=True)
+        subnet = IPv4Network(f"{match.group(1)}/{match.group(2)}", strict=True)
     except ValueError as exc:
-        raise InvalidLease(f"key {name!r} is not a subnet: {exc}") from None
+        raise InvalidLease(f"key {shown(name)} is not a subnet: {exc}") from None
+    if subnet_key_name(subnet) != name:
+        raise InvalidLease(f"key {shown(name)} is not in canonical form ({subnet_key_name(subnet)})")
+    return subnet
 
 
 def normalize_mac(value: Any) -> str:
     """Lower-case, colon-separated unicast MAC, or InvalidLease."""
     if not isinstance(value, str):
-        raise InvalidLease(f"VtepMAC {value!r} is not a string")
+        raise InvalidLease(f"VtepMAC {shown(value)} is not a string")
     mac = value.strip().lower().replace("-", ":")
-    if not _MAC.match(mac):
-        raise InvalidLease(f"VtepMAC {value!r} is not a MAC address")
+    if not _MAC.fullmatch(mac):
+        raise InvalidLease(f"VtepMAC {shown(value)} is not a MAC address")
     first = int(mac[:2], 16)
     if first & 1:
-        raise InvalidLease(f"VtepMAC {value!r} is a multicast address")
+        raise InvalidLease(f"VtepMAC {shown(value)} is a multicast address")
     if mac == "00:00:00:00:00:00":
         raise InvalidLease("VtepMAC is all zeros")
     return mac
 
 
 def parse_lease(key_name: str, raw: bytes | str, config: NetworkConfig) -> Lease:
-    """Turn one untrusted etcd record into a Lease, or raise InvalidLease saying why."""
-    subnet = parse_subnet_key_name(key_name)
+    """Turn one untrusted etcd record into a Lease, or raise InvalidLease saying why.
+
+    Whatever the bytes, nothing but InvalidLease leaves here.
+    """
+    return parse_lease_value(parse_subnet_key_name(key_name), raw, config)
+
+
+def parse_lease_value(subnet: IPv4Network, raw: bytes | str, config: NetworkConfig) -> Lease:
+    """parse_lease for a key already parsed."""
     if subnet.prefixlen != config.subnet_len or not subnet.subnet_of(config.network):
         raise InvalidLease(f"subnet {subnet} is not a /{config.subnet_len} inside {config.network}")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidLease(f"lease {subnet} is not valid JSON") from None
-    if not isinstance(doc, Mapping):
-        raise InvalidLease(f"lease {subnet} is not a JSON object")
-    if doc.get("BackendType", "vxlan") != "vxlan":
-        raise InvalidLease(f"lease {subnet} has backend {doc.get('BackendType')!r}, not vxlan")
-    public_ip = _public_ip(subnet, doc.get("PublicIP"))
+    doc = load_json_object(raw, f"lease {subnet}", InvalidLease)
+    backend = doc.get("BackendType", "vxlan")
+    if backend != "vxlan":
+        raise InvalidLease(f"lease {subnet} has backend {shown(backend)}, not vxlan")
+    public_ip = _public_ip(subnet, doc.get("PublicIP"), config.network)
     data = doc.get("BackendData")
     if not isinstance(data, Mapping):
         raise InvalidLease(f"lease {subnet} has no BackendData object")
     vni = data.get("VNI", config.vni)
-    if vni != config.vni:
-        raise InvalidLease(f"lease {subnet} has VNI {vni!r}, the network uses {config.vni}")
+    if isinstance(vni, bool) or not isinstance(vni, int) or vni != config.vni:
+        raise InvalidLease(f"lease {subnet} has VNI {shown(vni)}, the network uses {config.vni}")
     try:
         mac = normalize_mac(data.get("VtepMAC"))
     except InvalidLease as exc:
@@ -99,13 +110,18 @@ def parse_lease(key_name: str, raw: bytes | str, config: NetworkConfig) -> Lease
     return Lease(subnet, public_ip, mac, config.vni)
 
 
-def _public_ip(subnet: IPv4Network, value: Any) -> IPv4Address:
+def _public_ip(subnet: IPv4Network, value: Any, network: IPv4Network) -> IPv4Address:
+    if not isinstance(value, str):
+        raise InvalidLease(f"lease {subnet} has PublicIP {shown(value)}, not an IPv4 address string")
     try:
         address = IPv4Address(value)
     except ValueError:
-        raise InvalidLease(f"lease {subnet} has PublicIP {value!r}, not an IPv4 address") from None
-    if address.is_multicast or address.is_unspecified or address.is_loopback or address == IPv4Address("255.255.255.255"):
+        raise InvalidLease(f"lease {subnet} has PublicIP {shown(value)}, not an IPv4 address") from None
+    if any(address in block for block in _NOT_AN_ENDPOINT):
         raise InvalidLease(f"lease {subnet} has PublicIP {address}, which cannot be a tunnel endpoint")
+    if address in network:
+        raise InvalidLease(f"lease {subnet} has PublicIP {address} inside the pod network {network}: "
+                           "tunnel traffic to it would be routed into the tunnel")
     return address
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -22,7 +23,7 @@ import time
 import tokenize
 import types
 import urllib.parse
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -147,6 +148,8 @@ class LeaseRecord:
     ttl_remaining: Optional[int]
     """Seconds left on the lease; None unless listed with `with_ttl=True` (or no lease)."""
     mod_revision: int
+    create_revision: int = 0
+    """When the key was created: the older record wins an identity conflict (see lease_book)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +169,8 @@ class LeaseEvent:
     value: Optional[bytes]
     """The new value for a put; None for a delete."""
     mod_revision: int
+    create_revision: int = 0
+    """The key's create revision (a put); 0 for a delete."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +318,8 @@ class EtcdStore:
             revision = revision or response.header.revision
             for kv in response.kvs:
                 name = self._key_name(kv.key)
-                records[name] = LeaseRecord(name, kv.value, kv.lease or None, None, kv.mod_revision)
+                records[name] = LeaseRecord(name, kv.value, kv.lease or None, None, kv.mod_revision,
+                                            kv.create_revision)
             if not response.more or not response.kvs:
                 break
             start = response.kvs[-1].key + b"\x00"
@@ -351,6 +357,17 @@ class EtcdStore:
             return lease_id  # our own put, committed by a try whose answer was lost
         self._revoke_quietly(lease_id)
         raise SubnetTaken(f"subnet {subnet} is already leased in etcd")
+
+    def restore_lease(self, subnet: IPv4Network, value: str, lease_id: int) -> None:
+        """Write our record again under our lease, whoever overwrote or detached it.
+
+        LeaseGone when our etcd lease itself expired or was revoked: only then is the subnet lost.
+        """
+        request = rpc.PutRequest(key=self.subnet_key(subnet), value=value.encode(), lease=lease_id)
+        try:
+            self._call(f"restore lease {subnet}", lambda c: c.kvstub.Put(request, self.timeout))
+        except _LeaseNotFound:
+            raise LeaseGone(f"lease {lease_id:x} for subnet {subnet} no longer exists") from None
 
     def update_lease(self, subnet: IPv4Network, value: str, lease_id: int) -> None:
         """Rewrite our own record (e.g. a new VTEP MAC); LeaseGone if the key is no longer ours."""
@@ -439,6 +456,20 @@ class EtcdStore:
         """Drop history before `revision` (tests; real clusters compact on their own)."""
         request = rpc.CompactionRequest(revision=revision, physical=physical)
         self._call(f"compact to {revision}", lambda c: c.kvstub.Compact(request, self.timeout))
+
+    def endpoint_addresses(self) -> dict[IPv4Address, str]:
+        """The IPv4 address of each endpoint (host names resolved now, best effort) -> its URL."""
+        addresses: dict[IPv4Address, str] = {}
+        for endpoint in self.endpoints:
+            host = endpoint.target.rpartition(":")[0].strip("[]")
+            try:
+                infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                log.warning("cannot resolve etcd endpoint %s (%s)", endpoint.url, exc)
+                continue
+            for info in infos:
+                addresses.setdefault(IPv4Address(info[4][0]), endpoint.url)
+        return addresses
 
     def status(self) -> StoreStatus:
         def status(client: etcd3.Etcd3Client) -> StoreStatus:
@@ -801,7 +832,7 @@ class LeaseWatch:
     def _event(self, event: Any) -> LeaseEvent:
         name = self._store._key_name(event.kv.key)
         if event.type == event.PUT:
-            return LeaseEvent("put", name, event.kv.value, event.kv.mod_revision)
+            return LeaseEvent("put", name, event.kv.value, event.kv.mod_revision, event.kv.create_revision)
         return LeaseEvent("delete", name, None, event.kv.mod_revision)
 
     def __iter__(self) -> "LeaseWatch":

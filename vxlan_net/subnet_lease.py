@@ -55,7 +55,7 @@ class SubnetLeaseKeeper:
                 continue
             valid[lease.subnet] = (lease, record)
         leases = {subnet: pair[0] for subnet, pair in valid.items()}
-        subnet = reusable_subnet(self.config, leases, self.public_ip, remembered)
+        subnet = reusable_subnet(self.config, leases, self.public_ip, remembered, self.vtep_mac)
         if subnet is not None:
             held = valid.get(subnet)
             if held and held[0].public_ip == self.public_ip and held[1].lease_id:
@@ -103,6 +103,14 @@ class SubnetLeaseKeeper:
                 self.store.revoke(self.lease_id)
             except VxlanNetError as exc:
                 log.debug("could not revoke old lease %x: %s", self.lease_id, exc)
+
+    def restore(self) -> None:
+        """Write our record back under our lease after someone else changed or deleted it.
+
+        LeaseGone only when our etcd lease is gone (expired or revoked)."""
+        if self.lease is None or self.lease_id is None:
+            raise LeaseGone("no lease held")
+        self.store.restore_lease(self.lease.subnet, self.lease.to_json(), self.lease_id)
 
     def renew(self) -> int:
         """Refresh the etcd lease and return its TTL; raises LeaseGone when it expired or was revoked."""
