@@ -862,10 +862,10 @@ def node_addresses(*, netns: Optional[str] = None) -> dict[IPv4Address, str]:
 
 @_retry_busy
 def gateways(*, netns: Optional[str] = None) -> set[IPv4Address]:
-    """Every gateway of the main table's routes (a full route dump: not for every pass)."""
+    """Every gateway of the main table's routes but ours (a full route dump: not for every pass)."""
     with _iproute(netns) as ipr, _translated("reading the routes' gateways"):
         return {IPv4Address(g) for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
-                if (g := r.get_attr("RTA_GATEWAY"))}
+                if r["proto"] != ROUTE_PROTO and (g := r.get_attr("RTA_GATEWAY"))}
 
 
 def enter_netns(name: str) -> None:
