@@ -226,10 +226,11 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
     from vxlan_net.plan import plan_changes
 
     config = parse_config(store.get_config())
-    records = store.list_leases().records
+    snapshot = store.list_leases()
+    records = snapshot.records
     own = IPv4Network(kernel.interface_address(device)).supernet(new_prefix=config.subnet_len)
     book = LeaseBook(config, own)
-    book.replace(RecordEvent(name, r.value, r.create_revision) for name, r in records.items())
+    book.replace(snapshot.events())
     candidates = map(subnet_key_name, candidate_subnets(str(config.network), config.subnet_len))
     spare_name = next(name for name in candidates if name not in records and name != subnet_key_name(own))
     steps: dict[str, list[float]] = {k: [] for k in ("etcd_list", "book_apply_1_event", "book_peers",

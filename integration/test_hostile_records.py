@@ -81,6 +81,16 @@ def test_hostile_records_never_stop_an_agent_move_a_node_or_a_tunnel_endpoint(la
     stored = _stored(lab, key1)
     assert stored["lease"] == lease1 and json.loads(_b64(stored["value"]))["PublicIP"] == n1.public_ip
 
+    doctor = n1.run(lab.agent_exe, "doctor", "--etcd-endpoints", lab.etcd_url, timeout=60)
+    inspect = n1.run(lab.agent_exe, "inspect", "--etcd-endpoints", lab.etcd_url, "--iface", n1.underlay_ifname,
+                     "--timeout", "1", timeout=60)
+    assert doctor.returncode == 1 and inspect.returncode == 0, (doctor.stdout, doctor.stderr, inspect.stderr)
+    for output in (doctor.stdout, inspect.stderr):
+        assert "Traceback" not in output
+        for key, reason in (("198.19.240.0-24", "not valid JSON"), ("198.19.241.0-24", "more than the 4096"),
+                            ("198.19.242.0-24", "created first")):
+            assert any(key in line and reason in line for line in output.splitlines()), (key, output)
+
     for node in (n1, n2):
         log = node.agent.log_text()
         assert log.count("198.19.240.0-24") == 1 and "not valid JSON" in log

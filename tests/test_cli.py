@@ -81,14 +81,20 @@ def test_status_prints_the_lease_table_and_flags_garbage(etcd, prefix):
                         "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:04"}})
     subprocess.run([ETCDCTL_EXE, "--endpoints", etcd.client_url, "put", f"{prefix}/subnets/198.19.4.0-24", value],
                    check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10)
-    subprocess.run([ETCDCTL_EXE, "--endpoints", etcd.client_url, "put", f"{prefix}/subnets/198.19.5.0-24", "{"],
-                   check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10)
+    thief = value.replace("198.18.4.2", "198.18.6.2")  # the same VtepMAC, written later
+    for name, raw in (("198.19.5.0-24", "{"), ("198.19.6.0-24", thief), ("198.19.7.0-24", "[" * 3000),
+                      ("198.19.8.0-24", "x" * (1 << 20))):
+        subprocess.run([ETCDCTL_EXE, "--endpoints", etcd.client_url, "put", f"{prefix}/subnets/{name}"], input=raw,
+                       text=True, check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10)
     result = vxlan_net("status", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["SUBNET", "PUBLIC", "IP", "VTEP", "MAC", "EXPIRES", "IN"]
     assert lines[1].split() == ["198.19.4.0/24", "198.18.4.2", "0a:00:00:00:00:04", "never"]
-    assert any("invalid record skipped" in line and "198.19.5.0" in line for line in lines)
+    skipped = {line.split("'")[1]: line for line in lines if line.startswith("record skipped: ")}
+    assert "not valid JSON" in skipped["198.19.5.0-24"] and "not valid JSON" in skipped["198.19.7.0-24"]
+    assert "created first" in skipped["198.19.6.0-24"] and "more than the 4096" in skipped["198.19.8.0-24"]
+    assert all(len(line) < 250 for line in lines)
 
 
 def test_unreachable_etcd_is_a_clear_error_not_a_traceback():

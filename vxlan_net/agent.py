@@ -20,7 +20,7 @@ from .errors import (InvalidConfig, InvalidLease, LeaseGone, LinkNotFound, Store
                      SubnetTaken, VxlanNetError, WatchCompacted)
 from .health import AgentMetrics, HealthServer, Readiness
 from .lease import Lease, parse_lease_value
-from .lease_book import LeaseBook, RecordEvent
+from .lease_book import LeaseBook, RecordEvent, underlay_addresses
 from .reconciler import Reconciler
 from .state import NodeState
 from .store import EtcdStore
@@ -252,8 +252,7 @@ class Agent:
 
     def _relist(self) -> int:
         snapshot = self.store.list_leases()
-        self._take([RecordEvent(name, r.value, r.create_revision) for name, r in snapshot.records.items()],
-                   replace=True)
+        self._take(snapshot.events(), replace=True)
         return snapshot.revision + 1
 
     def _take(self, events, replace: bool = False) -> None:
@@ -284,10 +283,7 @@ class Agent:
             self._addresses = kernel.node_addresses()
         except VxlanNetError as exc:
             log.warning("cannot read this node's addresses (%s); keeping the previous ones", exc)
-        protected = {address: f"etcd endpoint {url}" for address, url in self._etcd_addresses.items()}
-        protected.update((gateway, "this node's gateway") for gateway in self._gateways)
-        protected.update((address, f"this node's address on {ifname}") for address, ifname in self._addresses.items())
-        return protected
+        return underlay_addresses(self._etcd_addresses, self._gateways, self._addresses)
 
     def _note_skipped(self, change) -> None:
         for key_name, reason in change.rejected:

@@ -12,7 +12,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import InvalidConfig, InvalidLease, StoreConfigError, StoreUnavailable, VxlanNetError
+from .errors import InvalidConfig, StoreConfigError, StoreUnavailable, VxlanNetError
 from .logs import configure_logging
 
 ENV_PREFIX = "VXLAN_NET_"
@@ -227,34 +227,37 @@ def _status(args) -> int:
     from .agent import vtep_name
     from .config import parse_config
     from .desired import desired_entries
-    from .lease import parse_lease
-    from .status import describe_drift, render_lease_table
+    from .lease_book import LeaseBook, underlay_addresses
+    from .lease import subnet_key_name
+    from .status import describe_drift, render_lease_table, skipped_lines
 
     with _store(args) as store:
         config = parse_config(_read_config(store, args))
         snapshot = store.list_leases(with_ttl=True)
-    rows, invalid = [], []
-    for name, record in snapshot.records.items():
-        try:
-            rows.append((parse_lease(name, record.value, config), record.ttl_remaining))
-        except InvalidLease as exc:
-            invalid.append(str(exc))
+        etcd_addresses = store.endpoint_addresses()
+    book = LeaseBook(config)
+    book.replace(snapshot.events())
+    ttls = {name: record.ttl_remaining for name, record in snapshot.records.items()}
+    rows = [(lease, ttls.get(subnet_key_name(lease.subnet))) for lease in book.valid_leases()]
     device = vtep_name(config.vni)
     own = None
     if kernel.link_exists(device):
         own_gateway = kernel.interface_address(device)
-        own = next((lease.subnet for lease, _ in rows if lease.subnet.network_address == own_gateway), None)
-    print(render_lease_table(rows, own))
-    for reason in invalid:
-        print(f"invalid record skipped: {reason}")
+        own = next((lease for lease in book.valid_leases() if lease.subnet.network_address == own_gateway), None)
+    if own is not None:  # skip what this node's agent skips
+        book.set_own(own)
+        book.set_protected(underlay_addresses(etcd_addresses, kernel.gateways(), kernel.node_addresses()))
+    print(render_lease_table(rows, own.subnet if own else None))
+    for line in skipped_lines(book.skipped()):
+        print(line)
     if own is None:
         print(f"this node: no {device} device here (not a node, or the agent has not started)")
         return 0
-    peers = [lease for lease, _ in rows if lease.subnet != own]
+    peers = book.peers()
     drift = describe_drift(desired_entries(peers), kernel.read_overlay_entries(device))
     if not drift:
-        print(f"this node ({own}): kernel entries match {len(peers)} peer{'' if len(peers) == 1 else 's'}")
+        print(f"this node ({own.subnet}): kernel entries match {len(peers)} peer{'' if len(peers) == 1 else 's'}")
         return 0
-    print(f"this node ({own}): kernel entries differ from the leases:")
+    print(f"this node ({own.subnet}): kernel entries differ from the leases:")
     print("\n".join(f"  {line}" for line in drift))
     return 1

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 from .config import VXLAN_OVERHEAD, NetworkConfig
 from .desired import OverlayEntries, desired_entries
-from .lease import Lease, trusted_peers
+from .lease import Lease, subnet_key_name, trusted_peers
 from .subnet_file import parse_subnet_file
 
 NFT_TABLE = "vxlan-net"
@@ -515,7 +515,7 @@ def check_ip_forward(facts: NodeFacts) -> Finding:
 def run_checks(facts: NodeFacts) -> list[Finding]:
     findings = [check_config(facts)]
     if facts.invalid_leases:
-        findings.append(Finding(False, "lease records", "invalid records skipped: " + "; ".join(facts.invalid_leases),
+        findings.append(Finding(False, "lease records", "records skipped: " + "; ".join(facts.invalid_leases),
                                 "delete or rewrite them (`etcdctl del <prefix>/subnets/<key>`)"))
     findings += [check_own_lease(facts), check_state_dir(facts), check_vtep(facts)]
     findings += check_peers(facts)
@@ -676,24 +676,22 @@ def _read_config(store, prefix: str) -> Fact[NetworkConfig]:
 
 
 def _read_leases(store, config: NetworkConfig):
-    """({subnet: Lease} or Unavailable, invalid record reasons, {subnet: etcd lease id})."""
-    from .errors import InvalidLease, VxlanNetError
-    from .lease import parse_lease
+    """({subnet: Lease} of the records every agent programs or Unavailable, skipped records with
+    their reasons, {subnet: etcd lease id})."""
+    from .errors import VxlanNetError
+    from .lease_book import LeaseBook
+    from .untrusted import shown
 
     try:
         snapshot = store.list_leases()
     except VxlanNetError as exc:
         return Unavailable(f"etcd unavailable listing leases: {exc}"), (), {}
-    leases, invalid, ids = {}, [], {}
-    for name, record in snapshot.records.items():
-        try:
-            lease = parse_lease(name, record.value, config)
-        except InvalidLease as exc:
-            invalid.append(str(exc))
-            continue
-        leases[lease.subnet] = lease
-        ids[lease.subnet] = record.lease_id
-    return leases, tuple(invalid), ids
+    book = LeaseBook(config)
+    book.replace(snapshot.events())
+    leases = {lease.subnet: lease for lease in book.peers()}
+    ids = {lease.subnet: snapshot.records[subnet_key_name(lease.subnet)].lease_id for lease in book.peers()}
+    skipped = tuple(f"{shown(key)}: {reason}" for key, reason in sorted(book.skipped().items()))
+    return leases, skipped, ids
 
 
 def _link(kernel, name: str) -> Fact[Link]:

@@ -142,9 +142,10 @@ def _check_bpf(bpf: str, iface: Optional[str]) -> None:
 def _cluster(args: argparse.Namespace) -> tuple[Any, list]:
     """The config and the valid leases from etcd, or (None, []) with one line on stderr."""
     from .config import parse_config
-    from .errors import InvalidLease, VxlanNetError
-    from .lease import parse_lease
     from .cli import UsageError, _store
+    from .errors import VxlanNetError
+    from .lease_book import LeaseBook
+    from .status import skipped_lines
 
     try:
         with _store(args, timeout=ETCD_TIMEOUT) as store:
@@ -157,14 +158,13 @@ def _cluster(args: argparse.Namespace) -> tuple[Any, list]:
         print(f"vxlan-net inspect: etcd not usable ({exc}); decoding without node names or pod network checks",
               file=sys.stderr)
         return None, []
-    leases = []
-    for name, record in snapshot.records.items():
-        try:
-            leases.append(parse_lease(name, record.value, config))
-        except InvalidLease:
-            pass  # `vxlan-net status` names them; here they only resolve nothing
+    book = LeaseBook(config)
+    book.replace(snapshot.events())
+    leases = book.peers()
     print(f"vxlan-net inspect: VNI {config.vni}, port {config.port}, pod network {config.network}, "
           f"{len(leases)} nodes known from etcd", file=sys.stderr)
+    for line in skipped_lines(book.skipped()):
+        print(f"vxlan-net inspect: {line}", file=sys.stderr)
     return config, leases
 
 

@@ -62,6 +62,15 @@ class _Record:
         return self.create_revision, self.lease.subnet
 
 
+def underlay_addresses(etcd_endpoints: Mapping[IPv4Address, str], gateways: Iterable[IPv4Address],
+                       node_addresses: Mapping[IPv4Address, str]) -> dict[IPv4Address, str]:
+    """What a peer subnet must never capture, each with what it is (for set_protected)."""
+    protected = {address: f"etcd endpoint {url}" for address, url in etcd_endpoints.items()}
+    protected.update((gateway, "this node's gateway") for gateway in gateways)
+    protected.update((address, f"this node's address on {ifname}") for address, ifname in node_addresses.items())
+    return protected
+
+
 class LeaseBook:
     """The valid leases of the network, keyed by subnet; which are peers; which one is ours."""
 
@@ -84,6 +93,10 @@ class LeaseBook:
 
     def peers(self) -> list[Lease]:
         return list(self._peers.values())
+
+    def valid_leases(self) -> list[Lease]:
+        """Every valid record, programmed or not (ours included)."""
+        return [record.lease for record in self._records.values()]
 
     def lease_for(self, subnet: IPv4Network) -> Optional[Lease]:
         """The valid record for `subnet`, programmed or not."""

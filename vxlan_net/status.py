@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 from .desired import OverlayEntries
 from .lease import Lease
+from .untrusted import shown
 
 
 def format_expiry(seconds: Optional[int]) -> str:
@@ -27,6 +28,11 @@ def render_lease_table(rows: Iterable[tuple[Lease, Optional[int]]], own_subnet=N
         lines.append((f"{lease.subnet}{mark}", str(lease.public_ip), lease.vtep_mac, format_expiry(ttl)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def skipped_lines(skipped: Mapping[str, str]) -> list[str]:
+    """One line per record the agent does not program, with the reason."""
+    return [f"record skipped: {shown(key)}: {reason}" for key, reason in sorted(skipped.items())]
 
 
 def describe_drift(desired: OverlayEntries, actual: OverlayEntries) -> list[str]:

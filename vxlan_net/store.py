@@ -30,6 +30,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from .errors import LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted, WatchLost
 from .lease import subnet_key_name
+from .lease_book import RecordEvent
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,10 @@ class LeaseSnapshot:
 
     revision: int
     records: dict[str, LeaseRecord]
+
+    def events(self) -> list[RecordEvent]:
+        """The listing as the lease book takes it (LeaseBook.replace)."""
+        return [RecordEvent(name, r.value, r.create_revision) for name, r in self.records.items()]
 
 
 @dataclasses.dataclass(frozen=True)
