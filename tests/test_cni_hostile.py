@@ -1,0 +1,163 @@
+"""Hostile files around the plugin, with real files in a tmp dir (no root needed).
+
+A `subnetFile` that points at some other file, a prevResult full of junk, and
+symlinks, FIFOs and directories planted in the IPAM store: the plugin answers
+with a clear CNI error (or treats the entry as someone else's), never echoes a
+file's content, and never reads, writes or deletes through a link.
+"""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from cni.install import install
+from cni.ipam import DiskStore, MemoryStore
+from cni.plugin import run
+from test_cni_parser import FakeKernel, MemoryStores, assert_spec_error, env, ip
+
+SECRET = "s3cr3t-Token-4711"
+VALID_SUBNET = "VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\nVXLAN_NET_MTU=1450\n"
+
+
+def conf(subnet_file, data_dir, **extra):
+    base = {"cniVersion": "1.1.0", "name": "podnet", "type": "vxlan-net-cni", "subnetFile": subnet_file,
+            "dataDir": data_dir}
+    base.update(extra)
+    return json.dumps(base).encode()
+
+
+@pytest.fixture(autouse=True)
+def bounded():
+    """A plugin that blocks on a FIFO must fail the test, not hang the suite."""
+    def hung(*_):
+        raise TimeoutError("the plugin blocked for 30 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    return install(str(tmp_path / "bin"))
+
+
+@pytest.fixture
+def subnet_file(tmp_path):
+    path = tmp_path / "subnet.env"
+    path.write_text(VALID_SUBNET)
+    return str(path)
+
+
+def run_binary(plugin, command, stdin):
+    """The installed plugin as a runtime runs it; a hang (e.g. on a FIFO) fails the test after 20 s."""
+    environ = dict(env(command), PATH=os.environ.get("PATH", "/usr/bin:/bin"))
+    proc = subprocess.run([plugin], input=stdin, env=environ, capture_output=True, timeout=20)
+    return proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+
+
+# -- a subnetFile that is not ours ------------------------------------------------------------------
+
+def _plant(tmp_path, case):
+    path = tmp_path / f"not-ours-{case}"
+    if case == "passwd-like":
+        path.write_text(f"root:{SECRET}:0:0:root:/root:/bin/bash\nVXLAN_NET_NETWORK=198.19.0.0/16\n")
+    elif case == "secret-key-value":
+        path.write_text(f"API_TOKEN={SECRET}\n")
+    elif case == "secret-after-valid-lines":
+        path.write_text(VALID_SUBNET.replace("VXLAN_NET_MTU=1450\n", f"{SECRET}\n"))
+    elif case == "not-utf8":
+        path.write_bytes(b"\xff\xfe" + SECRET.encode() + b"\n")
+    elif case == "nul-bytes":
+        path.write_bytes(SECRET.encode() + b"\0" * 100)
+    elif case == "empty":
+        path.write_text("")
+    elif case == "over-64k":
+        path.write_text(VALID_SUBNET + "#" * 70000 + f"\n{SECRET}\n")
+    elif case == "fifo":
+        os.mkfifo(path)
+    elif case == "directory":
+        path.mkdir()
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["passwd-like", "secret-key-value", "secret-after-valid-lines", "not-utf8",
+                                  "nul-bytes", "empty", "over-64k", "fifo", "directory"])
+@pytest.mark.parametrize("command", ["ADD", "CHECK", "STATUS"])
+def test_a_subnet_file_that_is_not_ours_is_named_never_echoed(tmp_path, plugin, case, command):
+    path = _plant(tmp_path, case)
+    prev = {"cniVersion": "1.1.0", "interfaces": [], "ips": []}
+    stdin = conf(path, str(tmp_path / "data"), prevResult=prev if command == "CHECK" else None)
+    rc, out, err = run_binary(plugin, command, stdin)
+    error = assert_spec_error(rc, out, 50 if command == "STATUS" else 7)
+    assert error["msg"].endswith(f"not a vxlan-net subnet file: {path}"), error
+    assert error["details"] == ""
+    assert SECRET not in out + err and "root:" not in out + err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("key, bad", [("VXLAN_NET_NETWORK", SECRET), ("VXLAN_NET_SUBNET", f"{SECRET}/24"),
+                                      ("VXLAN_NET_MTU", SECRET), ("VXLAN_NET_SUBNET", "198.20.3.1/24"),
+                                      ("VXLAN_NET_SUBNET", "198.19.3.0/24")])
+def test_a_bad_value_in_our_subnet_file_names_the_key_not_the_value(tmp_path, plugin, key, bad):
+    path = tmp_path / "subnet.env"
+    lines = dict(line.split("=", 1) for line in VALID_SUBNET.splitlines())
+    lines[key] = bad
+    path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+    rc, out, err = run_binary(plugin, "ADD", conf(str(path), str(tmp_path / "data")))
+    error = assert_spec_error(rc, out, 7)
+    assert error["msg"].startswith(f"subnet file {path}: {key}"), error
+    assert bad not in out + err and SECRET not in out + err
+
+
+def test_a_symlinked_subnet_file_outside_the_store_is_still_read(tmp_path, subnet_file):
+    # subnetFile is the operator's path, like dataDir: a link there is theirs to make.
+    link = tmp_path / "link.env"
+    link.symlink_to(subnet_file)
+    rc, out = run(env("STATUS"), conf(str(link), str(tmp_path / "data")), kernel=FakeKernel(), store=DiskStore)
+    assert (rc, out) == (0, "")
+
+
+# -- prevResult is the runtime's, its junk is not echoed -------------------------------------------
+
+class Link:
+    index, mtu, flags = 7, 1450, 1
+    mac = b"\x02\0\0\0\0\x07"
+
+
+class InspectingKernel(FakeKernel):
+    def inspect(self, netns_fd, ifname, host_veth, bridge):
+        return {"link": Link(), "host": None, "bridge": None, "bridge_addresses": [],
+                "addresses": [(ip("198.19.3.2"), 24)], "routes": []}
+
+
+@pytest.mark.parametrize("ips", [
+    [{"address": f"{SECRET}/24"}],
+    [{"address": ["198.19.3.2/24"]}, {"address": {"a": 1}}, {"address": 5}, {"address": None}, "junk"],
+])
+def test_check_with_a_junk_prev_result_names_the_mismatch_without_echoing_it(subnet_file, ips, capsys):
+    stores = MemoryStores()
+    stores.stores.setdefault("podnet", MemoryStore()).owners[ip("198.19.3.2")] = ("c1", "eth0")
+    prev = {"cniVersion": "1.1.0", "ips": ips,
+            "interfaces": [{"name": "eth0", "sandbox": "/x", "mac": f"{SECRET}"}]}
+    rc, out = run(env("CHECK"), conf(subnet_file, "/nonexistent", prevResult=prev), kernel=InspectingKernel(),
+                  store=stores)
+    error = assert_spec_error(rc, out, 104)
+    assert "reserved address 198.19.3.2/24 is not in prevResult" in error["msg"]
+    assert "prevResult's MAC for eth0 is not a MAC address" in error["msg"]
+    assert SECRET not in out and "junk" not in out
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unexpected_exception_reports_its_type_not_its_arguments(subnet_file, capsys):
+    leak = UnicodeDecodeError("utf-8", SECRET.encode() + b"\xff", len(SECRET), len(SECRET) + 1, "invalid")
+    rc, out = run(env(), conf(subnet_file, "/nonexistent"), kernel=FakeKernel(fail=leak), store=MemoryStores())
+    error = assert_spec_error(rc, out, 999)
+    assert error["msg"] == "internal error: UnicodeDecodeError (traceback on stderr)"
+    assert SECRET not in out
+    assert "Traceback" in capsys.readouterr().err  # the operator's log keeps the whole story
