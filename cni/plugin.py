@@ -241,9 +241,10 @@ def cmd_gc(env, conf, kernel, store):
     valid_containers = {cid for cid, _ in valid}
     with store(conf.data_dir, conf.name, create=False) as locked:
         if locked is not None:
-            for ip, (cid, ifname) in locked.reservations().items():
+            for ip, owner in locked.reservations().items():
+                # None: an entry the plugin did not write (a link, a FIFO): not ours to release.
                 # A file in host-local's old format names only the container: it is valid if the container is.
-                if (cid, ifname) not in valid and not (ifname == "" and cid in valid_containers):
+                if owner is not None and owner not in valid and not (owner[1] == "" and owner[0] in valid_containers):
                     locked.release(ip)
     for name in kernel.ports(conf.bridge, HOST_VETH_PREFIX):
         if name not in keep:
@@ -256,8 +257,11 @@ def cmd_status(env, conf, kernel, store):
         plan = plan_addresses(conf, read_subnet_file(conf.subnet_file))
     except CniError as exc:
         raise CniError(E.NOT_AVAILABLE, f"not ready for ADD: {exc.msg}") from None
-    with store(conf.data_dir, conf.name, create=False) as locked:
-        used = len(locked.reservations()) if locked is not None else 0
+    try:
+        with store(conf.data_dir, conf.name, create=False) as locked:
+            used = len(locked.reservations()) if locked is not None else 0
+    except CniError as exc:  # e.g. a link planted in the store: ADD would fail the same way
+        raise CniError(E.NOT_AVAILABLE, f"not ready for ADD: {exc.msg}") from None
     size = plan.end - plan.start + 1 - (plan.start <= plan.gateway <= plan.end)
     if used >= size:
         raise CniError(E.NOT_AVAILABLE_LIMITED, f"all {size} addresses of the node subnet are allocated")

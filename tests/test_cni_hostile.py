@@ -14,9 +14,9 @@ import subprocess
 import pytest
 
 from cni.install import install
-from cni.ipam import DiskStore, MemoryStore
+from cni.ipam import DiskStore, MemoryStore, allocate, release_owner
 from cni.plugin import run
-from test_cni_parser import FakeKernel, MemoryStores, assert_spec_error, env, ip
+from test_cni_parser import FakeKernel, MemoryStores, Plan, assert_spec_error, env, ip
 
 SECRET = "s3cr3t-Token-4711"
 VALID_SUBNET = "VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\nVXLAN_NET_MTU=1450\n"
@@ -161,3 +161,126 @@ def test_an_unexpected_exception_reports_its_type_not_its_arguments(subnet_file,
     assert error["msg"] == "internal error: UnicodeDecodeError (traceback on stderr)"
     assert SECRET not in out
     assert "Traceback" in capsys.readouterr().err  # the operator's log keeps the whole story
+
+
+# -- the IPAM store: nothing under dataDir is followed ------------------------------------------------
+
+@pytest.fixture
+def outside(tmp_path):
+    """A file outside the store that a planted link points at; its content would mean "c1/eth0 holds it"."""
+    path = tmp_path / "outside" / "victim"
+    path.parent.mkdir()
+    path.write_bytes(b"c1\r\neth0")
+    return path
+
+
+def untouched(path, content=b"c1\r\neth0"):
+    return path.read_bytes() == content
+
+
+def store_dir(tmp_path):
+    folder = tmp_path / "data" / "podnet"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def add(subnet_file, tmp_path, cid="c1", kernel=None):
+    return run(env(CNI_CONTAINERID=cid), conf(subnet_file, str(tmp_path / "data")), kernel=kernel or FakeKernel(),
+               store=DiskStore)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling-symlink", "fifo", "directory"])
+def test_a_foreign_entry_named_like_a_reservation_is_never_read_released_or_reused(
+        tmp_path, subnet_file, outside, kind):
+    folder = store_dir(tmp_path)
+    planted = folder / "198.19.3.2"
+    if kind == "symlink":
+        planted.symlink_to(outside)
+    elif kind == "dangling-symlink":
+        planted.symlink_to(tmp_path / "outside" / "missing")
+    elif kind == "fifo":
+        os.mkfifo(planted)
+    else:
+        planted.mkdir()
+    kernel = FakeKernel()
+    # Had the plugin read the link, c1/eth0 would already "hold" .2: a duplicate-allocation error.
+    rc, out = add(subnet_file, tmp_path, kernel=kernel)
+    assert rc == 0, out
+    assert json.loads(out)["ips"][0]["address"] == "198.19.3.3/24"  # .2 counts as taken
+    data = conf(subnet_file, str(tmp_path / "data"))
+    assert run(env("DEL"), data, kernel=kernel, store=DiskStore) == (0, "")
+    gc = conf(subnet_file, str(tmp_path / "data"), **{"cni.dev/valid-attachments": []})
+    assert run(env("GC"), gc, kernel=kernel, store=DiskStore) == (0, "")
+    assert os.path.lexists(planted) and sorted(os.listdir(folder)) == ["198.19.3.2", "last_reserved_ip.0", "lock"]
+    assert untouched(outside) and not (tmp_path / "outside" / "missing").exists()
+    with DiskStore(str(tmp_path / "data"), "podnet") as store:
+        assert store.reservations() == {ip("198.19.3.2"): None}
+
+
+@pytest.mark.parametrize("name, dangling", [("lock", False), ("lock", True),
+                                            ("last_reserved_ip.0", False), ("last_reserved_ip.0", True)])
+def test_a_symlinked_lock_or_last_reserved_file_is_a_clear_error_and_the_target_is_untouched(
+        tmp_path, subnet_file, outside, name, dangling):
+    folder = store_dir(tmp_path)
+    target = tmp_path / "outside" / "missing" if dangling else outside
+    (folder / name).symlink_to(target)
+    rc, out = add(subnet_file, tmp_path)
+    error = assert_spec_error(rc, out, 5)
+    assert error["msg"] == f"{folder / name} is a symlink; the IPAM store never follows one (remove it)"
+    assert untouched(outside) and not (tmp_path / "outside" / "missing").exists()
+    assert sorted(os.listdir(folder)) == sorted({name, "lock"})  # no reservation left behind
+    if name == "lock":
+        for command, code in (("DEL", 5), ("STATUS", 50)):
+            assert_spec_error(*run(env(command), conf(subnet_file, str(tmp_path / "data")), kernel=FakeKernel(),
+                                   store=DiskStore), code)
+
+
+def test_last_reserved_through_a_link_is_not_read(tmp_path, outside):
+    folder = store_dir(tmp_path)
+    outside.write_text("198.19.3.50")
+    (folder / "last_reserved_ip.0").symlink_to(outside)
+    with DiskStore(str(tmp_path / "data"), "podnet") as store:
+        assert store.last_reserved() is None
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_symlinked_network_directory_is_a_clear_error_for_every_command(tmp_path, subnet_file, dangling):
+    elsewhere = tmp_path / "elsewhere"
+    if not dangling:
+        elsewhere.mkdir()
+        (elsewhere / "198.19.3.9").write_bytes(b"c1\r\neth0")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "podnet").symlink_to(elsewhere, target_is_directory=True)
+    message = f"{tmp_path / 'data' / 'podnet'} is a symlink; the IPAM store never follows one (remove it)"
+    for command in ("ADD", "DEL", "GC", "STATUS"):
+        data = conf(subnet_file, str(tmp_path / "data"), **{"cni.dev/valid-attachments": []})
+        error = assert_spec_error(*run(env(command), data, kernel=FakeKernel(), store=DiskStore),
+                                  50 if command == "STATUS" else 5)
+        assert error["msg"].endswith(message), (command, error)
+    if dangling:
+        assert not elsewhere.exists()
+    else:
+        assert sorted(os.listdir(elsewhere)) == ["198.19.3.9"] and untouched(elsewhere / "198.19.3.9")
+
+
+def test_data_dir_itself_may_be_a_symlink(tmp_path, subnet_file):
+    # dataDir is the operator's configured path (e.g. /var/lib on another volume); only what is under it is ours.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "real", target_is_directory=True)
+    rc, out = add(subnet_file, tmp_path)
+    assert rc == 0, out
+    assert (tmp_path / "real" / "podnet" / "198.19.3.2").read_bytes() == b"c1\r\neth0"
+
+
+def test_a_reservation_swapped_for_a_link_is_unlinked_not_followed(tmp_path, outside):
+    # The store lists c1's file, then someone swaps it for a link before the release: the link goes, not its target.
+    plan = Plan(ip("198.19.3.2"), ip("198.19.3.254"), ip("198.19.3.1"))
+    with DiskStore(str(tmp_path / "data"), "podnet") as store:
+        got = allocate(store, plan, "c1", "eth0")
+        path = store_dir(tmp_path) / "198.19.3.2"
+        path.unlink()
+        path.symlink_to(outside)
+        store.release(got)
+    assert not os.path.lexists(path) and untouched(outside)
+    with DiskStore(str(tmp_path / "data"), "podnet") as store:
+        assert release_owner(store, "c1", "eth0") == []
