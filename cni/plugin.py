@@ -234,21 +234,33 @@ def cmd_check(env, conf, kernel, store):
 
 
 def cmd_gc(env, conf, kernel, store):
+    """Release this network's reservations that are not valid attachments, and remove their host veths.
+
+    Only veths named for such a reservation (`host_veth_name`) and enslaved to
+    this network's bridge go: another network's attachments, a veth someone
+    else made, and a veth whose reservation is already gone stay. Each veth goes
+    before its reservation, under the lock: a failure keeps the reservation,
+    so the next GC retries it.
+    """
     valid = conf.valid_attachments
     if valid is None:
         raise CniError(E.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the config")
-    keep = {host_veth_name(cid, ifname) for cid, ifname in valid}
     valid_containers = {cid for cid, _ in valid}
     with store(conf.data_dir, conf.name, create=False) as locked:
-        if locked is not None:
-            for ip, owner in locked.reservations().items():
-                # None: an entry the plugin did not write (a link, a FIFO): not ours to release.
-                # A file in host-local's old format names only the container: it is valid if the container is.
-                if owner is not None and owner not in valid and not (owner[1] == "" and owner[0] in valid_containers):
-                    locked.release(ip)
-    for name in kernel.ports(conf.bridge, HOST_VETH_PREFIX):
-        if name not in keep:
-            kernel.detach(name)
+        if locked is None:
+            return 0, ""
+        stale = {}
+        for ip, owner in locked.reservations().items():
+            # None: an entry the plugin did not write (a link, a FIFO): not ours to release.
+            # A file in host-local's old format names only the container: it is valid if the container is.
+            if owner is not None and owner not in valid and not (owner[1] == "" and owner[0] in valid_containers):
+                stale[ip] = host_veth_name(*owner)
+        ours = set(kernel.ports(conf.bridge, HOST_VETH_PREFIX)) if stale else set()
+        for ip, host_veth in sorted(stale.items()):
+            if host_veth in ours:
+                kernel.detach(host_veth)
+                ours.discard(host_veth)
+            locked.release(ip)
     return 0, ""
 
 

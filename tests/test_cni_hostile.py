@@ -15,7 +15,7 @@ import pytest
 
 from cni.install import install
 from cni.ipam import DiskStore, MemoryStore, allocate, release_owner
-from cni.plugin import run
+from cni.plugin import host_veth_name, run
 from test_cni_parser import FakeKernel, MemoryStores, Plan, assert_spec_error, env, ip
 
 SECRET = "s3cr3t-Token-4711"
@@ -284,3 +284,17 @@ def test_a_reservation_swapped_for_a_link_is_unlinked_not_followed(tmp_path, out
     assert not os.path.lexists(path) and untouched(outside)
     with DiskStore(str(tmp_path / "data"), "podnet") as store:
         assert release_owner(store, "c1", "eth0") == []
+
+
+def test_gc_names_veths_only_from_this_networks_released_reservations(tmp_path, subnet_file):
+    kernel = FakeKernel()
+    for cid in ("keep", "drop"):
+        assert add(subnet_file, tmp_path, cid=cid, kernel=kernel)[0] == 0
+    other = conf(subnet_file, str(tmp_path / "data"), name="othernet")
+    assert run(env(CNI_CONTAINERID="theirs"), other, kernel=kernel, store=DiskStore)[0] == 0
+    kernel.ports_["vxn0123456789ab"] = {}  # someone else's device with a name like ours
+    valid = [{"containerID": "keep", "ifname": "eth0"}]
+    gc = conf(subnet_file, str(tmp_path / "data"), **{"cni.dev/valid-attachments": valid})
+    assert run(env("GC"), gc, kernel=kernel, store=DiskStore) == (0, "")
+    assert sorted(kernel.ports_) == sorted([host_veth_name("keep", "eth0"), host_veth_name("theirs", "eth0"),
+                                            "vxn0123456789ab"])
