@@ -9,10 +9,16 @@ file's content, and never reads, writes or deletes through a link.
 import json
 import os
 import signal
+import string
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cni import config as C
+from cni.agent_socket import NameLock
+from cni.errors import CniError
 from cni.install import install
 from cni.ipam import DiskStore, MemoryStore, allocate, release_owner
 from cni.plugin import host_veth_name, run
@@ -298,3 +304,31 @@ def test_gc_names_veths_only_from_this_networks_released_reservations(tmp_path, 
     assert run(env("GC"), gc, kernel=kernel, store=DiskStore) == (0, "")
     assert sorted(kernel.ports_) == sorted([host_veth_name("keep", "eth0"), host_veth_name("theirs", "eth0"),
                                             "vxn0123456789ab"])
+
+
+def test_the_agent_name_lock_never_creates_through_a_planted_link(tmp_path):
+    # The lock next to the agent's socket (DEL/ADD vs the agent's queued deletions) is created on demand.
+    link = tmp_path / "cni.sock.lock"
+    link.symlink_to(tmp_path / "created-through-the-link")
+    with NameLock(str(link), host_veth_name("c1", "eth0")) as lock:
+        assert lock.fd is None  # runs unlocked, as when no agent serves there
+    assert not (tmp_path / "created-through-the-link").exists() and link.is_symlink()
+
+
+# -- property: whatever the file holds, the error never quotes it ------------------------------------
+
+TOKEN = st.text(alphabet=string.ascii_letters + string.digits + "+/_", min_size=12, max_size=24)
+LINES = st.lists(st.sampled_from(["", "# c", "VXLAN_NET_NETWORK=198.19.0.0/16", "VXLAN_NET_SUBNET=198.19.3.1/24",
+                                  "VXLAN_NET_MTU=1450", "A=B", "garbage"]), max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(token=TOKEN, before=LINES, after=LINES,
+       shape=st.sampled_from(["{t}", "X={t}", "VXLAN_NET_NETWORK={t}", "VXLAN_NET_SUBNET={t}/24",
+                              "VXLAN_NET_MTU={t}", "VXLAN_NET_SUBNET=198.19.{t}", "{t}=1"]))
+def test_no_subnet_file_content_ever_reaches_an_error(token, before, after, shape):
+    text = "\n".join(before + [shape.format(t=token)] + after)
+    try:
+        C.parse_subnet_file(text, "/p")
+    except CniError as exc:
+        assert token not in exc.msg + exc.details and exc.code == 7
