@@ -9,6 +9,7 @@ Nothing in the store is followed if it is a link (see `DiskStore`).
 """
 
 import os
+from errno import EISDIR, EOPNOTSUPP
 from fcntl import LOCK_EX, flock
 from stat import S_ISREG
 
@@ -192,26 +193,51 @@ class DiskStore:
             return None
 
     def reserve(self, ip: int, container_id: str, ifname: str) -> bool:
-        """Create the address file (O_EXCL: never through a link); False when it exists."""
+        """Create the address file, whole (never through a link); False when the name exists."""
         name = int_to_ip(ip)
         try:
-            fd = self._open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            self._create_whole(name, (container_id + LINE_BREAK + ifname).encode())
         except FileExistsError:
             return False
         except OSError as exc:
             raise CniError(E.IO_FAILURE, f"cannot create {self._path(name)}: {exc.strerror}") from None
         try:
-            try:
-                os.write(fd, (container_id + LINE_BREAK + ifname).encode())
-            except OSError as exc:
-                raise CniError(E.IO_FAILURE, f"cannot write {self._path(name)}: {exc.strerror}") from None
-            finally:
-                os.close(fd)
             self._write_last(name)
         except BaseException:
             self.release(ip)  # no reservation without its record
             raise
         return True
+
+    def _create_whole(self, name: str, content: bytes) -> None:
+        """Create `name` holding `content`, or raise FileExistsError.
+
+        The content is written to an unnamed file (O_TMPFILE) that is then linked
+        in: an ADD killed at any moment leaves the whole reservation, which DEL
+        finds by its owner, or nothing, never the empty file that only GC could
+        release. Filesystems without O_TMPFILE get create-then-write.
+        """
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+        except OSError as exc:
+            if exc.errno not in (EOPNOTSUPP, EISDIR):
+                raise
+            fd = None
+        if fd is None:
+            fd = self._open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                os.write(fd, content)
+            except OSError:
+                self.release(ip_to_int(name))
+                raise
+            finally:
+                os.close(fd)
+            return
+        try:
+            os.write(fd, content)
+            # linkat never follows its new name, and fails with EEXIST when anything holds it.
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=self._dir_fd)
+        finally:
+            os.close(fd)
 
     def _write_last(self, name: str) -> None:
         try:

@@ -332,3 +332,24 @@ def test_no_subnet_file_content_ever_reaches_an_error(token, before, after, shap
         C.parse_subnet_file(text, "/p")
     except CniError as exc:
         assert token not in exc.msg + exc.details and exc.code == 7
+
+
+def test_reservations_are_whole_also_where_the_filesystem_has_no_o_tmpfile(tmp_path, monkeypatch, outside):
+    import errno
+
+    import cni.ipam
+
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *args, **kw):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(cni.ipam.os, "open", no_tmpfile)
+    folder = store_dir(tmp_path)
+    (folder / "198.19.3.2").symlink_to(outside)
+    plan = Plan(ip("198.19.3.2"), ip("198.19.3.254"), ip("198.19.3.1"))
+    with DiskStore(str(tmp_path / "data"), "podnet") as store:
+        assert allocate(store, plan, "c1", "eth0") == ip("198.19.3.3")
+    assert (folder / "198.19.3.3").read_bytes() == b"c1\r\neth0" and untouched(outside)
