@@ -51,7 +51,8 @@ class NameLock:
     """`with NameLock(lock_path, name):` holds the name's byte of the lock file (POSIX record lock).
 
     A missing directory means no agent serves there, so there is nothing to
-    exclude: the block then runs unlocked.
+    exclude: the block then runs unlocked. So does a link planted at the
+    lock's path: O_CREAT through it would create any file the link names.
     """
 
     def __init__(self, path: str, name: str):
@@ -61,7 +62,7 @@ class NameLock:
         from fcntl import LOCK_EX, lockf
 
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError:
             return self
         try:

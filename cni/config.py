@@ -7,10 +7,12 @@ the whole Go reference spends on an ADD (DESIGN §5). Every failure is a
 in `read_subnet_file` (the agent's subnet file).
 """
 
+import os
 from _socket import AF_INET, inet_ntop, inet_pton
+from stat import S_ISREG
 
 from . import errors as E
-from .errors import CniError
+from .errors import CniError, shown
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = "1.1.0"
@@ -33,11 +35,11 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 def ip_to_int(text) -> int:
     """Strict dotted quad to int; ValueError otherwise."""
     if not isinstance(text, str) or not 7 <= len(text) <= 15:
-        raise ValueError(f"not an IPv4 address: {text!r}")
+        raise ValueError(f"not an IPv4 address: {shown(text)}")
     try:
         return int.from_bytes(inet_pton(AF_INET, text), "big")
     except (OSError, UnicodeError):
-        raise ValueError(f"not an IPv4 address: {text!r}") from None
+        raise ValueError(f"not an IPv4 address: {shown(text)}") from None
 
 
 def int_to_ip(value: int) -> str:
@@ -47,10 +49,10 @@ def int_to_ip(value: int) -> str:
 def parse_cidr(text):
     """`a.b.c.d/n` to (address int, prefix length); ValueError otherwise."""
     if not isinstance(text, str) or text.count("/") != 1:
-        raise ValueError(f"not an IPv4 CIDR: {text!r}")
+        raise ValueError(f"not an IPv4 CIDR: {shown(text)}")
     addr, _, plen = text.partition("/")
     if not (plen.isdigit() and plen.isascii() and len(plen) <= 2 and int(plen) <= 32):
-        raise ValueError(f"bad prefix length in {text!r}")
+        raise ValueError(f"bad prefix length in {shown(text)}")
     return ip_to_int(addr), int(plen)
 
 
@@ -61,7 +63,7 @@ def netmask(prefix: int) -> int:
 def parse_mac(text) -> bytes:
     parts = text.split(":") if isinstance(text, str) else []
     if len(parts) != 6 or any(len(p) != 2 or not set(p) <= _HEX for p in parts):
-        raise ValueError(f"not a MAC address: {text!r}")
+        raise ValueError(f"not a MAC address: {shown(text)}")
     return bytes(int(p, 16) for p in parts)
 
 
@@ -93,7 +95,7 @@ def _bool(conf: dict, key: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise CniError(E.INVALID_CONFIG, f"{key} must be true or false, not {value!r}")
+        raise CniError(E.INVALID_CONFIG, f"{key} must be true or false, not {shown(value)}")
     return value
 
 
@@ -102,7 +104,7 @@ def _str(conf: dict, key: str, default: str) -> str:
     if value is None or value == "":
         return default
     if not isinstance(value, str) or "\0" in value:
-        raise CniError(E.INVALID_CONFIG, f"{key} must be a string, not {value!r}")
+        raise CniError(E.INVALID_CONFIG, f"{key} must be a string, not {shown(value)}")
     return value
 
 
@@ -145,7 +147,7 @@ def parse_cni_args(text: str) -> dict:
             continue
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CniError(E.INVALID_ENV, f"CNI_ARGS: invalid pair {pair!r}, want KEY=VALUE")
+            raise CniError(E.INVALID_ENV, f"CNI_ARGS: invalid pair {shown(pair)}, want KEY=VALUE")
         args[key] = value
     ignore = args.get("IgnoreUnknown", "").lower() in ("1", "true")
     unknown = sorted(k for k in args if k not in KNOWN_ARGS)
@@ -157,7 +159,7 @@ def parse_cni_args(text: str) -> dict:
 def parse_env(environ) -> Env:
     command = environ.get("CNI_COMMAND", "")
     if command not in COMMANDS:
-        raise CniError(E.INVALID_ENV, f"CNI_COMMAND {command!r} is not one of {', '.join(COMMANDS)}")
+        raise CniError(E.INVALID_ENV, f"CNI_COMMAND {shown(command)} is not one of {', '.join(COMMANDS)}")
     container_id = environ.get("CNI_CONTAINERID", "")
     netns = environ.get("CNI_NETNS", "")
     ifname = environ.get("CNI_IFNAME", "")
@@ -165,12 +167,12 @@ def parse_env(environ) -> Env:
         if not container_id:
             raise CniError(E.INVALID_ENV, "CNI_CONTAINERID is required")
         if not valid_identifier(container_id):
-            raise CniError(E.INVALID_ENV, f"CNI_CONTAINERID {container_id!r} is invalid: "
+            raise CniError(E.INVALID_ENV, f"CNI_CONTAINERID {shown(container_id)} is invalid: "
                                           "want [a-zA-Z0-9][a-zA-Z0-9_.-]*")
         if not ifname:
             raise CniError(E.INVALID_ENV, "CNI_IFNAME is required")
         if not valid_ifname(ifname):
-            raise CniError(E.INVALID_ENV, f"CNI_IFNAME {ifname!r} is invalid: want 1-15 bytes, "
+            raise CniError(E.INVALID_ENV, f"CNI_IFNAME {shown(ifname)} is invalid: want 1-15 bytes, "
                                           "no '/', ':' or whitespace")
         if command != "DEL" and not netns:
             raise CniError(E.INVALID_ENV, "CNI_NETNS is required")
@@ -221,7 +223,7 @@ def check_version(conf: dict, command: str) -> str:
         raise CniError(E.INCOMPATIBLE_VERSION, "config has no cniVersion (that means 0.1.0); "
                        f"supported: {', '.join(SUPPORTED_VERSIONS)}")
     if version not in SUPPORTED_VERSIONS:
-        raise CniError(E.INCOMPATIBLE_VERSION, f"cniVersion {version!r} is not supported; "
+        raise CniError(E.INCOMPATIBLE_VERSION, f"cniVersion {shown(version)} is not supported; "
                        f"supported: {', '.join(SUPPORTED_VERSIONS)}")
     minimum = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}.get(command)
     if minimum and _version_tuple(version) < _version_tuple(minimum):
@@ -240,7 +242,7 @@ def _ip_field(obj: dict, key: str, where: str):
     try:
         return ip_to_int(value)
     except ValueError:
-        raise CniError(E.INVALID_CONFIG, f"{where}{key} {value!r} is not an IPv4 address") from None
+        raise CniError(E.INVALID_CONFIG, f"{where}{key} {shown(value)} is not an IPv4 address") from None
 
 
 def _routes(ipam: dict) -> list:
@@ -252,13 +254,13 @@ def _routes(ipam: dict) -> list:
     routes = []
     for entry in raw:
         if not isinstance(entry, dict):
-            raise CniError(E.INVALID_CONFIG, f"ipam.routes entry {entry!r} must be an object")
+            raise CniError(E.INVALID_CONFIG, f"ipam.routes entry {shown(entry)} must be an object")
         try:
             dst, prefix = parse_cidr(entry.get("dst"))
         except ValueError as exc:
             raise CniError(E.INVALID_CONFIG, f"ipam.routes dst: {exc}") from None
         if dst & ~netmask(prefix) & 0xFFFFFFFF:
-            raise CniError(E.INVALID_CONFIG, f"ipam.routes dst {entry.get('dst')!r} has host bits set")
+            raise CniError(E.INVALID_CONFIG, f"ipam.routes dst {shown(entry.get('dst'))} has host bits set")
         routes.append(Route(dst, prefix, _ip_field(entry, "gw", "ipam.routes ")))
     return routes
 
@@ -304,7 +306,7 @@ def _requested_ips(conf: dict, args: dict) -> list:
         try:
             value = ip_to_int(text)
         except ValueError:
-            raise CniError(E.INVALID_CONFIG, f"requested IP {item!r} is not an IPv4 address") from None
+            raise CniError(E.INVALID_CONFIG, f"requested IP {shown(item)} is not an IPv4 address") from None
         if value not in ips:
             ips.append(value)
     if len(ips) > 1:
@@ -320,9 +322,9 @@ def _requested_mac(conf: dict, args: dict):
     try:
         mac = parse_mac(value)
     except ValueError:
-        raise CniError(E.INVALID_CONFIG, f"requested MAC {value!r} is not a MAC address") from None
+        raise CniError(E.INVALID_CONFIG, f"requested MAC {shown(value)} is not a MAC address") from None
     if mac[0] & 1:
-        raise CniError(E.INVALID_CONFIG, f"requested MAC {value!r} is a multicast address")
+        raise CniError(E.INVALID_CONFIG, f"requested MAC {shown(value)} is a multicast address")
     return mac
 
 
@@ -339,7 +341,7 @@ def _attachments(conf: dict):
         cid = _get_ci(item, "containerID")
         ifname = _get_ci(item, "ifname")
         if not isinstance(cid, str) or not isinstance(ifname, str):
-            raise CniError(E.INVALID_CONFIG, f"attachment {item!r} needs containerID and ifname strings")
+            raise CniError(E.INVALID_CONFIG, f"attachment {shown(item)} needs containerID and ifname strings")
         out.add((cid, ifname))
     return out
 
@@ -349,22 +351,22 @@ def parse_netconf(conf: dict, env: Env) -> NetConf:
     version = check_version(conf, env.command)
     name = conf.get("name")
     if not valid_identifier(name):
-        raise CniError(E.INVALID_CONFIG, f"name {name!r} is missing or invalid: want [a-zA-Z0-9][a-zA-Z0-9_.-]*")
+        raise CniError(E.INVALID_CONFIG, f"name {shown(name)} is missing or invalid: want [a-zA-Z0-9][a-zA-Z0-9_.-]*")
     if not isinstance(conf.get("type"), str) or not conf.get("type"):
         raise CniError(E.INVALID_CONFIG, "type is missing")
     bridge = _str(conf, "bridge", DEFAULT_BRIDGE)
     if not valid_ifname(bridge):
-        raise CniError(E.INVALID_CONFIG, f"bridge {bridge!r} is not a valid interface name")
+        raise CniError(E.INVALID_CONFIG, f"bridge {shown(bridge)} is not a valid interface name")
     mtu = conf.get("mtu")
     if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535):
-        raise CniError(E.INVALID_CONFIG, f"mtu must be an integer in 68..65535, not {mtu!r}")
+        raise CniError(E.INVALID_CONFIG, f"mtu must be an integer in 68..65535, not {shown(mtu)}")
     ipam = conf.get("ipam")
     if ipam is None:
         ipam = {}
     if not isinstance(ipam, dict):
         raise CniError(E.INVALID_CONFIG, "ipam must be an object")
     if ipam.get("type") not in (None, "", "host-local", "vxlan-net", "vxlan-net-cni"):
-        raise CniError(E.UNSUPPORTED_FIELD, f"ipam.type {ipam.get('type')!r} is not supported: "
+        raise CniError(E.UNSUPPORTED_FIELD, f"ipam.type {shown(ipam.get('type'))} is not supported: "
                        "vxlan-net-cni allocates from the node subnet itself")
     subnet, start, end, gateway = _range(ipam)
     prev = conf.get("prevResult")
@@ -398,47 +400,84 @@ class NodeSubnet(Record):
         return self.gateway & netmask(self.prefix)
 
 
-def parse_subnet_file(text: str, path: str = "subnet file") -> NodeSubnet:
+SUBNET_FILE_KEYS = ("VXLAN_NET_NETWORK", "VXLAN_NET_SUBNET")
+MAX_SUBNET_FILE = 65536  # bytes; the agent writes ~120
+
+
+def not_a_subnet_file(path: str) -> CniError:
+    # Names the file, never quotes it: subnetFile may point anywhere, and the
+    # runtime shows our message to whoever may read pod events.
+    return CniError(E.INVALID_CONFIG, f"not a vxlan-net subnet file: {path}")
+
+
+def parse_subnet_file(text: str, path: str = "(text)") -> NodeSubnet:
+    """The agent's KEY=VALUE file; errors name the file and the key, never a value or a line of it.
+
+    A file is ours only when every line is blank, a comment or KEY=VALUE and
+    both SUBNET_FILE_KEYS are there; unknown keys are ignored (newer agents).
+    """
     values = {}
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        if not sep:
-            raise CniError(E.INVALID_CONFIG, f"{path}: line {line[:60]!r} is not KEY=VALUE")
+        if not sep or not key.strip() or "\0" in line:
+            raise not_a_subnet_file(path)
         values[key.strip()] = value.strip().strip('"')
+    if any(key not in values for key in SUBNET_FILE_KEYS):
+        raise not_a_subnet_file(path)
+    where = f"subnet file {path}"
     try:
-        network, network_prefix = parse_cidr(values.get("VXLAN_NET_NETWORK"))
-        gateway, prefix = parse_cidr(values.get("VXLAN_NET_SUBNET"))
-    except ValueError as exc:
-        raise CniError(E.INVALID_CONFIG, f"{path}: VXLAN_NET_NETWORK/VXLAN_NET_SUBNET: {exc}") from None
+        network, network_prefix = parse_cidr(values["VXLAN_NET_NETWORK"])
+    except ValueError:
+        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_NETWORK is not an IPv4 CIDR") from None
+    try:
+        gateway, prefix = parse_cidr(values["VXLAN_NET_SUBNET"])
+    except ValueError:
+        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_SUBNET is not an IPv4 CIDR") from None
     mtu_text = values.get("VXLAN_NET_MTU", "1450")
-    if not (mtu_text.isdigit() and mtu_text.isascii() and 68 <= int(mtu_text) <= 65535):
-        raise CniError(E.INVALID_CONFIG, f"{path}: VXLAN_NET_MTU {mtu_text!r} is not an MTU")
+    if not (mtu_text.isdigit() and mtu_text.isascii() and len(mtu_text) <= 5 and 68 <= int(mtu_text) <= 65535):
+        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_MTU is not an MTU (68..65535)")
     if prefix > 30 or prefix < network_prefix or (gateway & netmask(network_prefix)) != (network & netmask(network_prefix)):
-        raise CniError(E.INVALID_CONFIG, f"{path}: subnet {values['VXLAN_NET_SUBNET']} is not a /30-or-larger "
-                       f"part of {values['VXLAN_NET_NETWORK']}")
+        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_SUBNET is not a /30-or-larger part of "
+                       "VXLAN_NET_NETWORK")
     host = gateway & ~netmask(prefix) & 0xFFFFFFFF
     if host == 0 or host == ~netmask(prefix) & 0xFFFFFFFF:
-        raise CniError(E.INVALID_CONFIG, f"{path}: VXLAN_NET_SUBNET must name the gateway address, "
+        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_SUBNET must name the gateway address, "
                        f"not the network or broadcast address")
     return NodeSubnet(network & netmask(network_prefix), network_prefix, gateway, prefix, int(mtu_text),
                       values.get("VXLAN_NET_IPMASQ", "false").lower() == "true")
 
 
 def read_subnet_file(path: str) -> NodeSubnet:
+    """Read and parse the agent's subnet file; anything but a small regular UTF-8 file is not ours.
+
+    Checked before opening (a device may act on open) and after (the name may
+    have been swapped); O_NONBLOCK so that a FIFO swapped in cannot hang us.
+    """
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(65536)
+        if not S_ISREG(os.stat(path).st_mode):
+            raise not_a_subnet_file(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise CniError(E.TRY_AGAIN_LATER, f"subnet file {path} does not exist: is the vxlan-net agent running?") from None
     except OSError as exc:
         raise CniError(E.IO_FAILURE, f"cannot read subnet file {path}: {exc.strerror}") from None
     try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise not_a_subnet_file(path)
+        raw = os.read(fd, MAX_SUBNET_FILE + 1)
+    except OSError as exc:
+        raise CniError(E.IO_FAILURE, f"cannot read subnet file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_SUBNET_FILE:
+        raise not_a_subnet_file(path)
+    try:
         text = raw.decode()
     except UnicodeError:
-        raise CniError(E.INVALID_CONFIG, f"{path} is not UTF-8") from None
+        raise not_a_subnet_file(path) from None
     return parse_subnet_file(text, path)
 
 

@@ -1,4 +1,4 @@
-"""CNI error codes (spec 1.0/1.1 plus ours >= 100) and the one exception the plugin raises."""
+"""CNI error codes (spec 1.0/1.1 plus ours >= 100), the one exception the plugin raises, and how it quotes input."""
 
 INCOMPATIBLE_VERSION = 1
 UNSUPPORTED_FIELD = 2
@@ -30,3 +30,17 @@ class CniError(Exception):
 
     def to_dict(self, cni_version: str) -> dict:
         return {"cniVersion": cni_version, "code": self.code, "msg": self.msg, "details": self.details}
+
+
+def shown(value, limit: int = 48) -> str:
+    """A runtime-supplied value for an error message: its repr, cut to `limit` characters.
+
+    Only values the runtime handed us (env, network config) are ever shown, and
+    only this short: the message ends up in pod events and logs. Content of a
+    file the plugin reads is never shown at all.
+    """
+    try:
+        text = repr(value)
+    except RecursionError:  # a deeply nested config value
+        text = f"<nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -5,10 +5,13 @@ The disk layout is host-local's, so operators' habits and tools carry over:
 `<containerID>\\r\\n<ifname>`; `last_reserved_ip.0`; and `lock`, held with
 flock(2) for every read-modify-write. A reservation is complete as soon as its
 file exists, so a killed ADD leaves at most a reservation DEL/GC can release.
+Nothing in the store is followed if it is a link (see `DiskStore`).
 """
 
 import os
+from errno import EISDIR, EOPNOTSUPP
 from fcntl import LOCK_EX, flock
+from stat import S_ISREG
 
 from . import errors as E
 from .config import int_to_ip, ip_to_int
@@ -68,92 +71,191 @@ class MemoryStore:
         self.owners.pop(ip, None)
 
 
+# Nothing under the network's directory is ever followed: a link planted there
+# (to /etc/shadow, say) is never read, written or deleted through. O_NONBLOCK:
+# a FIFO planted there cannot hang an open.
+_NO_LINKS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _refusal(path: str, exc: OSError) -> CniError:
+    if os.path.islink(path):
+        return CniError(E.IO_FAILURE, f"{path} is a symlink; the IPAM store never follows one (remove it)")
+    return CniError(E.IO_FAILURE, f"cannot open {path}: {exc.strerror}")
+
+
 class DiskStore:
-    """host-local's disk backend; use as a context manager to hold the lock."""
+    """host-local's disk backend; use as a context manager to hold the lock.
+
+    `dataDir` is the operator's path and may pass through links (a volume
+    mounted elsewhere); `<dataDir>/<network>` and every file in it are the
+    plugin's: the directory is opened with O_NOFOLLOW and every file relative
+    to that descriptor, so nothing is re-resolved between a check and a use.
+    An entry named like an address that is not a regular file (a link, a FIFO,
+    a directory) is someone else's: its address counts as taken, it has no
+    owner (None), and nothing releases it.
+    """
 
     def __init__(self, data_dir: str, network: str, create: bool = True):
+        self.data_dir = data_dir
         self.dir = os.path.join(data_dir, network)
         self.create = create
+        self._dir_fd = None
         self._lock_fd = None
 
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def _open(self, name: str, flags: int, mode: int = 0o600) -> int:
+        return os.open(name, flags | _NO_LINKS, mode, dir_fd=self._dir_fd)
+
     def __enter__(self):
-        path = os.path.join(self.dir, "lock")
         try:
             if self.create:
-                os.makedirs(self.dir, mode=0o755, exist_ok=True)
-                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            else:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                os.makedirs(self.data_dir, mode=0o755, exist_ok=True)
+                try:
+                    os.mkdir(self.dir, 0o755)
+                except FileExistsError:
+                    pass
+            self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None  # no store yet: nothing is reserved
         except OSError as exc:
-            raise CniError(E.IO_FAILURE, f"cannot open the IPAM lock {path}: {exc.strerror}") from None
-        flock(fd, LOCK_EX)
+            raise _refusal(self.dir, exc) from None
+        try:
+            fd = self._open("lock", os.O_RDONLY | (os.O_CREAT if self.create else 0))
+        except FileNotFoundError:
+            self.__exit__()
+            return None
+        except OSError as exc:
+            self.__exit__()
+            raise _refusal(self._path("lock"), exc) from None
         self._lock_fd = fd
+        if not S_ISREG(os.fstat(fd).st_mode):
+            self.__exit__()
+            raise CniError(E.IO_FAILURE, f"{self._path('lock')} is not a regular file (remove it)")
+        flock(fd, LOCK_EX)
         return self
 
     def __exit__(self, *exc):
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing drops the flock
-            self._lock_fd = None
+        for fd in (self._lock_fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)  # closing the lock drops the flock
+        self._lock_fd = self._dir_fd = None
         return False
 
-    def reservations(self) -> dict:
-        """ip -> (container ID, ifname) for every address file."""
-        owners = {}
+    def _read(self, name: str, limit: int):
+        """The first `limit` bytes of a regular file; None for anything else or nothing there."""
         try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            return owners
-        for name in names:
-            if not name[:1].isdigit():
-                continue
-            try:
-                ip = ip_to_int(name)
-            except ValueError:
-                continue
-            try:
-                with open(os.path.join(self.dir, name), encoding="utf-8", errors="replace", newline="") as fh:
-                    content = fh.read(4096).strip()
-            except FileNotFoundError:
-                continue
-            cid, _, ifname = content.partition(LINE_BREAK)
-            owners[ip] = (cid, ifname)
+            fd = self._open(name, os.O_RDONLY)
+        except OSError:  # ELOOP: a link; ENOENT: released meanwhile
+            return None
+        try:
+            return os.read(fd, limit) if S_ISREG(os.fstat(fd).st_mode) else None
+        finally:
+            os.close(fd)
+
+    def reservations(self) -> dict:
+        """ip -> (container ID, ifname) for every address file; ip -> None for a foreign entry."""
+        owners = {}
+        with os.scandir(self._dir_fd) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name[:1].isdigit():
+                    continue
+                try:
+                    ip = ip_to_int(name)
+                except ValueError:
+                    continue
+                # The type comes with the listing: a link, device or FIFO is never opened.
+                if not entry.is_file(follow_symlinks=False):
+                    owners[ip] = None
+                    continue
+                content = self._read(name, 4096)
+                if content is None:  # released meanwhile, or swapped for something that is not a file
+                    if self._exists(name):
+                        owners[ip] = None
+                    continue
+                cid, _, ifname = content.decode(errors="replace").strip().partition(LINE_BREAK)
+                owners[ip] = (cid, ifname)
         return owners
+
+    def _exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     def last_reserved(self):
         try:
-            with open(os.path.join(self.dir, LAST_RESERVED)) as fh:
-                return ip_to_int(fh.read(64).strip())
-        except (OSError, ValueError):
+            return ip_to_int((self._read(LAST_RESERVED, 64) or b"").decode().strip())
+        except ValueError:  # also UnicodeError
             return None
 
     def reserve(self, ip: int, container_id: str, ifname: str) -> bool:
-        path = os.path.join(self.dir, int_to_ip(ip))
+        """Create the address file, whole (never through a link); False when the name exists."""
+        name = int_to_ip(ip)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._create_whole(name, (container_id + LINE_BREAK + ifname).encode())
         except FileExistsError:
             return False
         except OSError as exc:
-            raise CniError(E.IO_FAILURE, f"cannot create {path}: {exc.strerror}") from None
+            raise CniError(E.IO_FAILURE, f"cannot create {self._path(name)}: {exc.strerror}") from None
         try:
-            os.write(fd, (container_id + LINE_BREAK + ifname).encode())
-        except OSError as exc:
-            os.close(fd)
-            os.unlink(path)
-            raise CniError(E.IO_FAILURE, f"cannot write {path}: {exc.strerror}") from None
-        os.close(fd)
-        last = os.path.join(self.dir, LAST_RESERVED)
-        try:
-            with open(last, "w") as fh:
-                fh.write(int_to_ip(ip))
-        except OSError as exc:
-            raise CniError(E.IO_FAILURE, f"cannot write {last}: {exc.strerror}") from None
+            self._write_last(name)
+        except BaseException:
+            self.release(ip)  # no reservation without its record
+            raise
         return True
+
+    def _create_whole(self, name: str, content: bytes) -> None:
+        """Create `name` holding `content`, or raise FileExistsError.
+
+        The content is written to an unnamed file (O_TMPFILE) that is then linked
+        in: an ADD killed at any moment leaves the whole reservation, which DEL
+        finds by its owner, or nothing, never the empty file that only GC could
+        release. Filesystems without O_TMPFILE get create-then-write.
+        """
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+        except OSError as exc:
+            if exc.errno not in (EOPNOTSUPP, EISDIR):
+                raise
+            fd = None
+        if fd is None:
+            fd = self._open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                os.write(fd, content)
+            except OSError:
+                self.release(ip_to_int(name))
+                raise
+            finally:
+                os.close(fd)
+            return
+        try:
+            os.write(fd, content)
+            # linkat never follows its new name, and fails with EEXIST when anything holds it.
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=self._dir_fd)
+        finally:
+            os.close(fd)
+
+    def _write_last(self, name: str) -> None:
+        try:
+            fd = self._open(LAST_RESERVED, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise _refusal(self._path(LAST_RESERVED), exc) from None
+        try:
+            if not S_ISREG(os.fstat(fd).st_mode):
+                raise CniError(E.IO_FAILURE, f"{self._path(LAST_RESERVED)} is not a regular file (remove it)")
+            os.write(fd, name.encode())
+        except OSError as exc:
+            raise CniError(E.IO_FAILURE, f"cannot write {self._path(LAST_RESERVED)}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
 
     def release(self, ip: int) -> None:
         try:
-            os.unlink(os.path.join(self.dir, int_to_ip(ip)))
+            os.unlink(int_to_ip(ip), dir_fd=self._dir_fd)  # unlink never follows: a link swapped in goes, not its target
         except FileNotFoundError:
             pass
 

@@ -10,7 +10,7 @@ import os
 from . import errors as E
 from .agent_socket import HOST_VETH_DIGEST_CHARS, HOST_VETH_PREFIX, socket_path
 from .config import (LATEST_VERSION, SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env,
-                     parse_netconf, plan_addresses, read_subnet_file)
+                     parse_mac, parse_netconf, plan_addresses, read_subnet_file)
 from .errors import CniError
 from .ipam import DiskStore, allocate, held_by, release_owner
 from .jsonfast import dumps
@@ -59,7 +59,10 @@ def run(environ, stdin: bytes, kernel=None, store=DiskStore):
         import traceback
 
         traceback.print_exc()
-        return 1, dumps(CniError(E.INTERNAL, f"internal error: {exc!r}").to_dict(version))
+        # Only the type: an exception's arguments may hold what it was parsing (a
+        # UnicodeDecodeError holds the whole input), and this message reaches pod events.
+        return 1, dumps(CniError(E.INTERNAL, f"internal error: {type(exc).__name__} (traceback on stderr)")
+                        .to_dict(version))
 
 
 def _open_netns(path: str) -> int:
@@ -117,15 +120,14 @@ def _merge_prev(prev, result):
     """A chained ADD: keep what earlier plugins reported, ours after it."""
     if not prev:
         return result
-    interfaces = prev.get("interfaces") if isinstance(prev.get("interfaces"), list) else []
+    interfaces = _listed(prev, "interfaces")
     offset = len(interfaces)
     for ip in result["ips"]:
         ip["interface"] += offset
     merged = dict(result)
     merged["interfaces"] = interfaces + result["interfaces"]
     for key in ("ips", "routes"):
-        earlier = prev.get(key) if isinstance(prev.get(key), list) else []
-        merged[key] = earlier + result[key]
+        merged[key] = _listed(prev, key) + result[key]
     if isinstance(prev.get("dns"), dict):
         merged["dns"] = prev["dns"]
     return merged
@@ -144,11 +146,24 @@ def cmd_del(env, conf, kernel, store):
     return 0, ""
 
 
+def _listed(prev: dict, key: str) -> list:
+    """prevResult's list under key, or []: prevResult is the runtime's, any shape may come."""
+    value = prev.get(key)
+    return value if isinstance(value, list) else []
+
+
 def _result_mac(prev: dict, ifname: str):
-    for iface in prev.get("interfaces") or []:
+    """The MAC prevResult reports for the pod's ifname: bytes; None when absent or not a string; b"" when
+    a string that is not a MAC (reported, never quoted)."""
+    for iface in _listed(prev, "interfaces"):
         if isinstance(iface, dict) and iface.get("name") == ifname and iface.get("sandbox"):
             mac = iface.get("mac")
-            return mac if isinstance(mac, str) else None  # prevResult is the runtime's, not ours
+            if not isinstance(mac, str):
+                return None
+            try:
+                return parse_mac(mac)
+            except ValueError:
+                return b""
     return None
 
 
@@ -168,9 +183,10 @@ def cmd_check(env, conf, kernel, store):
                        f"interface {env.ifname}")
     ip = mine[0]
     problems = []
-    reported = {a.get("address") for a in prev.get("ips") or [] if isinstance(a, dict)}
+    # prevResult's values are compared, never quoted (see `errors.shown`); its addresses would add nothing.
+    reported = [a.get("address") for a in _listed(prev, "ips") if isinstance(a, dict)]
     if f"{int_to_ip(ip)}/{plan.prefix}" not in reported:
-        problems.append(f"reserved address {int_to_ip(ip)}/{plan.prefix} is not in prevResult ({', '.join(map(str, sorted(reported))) or 'none'})")
+        problems.append(f"reserved address {int_to_ip(ip)}/{plan.prefix} is not in prevResult")
     host_veth = host_veth_name(env.container_id, env.ifname)
     netns_fd = _open_netns(env.netns)
     try:
@@ -186,8 +202,10 @@ def cmd_check(env, conf, kernel, store):
         if not link.flags & IFF_UP:
             problems.append(f"{env.ifname} is down")
         want_mac = _result_mac(prev, env.ifname)
-        if want_mac and format_mac(link.mac) != want_mac.lower():
-            problems.append(f"{env.ifname} has MAC {format_mac(link.mac)}, prevResult says {want_mac}")
+        if want_mac == b"":
+            problems.append(f"prevResult's MAC for {env.ifname} is not a MAC address")
+        elif want_mac and link.mac != want_mac:
+            problems.append(f"{env.ifname} has MAC {format_mac(link.mac)}, prevResult says {format_mac(want_mac)}")
         if (ip, plan.prefix) not in facts["addresses"]:
             problems.append(f"{env.ifname} lacks address {int_to_ip(ip)}/{plan.prefix}")
         for route in plan.routes:
@@ -216,20 +234,33 @@ def cmd_check(env, conf, kernel, store):
 
 
 def cmd_gc(env, conf, kernel, store):
+    """Release this network's reservations that are not valid attachments, and remove their host veths.
+
+    Only veths named for such a reservation (`host_veth_name`) and enslaved to
+    this network's bridge go: another network's attachments, a veth someone
+    else made, and a veth whose reservation is already gone stay. Each veth goes
+    before its reservation, under the lock: a failure keeps the reservation,
+    so the next GC retries it.
+    """
     valid = conf.valid_attachments
     if valid is None:
         raise CniError(E.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the config")
-    keep = {host_veth_name(cid, ifname) for cid, ifname in valid}
     valid_containers = {cid for cid, _ in valid}
     with store(conf.data_dir, conf.name, create=False) as locked:
-        if locked is not None:
-            for ip, (cid, ifname) in locked.reservations().items():
-                # A file in host-local's old format names only the container: it is valid if the container is.
-                if (cid, ifname) not in valid and not (ifname == "" and cid in valid_containers):
-                    locked.release(ip)
-    for name in kernel.ports(conf.bridge, HOST_VETH_PREFIX):
-        if name not in keep:
-            kernel.detach(name)
+        if locked is None:
+            return 0, ""
+        stale = {}
+        for ip, owner in locked.reservations().items():
+            # None: an entry the plugin did not write (a link, a FIFO): not ours to release.
+            # A file in host-local's old format names only the container: it is valid if the container is.
+            if owner is not None and owner not in valid and not (owner[1] == "" and owner[0] in valid_containers):
+                stale[ip] = host_veth_name(*owner)
+        ours = set(kernel.ports(conf.bridge, HOST_VETH_PREFIX)) if stale else set()
+        for ip, host_veth in sorted(stale.items()):
+            if host_veth in ours:
+                kernel.detach(host_veth)
+                ours.discard(host_veth)
+            locked.release(ip)
     return 0, ""
 
 
@@ -238,8 +269,11 @@ def cmd_status(env, conf, kernel, store):
         plan = plan_addresses(conf, read_subnet_file(conf.subnet_file))
     except CniError as exc:
         raise CniError(E.NOT_AVAILABLE, f"not ready for ADD: {exc.msg}") from None
-    with store(conf.data_dir, conf.name, create=False) as locked:
-        used = len(locked.reservations()) if locked is not None else 0
+    try:
+        with store(conf.data_dir, conf.name, create=False) as locked:
+            used = len(locked.reservations()) if locked is not None else 0
+    except CniError as exc:  # e.g. a link planted in the store: ADD would fail the same way
+        raise CniError(E.NOT_AVAILABLE, f"not ready for ADD: {exc.msg}") from None
     size = plan.end - plan.start + 1 - (plan.start <= plan.gateway <= plan.end)
     if used >= size:
         raise CniError(E.NOT_AVAILABLE_LIMITED, f"all {size} addresses of the node subnet are allocated")

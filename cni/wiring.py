@@ -156,14 +156,15 @@ class Wiring:
             raise _kernel_error(f"cannot delete {host_veth}", exc) from None
 
     def ports(self, bridge: str, prefix: str) -> list:
-        """Names of links starting with prefix enslaved to bridge."""
+        """Names of veths starting with prefix enslaved to bridge."""
         try:
             with nl.Netlink() as sock:
                 links = sock.links()
         except OSError as exc:
             raise _kernel_error("cannot list links", exc) from None
         index = next((link.index for link in links if link.name == bridge), None)
-        return [link.name for link in links if link.master == index and index and link.name.startswith(prefix)]
+        return [link.name for link in links
+                if index and link.master == index and link.kind == "veth" and link.name.startswith(prefix)]
 
     def inspect(self, netns_fd: int, ifname: str, host_veth: str, bridge: str) -> dict:
         """Facts for CHECK: the pod link, its IPv4 addresses and routes, the host end, the bridge and its addresses."""

@@ -288,6 +288,39 @@ def test_gc_releases_everything_not_valid(lab):
     assert_no_leftovers(lab)
 
 
+def test_gc_removes_only_this_networks_stale_veths(lab):
+    # Same bridge, same dataDir: another vxlan-net network, a veth with a name like ours, an unrelated veth.
+    _, stale = add(lab, cid="stale")
+    _, kept = add(lab, cid="keep")
+    _, theirs = add(lab, cid="theirs", name="othernet")
+    sh("ip", "link", "add", "vxn0123456789ab", "master", "cni0", "type", "veth", "peer", "name", "vnc-p1",
+       netns=lab.host.name)
+    sh("ip", "link", "add", "vnc-unrelated", "type", "veth", "peer", "name", "vnc-p2", netns=lab.host.name)
+    before = set(lab.links())
+    valid = [{"containerID": "keep", "ifname": "eth0"}]
+    rc, out, err = lab.run("GC", lab.conf(cniVersion="1.1.0", **{"cni.dev/valid-attachments": valid}))
+    assert (rc, out) == (0, None), err
+    stale_veth = stale["interfaces"][1]["name"]
+    assert before - set(lab.links()) == {stale_veth}  # ip -j: the one veth gone is this network's stale one
+    assert {kept["interfaces"][1]["name"], theirs["interfaces"][1]["name"], "vxn0123456789ab",
+            "vnc-unrelated"} <= set(lab.links())
+    assert list(lab.reserved().values()) == ["keep\r\neth0"]
+    assert os.listdir(os.path.join(lab.data_dir, "othernet")) != []
+    with open(os.path.join(lab.data_dir, "othernet", theirs["ips"][0]["address"].split("/")[0]), newline="") as fh:
+        assert fh.read() == "theirs\r\neth0"
+
+
+def test_gc_leaves_a_veth_of_a_stale_reservation_that_is_not_on_its_bridge(lab):
+    _, result = add(lab, cid="moved")
+    host_veth = result["interfaces"][1]["name"]
+    sh("ip", "link", "add", "cni9", "type", "bridge", netns=lab.host.name)
+    sh("ip", "link", "set", host_veth, "master", "cni9", netns=lab.host.name)  # now someone else's port
+    rc, out, err = lab.run("GC", lab.conf(cniVersion="1.1.0", **{"cni.dev/valid-attachments": []}))
+    assert (rc, out) == (0, None), err
+    assert lab.links()[host_veth]["master"] == "cni9"
+    assert lab.reserved() == {}
+
+
 def test_status_reports_ready_only_with_a_subnet_file(lab):
     conf = lab.conf(cniVersion="1.1.0")
     assert lab.run("STATUS", conf)[:2] == (0, None)

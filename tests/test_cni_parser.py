@@ -166,11 +166,11 @@ def test_error_cni_version_follows_the_config():
 
 
 @pytest.mark.parametrize("text, words", [
-    ("VXLAN_NET_SUBNET=198.19.3.1/24\n", "VXLAN_NET_NETWORK"),
+    ("VXLAN_NET_SUBNET=198.19.3.1/24\n", "not a vxlan-net subnet file"),
     ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.20.3.1/24\n", "is not a"),
     ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.0/24\n", "gateway"),
     ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\nVXLAN_NET_MTU=big\n", "MTU"),
-    ("garbage\n", "KEY=VALUE"),
+    ("garbage\n", "not a vxlan-net subnet file"),
 ])
 def test_bad_subnet_file(text, words):
     with pytest.raises(CniError) as info:
@@ -280,7 +280,7 @@ def test_add_releases_the_address_when_the_kernel_fails(subnet_file):
     assert assert_spec_error(rc, out, 103)["msg"] == "injected: netlink refused"
     assert stores.stores["podnet"].owners == {}
     rc, out = run(env(), conf(subnet_file), kernel=FakeKernel(fail=RuntimeError("bug")), store=stores)
-    assert "bug" in assert_spec_error(rc, out, 999)["msg"]
+    assert "RuntimeError" in assert_spec_error(rc, out, 999)["msg"]
     assert stores.stores["podnet"].owners == {}
 
 
