@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 from .config import VXLAN_OVERHEAD, NetworkConfig
-from .desired import OverlayEntries, desired_entries
+from .desired import MainRoute, OverlayEntries, Route, desired_entries
 from .lease import Lease, trusted_peers
 from .subnet_file import parse_subnet_file
 
@@ -107,6 +107,8 @@ class NodeFacts:
     state_path: str = "/var/lib/vxlan-net/node.json"
     bridge_name: str = "cni0"
     etcd_endpoints: str = ""
+    main_routes: Fact[tuple[MainRoute, ...]] = Unavailable("not read")
+    """Every IPv4 route of the main table, whoever installed it (to name routes that block ours)."""
 
 
 def _missing(*facts: Any) -> Optional[str]:
@@ -339,6 +341,15 @@ def _restore_commands(lease: Lease, device: str) -> str:
             f"ip route replace {lease.subnet} via {g} dev {device} onlink proto {ROUTE_PROTO}`")
 
 
+def _foreign_routes(facts: NodeFacts, lease: Lease) -> list[MainRoute]:
+    """Main-table routes for the peer's subnet that someone else installed with metric 0, the slot ours
+    needs (one with another metric lives beside ours and does not keep it out)."""
+    if isinstance(facts.main_routes, Unavailable):
+        return []
+    return sorted(r for r in facts.main_routes
+                  if r.dst == lease.subnet and r.protocol != ROUTE_PROTO and r.metric == 0)
+
+
 def check_peers(facts: NodeFacts) -> list[Finding]:
     """One finding per peer lease (its route, neighbour and FDB entry), then one for entries of no peer."""
     peers = peer_leases(facts)
@@ -352,7 +363,15 @@ def check_peers(facts: NodeFacts) -> list[Finding]:
     for lease in peers:
         item = f"peer {lease.subnet} at {lease.public_ip}"
         problems = _entry_problems(desired_entries([lease]), have)
-        if problems:
+        blocking = _foreign_routes(facts, lease) if Route(lease.subnet, lease.gateway) not in have.routes else []
+        if blocking:
+            problems = [p for p in problems if not p.startswith(f"missing route {lease.subnet} ")]
+            problems += [f"route {r} is not vxlan-net's, so the agent does not route {lease.subnet} into the "
+                         f"overlay" for r in blocking]
+            findings.append(Finding(False, item, "; ".join(problems),
+                                    "delete it: " + "; ".join(f"`ip route del {r}`" for r in blocking)
+                                    + "; the agent adds its own route on its next resync"))
+        elif problems:
             findings.append(Finding(False, item, "; ".join(problems), fix + _restore_commands(lease, facts.vtep_name)))
         else:
             findings.append(Finding(True, item, f"route, neighbour {lease.gateway} and FDB entry {lease.vtep_mac} "
@@ -771,12 +790,16 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     except KernelError as exc:
         entries = Unavailable(f"cannot read the entries of {vtep_name}: {exc}")
     state_path = Path(options.state_dir) / "node.json"
+    try:
+        main_routes: Fact[tuple[MainRoute, ...]] = tuple(kernel.main_table_routes())
+    except KernelError as exc:
+        main_routes = Unavailable(f"cannot read the main routing table: {exc}")
     facts = NodeFacts(
         config=config, leases=leases, invalid_leases=invalid, vtep_name=vtep_name, vtep=vtep,
         underlay=underlay, entries=entries, bridge=_link(kernel, options.bridge),
         subnet_file=_read_text(options.subnet_file), nft=_read_nft(), ip_forward=_read_ip_forward(),
         state=_read_state(state_path), subnet_file_path=str(options.subnet_file), state_path=str(state_path),
-        bridge_name=options.bridge, etcd_endpoints=options.etcd_endpoints,
+        bridge_name=options.bridge, etcd_endpoints=options.etcd_endpoints, main_routes=main_routes,
     )
     lease = own_lease(facts)
     lease_id = ids.get(lease.subnet) if not isinstance(lease, Unavailable) else None

@@ -35,6 +35,7 @@ from pyroute2.netlink import (
     NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_DUMP_INTR,
+    NLM_F_EXCL,
     NLM_F_REPLACE,
     NLM_F_REQUEST,
     NLMSG_DONE,
@@ -57,7 +58,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT, ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK, rtmsg
 
-from .desired import FdbEntry, Neighbour, OverlayEntries, Route
+from .desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
 from .errors import KernelBusy, KernelError, LinkNotFound
 from .plan import Plan
 
@@ -65,8 +66,9 @@ ROUTE_PROTO = 157
 """rtm_protocol of the routes vxlan-net writes (`ip route ... proto 157`).
 
 read_overlay_entries returns only routes with this protocol, so routes someone
-else put on the device are never removed; a wanted subnet is still taken over,
-as an upsert replaces whatever route the main table holds for it."""
+else put on the device are never removed; apply_plan creates a route exclusively
+and replaces an existing one only when it has this protocol, so a route someone
+else installed for a peer's subnet is never overwritten either (a conflict)."""
 
 RT_TABLE_MAIN = 254
 CHUNK = 200
@@ -152,6 +154,9 @@ class ApplyResult:
 
     applied: int = 0
     failures: tuple[ApplyFailure, ...] = ()
+    conflicts: tuple[ApplyFailure, ...] = ()
+    """Routes not written because someone else's route holds the prefix: left alone, not a failure
+    (retrying cannot help until that route is deleted)."""
 
     @property
     def ok(self) -> bool:
@@ -464,6 +469,8 @@ def read_overlay_entries(ifname: str, *, netns: Optional[str] = None) -> Overlay
 # No NLM_F_ACK here: the kernel answers every refusal anyway, and transact() asks
 # for an ack on the last message of a chunk only, which marks the chunk done.
 _UPSERT = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE
+# Routes: EEXIST when the main table holds a route for the prefix (same tos and metric).
+_CREATE_ONLY = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
 _DELETE = NLM_F_REQUEST
 
 
@@ -530,7 +537,7 @@ def _steps(ifindex: int) -> dict[str, _Step]:
     return {
         "upsert_neighbours": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, inet, ifindex, neigh), _neighbour_values, False),
         "upsert_fdb": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, bridge, ifindex, fdb), _fdb_values, False),
-        "upsert_routes": _Step(_route_template(RTM_NEWROUTE, _UPSERT, ifindex), _route_values, False),
+        "upsert_routes": _Step(_route_template(RTM_NEWROUTE, _CREATE_ONLY, ifindex), _route_values, False),
         # Deleting with protocol and device set never touches a route that is not ours.
         "remove_routes": _Step(_route_template(RTM_DELROUTE, _DELETE, ifindex), _route_values, True),
         # With a dst, only that remote of the MAC goes.
@@ -577,24 +584,59 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
     return len(entries) - len(failures), failures
 
 
+def _settle_existing_routes(
+    nl: _Rtnl, ifindex: int, refused: Sequence[ApplyFailure], netns: Optional[str]
+) -> tuple[int, list[ApplyFailure], list[ApplyFailure]]:
+    """Routes refused with EEXIST: replace those whose existing route is ours (protocol
+    ROUTE_PROTO), report the others as conflicts. Returns (replaced, failures, conflicts).
+
+    The rare path, so it may read the whole main table. (A route someone installs
+    between this read and the replace is overwritten: the window is one round trip.)"""
+    holders = {r.dst: r for r in main_table_routes(netns=netns) if r.metric == 0}
+    ours, conflicts = [], []
+    for failure in refused:
+        holder = holders.get(failure.entry.subnet)
+        if holder is None or holder.protocol == ROUTE_PROTO:  # gone meanwhile, or ours
+            ours.append(failure.entry)
+        else:
+            conflicts.append(dataclasses.replace(
+                failure, reason=f"route {holder} is not vxlan-net's; delete it: ip route del {holder}"))
+    if not ours:
+        return 0, [], conflicts
+    replace = _Step(_route_template(RTM_NEWROUTE, _UPSERT, ifindex), _route_values, False)
+    replaced, failures = _apply_step(nl, refused[0].action, replace, ours)
+    return replaced, failures, conflicts
+
+
 def apply_plan(ifname: str, plan: Plan, *, netns: Optional[str] = None) -> ApplyResult:
     """Write a Plan to the device in its field order; refusals are reported, not raised.
 
-    Upserts replace (NLM_F_CREATE|NLM_F_REPLACE); removals of entries already gone
-    count as applied. Raises LinkNotFound if the device is missing and KernelError
-    if the netlink socket itself fails."""
+    Neighbours and FDB entries are upserted (NLM_F_CREATE|NLM_F_REPLACE). Routes are
+    created exclusively, one message each; only on EEXIST is the existing route read,
+    and replaced if it is ours, else left alone and reported in `conflicts`. Removals
+    of entries already gone count as applied. Raises LinkNotFound if the device is
+    missing and KernelError if the netlink socket itself fails."""
     if plan.empty:
         return ApplyResult()
-    applied, failures = 0, []
+    applied, failures, conflicts = 0, [], []
     with _Rtnl(netns) as nl:
-        steps = _steps(nl.ifindex(ifname))
+        ifindex = nl.ifindex(ifname)
+        steps = _steps(ifindex)
         for field in dataclasses.fields(plan):
             entries = getattr(plan, field.name)
-            if entries:
-                done, refused = _apply_step(nl, field.name, steps[field.name], entries)
-                applied += done
-                failures.extend(refused)
-    return ApplyResult(applied, tuple(failures))
+            if not entries:
+                continue
+            done, refused = _apply_step(nl, field.name, steps[field.name], entries)
+            existing = [f for f in refused if field.name == "upsert_routes" and f.errno == errno.EEXIST]
+            if existing:
+                refused = [f for f in refused if f not in existing]
+                replaced, refused_again, foreign = _settle_existing_routes(nl, ifindex, existing, netns)
+                done += replaced
+                refused += refused_again
+                conflicts += foreign
+            applied += done
+            failures.extend(refused)
+    return ApplyResult(applied, tuple(failures), tuple(conflicts))
 
 
 # --- devices and addresses (pyroute2's IPRoute) ----------------------------------
@@ -828,6 +870,33 @@ def interface_address(ifname: str, *, netns: Optional[str] = None) -> IPv4Addres
     """The primary IPv4 address of an interface; KernelError if it has none."""
     with _iproute(netns) as ipr, _translated(f"reading the address of {ifname}"):
         return _primary_address(ipr, _need_link(ipr, ifname)["index"], ifname)
+
+
+def _main_route(route, names: dict[int, str]) -> Optional[MainRoute]:
+    if route["family"] != socket.AF_INET or route["type"] != _RTN_UNICAST:
+        return None
+    if (route.get_attr("RTA_TABLE") or route["table"]) != RT_TABLE_MAIN:
+        return None
+    gateway, oif = route.get_attr("RTA_GATEWAY"), route.get_attr("RTA_OIF")
+    if oif is None and route.get_attr("RTA_MULTIPATH"):
+        hop = route.get_attr("RTA_MULTIPATH")[0]
+        oif, gateway = hop["oif"], hop.get_attr("RTA_GATEWAY")
+    return MainRoute(
+        dst=_network(int(IPv4Address(route.get_attr("RTA_DST") or "0.0.0.0")), route["dst_len"]),
+        gateway=IPv4Address(gateway) if gateway else None,
+        device=names.get(oif) if oif is not None else None,
+        protocol=route["proto"], scope=route["scope"], metric=route.get_attr("RTA_PRIORITY") or 0,
+    )
+
+
+@_retry_busy
+def main_table_routes(*, netns: Optional[str] = None) -> list[MainRoute]:
+    """Every IPv4 unicast route of the main table, whoever installed it (for conflicts, doctor and
+    the underlay's connected networks); a multipath route is shown by its first hop."""
+    with _iproute(netns) as ipr, _translated("reading the main routing table"):
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        found = (_main_route(r, names) for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN))
+        return [r for r in found if r is not None]
 
 
 @_retry_busy
