@@ -14,10 +14,12 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 import pytest
 
 from vxlan_net import kernel
+from vxlan_net.config import build_config
 from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
 from vxlan_net.errors import KernelError, LinkNotFound
 from vxlan_net.lease import Lease
 from vxlan_net.plan import Plan, plan_changes
+from vxlan_net.underlay import underlay_networks
 
 pytestmark = pytest.mark.root
 
@@ -348,6 +350,33 @@ def test_our_own_route_is_replaced_in_place_when_its_gateway_changed(ns):
     result = ns.inside(kernel.apply_plan, SPEC.name, Plan(upsert_routes=(Route(lease(7).subnet, lease(7).gateway),)))
     assert result == kernel.ApplyResult(1, ())
     assert [r["gateway"] for r in main_routes(ns, "198.19.7.0/24")] == ["198.19.7.0"]
+
+
+def test_node_addresses_and_main_table_routes_are_what_ip_shows_and_leave_our_devices_out(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    ns.inside(kernel.ensure_bridge, "cnit0", IPv4Interface("198.19.0.1/24"), 1450)
+    ns.ip("addr", "add", "198.19.5.1/24", "dev", "und0")
+    ns.ip("route", "add", "default", "via", str(ROUTER_IP), "dev", "und0")
+    ns.inside(sync, [lease(7)])
+    addresses = ns.inside(kernel.node_addresses)
+    assert {(a.device, str(a.interface)) for a in addresses} == {
+        (link["ifname"], f"{a['local']}/{a['prefixlen']}")
+        for link in ns.json("ip", "-4", "addr", "show") for a in link["addr_info"]}
+    assert {(a.device, a.kind) for a in addresses} == {("lo", None), ("und0", "veth"), (SPEC.name, "vxlan"),
+                                                       ("cnit0", "bridge")}
+    routes = ns.inside(kernel.main_table_routes)
+    shown = ns.json("ip", "route", "show", "table", "main")
+    assert {(str(r.dst), str(r.gateway) if r.gateway else None, r.device) for r in routes} == {
+        ("0.0.0.0/0" if r["dst"] == "default" else r["dst"] if "/" in r["dst"] else r["dst"] + "/32",
+         r.get("gateway"), r["dev"]) for r in shown}
+    assert "198.19.7.0/24 via 198.19.7.0 dev vxt0 proto 157" in {str(r) for r in routes}
+    claims = underlay_networks(addresses, routes, build_config("198.19.0.0/16"), SPEC.name)
+    assert claims == {
+        IPv4Network("127.0.0.0/8"): "address 127.0.0.1/8 on lo",
+        IPv4Network("198.18.0.0/24"): "address 198.18.0.1/24 on und0",
+        IPv4Network("198.19.5.0/24"): "address 198.19.5.1/24 on und0",
+        IPv4Network("198.18.0.2/32"): "gateway 198.18.0.2 of route 0.0.0.0/0 via 198.18.0.2 dev und0 proto boot",
+    }
 
 
 def test_missing_device_raises_link_not_found(ns):

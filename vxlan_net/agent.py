@@ -16,8 +16,8 @@ from . import firewall, kernel
 from .backoff import Backoff
 from .cni_service import CniService
 from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
-from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
-                     SubnetTaken, VxlanNetError, WatchCompacted)
+from .errors import (InvalidConfig, KernelError, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable,
+                     SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from .health import AgentMetrics, HealthServer, Readiness
 from .lease import Lease, trusted_peers
 from .lease_book import LeaseBook, RecordEvent
@@ -26,6 +26,7 @@ from .state import NodeState
 from .store import EtcdStore
 from .subnet_file import remembered_subnet, render_subnet_file, write_atomically
 from .subnet_lease import SubnetLeaseKeeper
+from .underlay import underlay_networks
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Agent:
             try:
                 return attempt()
             except (StoreUnavailable, StoreConfigError, InvalidConfig, SubnetsExhausted, SubnetTaken,
-                    LeaseGone) as exc:
+                    LeaseGone, KernelError) as exc:
                 if str(exc) != last_message:
                     log.warning("waiting for %s: %s", what, exc)
                     last_message = str(exc)
@@ -167,7 +168,10 @@ class Agent:
     def _acquire(self) -> Lease:
         remembered = (self.keeper.lease.subnet if self.keeper.lease else None) \
             or self.node_state.last_subnet() or remembered_subnet(self.options.subnet_file)
-        return self.keeper.acquire(remembered)
+        # Read at every acquire: our subnet must not cover an address or connected route of the node.
+        underlay = underlay_networks(kernel.node_addresses(), kernel.main_table_routes(), self.config,
+                                     vtep_name(self.config.vni))
+        return self.keeper.acquire(remembered, underlay)
 
     def _adopt(self, lease: Lease) -> None:
         """Make the node match its lease: VTEP, subnet file, firewall, state dir."""

@@ -61,6 +61,7 @@ from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK, rtmsg
 from .desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
 from .errors import KernelBusy, KernelError, LinkNotFound
 from .plan import Plan
+from .underlay import NodeAddress
 
 ROUTE_PROTO = 157
 """rtm_protocol of the routes vxlan-net writes (`ip route ... proto 157`).
@@ -887,6 +888,15 @@ def _main_route(route, names: dict[int, str]) -> Optional[MainRoute]:
         device=names.get(oif) if oif is not None else None,
         protocol=route["proto"], scope=route["scope"], metric=route.get_attr("RTA_PRIORITY") or 0,
     )
+
+
+@_retry_busy
+def node_addresses(*, netns: Optional[str] = None) -> list[NodeAddress]:
+    """Every IPv4 address on the node's devices, with the device's name and link kind."""
+    with _iproute(netns) as ipr, _translated("reading the node's addresses"):
+        links = {link["index"]: (link.get_attr("IFLA_IFNAME"), _kind(link)) for link in ipr.get_links()}
+        return [NodeAddress(*links.get(a["index"], (f"if{a['index']}", None)), _interface(a))
+                for a in ipr.get_addr(family=socket.AF_INET)]
 
 
 @_retry_busy
