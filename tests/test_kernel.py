@@ -357,6 +357,8 @@ def test_node_addresses_and_main_table_routes_are_what_ip_shows_and_leave_our_de
     ns.inside(kernel.ensure_bridge, "cnit0", IPv4Interface("198.19.0.1/24"), 1450)
     ns.ip("addr", "add", "198.19.5.1/24", "dev", "und0")
     ns.ip("route", "add", "default", "via", str(ROUTER_IP), "dev", "und0")
+    ns.ip("route", "add", "198.18.50.0/24", "proto", "static", "nexthop", "via", "198.18.0.7", "dev", "und0",
+          "nexthop", "via", "198.18.0.8", "dev", "und0")
     ns.inside(sync, [lease(7)])
     addresses = ns.inside(kernel.node_addresses)
     assert {(a.device, str(a.interface)) for a in addresses} == {
@@ -366,6 +368,8 @@ def test_node_addresses_and_main_table_routes_are_what_ip_shows_and_leave_our_de
                                                        ("cnit0", "bridge")}
     routes = ns.inside(kernel.main_table_routes)
     shown = ns.json("ip", "route", "show", "table", "main")
+    for r in shown:  # a multipath route is shown by its first hop
+        r.update(r.get("nexthops", [{}])[0])
     assert {(str(r.dst), str(r.gateway) if r.gateway else None, r.device) for r in routes} == {
         ("0.0.0.0/0" if r["dst"] == "default" else r["dst"] if "/" in r["dst"] else r["dst"] + "/32",
          r.get("gateway"), r["dev"]) for r in shown}
@@ -376,6 +380,8 @@ def test_node_addresses_and_main_table_routes_are_what_ip_shows_and_leave_our_de
         IPv4Network("198.18.0.0/24"): "address 198.18.0.1/24 on und0",
         IPv4Network("198.19.5.0/24"): "address 198.19.5.1/24 on und0",
         IPv4Network("198.18.0.2/32"): "gateway 198.18.0.2 of route 0.0.0.0/0 via 198.18.0.2 dev und0 proto boot",
+        IPv4Network("198.18.0.7/32"):
+            "gateway 198.18.0.7 of route 198.18.50.0/24 via 198.18.0.7 dev und0 proto static",
     }
 
 

@@ -84,7 +84,9 @@ _RECV_SIZE = 1 << 16
 _TIMEOUT = 10.0
 _RTN_UNICAST = 1
 _NDA_DST, _NDA_LLADDR, _NDA_IFINDEX = 1, 2, 8
-_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_TABLE = 1, 4, 5, 15
+_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PRIORITY, _RTA_MULTIPATH, _RTA_TABLE = 1, 4, 5, 6, 9, 15
+_IFLA_IFNAME = 3
+_RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
 _IFA_F_SECONDARY = 0x01
 _ZERO_MAC = bytes(6)
 
@@ -451,6 +453,66 @@ def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
     return frozenset(found)
 
 
+def _main_table_dump_request() -> bytes:
+    msg = rtmsg()
+    msg["family"] = socket.AF_INET
+    msg["table"] = RT_TABLE_MAIN
+    msg["attrs"] = [("RTA_TABLE", RT_TABLE_MAIN)]
+    msg["header"]["type"] = RTM_GETROUTE
+    return _dump_request(msg)
+
+
+def _link_names(nl: _Rtnl) -> dict[int, str]:
+    msg = ifinfmsg()
+    msg["header"]["type"] = RTM_GETLINK
+    names = {}
+    for data, off, length in nl.dump(_dump_request(msg), "listing devices"):
+        index = _ERR.unpack_from(data, off + 20)[0]  # ifinfomsg.ifi_index
+        for kind, at, size in _attrs(data, off + 32, off + length):
+            if kind == _IFLA_IFNAME:
+                names[index] = data[at : at + size].rstrip(b"\0").decode(errors="replace")
+    return names
+
+
+def _read_main_routes(nl: _Rtnl) -> list[MainRoute]:
+    """Every IPv4 unicast route of the main table, parsed by hand (thousands of peer routes: pyroute2's
+    parser took ~1 s for 5,000); a multipath route is shown by its first hop."""
+    names = _link_names(nl)
+    found = []
+    for data, off, length in nl.dump(_main_table_dump_request(), "reading the main routing table"):
+        family, dst_len, _src, _tos, table, proto, scope, rtype, _flags = _RTMSG.unpack_from(data, off + 16)
+        if family != socket.AF_INET or rtype != _RTN_UNICAST:
+            continue
+        dst, gateway, oif, metric = 0, None, None, 0
+        for kind, at, size in _attrs(data, off + 28, off + length):
+            if kind == _RTA_DST:
+                dst = _BE32.unpack_from(data, at)[0]
+            elif kind == _RTA_GATEWAY:
+                gateway = _BE32.unpack_from(data, at)[0]
+            elif kind == _RTA_OIF:
+                oif = _U32.unpack_from(data, at)[0]
+            elif kind == _RTA_PRIORITY:
+                metric = _U32.unpack_from(data, at)[0]
+            elif kind == _RTA_TABLE:
+                table = _U32.unpack_from(data, at)[0]
+            elif kind == _RTA_MULTIPATH and size >= _RTNEXTHOP.size:
+                hop_len, _hop_flags, _hops, oif = _RTNEXTHOP.unpack_from(data, at)
+                for hop_kind, hop_at, _ in _attrs(data, at + _RTNEXTHOP.size, at + min(hop_len, size)):
+                    if hop_kind == _RTA_GATEWAY:
+                        gateway = _BE32.unpack_from(data, hop_at)[0]
+        if table == RT_TABLE_MAIN:
+            found.append(MainRoute(_network(dst, dst_len), IPv4Address(gateway) if gateway is not None else None,
+                                   names.get(oif) if oif is not None else None, proto, scope, metric))
+    return found
+
+
+def main_table_routes(*, netns: Optional[str] = None) -> list[MainRoute]:
+    """Every IPv4 unicast route of the main table, whoever installed it (for route conflicts, doctor and
+    the underlay's connected networks); a multipath route is shown by its first hop."""
+    with _Rtnl(netns) as nl:
+        return _retry_busy(_read_main_routes)(nl)
+
+
 def read_overlay_entries(ifname: str, *, netns: Optional[str] = None) -> OverlayEntries:
     """A fresh read of what is ours on the device: permanent IPv4 neighbours with a MAC,
     permanent FDB entries with a remote IPv4 dst, and main-table gateway routes with
@@ -586,14 +648,14 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
 
 
 def _settle_existing_routes(
-    nl: _Rtnl, ifindex: int, refused: Sequence[ApplyFailure], netns: Optional[str]
+    nl: _Rtnl, ifindex: int, refused: Sequence[ApplyFailure]
 ) -> tuple[int, list[ApplyFailure], list[ApplyFailure]]:
     """Routes refused with EEXIST: replace those whose existing route is ours (protocol
     ROUTE_PROTO), report the others as conflicts. Returns (replaced, failures, conflicts).
 
     The rare path, so it may read the whole main table. (A route someone installs
     between this read and the replace is overwritten: the window is one round trip.)"""
-    holders = {r.dst: r for r in main_table_routes(netns=netns) if r.metric == 0}
+    holders = {r.dst: r for r in _retry_busy(_read_main_routes)(nl) if r.metric == 0}
     ours, conflicts = [], []
     for failure in refused:
         holder = holders.get(failure.entry.subnet)
@@ -631,7 +693,7 @@ def apply_plan(ifname: str, plan: Plan, *, netns: Optional[str] = None) -> Apply
             existing = [f for f in refused if field.name == "upsert_routes" and f.errno == errno.EEXIST]
             if existing:
                 refused = [f for f in refused if f not in existing]
-                replaced, refused_again, foreign = _settle_existing_routes(nl, ifindex, existing, netns)
+                replaced, refused_again, foreign = _settle_existing_routes(nl, ifindex, existing)
                 done += replaced
                 refused += refused_again
                 conflicts += foreign
@@ -873,23 +935,6 @@ def interface_address(ifname: str, *, netns: Optional[str] = None) -> IPv4Addres
         return _primary_address(ipr, _need_link(ipr, ifname)["index"], ifname)
 
 
-def _main_route(route, names: dict[int, str]) -> Optional[MainRoute]:
-    if route["family"] != socket.AF_INET or route["type"] != _RTN_UNICAST:
-        return None
-    if (route.get_attr("RTA_TABLE") or route["table"]) != RT_TABLE_MAIN:
-        return None
-    gateway, oif = route.get_attr("RTA_GATEWAY"), route.get_attr("RTA_OIF")
-    if oif is None and route.get_attr("RTA_MULTIPATH"):
-        hop = route.get_attr("RTA_MULTIPATH")[0]
-        oif, gateway = hop["oif"], hop.get_attr("RTA_GATEWAY")
-    return MainRoute(
-        dst=_network(int(IPv4Address(route.get_attr("RTA_DST") or "0.0.0.0")), route["dst_len"]),
-        gateway=IPv4Address(gateway) if gateway else None,
-        device=names.get(oif) if oif is not None else None,
-        protocol=route["proto"], scope=route["scope"], metric=route.get_attr("RTA_PRIORITY") or 0,
-    )
-
-
 @_retry_busy
 def node_addresses(*, netns: Optional[str] = None) -> list[NodeAddress]:
     """Every IPv4 address on the node's devices, with the device's name and link kind."""
@@ -897,16 +942,6 @@ def node_addresses(*, netns: Optional[str] = None) -> list[NodeAddress]:
         links = {link["index"]: (link.get_attr("IFLA_IFNAME"), _kind(link)) for link in ipr.get_links()}
         return [NodeAddress(*links.get(a["index"], (f"if{a['index']}", None)), _interface(a))
                 for a in ipr.get_addr(family=socket.AF_INET)]
-
-
-@_retry_busy
-def main_table_routes(*, netns: Optional[str] = None) -> list[MainRoute]:
-    """Every IPv4 unicast route of the main table, whoever installed it (for conflicts, doctor and
-    the underlay's connected networks); a multipath route is shown by its first hop."""
-    with _iproute(netns) as ipr, _translated("reading the main routing table"):
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        found = (_main_route(r, names) for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN))
-        return [r for r in found if r is not None]
 
 
 @_retry_busy
