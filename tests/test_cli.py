@@ -67,6 +67,23 @@ def test_invalid_config_exits_2_with_one_line_and_writes_nothing(etcd, prefix, f
     assert etcd_get(etcd, f"{prefix}/config") == ""
 
 
+@pytest.mark.parametrize("network, reason", [
+    ("0.0.0.0/0", 'cannot be a pod network: it overlaps 0.0.0.0/8 ("this network")'),
+    ("127.0.0.0/8", "cannot be a pod network: it overlaps loopback 127.0.0.0/8"),
+    ("169.254.0.0/16", "cannot be a pod network: it overlaps link-local 169.254.0.0/16"),
+    ("224.0.0.0/4", "cannot be a pod network: it overlaps multicast 224.0.0.0/4"),
+    ("240.0.0.0/4", "cannot be a pod network: it overlaps reserved 240.0.0.0/4"),
+    ("198.19.0.0/29", "is too small: it must hold at least two /30 subnets"),
+])
+def test_a_network_that_cannot_carry_pods_exits_2_naming_why(etcd, prefix, network, reason):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                       "--network", network)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"vxlan-net: error: Network {network} {reason}")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert etcd_get(etcd, f"{prefix}/config") == ""
+
+
 def test_flags_come_from_the_environment_too(etcd, prefix):
     env = {"VXLAN_NET_ETCD_ENDPOINTS": etcd.client_url, "VXLAN_NET_ETCD_PREFIX": prefix,
            "VXLAN_NET_NETWORK": "198.19.0.0/20"}

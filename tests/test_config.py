@@ -44,6 +44,48 @@ def test_invalid_values_are_rejected_with_a_reason(kwargs, message):
         build_config(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "network, message",
+    [
+        ("0.0.0.0/0", "overlaps 0.0.0.0/8"),
+        ("0.0.0.0/1", "overlaps 0.0.0.0/8"),
+        ("0.128.0.0/16", "overlaps 0.0.0.0/8"),
+        ("127.0.0.0/8", "overlaps loopback 127.0.0.0/8"),
+        ("126.0.0.0/7", "overlaps loopback 127.0.0.0/8"),
+        ("169.254.0.0/16", "overlaps link-local 169.254.0.0/16"),
+        ("169.254.128.0/20", "overlaps link-local 169.254.0.0/16"),
+        ("224.0.0.0/4", "overlaps multicast 224.0.0.0/4"),
+        ("239.1.0.0/16", "overlaps multicast 224.0.0.0/4"),
+        ("240.0.0.0/4", "overlaps reserved 240.0.0.0/4"),
+        ("255.255.255.0/28", "overlaps reserved 240.0.0.0/4"),
+        ("128.0.0.0/1", "overlaps link-local 169.254.0.0/16"),
+    ],
+)
+def test_a_network_that_cannot_carry_pods_is_refused(network, message):
+    with pytest.raises(InvalidConfig, match=f"^Network {network} cannot be a pod network: it {message}"):
+        build_config(network)
+
+
+@pytest.mark.parametrize("network", ["198.19.0.0/29", "198.19.0.0/30", "198.19.0.0/31", "198.19.0.0/32"])
+def test_a_network_too_small_for_two_subnets_is_refused_by_name(network):
+    with pytest.raises(InvalidConfig, match=f"^Network {network} is too small: it must hold at least two /30"):
+        build_config(network)
+
+
+def test_the_smallest_and_the_usual_pod_networks_are_accepted():
+    assert build_config("198.19.0.0/28").subnet_len == 30
+    assert build_config("198.19.0.0/24", subnet_len=25).subnet_min == IPv4Address("198.19.0.128")
+    for network in ("198.19.0.0/16", "10.244.0.0/16", "100.64.0.0/10", "172.16.0.0/12", "192.168.0.0/16"):
+        assert str(build_config(network).network) == network
+
+
+def test_an_unusable_network_in_etcd_is_invalid_config_for_the_agent():
+    with pytest.raises(InvalidConfig, match="cannot be a pod network"):
+        parse_config(b'{"Network": "127.0.0.0/8", "Backend": {"Type": "vxlan"}}')
+    with pytest.raises(InvalidConfig, match="too small"):
+        parse_config(b'{"Network": "198.19.0.0/30"}')
+
+
 def test_json_round_trip_uses_flannel_names():
     config = build_config("198.19.0.0/16", subnet_len=26, vni=42, port=4789, mtu=1400)
     doc = json.loads(config.to_json())

@@ -10,7 +10,7 @@ import pytest
 
 from vxlan_net import doctor
 from vxlan_net.config import build_config
-from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route, desired_entries
 from vxlan_net.doctor import Finding, Link, NodeFacts, TunnelFrame, Unavailable, VxlanAttrs
 from vxlan_net.firewall import render_ruleset
 from vxlan_net.lease import Lease
@@ -376,3 +376,20 @@ def test_tunnel_frame_reads_a_hand_built_vxlan_packet():
               / IP(src=str(SOURCE), dst=str(DEST)) / ICMP(type=8))
     assert doctor.tunnel_frame(Ether(bytes(packet)), 8472) == frame()
     assert doctor.tunnel_frame(Ether(bytes(packet)), 4789) is None
+
+
+def test_someone_elses_route_keeping_a_peer_route_out_is_named_with_the_command_that_deletes_it():
+    entries = healthy().entries
+    foreign = MainRoute(PEER.subnet, IPv4Address("198.18.1.254"), "ul0", protocol=4)
+    facts = healthy(entries=dataclasses.replace(entries, routes=entries.routes - {Route(PEER.subnet, PEER.gateway)}),
+                    main_routes=(foreign, MainRoute(OTHER.subnet, OTHER.gateway, "vxnet.1", protocol=157)))
+    finding = only_failure(facts)
+    assert finding.item == "peer 198.19.7.0/24 at 198.18.2.2"
+    assert finding.reason == ("route 198.19.7.0/24 via 198.18.1.254 dev ul0 proto static is not vxlan-net's, "
+                              "so the agent does not route 198.19.7.0/24 into the overlay")
+    assert finding.fix.startswith("delete it: `ip route del 198.19.7.0/24 via 198.18.1.254 dev ul0 proto static`")
+
+
+def test_a_foreign_route_beside_our_own_is_not_a_failure():
+    shadowed = MainRoute(PEER.subnet, IPv4Address("198.18.1.254"), "ul0", protocol=4, metric=100)
+    assert not failures(healthy(main_routes=(shadowed,)))

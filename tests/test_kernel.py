@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
 import multiprocessing
 import os
@@ -13,10 +14,12 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 import pytest
 
 from vxlan_net import kernel
+from vxlan_net.config import build_config
 from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
 from vxlan_net.errors import KernelError, LinkNotFound
 from vxlan_net.lease import Lease
 from vxlan_net.plan import Plan, plan_changes
+from vxlan_net.underlay import underlay_networks
 
 pytestmark = pytest.mark.root
 
@@ -290,6 +293,96 @@ def test_refusals_map_to_their_entries_across_chunks(ns):
     result = ns.inside(kernel.apply_plan, SPEC.name, Plan(upsert_routes=routes))
     assert {f.entry for f in result.failures} == {routes[i] for i in bad_rows}
     assert result.applied == len(routes) - len(bad_rows) == len(ns.routes())
+
+
+def main_routes(ns: Namespace, prefix: str) -> list[dict]:
+    """Every main-table route for exactly `prefix`, as `ip -j route` shows it."""
+    return [{k: r.get(k) for k in ("dst", "gateway", "dev", "protocol", "metric", "flags")}
+            for r in ns.json("ip", "route", "show", "table", "main", "exact", prefix)]
+
+
+def test_a_route_someone_else_installed_for_a_peer_subnet_is_left_alone_and_reported(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    ns.ip("route", "add", "198.19.7.0/24", "via", str(ROUTER_IP), "dev", "und0", "proto", "static")
+    ns.ip("route", "add", "198.19.8.0/24", "via", "198.19.8.0", "dev", SPEC.name, "onlink")  # proto boot
+    ns.ip("addr", "add", "198.19.9.1/24", "dev", "und0")  # its connected route, proto kernel
+    before = {p: main_routes(ns, p) for p in ("198.19.7.0/24", "198.19.8.0/24", "198.19.9.0/24")}
+    peers = [lease(i) for i in (6, 7, 8, 9)]
+    for written in (12 - 3, 0):  # a resync meets the same conflicts again, and still leaves them alone
+        result = ns.inside(sync, peers)
+        assert {p: main_routes(ns, p) for p in before} == before
+        assert result.ok and result.applied == written
+        assert sorted(str(c.entry.subnet) for c in result.conflicts) == sorted(before)
+        assert all(c.action == "upsert_routes" and c.errno == errno.EEXIST for c in result.conflicts)
+        reasons = {str(c.entry.subnet): c.reason for c in result.conflicts}
+        assert reasons["198.19.7.0/24"] == (
+            f"route 198.19.7.0/24 via {ROUTER_IP} dev und0 proto static is not vxlan-net's; "
+            "delete it: ip route del 198.19.7.0/24 via 198.18.0.2 dev und0 proto static")
+        assert "route 198.19.8.0/24 via 198.19.8.0 dev vxt0 proto boot is not vxlan-net's" in reasons["198.19.8.0/24"]
+        assert "route 198.19.9.0/24 dev und0 proto kernel scope link is not vxlan-net's" in reasons["198.19.9.0/24"]
+    assert ns.routes() >= expected_tool_view([lease(6)])[2]  # the peer without a conflict got its route
+
+
+def test_a_foreign_route_with_another_metric_is_kept_beside_ours(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    ns.ip("route", "add", "198.19.7.0/24", "via", str(ROUTER_IP), "dev", "und0", "proto", "static", "metric", "100")
+    result = ns.inside(sync, [lease(7)])
+    assert result.ok and not result.conflicts
+    routes = main_routes(ns, "198.19.7.0/24")
+    assert {"dst": "198.19.7.0/24", "gateway": str(ROUTER_IP), "dev": "und0", "protocol": "static",
+            "metric": 100, "flags": []} in routes
+    assert {(r["gateway"], r["dev"], r["protocol"]) for r in routes} == {
+        (str(ROUTER_IP), "und0", "static"), ("198.19.7.0", SPEC.name, str(kernel.ROUTE_PROTO))}
+
+
+def test_our_own_route_is_replaced_in_place_when_its_gateway_changed(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    ns.ip("route", "add", "198.19.7.0/24", "via", "198.19.99.0", "dev", SPEC.name, "onlink",
+          "proto", str(kernel.ROUTE_PROTO))
+    result = ns.inside(sync, [lease(7)])
+    assert result.ok and not result.conflicts and result.applied == 3
+    assert main_routes(ns, "198.19.7.0/24") == [
+        {"dst": "198.19.7.0/24", "gateway": "198.19.7.0", "dev": SPEC.name, "protocol": str(kernel.ROUTE_PROTO),
+         "metric": None, "flags": ["onlink"]}]
+    # The same, for a route of ours that a targeted diff does not know about (no fresh read).
+    ns.ip("route", "replace", "198.19.7.0/24", "via", "198.19.98.0", "dev", SPEC.name, "onlink",
+          "proto", str(kernel.ROUTE_PROTO))
+    result = ns.inside(kernel.apply_plan, SPEC.name, Plan(upsert_routes=(Route(lease(7).subnet, lease(7).gateway),)))
+    assert result == kernel.ApplyResult(1, ())
+    assert [r["gateway"] for r in main_routes(ns, "198.19.7.0/24")] == ["198.19.7.0"]
+
+
+def test_node_addresses_and_main_table_routes_are_what_ip_shows_and_leave_our_devices_out(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    ns.inside(kernel.ensure_bridge, "cnit0", IPv4Interface("198.19.0.1/24"), 1450)
+    ns.ip("addr", "add", "198.19.5.1/24", "dev", "und0")
+    ns.ip("route", "add", "default", "via", str(ROUTER_IP), "dev", "und0")
+    ns.ip("route", "add", "198.18.50.0/24", "proto", "static", "nexthop", "via", "198.18.0.7", "dev", "und0",
+          "nexthop", "via", "198.18.0.8", "dev", "und0")
+    ns.inside(sync, [lease(7)])
+    addresses = ns.inside(kernel.node_addresses)
+    assert {(a.device, str(a.interface)) for a in addresses} == {
+        (link["ifname"], f"{a['local']}/{a['prefixlen']}")
+        for link in ns.json("ip", "-4", "addr", "show") for a in link["addr_info"]}
+    assert {(a.device, a.kind) for a in addresses} == {("lo", None), ("und0", "veth"), (SPEC.name, "vxlan"),
+                                                       ("cnit0", "bridge")}
+    routes = ns.inside(kernel.main_table_routes)
+    shown = ns.json("ip", "route", "show", "table", "main")
+    for r in shown:  # a multipath route is shown by its first hop
+        r.update(r.get("nexthops", [{}])[0])
+    assert {(str(r.dst), str(r.gateway) if r.gateway else None, r.device) for r in routes} == {
+        ("0.0.0.0/0" if r["dst"] == "default" else r["dst"] if "/" in r["dst"] else r["dst"] + "/32",
+         r.get("gateway"), r["dev"]) for r in shown}
+    assert "198.19.7.0/24 via 198.19.7.0 dev vxt0 proto 157" in {str(r) for r in routes}
+    claims = underlay_networks(addresses, routes, build_config("198.19.0.0/16"), SPEC.name)
+    assert claims == {
+        IPv4Network("127.0.0.0/8"): "address 127.0.0.1/8 on lo",
+        IPv4Network("198.18.0.0/24"): "address 198.18.0.1/24 on und0",
+        IPv4Network("198.19.5.0/24"): "address 198.19.5.1/24 on und0",
+        IPv4Network("198.18.0.2/32"): "gateway 198.18.0.2 of route 0.0.0.0/0 via 198.18.0.2 dev und0 proto boot",
+        IPv4Network("198.18.0.7/32"):
+            "gateway 198.18.0.7 of route 198.18.50.0/24 via 198.18.0.7 dev und0 proto static",
+    }
 
 
 def test_missing_device_raises_link_not_found(ns):

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from vxlan_net.allocator import candidate_subnets, choose_free_subnet, reusable_subnet
+from vxlan_net.allocator import candidate_subnets, choose_free_subnet, overlap, reusable_subnet
 from vxlan_net.config import build_config
 from vxlan_net.errors import InvalidLease, SubnetsExhausted
 from vxlan_net.lease import Lease, parse_lease, subnet_key_name
@@ -54,8 +54,39 @@ def test_allocation_is_random_among_free_subnets_and_skips_taken():
     taken = [IPv4Network("198.19.0.4/30"), IPv4Network("198.19.0.12/30")]
     assert [str(s) for s in candidate_subnets(small)] == ["198.19.0.4/30", "198.19.0.8/30", "198.19.0.12/30"]
     assert choose_free_subnet(small, taken, random.Random(1)) == IPv4Network("198.19.0.8/30")
-    with pytest.raises(SubnetsExhausted):
-        choose_free_subnet(small, taken, avoid=[IPv4Network("198.19.0.8/30")])
+    with pytest.raises(SubnetsExhausted, match="no free /30"):
+        choose_free_subnet(small, [*taken, IPv4Network("198.19.0.8/30")])
+
+
+def test_allocation_skips_every_subnet_overlapping_the_nodes_underlay():
+    small = build_config("198.19.0.0/28", subnet_len=30)  # subnets .4 .8 .12
+    avoid = {IPv4Network("198.19.0.0/29"): "address 198.19.0.5/29 on eth0",  # covers .4 (and the unused .0)
+             IPv4Network("198.19.0.13/32"): "gateway 198.19.0.13 of route default via 198.19.0.13 dev eth0",
+             IPv4Network("10.0.0.0/8"): "address 10.1.2.3/8 on eth1"}  # outside the network: irrelevant
+    for seed in range(20):
+        assert choose_free_subnet(small, [], random.Random(seed), avoid=avoid) == IPv4Network("198.19.0.8/30")
+    with pytest.raises(SubnetsExhausted) as caught:
+        choose_free_subnet(small, [IPv4Network("198.19.0.8/30")], avoid=avoid)
+    assert str(caught.value) == (
+        "every free /30 between 198.19.0.4 and 198.19.0.12 overlaps this node's underlay: address 198.19.0.5/29 "
+        "on eth0; gateway 198.19.0.13 of route default via 198.19.0.13 dev eth0")
+
+
+def test_a_connected_network_containing_the_whole_pod_network_leaves_nothing():
+    with pytest.raises(SubnetsExhausted, match="every free /24 .* overlaps this node's underlay: "
+                                               "connected route 198.16.0.0/12 dev eth0"):
+        choose_free_subnet(CONFIG, [], avoid={IPv4Network("198.16.0.0/12"): "connected route 198.16.0.0/12 dev eth0"})
+
+
+def test_reuse_gives_up_a_previous_subnet_that_now_overlaps_the_underlay():
+    ours = Lease(IPv4Network("198.19.7.0/24"), IPv4Address("198.18.1.2"), MAC_A)
+    me, remembered = IPv4Address("198.18.1.2"), IPv4Network("198.19.9.0/24")
+    avoid = {IPv4Network("198.19.7.0/25"): "address 198.19.7.1/25 on eth0"}
+    assert overlap(ours.subnet, avoid) == "address 198.19.7.1/25 on eth0"
+    assert overlap(remembered, avoid) is None
+    assert reusable_subnet(CONFIG, {ours.subnet: ours}, me, remembered, avoid=avoid) == remembered
+    avoid[IPv4Network("198.19.9.77/32")] = "gateway 198.19.9.77"
+    assert reusable_subnet(CONFIG, {ours.subnet: ours}, me, remembered, avoid=avoid) is None
 
 
 def test_reuse_prefers_the_lease_with_our_public_ip_then_the_remembered_subnet():

@@ -1,9 +1,13 @@
 """Reconciler logic against an in-memory kernel (the real kernel is covered in integration/)."""
 
+import dataclasses
+import errno
+import logging
 from ipaddress import IPv4Address, IPv4Network
 
-from vxlan_net.desired import FdbEntry, OverlayEntries, desired_entries
+from vxlan_net.desired import FdbEntry, OverlayEntries, Route, desired_entries
 from vxlan_net.errors import KernelError
+from vxlan_net.kernel import ApplyFailure, ApplyResult
 from vxlan_net.lease import Lease
 from vxlan_net.reconciler import Reconciler
 
@@ -101,3 +105,39 @@ def test_two_leases_sharing_a_mac_keep_its_fdb_entry_until_both_are_gone():
     rec.update_peers(removed=[lease(1).subnet])
     rec.reconcile()
     assert kernel.entries == desired_entries([lease(2, mac_suffix=7)])
+
+
+class ConflictingKernel(MemoryKernel):
+    """A kernel where someone else's routes hold some prefixes: apply_plan reports them as conflicts."""
+
+    def __init__(self, foreign):
+        super().__init__()
+        self.foreign = set(foreign)
+
+    def apply_plan(self, ifname, plan):
+        blocked = tuple(r for r in plan.upsert_routes if r.subnet in self.foreign)
+        super().apply_plan(ifname, dataclasses.replace(
+            plan, upsert_routes=tuple(r for r in plan.upsert_routes if r not in blocked)))
+        return ApplyResult(len(plan) - len(blocked), (), tuple(
+            ApplyFailure("upsert_routes", r, errno.EEXIST, f"route {r.subnet} dev eth0 proto static is not vxlan-net's")
+            for r in blocked))
+
+
+def test_a_route_conflict_is_logged_once_per_prefix_and_is_no_failed_pass(caplog):
+    caplog.set_level(logging.INFO, logger="vxlan_net.reconciler")
+    kernel = ConflictingKernel({lease(2).subnet})
+    rec = Reconciler("vxnet.1", kernel)
+    rec.set_peers([lease(1), lease(2)])
+    for _ in range(3):  # resyncs meet the same conflict
+        rec.request_full_pass()
+        result = rec.reconcile()
+        assert result.ok and rec.failures_in_a_row == 0
+    assert Route(lease(2).subnet, lease(2).gateway) not in kernel.entries.routes
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["not routing 198.19.2.0/24 into the overlay: "
+                      "route 198.19.2.0/24 dev eth0 proto static is not vxlan-net's"]
+    kernel.foreign.clear()  # the operator deleted that route
+    rec.request_full_pass()
+    assert rec.reconcile().ok
+    assert kernel.entries == desired_entries([lease(1), lease(2)])
+    assert any("198.19.2.0/24 no longer conflicts" in r.getMessage() for r in caplog.records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import uuid
@@ -93,3 +94,26 @@ def test_reacquire_revokes_the_lease_held_before(store):
     store.delete_lease(first.subnet)
     assert keeper.acquire(remembered=first.subnet).subnet == first.subnet
     assert keeper.lease_id != old_id and store.lease_ttl(old_id) is None
+
+
+def test_a_held_subnet_now_overlapping_the_underlay_is_given_up_with_a_warning(store, caplog):
+    first = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    old = first.acquire(remembered=None).subnet
+    underlay = {IPv4Network((old.network_address + 1, 32)): f"address {old.network_address + 1}/24 on eth0"}
+    restarted = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    with caplog.at_level(logging.WARNING, logger="vxlan_net.subnet_lease"):
+        new = restarted.acquire(remembered=old, avoid=underlay).subnet
+    assert new != old and not new.overlaps(old)
+    assert set(store.list_leases().records) == {f"{new.network_address}-{new.prefixlen}"}  # the old record is gone
+    assert store.lease_ttl(first.lease_id) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"giving up subnet {old}: it overlaps this node's address {old.network_address + 1}/24 on eth0"]
+
+
+def test_no_subnet_outside_the_underlay_is_a_clear_exhaustion_and_leases_nothing(store):
+    keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    underlay = {IPv4Network("198.19.0.0/28"): "connected route 198.19.0.0/28 dev eth0 proto kernel scope link"}
+    with pytest.raises(SubnetsExhausted, match="every free /30 between 198.19.0.4 and 198.19.0.12 overlaps this "
+                                               "node's underlay: connected route 198.19.0.0/28 dev eth0"):
+        keeper.acquire(remembered=IPv4Network("198.19.0.8/30"), avoid=underlay)
+    assert store.list_leases().records == {}

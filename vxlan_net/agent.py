@@ -16,16 +16,17 @@ from . import firewall, kernel
 from .backoff import Backoff
 from .cni_service import CniService
 from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
-from .errors import (InvalidConfig, InvalidLease, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
-                     SubnetTaken, VxlanNetError, WatchCompacted)
+from .errors import (InvalidConfig, InvalidLease, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
+                     StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from .health import AgentMetrics, HealthServer, Readiness
 from .lease import Lease, parse_lease_value
-from .lease_book import LeaseBook, RecordEvent, underlay_addresses
+from .lease_book import LeaseBook, RecordEvent
 from .reconciler import Reconciler
 from .state import NodeState
 from .store import EtcdStore
 from .subnet_file import remembered_subnet, render_subnet_file, write_atomically
 from .subnet_lease import SubnetLeaseKeeper
+from .underlay import underlay_addresses, underlay_networks
 from .untrusted import shown
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,8 @@ class Agent:
         self._filtered_peers: Optional[frozenset[IPv4Address]] = None
         self._lease_expires_at = time.monotonic()
         self._etcd_addresses = self.store.endpoint_addresses()
-        self._gateways: set[IPv4Address] = set()
-        self._addresses: dict[IPv4Address, str] = {}
+        self._routes: list = []
+        self._addresses: list = []
         self.metrics.lease_expiry.set_function(lambda: max(0.0, self._lease_expires_at - time.monotonic()))
 
     # -- start-up ------------------------------------------------------------------
@@ -141,7 +142,7 @@ class Agent:
             try:
                 return attempt()
             except (StoreUnavailable, StoreConfigError, InvalidConfig, SubnetsExhausted, SubnetTaken,
-                    LeaseGone) as exc:
+                    LeaseGone, KernelError) as exc:
                 if str(exc) != last_message:
                     log.warning("waiting for %s: %s", what, exc)
                     last_message = str(exc)
@@ -171,7 +172,10 @@ class Agent:
     def _acquire(self) -> Lease:
         remembered = (self.keeper.lease.subnet if self.keeper.lease else None) \
             or self.node_state.last_subnet() or remembered_subnet(self.options.subnet_file)
-        return self.keeper.acquire(remembered)
+        # Read at every acquire: our subnet must not cover an address or connected route of the node.
+        underlay = underlay_networks(kernel.node_addresses(), kernel.main_table_routes(), self.config,
+                                     vtep_name(self.config.vni))
+        return self.keeper.acquire(remembered, underlay)
 
     def _adopt(self, lease: Lease) -> None:
         """Make the node match its lease: VTEP, subnet file, firewall, state dir."""
@@ -201,7 +205,7 @@ class Agent:
         """One thread: watch batches, periodic resync, lease renewal; never a hot loop."""
         self.book = LeaseBook(self.config)
         self.book.set_own(self.keeper.lease)
-        self.book.set_protected(self._protected_addresses(read_gateways=True))
+        self.book.set_protected(self._protected_addresses(read_routes=True))
         watch, watch_from, watches_opened = None, None, 0
         relist_backoff = Backoff(base=0.5, cap=10.0)
         renew_backoff = Backoff(base=1.0, cap=10.0)
@@ -273,17 +277,18 @@ class Agent:
             self.reconciler.update_peers(change.added + change.updated, [l.subnet for l in change.removed])
             self._reconcile(full=False)
 
-    def _protected_addresses(self, read_gateways: bool = False) -> dict[IPv4Address, str]:
+    def _protected_addresses(self, read_routes: bool = False) -> dict[IPv4Address, str]:
         """What a peer subnet must never capture: our addresses, our gateways, the etcd endpoints.
 
-        Addresses are read on every full pass; gateways (a full route dump) only when asked."""
+        Addresses are read on every full pass; gateways (a main-table dump) only when asked."""
         try:
-            if read_gateways:
-                self._gateways = kernel.gateways()
+            if read_routes:
+                self._routes = kernel.main_table_routes()
             self._addresses = kernel.node_addresses()
         except VxlanNetError as exc:
             log.warning("cannot read this node's addresses (%s); keeping the previous ones", exc)
-        return underlay_addresses(self._etcd_addresses, self._gateways, self._addresses)
+        return underlay_addresses(self._etcd_addresses, self._addresses, self._routes, self.config,
+                                  vtep_name(self.config.vni))
 
     def _note_skipped(self, change) -> None:
         for key_name, reason in change.rejected:

@@ -227,9 +227,10 @@ def _status(args) -> int:
     from .agent import vtep_name
     from .config import parse_config
     from .desired import desired_entries
-    from .lease_book import LeaseBook, underlay_addresses
+    from .lease_book import LeaseBook
     from .lease import subnet_key_name
     from .status import describe_drift, render_lease_table, skipped_lines
+    from .underlay import underlay_addresses
 
     with _store(args) as store:
         config = parse_config(_read_config(store, args))
@@ -246,7 +247,8 @@ def _status(args) -> int:
         own = next((lease for lease in book.valid_leases() if lease.subnet.network_address == own_gateway), None)
     if own is not None:  # skip what this node's agent skips
         book.set_own(own)
-        book.set_protected(underlay_addresses(etcd_addresses, kernel.gateways(), kernel.node_addresses()))
+        book.set_protected(underlay_addresses(etcd_addresses, kernel.node_addresses(), kernel.main_table_routes(),
+                                              config, device))
     print(render_lease_table(rows, own.subnet if own else None))
     for line in skipped_lines(book.skipped()):
         print(line)

@@ -18,6 +18,14 @@ MAX_SUBNET_LEN = 30
 VXLAN_OVERHEAD = 50
 """Bytes the tunnel adds: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14); the default
 tunnel MTU is the underlay's minus this."""
+UNUSABLE_NETWORKS = (
+    (IPv4Network("0.0.0.0/8"), "0.0.0.0/8 (\"this network\")"),
+    (IPv4Network("127.0.0.0/8"), "loopback 127.0.0.0/8"),
+    (IPv4Network("169.254.0.0/16"), "link-local 169.254.0.0/16"),
+    (IPv4Network("224.0.0.0/4"), "multicast 224.0.0.0/4"),
+    (IPv4Network("240.0.0.0/4"), "reserved 240.0.0.0/4 (with the broadcast address)"),
+)
+"""Ranges that can hold neither pods nor a unicast underlay address, each with how to name it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,8 @@ def build_config(
 ) -> NetworkConfig:
     """Validate raw values and fill in defaults; raise InvalidConfig naming the problem."""
     net = _parse_network(network)
+    if subnet_len is None and default_subnet_len(net) > MAX_SUBNET_LEN:
+        raise InvalidConfig(f"Network {net} is too small: it must hold at least two /{MAX_SUBNET_LEN} subnets")
     length = default_subnet_len(net) if subnet_len is None else _int("SubnetLen", subnet_len)
     if not net.prefixlen < length <= MAX_SUBNET_LEN:
         raise InvalidConfig(
@@ -129,9 +139,13 @@ def _parse_network(value: Any) -> IPv4Network:
     if not isinstance(value, str):
         raise InvalidConfig(f"Network must be a CIDR string, not {value!r}")
     try:
-        return IPv4Network(value, strict=True)
+        net = IPv4Network(value, strict=True)
     except ValueError as exc:
         raise InvalidConfig(f"Network {value!r} is not a valid IPv4 CIDR without host bits: {exc}") from None
+    for unusable, name in UNUSABLE_NETWORKS:
+        if net.overlaps(unusable):
+            raise InvalidConfig(f"Network {net} cannot be a pod network: it overlaps {name}")
+    return net
 
 
 def _int(name: str, value: Any) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from ipaddress import IPv4Address, IPv4Network
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Optional
 
 if TYPE_CHECKING:
     from .lease import Lease
@@ -32,6 +32,38 @@ class Route:
 
     subnet: IPv4Network
     gateway: IPv4Address
+
+
+ROUTE_PROTOCOL_NAMES = {2: "kernel", 3: "boot", 4: "static", 11: "zebra", 12: "bird", 16: "dhcp",
+                        18: "keepalived", 42: "babel", 186: "bgp", 187: "isis", 188: "ospf", 189: "rip"}
+"""iproute2's names (/etc/iproute2/rt_protos) of the routing protocols a node commonly carries."""
+RT_SCOPE_LINK = 253
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class MainRoute:
+    """Any IPv4 route of the main table, whoever installed it: what conflict and underlay checks read."""
+
+    dst: IPv4Network
+    gateway: Optional[IPv4Address]
+    device: Optional[str]
+    protocol: int
+    scope: int = 0
+    metric: int = 0
+
+    def __str__(self) -> str:
+        """In `ip route` syntax, so `ip route del <this>` deletes exactly this route."""
+        words = [str(self.dst)]
+        if self.gateway is not None:
+            words += ["via", str(self.gateway)]
+        if self.device:
+            words += ["dev", self.device]
+        words += ["proto", ROUTE_PROTOCOL_NAMES.get(self.protocol, str(self.protocol))]
+        if self.scope == RT_SCOPE_LINK:
+            words += ["scope", "link"]
+        if self.metric:
+            words += ["metric", str(self.metric)]
+        return " ".join(words)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 from .config import VXLAN_OVERHEAD, NetworkConfig
-from .desired import OverlayEntries, desired_entries
+from .desired import MainRoute, OverlayEntries, Route, desired_entries
 from .lease import Lease, subnet_key_name, trusted_peers
 from .subnet_file import parse_subnet_file
 
@@ -107,6 +107,8 @@ class NodeFacts:
     state_path: str = "/var/lib/vxlan-net/node.json"
     bridge_name: str = "cni0"
     etcd_endpoints: str = ""
+    main_routes: Fact[tuple[MainRoute, ...]] = Unavailable("not read")
+    """Every IPv4 route of the main table, whoever installed it (to name routes that block ours)."""
 
 
 def _missing(*facts: Any) -> Optional[str]:
@@ -339,6 +341,15 @@ def _restore_commands(lease: Lease, device: str) -> str:
             f"ip route replace {lease.subnet} via {g} dev {device} onlink proto {ROUTE_PROTO}`")
 
 
+def _foreign_routes(facts: NodeFacts, lease: Lease) -> list[MainRoute]:
+    """Main-table routes for the peer's subnet that someone else installed with metric 0, the slot ours
+    needs (one with another metric lives beside ours and does not keep it out)."""
+    if isinstance(facts.main_routes, Unavailable):
+        return []
+    return sorted(r for r in facts.main_routes
+                  if r.dst == lease.subnet and r.protocol != ROUTE_PROTO and r.metric == 0)
+
+
 def check_peers(facts: NodeFacts) -> list[Finding]:
     """One finding per peer lease (its route, neighbour and FDB entry), then one for entries of no peer."""
     peers = peer_leases(facts)
@@ -352,7 +363,15 @@ def check_peers(facts: NodeFacts) -> list[Finding]:
     for lease in peers:
         item = f"peer {lease.subnet} at {lease.public_ip}"
         problems = _entry_problems(desired_entries([lease]), have)
-        if problems:
+        blocking = _foreign_routes(facts, lease) if Route(lease.subnet, lease.gateway) not in have.routes else []
+        if blocking:
+            problems = [p for p in problems if not p.startswith(f"missing route {lease.subnet} ")]
+            problems += [f"route {r} is not vxlan-net's, so the agent does not route {lease.subnet} into the "
+                         f"overlay" for r in blocking]
+            findings.append(Finding(False, item, "; ".join(problems),
+                                    "delete it: " + "; ".join(f"`ip route del {r}`" for r in blocking)
+                                    + "; the agent adds its own route on its next resync"))
+        elif problems:
             findings.append(Finding(False, item, "; ".join(problems), fix + _restore_commands(lease, facts.vtep_name)))
         else:
             findings.append(Finding(True, item, f"route, neighbour {lease.gateway} and FDB entry {lease.vtep_mac} "
@@ -675,9 +694,9 @@ def _read_config(store, prefix: str) -> Fact[NetworkConfig]:
         return Unavailable(f"config at {prefix}/config is invalid: {exc}")
 
 
-def _read_leases(store, config: NetworkConfig):
-    """({subnet: Lease} of the records every agent programs or Unavailable, skipped records with
-    their reasons, {subnet: etcd lease id})."""
+def _read_leases(store, config: NetworkConfig, protected: Mapping[IPv4Address, str]):
+    """({subnet: Lease} of the records this node's agent programs (and its own) or Unavailable,
+    skipped records with their reasons, {subnet: etcd lease id})."""
     from .errors import VxlanNetError
     from .lease_book import LeaseBook
     from .untrusted import shown
@@ -688,6 +707,7 @@ def _read_leases(store, config: NetworkConfig):
         return Unavailable(f"etcd unavailable listing leases: {exc}"), (), {}
     book = LeaseBook(config)
     book.replace(snapshot.events())
+    book.set_protected(protected)
     leases = {lease.subnet: lease for lease in book.peers()}
     ids = {lease.subnet: snapshot.records[subnet_key_name(lease.subnet)].lease_id for lease in book.peers()}
     skipped = tuple(f"{shown(key)}: {reason}" for key, reason in sorted(book.skipped().items()))
@@ -753,14 +773,22 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     from . import kernel
     from .errors import KernelError, VxlanNetError
 
+    from .underlay import underlay_addresses
+
     config = _read_config(store, options.etcd_prefix)
-    leases, invalid, ids = (Unavailable("leases not read: see the config line"), (), {}) \
-        if isinstance(config, Unavailable) else _read_leases(store, config)
     if isinstance(config, Unavailable):
         # The data plane can still be checked while etcd is away.
         vtep_name = next((n for n in kernel.vxlan_link_names() if n.startswith("vxnet.")), "vxnet.1")
     else:
         vtep_name = f"vxnet.{config.vni}"
+    try:
+        main_routes: Fact[tuple[MainRoute, ...]] = tuple(kernel.main_table_routes())
+        protected = {} if isinstance(config, Unavailable) else underlay_addresses(
+            store.endpoint_addresses(), kernel.node_addresses(), main_routes, config, vtep_name)
+    except KernelError as exc:
+        main_routes, protected = Unavailable(f"cannot read the main routing table: {exc}"), {}
+    leases, invalid, ids = (Unavailable("leases not read: see the config line"), (), {}) \
+        if isinstance(config, Unavailable) else _read_leases(store, config, protected)
     vtep = _link(kernel, vtep_name)
     iface = options.iface or (vtep.vxlan.underlay if not isinstance(vtep, Unavailable) and vtep.vxlan else None)
     underlay = _link(kernel, iface) if iface else Unavailable(f"{vtep_name} names no underlay: give --iface")
@@ -774,7 +802,7 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
         underlay=underlay, entries=entries, bridge=_link(kernel, options.bridge),
         subnet_file=_read_text(options.subnet_file), nft=_read_nft(), ip_forward=_read_ip_forward(),
         state=_read_state(state_path), subnet_file_path=str(options.subnet_file), state_path=str(state_path),
-        bridge_name=options.bridge, etcd_endpoints=options.etcd_endpoints,
+        bridge_name=options.bridge, etcd_endpoints=options.etcd_endpoints, main_routes=main_routes,
     )
     lease = own_lease(facts)
     lease_id = ids.get(lease.subnet) if not isinstance(lease, Unavailable) else None

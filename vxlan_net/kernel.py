@@ -35,6 +35,7 @@ from pyroute2.netlink import (
     NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_DUMP_INTR,
+    NLM_F_EXCL,
     NLM_F_REPLACE,
     NLM_F_REQUEST,
     NLMSG_DONE,
@@ -57,16 +58,18 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT, ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK, rtmsg
 
-from .desired import FdbEntry, Neighbour, OverlayEntries, Route
+from .desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
 from .errors import KernelBusy, KernelError, LinkNotFound
 from .plan import Plan
+from .underlay import NodeAddress
 
 ROUTE_PROTO = 157
 """rtm_protocol of the routes vxlan-net writes (`ip route ... proto 157`).
 
 read_overlay_entries returns only routes with this protocol, so routes someone
-else put on the device are never removed; a wanted subnet is still taken over,
-as an upsert replaces whatever route the main table holds for it."""
+else put on the device are never removed; apply_plan creates a route exclusively
+and replaces an existing one only when it has this protocol, so a route someone
+else installed for a peer's subnet is never overwritten either (a conflict)."""
 
 RT_TABLE_MAIN = 254
 CHUNK = 200
@@ -81,7 +84,9 @@ _RECV_SIZE = 1 << 16
 _TIMEOUT = 10.0
 _RTN_UNICAST = 1
 _NDA_DST, _NDA_LLADDR, _NDA_IFINDEX = 1, 2, 8
-_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_TABLE = 1, 4, 5, 15
+_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PRIORITY, _RTA_MULTIPATH, _RTA_TABLE = 1, 4, 5, 6, 9, 15
+_IFLA_IFNAME = 3
+_RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
 _IFA_F_SECONDARY = 0x01
 _ZERO_MAC = bytes(6)
 
@@ -152,6 +157,9 @@ class ApplyResult:
 
     applied: int = 0
     failures: tuple[ApplyFailure, ...] = ()
+    conflicts: tuple[ApplyFailure, ...] = ()
+    """Routes not written because someone else's route holds the prefix: left alone, not a failure
+    (retrying cannot help until that route is deleted)."""
 
     @property
     def ok(self) -> bool:
@@ -445,6 +453,66 @@ def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
     return frozenset(found)
 
 
+def _main_table_dump_request() -> bytes:
+    msg = rtmsg()
+    msg["family"] = socket.AF_INET
+    msg["table"] = RT_TABLE_MAIN
+    msg["attrs"] = [("RTA_TABLE", RT_TABLE_MAIN)]
+    msg["header"]["type"] = RTM_GETROUTE
+    return _dump_request(msg)
+
+
+def _link_names(nl: _Rtnl) -> dict[int, str]:
+    msg = ifinfmsg()
+    msg["header"]["type"] = RTM_GETLINK
+    names = {}
+    for data, off, length in nl.dump(_dump_request(msg), "listing devices"):
+        index = _ERR.unpack_from(data, off + 20)[0]  # ifinfomsg.ifi_index
+        for kind, at, size in _attrs(data, off + 32, off + length):
+            if kind == _IFLA_IFNAME:
+                names[index] = data[at : at + size].rstrip(b"\0").decode(errors="replace")
+    return names
+
+
+def _read_main_routes(nl: _Rtnl) -> list[MainRoute]:
+    """Every IPv4 unicast route of the main table, parsed by hand (thousands of peer routes: pyroute2's
+    parser took ~1 s for 5,000); a multipath route is shown by its first hop."""
+    names = _link_names(nl)
+    found = []
+    for data, off, length in nl.dump(_main_table_dump_request(), "reading the main routing table"):
+        family, dst_len, _src, _tos, table, proto, scope, rtype, _flags = _RTMSG.unpack_from(data, off + 16)
+        if family != socket.AF_INET or rtype != _RTN_UNICAST:
+            continue
+        dst, gateway, oif, metric = 0, None, None, 0
+        for kind, at, size in _attrs(data, off + 28, off + length):
+            if kind == _RTA_DST:
+                dst = _BE32.unpack_from(data, at)[0]
+            elif kind == _RTA_GATEWAY:
+                gateway = _BE32.unpack_from(data, at)[0]
+            elif kind == _RTA_OIF:
+                oif = _U32.unpack_from(data, at)[0]
+            elif kind == _RTA_PRIORITY:
+                metric = _U32.unpack_from(data, at)[0]
+            elif kind == _RTA_TABLE:
+                table = _U32.unpack_from(data, at)[0]
+            elif kind == _RTA_MULTIPATH and size >= _RTNEXTHOP.size:
+                hop_len, _hop_flags, _hops, oif = _RTNEXTHOP.unpack_from(data, at)
+                for hop_kind, hop_at, _ in _attrs(data, at + _RTNEXTHOP.size, at + min(hop_len, size)):
+                    if hop_kind == _RTA_GATEWAY:
+                        gateway = _BE32.unpack_from(data, hop_at)[0]
+        if table == RT_TABLE_MAIN:
+            found.append(MainRoute(_network(dst, dst_len), IPv4Address(gateway) if gateway is not None else None,
+                                   names.get(oif) if oif is not None else None, proto, scope, metric))
+    return found
+
+
+def main_table_routes(*, netns: Optional[str] = None) -> list[MainRoute]:
+    """Every IPv4 unicast route of the main table, whoever installed it (for route conflicts, doctor and
+    the underlay's connected networks); a multipath route is shown by its first hop."""
+    with _Rtnl(netns) as nl:
+        return _retry_busy(_read_main_routes)(nl)
+
+
 def read_overlay_entries(ifname: str, *, netns: Optional[str] = None) -> OverlayEntries:
     """A fresh read of what is ours on the device: permanent IPv4 neighbours with a MAC,
     permanent FDB entries with a remote IPv4 dst, and main-table gateway routes with
@@ -464,6 +532,8 @@ def read_overlay_entries(ifname: str, *, netns: Optional[str] = None) -> Overlay
 # No NLM_F_ACK here: the kernel answers every refusal anyway, and transact() asks
 # for an ack on the last message of a chunk only, which marks the chunk done.
 _UPSERT = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE
+# Routes: EEXIST when the main table holds a route for the prefix (same tos and metric).
+_CREATE_ONLY = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
 _DELETE = NLM_F_REQUEST
 
 
@@ -530,7 +600,7 @@ def _steps(ifindex: int) -> dict[str, _Step]:
     return {
         "upsert_neighbours": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, inet, ifindex, neigh), _neighbour_values, False),
         "upsert_fdb": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, bridge, ifindex, fdb), _fdb_values, False),
-        "upsert_routes": _Step(_route_template(RTM_NEWROUTE, _UPSERT, ifindex), _route_values, False),
+        "upsert_routes": _Step(_route_template(RTM_NEWROUTE, _CREATE_ONLY, ifindex), _route_values, False),
         # Deleting with protocol and device set never touches a route that is not ours.
         "remove_routes": _Step(_route_template(RTM_DELROUTE, _DELETE, ifindex), _route_values, True),
         # With a dst, only that remote of the MAC goes.
@@ -577,24 +647,59 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
     return len(entries) - len(failures), failures
 
 
+def _settle_existing_routes(
+    nl: _Rtnl, ifindex: int, refused: Sequence[ApplyFailure]
+) -> tuple[int, list[ApplyFailure], list[ApplyFailure]]:
+    """Routes refused with EEXIST: replace those whose existing route is ours (protocol
+    ROUTE_PROTO), report the others as conflicts. Returns (replaced, failures, conflicts).
+
+    The rare path, so it may read the whole main table. (A route someone installs
+    between this read and the replace is overwritten: the window is one round trip.)"""
+    holders = {r.dst: r for r in _retry_busy(_read_main_routes)(nl) if r.metric == 0}
+    ours, conflicts = [], []
+    for failure in refused:
+        holder = holders.get(failure.entry.subnet)
+        if holder is None or holder.protocol == ROUTE_PROTO:  # gone meanwhile, or ours
+            ours.append(failure.entry)
+        else:
+            conflicts.append(dataclasses.replace(
+                failure, reason=f"route {holder} is not vxlan-net's; delete it: ip route del {holder}"))
+    if not ours:
+        return 0, [], conflicts
+    replace = _Step(_route_template(RTM_NEWROUTE, _UPSERT, ifindex), _route_values, False)
+    replaced, failures = _apply_step(nl, refused[0].action, replace, ours)
+    return replaced, failures, conflicts
+
+
 def apply_plan(ifname: str, plan: Plan, *, netns: Optional[str] = None) -> ApplyResult:
     """Write a Plan to the device in its field order; refusals are reported, not raised.
 
-    Upserts replace (NLM_F_CREATE|NLM_F_REPLACE); removals of entries already gone
-    count as applied. Raises LinkNotFound if the device is missing and KernelError
-    if the netlink socket itself fails."""
+    Neighbours and FDB entries are upserted (NLM_F_CREATE|NLM_F_REPLACE). Routes are
+    created exclusively, one message each; only on EEXIST is the existing route read,
+    and replaced if it is ours, else left alone and reported in `conflicts`. Removals
+    of entries already gone count as applied. Raises LinkNotFound if the device is
+    missing and KernelError if the netlink socket itself fails."""
     if plan.empty:
         return ApplyResult()
-    applied, failures = 0, []
+    applied, failures, conflicts = 0, [], []
     with _Rtnl(netns) as nl:
-        steps = _steps(nl.ifindex(ifname))
+        ifindex = nl.ifindex(ifname)
+        steps = _steps(ifindex)
         for field in dataclasses.fields(plan):
             entries = getattr(plan, field.name)
-            if entries:
-                done, refused = _apply_step(nl, field.name, steps[field.name], entries)
-                applied += done
-                failures.extend(refused)
-    return ApplyResult(applied, tuple(failures))
+            if not entries:
+                continue
+            done, refused = _apply_step(nl, field.name, steps[field.name], entries)
+            existing = [f for f in refused if field.name == "upsert_routes" and f.errno == errno.EEXIST]
+            if existing:
+                refused = [f for f in refused if f not in existing]
+                replaced, refused_again, foreign = _settle_existing_routes(nl, ifindex, existing)
+                done += replaced
+                refused += refused_again
+                conflicts += foreign
+            applied += done
+            failures.extend(refused)
+    return ApplyResult(applied, tuple(failures), tuple(conflicts))
 
 
 # --- devices and addresses (pyroute2's IPRoute) ----------------------------------
@@ -831,6 +936,15 @@ def interface_address(ifname: str, *, netns: Optional[str] = None) -> IPv4Addres
 
 
 @_retry_busy
+def node_addresses(*, netns: Optional[str] = None) -> list[NodeAddress]:
+    """Every IPv4 address on the node's devices, with the device's name and link kind."""
+    with _iproute(netns) as ipr, _translated("reading the node's addresses"):
+        links = {link["index"]: (link.get_attr("IFLA_IFNAME"), _kind(link)) for link in ipr.get_links()}
+        return [NodeAddress(*links.get(a["index"], (f"if{a['index']}", None)), _interface(a))
+                for a in ipr.get_addr(family=socket.AF_INET)]
+
+
+@_retry_busy
 def default_route_source(*, netns: Optional[str] = None) -> tuple[str, IPv4Address]:
     """(ifname, source address) of the main table's preferred IPv4 default route."""
     with _iproute(netns) as ipr, _translated("reading the default route"):
@@ -850,22 +964,6 @@ def default_route_source(*, netns: Optional[str] = None) -> tuple[str, IPv4Addre
             source = route.get_attr("RTA_PREFSRC")
             return ifname, IPv4Address(source) if source else _primary_address(ipr, oif, ifname)
     raise KernelError("no IPv4 default route: give --public-ip or --iface")
-
-
-@_retry_busy
-def node_addresses(*, netns: Optional[str] = None) -> dict[IPv4Address, str]:
-    """Every IPv4 address on this node's interfaces -> which interface (one address dump: cheap)."""
-    with _iproute(netns) as ipr, _translated("reading the node's addresses"):
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        return {_interface(addr).ip: names.get(addr["index"], "?") for addr in ipr.get_addr(family=socket.AF_INET)}
-
-
-@_retry_busy
-def gateways(*, netns: Optional[str] = None) -> set[IPv4Address]:
-    """Every gateway of the main table's routes but ours (a full route dump: not for every pass)."""
-    with _iproute(netns) as ipr, _translated("reading the routes' gateways"):
-        return {IPv4Address(g) for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
-                if r["proto"] != ROUTE_PROTO and (g := r.get_attr("RTA_GATEWAY"))}
 
 
 def enter_netns(name: str) -> None:

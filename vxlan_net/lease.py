@@ -8,16 +8,12 @@ import re
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterable, Mapping, Optional
 
-from .config import NetworkConfig
+from .config import UNUSABLE_NETWORKS, NetworkConfig
 from .errors import InvalidLease
 from .untrusted import load_json_object, shown
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})")
-_NOT_AN_ENDPOINT = (IPv4Network("0.0.0.0/8"), IPv4Network("127.0.0.0/8"), IPv4Network("169.254.0.0/16"),
-                    IPv4Network("224.0.0.0/4"), IPv4Network("240.0.0.0/4"))
-"""Unspecified, loopback, link-local, multicast, reserved and broadcast: never a tunnel endpoint."""
-
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Lease:
@@ -117,8 +113,9 @@ def _public_ip(subnet: IPv4Network, value: Any, network: IPv4Network) -> IPv4Add
         address = IPv4Address(value)
     except ValueError:
         raise InvalidLease(f"lease {subnet} has PublicIP {shown(value)}, not an IPv4 address") from None
-    if any(address in block for block in _NOT_AN_ENDPOINT):
-        raise InvalidLease(f"lease {subnet} has PublicIP {address}, which cannot be a tunnel endpoint")
+    unusable = next((name for block, name in UNUSABLE_NETWORKS if address in block), None)
+    if unusable:
+        raise InvalidLease(f"lease {subnet} has PublicIP {address} in {unusable}, which cannot be a tunnel endpoint")
     if address in network:
         raise InvalidLease(f"lease {subnet} has PublicIP {address} inside the pod network {network}: "
                            "tunnel traffic to it would be routed into the tunnel")

@@ -62,15 +62,6 @@ class _Record:
         return self.create_revision, self.lease.subnet
 
 
-def underlay_addresses(etcd_endpoints: Mapping[IPv4Address, str], gateways: Iterable[IPv4Address],
-                       node_addresses: Mapping[IPv4Address, str]) -> dict[IPv4Address, str]:
-    """What a peer subnet must never capture, each with what it is (for set_protected)."""
-    protected = {address: f"etcd endpoint {url}" for address, url in etcd_endpoints.items()}
-    protected.update((gateway, "this node's gateway") for gateway in gateways)
-    protected.update((address, f"this node's address on {ifname}") for address, ifname in node_addresses.items())
-    return protected
-
-
 class LeaseBook:
     """The valid leases of the network, keyed by subnet; which are peers; which one is ours."""
 

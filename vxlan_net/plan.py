@@ -13,7 +13,8 @@ class Plan:
 
     Additions go neighbour -> FDB -> route, so a route never points at a VTEP the
     kernel would have to ARP for; removals go route -> FDB -> neighbour.
-    Upserts use replace semantics, so a changed MAC or public IP overwrites in place.
+    Upserts use replace semantics, so a changed MAC or public IP overwrites in place
+    (a route only where the one in place is vxlan-net's: see kernel.apply_plan).
     """
 
     upsert_neighbours: tuple[Neighbour, ...] = ()

@@ -90,6 +90,8 @@ class Reconciler:
         self._known: Optional[KnownEntries] = None  # None: a full pass is due
         self.failures_in_a_row = 0
         self.peers_programmed = 0
+        self.route_conflicts: dict[IPv4Network, str] = {}
+        """Peer subnets whose route someone else holds, with why: warned about once each."""
 
     # -- declaring ---------------------------------------------------------------
 
@@ -118,6 +120,7 @@ class Reconciler:
 
     def _forget(self, subnet: IPv4Network) -> None:
         old = self._peers.pop(subnet, None)
+        self.route_conflicts.pop(subnet, None)
         if old is None:
             return
         owners = self._macs[old.vtep_mac]
@@ -178,9 +181,23 @@ class Reconciler:
         if plan.empty:
             return
         result = self.kernel.apply_plan(self.ifname, plan)
+        self._note_conflicts(plan, getattr(result, "conflicts", ()) or ())
         failures = list(getattr(result, "failures", []) or [])
         if failures:
             raise VxlanNetError(f"{len(failures)} of {len(plan)} changes failed, first: {failures[0]}")
+
+    def _note_conflicts(self, plan: Plan, conflicts) -> None:
+        """Someone else's route for a peer's subnet is left alone; retrying cannot help until it goes,
+        so it is not a failed pass: one warning per subnet, one line when it is resolved."""
+        now = {c.entry.subnet: c.reason for c in conflicts}
+        for subnet, reason in now.items():
+            if subnet not in self.route_conflicts:
+                log.warning("not routing %s into the overlay: %s", subnet, reason)
+        for route in plan.upsert_routes:
+            if route.subnet in self.route_conflicts and route.subnet not in now:
+                log.info("route for %s no longer conflicts; it goes into the overlay now", route.subnet)
+                del self.route_conflicts[route.subnet]
+        self.route_conflicts.update(now)
 
     def _note_success(self, changes: int) -> None:
         if self.failures_in_a_row:

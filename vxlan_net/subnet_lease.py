@@ -7,7 +7,7 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 from typing import Optional
 
-from .allocator import choose_free_subnet, reusable_subnet
+from .allocator import Avoid, choose_free_subnet, overlap, reusable_subnet
 from .config import NetworkConfig
 from .errors import InvalidLease, LeaseGone, SubnetTaken, VxlanNetError
 from .lease import Lease, parse_lease, parse_subnet_key_name
@@ -39,11 +39,14 @@ class SubnetLeaseKeeper:
     def _value_for(self, subnet: IPv4Network) -> Lease:
         return Lease(subnet, self.public_ip, self.vtep_mac, self.config.vni)
 
-    def acquire(self, remembered: Optional[IPv4Network]) -> Lease:
-        """Reuse our previous subnet when we may, else take a random free one.
+    def acquire(self, remembered: Optional[IPv4Network], avoid: Optional[Avoid] = None) -> Lease:
+        """Reuse our previous subnet when we may, else take a random free one; never one that
+        overlaps `avoid` (the node's underlay).
 
-        A lost creation race means another node took that subnet in the meantime:
-        pick another and try again (flannel exits here; we do not).
+        A previous subnet that now overlaps `avoid` is given up with a warning, and its
+        record, if it carries our PublicIP, is revoked once we hold another (else peers
+        would see two records of ours). A lost creation race means another node took that
+        subnet in the meantime: pick another and try again (flannel exits here; we do not).
         """
         snapshot = self.store.list_leases()
         valid, taken = {}, set()
@@ -55,21 +58,35 @@ class SubnetLeaseKeeper:
                 continue
             valid[lease.subnet] = (lease, record)
         leases = {subnet: pair[0] for subnet, pair in valid.items()}
-        subnet = reusable_subnet(self.config, leases, self.public_ip, remembered, self.vtep_mac)
+        previous = reusable_subnet(self.config, leases, self.public_ip, remembered, self.vtep_mac)
+        given_up = overlap(previous, avoid) if previous is not None else None
+        if given_up:
+            log.warning("giving up subnet %s: it overlaps this node's %s", previous, given_up)
+        subnet = reusable_subnet(self.config, leases, self.public_ip, remembered, self.vtep_mac, avoid)
         if subnet is not None:
             held = valid.get(subnet)
             if held and held[0].public_ip == self.public_ip and held[1].lease_id:
                 if self._readopt(subnet, held[1].lease_id):
-                    return self.lease
+                    return self._drop_given_up(previous if given_up else None, valid)
             elif subnet not in taken and self._try_create(subnet):
-                return self.lease
+                return self._drop_given_up(previous if given_up else None, valid)
         lost: set[IPv4Network] = set()
         for _ in range(MAX_RACE_RETRIES):
-            subnet = choose_free_subnet(self.config, taken, self.rng, avoid=lost)
+            subnet = choose_free_subnet(self.config, taken | lost, self.rng, avoid)
             if self._try_create(subnet):
-                return self.lease
+                return self._drop_given_up(previous if given_up else None, valid)
             lost.add(subnet)
         raise SubnetTaken(f"lost the race for {len(lost)} subnets in a row; will retry")
+
+    def _drop_given_up(self, subnet: Optional[IPv4Network], valid) -> Lease:
+        """Revoke the record of a subnet we gave up, if it is ours and not the lease we now hold."""
+        held = valid.get(subnet) if subnet is not None else None
+        if held and held[0].public_ip == self.public_ip and held[1].lease_id not in (None, 0, self.lease_id):
+            try:
+                self.store.revoke(held[1].lease_id)
+            except VxlanNetError as exc:
+                log.warning("could not revoke the lease on %s we gave up (it expires with its TTL): %s", subnet, exc)
+        return self.lease
 
     def _readopt(self, subnet: IPv4Network, lease_id: int) -> bool:
         """Keep our existing etcd lease (a restart): rewrite the value if it changed, refresh it."""

@@ -1,0 +1,69 @@
+"""Which networks this node's underlay occupies, from its addresses and main-table routes (pure)."""
+
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from vxlan_net.config import build_config
+from vxlan_net.desired import MainRoute
+from vxlan_net.underlay import NodeAddress, underlay_networks
+
+CONFIG = build_config("198.19.0.0/16")
+VTEP = "vxnet.1"
+KERNEL, STATIC, OURS = 2, 4, 157
+LINK = 253
+
+
+def address(device: str, cidr: str, kind: str | None = None) -> NodeAddress:
+    return NodeAddress(device, kind, IPv4Interface(cidr))
+
+
+def route(dst: str, device: str, gateway: str | None = None, protocol: int = KERNEL, scope: int = 0) -> MainRoute:
+    return MainRoute(IPv4Network(dst), IPv4Address(gateway) if gateway else None, device, protocol, scope)
+
+
+def test_addresses_connected_routes_and_gateways_of_the_underlay_are_claimed():
+    claims = underlay_networks(
+        [address("lo", "127.0.0.1/8"), address("eth0", "198.18.0.5/24", "veth"),
+         address("eth0", "198.19.5.1/24", "veth"), address("br-ul", "198.18.9.2/24", "bridge")],
+        [route("0.0.0.0/0", "eth0", gateway="198.18.0.1", protocol=STATIC),
+         route("198.18.0.0/24", "eth0", scope=LINK), route("198.19.5.0/24", "eth0", scope=LINK),
+         route("198.19.60.0/22", "eth1", protocol=STATIC, scope=LINK),
+         route("198.19.80.0/24", "eth0", gateway="198.18.0.77", protocol=STATIC)],
+        CONFIG, VTEP)
+    assert claims == {
+        IPv4Network("127.0.0.0/8"): "address 127.0.0.1/8 on lo",
+        IPv4Network("198.18.0.0/24"): "address 198.18.0.5/24 on eth0",
+        IPv4Network("198.19.5.0/24"): "address 198.19.5.1/24 on eth0",
+        IPv4Network("198.18.9.0/24"): "address 198.18.9.2/24 on br-ul",  # a bridge that is no pod bridge
+        IPv4Network("198.18.0.1/32"): "gateway 198.18.0.1 of route 0.0.0.0/0 via 198.18.0.1 dev eth0 proto static",
+        IPv4Network("198.19.60.0/22"): "connected route 198.19.60.0/22 dev eth1 proto static scope link",
+        IPv4Network("198.18.0.77/32"):
+            "gateway 198.18.0.77 of route 198.19.80.0/24 via 198.18.0.77 dev eth0 proto static",
+    }
+
+
+def test_our_own_vtep_pod_bridges_and_peer_routes_do_not_block_our_subnet():
+    claims = underlay_networks(
+        [address(VTEP, "198.19.3.0/32", "vxlan"), address("cni0", "198.19.3.1/24", "bridge"),
+         address("cni-old", "198.19.4.1/24", "bridge"), address("vxnet.7", "198.19.4.0/32", "vxlan"),
+         address("eth0", "198.18.0.5/24")],
+        [route("198.19.3.0/24", "cni0", scope=LINK), route("198.19.7.0/24", VTEP, gateway="198.19.7.0",
+                                                          protocol=OURS),
+         route("198.18.0.0/24", "eth0", scope=LINK)],
+        CONFIG, VTEP)
+    assert claims == {IPv4Network("198.18.0.0/24"): "address 198.18.0.5/24 on eth0"}
+
+
+def test_a_bridge_is_only_a_pod_bridge_when_it_holds_nothing_but_pod_gateway_addresses():
+    not_pods = [address("br0", "198.19.3.1/24", "bridge"), address("br0", "198.18.0.5/24", "bridge"),  # also underlay
+                address("br1", "198.19.8.7/24", "bridge"),  # not the first host
+                address("br2", "198.19.3.1/23", "bridge"),  # not a SubnetLen subnet
+                address("dummy0", "198.19.6.1/24", "dummy"),  # not a bridge
+                address("vx9", "198.19.9.1/32", "vxlan"),  # not a subnet's network address
+                address("vx10", "198.19.10.0/24", "vxlan")]  # not /32
+    claims = underlay_networks(not_pods, [], CONFIG, VTEP)
+    assert set(claims.values()) == {f"address {a.interface} on {a.device}" for a in not_pods}
+
+
+def test_a_default_route_without_gateway_claims_nothing_but_its_device_stays_underlay():
+    claims = underlay_networks([], [route("0.0.0.0/0", "ppp0", protocol=STATIC, scope=LINK)], CONFIG, VTEP)
+    assert claims == {}

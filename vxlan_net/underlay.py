@@ -1,0 +1,89 @@
+"""What this node's underlay occupies: the networks its own subnet must not overlap (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Iterable, Mapping, Optional
+
+from .config import NetworkConfig
+from .desired import RT_SCOPE_LINK, MainRoute
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeAddress:
+    """An IPv4 address on one of the node's devices (from kernel.node_addresses)."""
+
+    device: str
+    kind: Optional[str]
+    """The device's link kind ("vxlan", "bridge", ...); None for a physical device."""
+    interface: IPv4Interface
+
+
+def is_pod_gateway(config: NetworkConfig, interface: IPv4Interface) -> bool:
+    """The address the CNI plugin gives its bridge: the first host of a SubnetLen subnet of the network."""
+    net = interface.network
+    return (net.prefixlen == config.subnet_len and net.subnet_of(config.network)
+            and interface.ip == net.network_address + 1)
+
+
+def is_vtep_address(config: NetworkConfig, interface: IPv4Interface) -> bool:
+    """The address the agent gives its VTEP: a SubnetLen subnet's network address, /32."""
+    return (interface.network.prefixlen == 32 and interface.ip in config.network
+            and int(interface.ip) % (1 << (32 - config.subnet_len)) == 0)
+
+
+_OWN_KINDS = {"bridge": is_pod_gateway, "vxlan": is_vtep_address}
+
+
+def _own_devices(addresses: Iterable[NodeAddress], config: NetworkConfig, vtep: str) -> set[str]:
+    """Our VTEP and the pod bridges: what they hold lies inside our own (or a former) subnet by design.
+
+    A bridge (or VXLAN device, e.g. the VTEP of a former VNI) counts as ours only when
+    every address on it is one we would give it, so an underlay bridge (br0 enslaving
+    eth0) is never mistaken for a pod bridge."""
+    held: dict[str, list[IPv4Interface]] = defaultdict(list)
+    kinds: dict[str, str] = {}
+    for a in addresses:
+        if a.kind in _OWN_KINDS:
+            held[a.device].append(a.interface)
+            kinds[a.device] = a.kind
+    return {vtep} | {name for name, interfaces in held.items()
+                     if all(_OWN_KINDS[kinds[name]](config, i) for i in interfaces)}
+
+
+def underlay_networks(addresses: Iterable[NodeAddress], routes: Iterable[MainRoute], config: NetworkConfig,
+                      vtep: str) -> dict[IPv4Network, str]:
+    """{network: what it is} of the node's addresses (with their prefix), its connected (link-scope)
+    routes and the gateways of its routes, leaving out our own devices.
+
+    A gatewayed route's destination is not claimed: a route such as 10.0.0.0/8 via a
+    router only says where the node sends traffic, and the overlay's more specific
+    routes win over it. A link-scope default route (PPP) claims nothing."""
+    addresses = list(addresses)
+    own = _own_devices(addresses, config, vtep)
+    claims: dict[IPv4Network, str] = {}
+    for a in addresses:
+        if a.device not in own:
+            claims.setdefault(a.interface.network, f"address {a.interface} on {a.device}")
+    for r in routes:
+        if r.device in own:
+            continue
+        if r.gateway is not None:
+            claims.setdefault(IPv4Network(r.gateway), f"gateway {r.gateway} of route {r}")
+        elif r.scope == RT_SCOPE_LINK and r.dst.prefixlen:
+            claims.setdefault(r.dst, f"connected route {r}")
+    return claims
+
+
+def underlay_addresses(etcd_endpoints: Mapping[IPv4Address, str], addresses: Iterable[NodeAddress],
+                       routes: Iterable[MainRoute], config: NetworkConfig, vtep: str) -> dict[IPv4Address, str]:
+    """What a peer subnet must never capture, each with what it is (for LeaseBook.set_protected):
+    the etcd endpoints, the node's addresses and the gateways of its routes (not our own devices')."""
+    addresses = list(addresses)
+    own = _own_devices(addresses, config, vtep)
+    protected = {address: f"etcd endpoint {url}" for address, url in etcd_endpoints.items()}
+    protected.update((r.gateway, "this node's gateway") for r in routes if r.gateway and r.device not in own)
+    protected.update((a.interface.ip, f"this node's address on {a.device}") for a in addresses if a.device not in own)
+    return protected
