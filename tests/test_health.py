@@ -138,9 +138,17 @@ def test_a_request_trickling_in_byte_by_byte_is_cut_off():
         server.close()
 
 
-def test_close_stops_every_thread_it_started():
+def test_close_stops_every_thread_it_started_without_waiting_for_a_stalled_client():
     threads_before = threading.active_count()
     server = HealthServer(("127.0.0.1", 0), AgentMetrics(), Readiness(resync_interval=30)).start()
     assert _get_healthz(server.port)[0] == 200
-    server.close()
+    stalled = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        stalled.sendall(b"GET /healthz HTTP/1.0\r\n")  # a worker now waits for the rest (up to 5 s)
+        time.sleep(0.3)
+        started = time.monotonic()
+        server.close()
+        assert time.monotonic() - started < 2, "close() waited for a stalled client"
+    finally:
+        stalled.close()
     assert threading.active_count() == threads_before

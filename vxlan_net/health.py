@@ -118,6 +118,9 @@ class HealthServer:
         self.stopping.set()
         if self.thread.is_alive():
             self.thread.join()
+        with self.busy_lock:  # a worker waiting for a slow client's bytes returns at once
+            for conn in self.busy:
+                _shutdown(conn)
         self.pool.shutdown(wait=True)
         for conn in list(self.idle):
             self._drop(conn)
