@@ -22,6 +22,8 @@ IPTABLES_FORWARD = ("ip", "filter", "FORWARD")
 # "vxlan-net pod network" of earlier versions, which an upgrade replaces).
 FORWARD_TAG = "vxlan-net"
 
+NFT_TIMEOUT = 30.0  # seconds; a hung `nft` must not hold up the agent for longer
+
 PEER_SET = "vxlan_peers"
 NOT_A_NODE = "vxlan-net: VXLAN from a non-node"
 POD_TO_VXLAN_PORT = "vxlan-net: pod traffic to the VXLAN port"
@@ -179,7 +181,11 @@ def ensure_forward_rules(devices: ForwardDevices) -> bool:
 def _tagged_rules(listing: str) -> tuple[list[tuple[str, list[dict]]], list[int]]:
     """Our rules in a `nft -j list chain` (comment, expressions with counters blanked) and their handles."""
     rules, handles = [], []
-    for item in json.loads(listing).get("nftables", []):
+    try:
+        items = json.loads(listing).get("nftables", [])
+    except (ValueError, AttributeError):
+        raise KernelError("nft -j list chain printed something that is not an nft JSON listing") from None
+    for item in items:
         rule = item.get("rule") if isinstance(item, dict) else None
         if isinstance(rule, dict) and str(rule.get("comment", "")).startswith(FORWARD_TAG):
             expr = [{"counter": None} if isinstance(e, dict) and "counter" in e else e for e in rule.get("expr", [])]
@@ -194,8 +200,14 @@ def _nft(args: list[str], stdin: str | None = None) -> str:
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`nft` with a deadline; every way it can fail is a KernelError, which callers retry."""
     nft = shutil.which("nft") or "/usr/sbin/nft"
-    proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=30)
+    try:
+        proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=NFT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"nft {' '.join(args)} did not finish within {NFT_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise KernelError(f"cannot run {nft}: {exc.strerror or exc}") from None
     if check and proc.returncode != 0:
         raise KernelError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc
