@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from cni.agent_socket import socket_path
+from cni.config import DEFAULT_BRIDGE
 
 from . import firewall, kernel
 from .backoff import Backoff
@@ -66,6 +67,8 @@ class AgentOptions:
     cni_socket: Optional[Path] = None
     """Root-only socket where the CNI plugin hands over host veth deletions; None: `cni.sock` next to
     subnet_file, where the plugin looks for it."""
+    cni_bridge: str = DEFAULT_BRIDGE
+    """The bridge the CNI plugin attaches pods to (its conflist's `bridge`); forwarding rules match it."""
 
     def __post_init__(self):
         if self.cni_socket is None:
@@ -187,8 +190,12 @@ class Agent:
             address=IPv4Interface((lease.subnet.network_address, 32)),
         )
         kernel.ensure_vtep(spec)
-        firewall.apply_rules(config.network, self.options.ip_masq,
-                             config.port if self.options.vxlan_ingress_filter else None)
+        try:
+            kernel.drop_unicast_in_l2_multicast(spec.name)
+        except KernelError as exc:
+            log.warning("%s accepts unicast packets in L2 multicast frames: %s", spec.name, exc)
+        firewall.apply_rules(config.network, self.options.ip_masq, config.port, self._forward_devices(),
+                             ingress_filter=self.options.vxlan_ingress_filter)
         self._filtered_peers = None
         write_atomically(self.options.subnet_file,
                          render_subnet_file(config.network, lease.subnet, mtu, self.options.ip_masq))
@@ -334,6 +341,8 @@ class Agent:
             self._timed_reconcile()
         # After the routes: the filter update forks `nft`, which must not delay convergence.
         self._filter_vxlan_sources(self.reconciler.peer_public_ips())
+        if full:
+            self._recheck_forward_rules()
 
     def _timed_reconcile(self):
         result = self.reconciler.reconcile()
@@ -358,6 +367,17 @@ class Agent:
             log.warning("cannot update the VXLAN ingress filter, will retry: %s", exc)
             return
         self._filtered_peers = sources
+
+    def _forward_devices(self) -> firewall.ForwardDevices:
+        return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni))
+
+    def _recheck_forward_rules(self) -> None:
+        """Someone (a firewall reload, an operator) may have removed or edited our FORWARD rules."""
+        try:
+            if firewall.ensure_forward_rules(self._forward_devices()):
+                log.warning("restored the vxlan-net rules in iptables-nft's FORWARD chain (missing or changed)")
+        except VxlanNetError as exc:
+            log.warning("cannot check the vxlan-net rules in iptables-nft's FORWARD chain, will retry: %s", exc)
 
     def _renew(self, backoff: Backoff) -> float:
         """Refresh the lease; returns seconds until the next renewal attempt."""

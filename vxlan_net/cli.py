@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--cni-socket", default=env_default("cni-socket"),
                        help="socket where the CNI plugin hands over veth deletions (default: cni.sock next to "
                             "--subnet-file, where the plugin looks)")
+    agent.add_argument("--cni-bridge", default=env_default("cni-bridge"),
+                       help="the bridge the CNI plugin puts pods on: its conflist's `bridge` (default: the "
+                            "plugin's default)")
 
     status = commands.add_parser("status", help="show the leases and whether this node's kernel matches them")
     _add_etcd_flags(status)
@@ -186,6 +189,8 @@ def _config_get(args) -> int:
 
 
 def _agent(args) -> int:
+    from cni.config import DEFAULT_BRIDGE, valid_ifname
+
     from .agent import Agent, AgentOptions
     from .health import parse_listen_address
 
@@ -197,6 +202,9 @@ def _agent(args) -> int:
         raise UsageError(f"--subnet-lease-ttl {args.subnet_lease_ttl} must be at least 5 seconds")
     if args.resync_interval <= 0:
         raise UsageError(f"--resync-interval {args.resync_interval} must be positive")
+    bridge = args.cni_bridge or DEFAULT_BRIDGE
+    if not valid_ifname(bridge):
+        raise UsageError(f"--cni-bridge {bridge!r} is not a valid interface name")
     healthz = None
     if args.healthz_addr:
         try:
@@ -214,7 +222,7 @@ def _agent(args) -> int:
         ip_masq=args.ip_masq if args.ip_masq is not None else env_bool("ip-masq"),
         subnet_lease_ttl=args.subnet_lease_ttl, resync_interval=args.resync_interval,
         vxlan_ingress_filter=ingress_filter, healthz_addr=healthz,
-        cni_socket=Path(args.cni_socket) if args.cni_socket else None,
+        cni_socket=Path(args.cni_socket) if args.cni_socket else None, cni_bridge=bridge,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

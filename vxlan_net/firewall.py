@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 import subprocess
 from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable, Optional
+from typing import Iterable
 
 from .errors import KernelError
 
 log = logging.getLogger(__name__)
 
 TABLE = "vxlan-net"
-RULE_COMMENT = "vxlan-net pod network"
 # iptables-nft keeps the FORWARD chain (and its policy) in `ip filter`; an accept in
-# our own table cannot override a drop there, so we add tagged rules to it when it exists.
+# our own table cannot override a drop there, so we append tagged rules to it when it exists.
 IPTABLES_FORWARD = ("ip", "filter", "FORWARD")
+# Ours are the FORWARD rules whose comment starts with this (also the one-rule-per-direction
+# "vxlan-net pod network" of earlier versions, which an upgrade replaces).
+FORWARD_TAG = "vxlan-net"
 
+NFT_TIMEOUT = 30.0  # seconds; a hung `nft` must not hold up the agent for longer
 
 PEER_SET = "vxlan_peers"
 NOT_A_NODE = "vxlan-net: VXLAN from a non-node"
+POD_TO_VXLAN_PORT = "vxlan-net: pod traffic to the VXLAN port"
 
 
-def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: Optional[int] = None,
-                   peer_ips: Iterable[IPv4Address] = ()) -> str:
+@dataclasses.dataclass(frozen=True)
+class ForwardDevices:
+    """The devices pod traffic is forwarded between: the CNI bridge and our VTEP."""
+
+    bridge: str
+    vtep: str
+
+
+def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: int,
+                   peer_ips: Iterable[IPv4Address] = (), ingress_filter: bool = True) -> str:
     """Our whole table, replaced atomically by one `nft -f` transaction.
 
     No forward chain of our own: an accept there cannot override a drop in
@@ -33,12 +46,20 @@ def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: Optional[int
     ~10 us of pod-to-pod RTT); forwarding under a drop policy is handled by the
     tagged rules in iptables-nft's FORWARD chain instead.
 
-    With `vxlan_port`, UDP to that port is accepted only from the nodes' public
-    IPs (the set `vxlan_peers`); anyone else could inject frames that look like
-    they come from any pod, since VXLAN has no authentication.
+    With `ingress_filter`, UDP to `vxlan_port` is accepted only from the nodes'
+    public IPs (the set `vxlan_peers`); anyone else could inject frames that look
+    like they come from any pod, since VXLAN has no authentication.
+
+    Always, UDP from the pod network to `vxlan_port` is dropped before any
+    source NAT: masqueraded to this node's address, a pod's frame would pass the
+    peers' ingress filter as if this node had sent it. The drop sits in a nat
+    chain ahead of srcnat, which only a connection's first packet traverses, so
+    established pod traffic pays nothing for it (a forward chain would cost every
+    packet); a dropped first packet leaves no connection, so every later one is
+    first again and dropped too.
     """
     ingress = ""
-    if vxlan_port is not None:
+    if ingress_filter:
         elements = _elements(peer_ips)
         ingress = f"""
     set {PEER_SET} {{
@@ -47,6 +68,11 @@ def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: Optional[int
     chain input {{
         type filter hook input priority filter; policy accept;
         udp dport {vxlan_port} ip saddr != @{PEER_SET} counter drop comment "{NOT_A_NODE}"
+    }}"""
+    no_laundering = f"""
+    chain pod_to_vxlan_port {{
+        type nat hook postrouting priority srcnat - 10; policy accept;
+        ip saddr {network} udp dport {vxlan_port} counter drop comment "{POD_TO_VXLAN_PORT}"
     }}"""
     masquerade = ""
     if ip_masq:
@@ -59,7 +85,7 @@ def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: Optional[int
     }}"""
     return f"""table ip {TABLE}
 delete table ip {TABLE}
-table ip {TABLE} {{{masquerade}{ingress}
+table ip {TABLE} {{{no_laundering}{masquerade}{ingress}
 }}
 """
 
@@ -75,16 +101,16 @@ def _elements(peer_ips: Iterable[IPv4Address]) -> str:
     return ", ".join(sorted({str(ip) for ip in peer_ips}, key=lambda a: IPv4Address(a)))
 
 
-def apply_rules(network: IPv4Network, ip_masq: bool, vxlan_port: Optional[int] = None,
-                peer_ips: Iterable[IPv4Address] = ()) -> None:
+def apply_rules(network: IPv4Network, ip_masq: bool, vxlan_port: int, devices: ForwardDevices,
+                peer_ips: Iterable[IPv4Address] = (), ingress_filter: bool = True) -> None:
     """Install (or replace) our rules; idempotent.
 
     Peers already in the set are kept until the next update_peers(), so that
     re-applying the rules (an agent restart) never drops tunnel traffic.
     """
     peers = set(peer_ips) | set(current_peers())
-    _nft(["-f", "-"], render_ruleset(network, ip_masq, vxlan_port, peers))
-    _ensure_iptables_forward_accept(network)
+    _nft(["-f", "-"], render_ruleset(network, ip_masq, vxlan_port, peers, ingress_filter))
+    ensure_forward_rules(devices)
 
 
 def update_peers(peer_ips: Iterable[IPv4Address]) -> None:
@@ -103,30 +129,69 @@ def current_peers() -> list[IPv4Address]:
     return []
 
 
-def _ensure_iptables_forward_accept(network: IPv4Network) -> None:
-    if not _chain_exists(*IPTABLES_FORWARD):
-        return
-    for handle in _tagged_forward_handles():
-        _nft(["delete", "rule", *IPTABLES_FORWARD, "handle", str(handle)])
-    for direction in ("daddr", "saddr"):
-        _nft(["insert", "rule", *IPTABLES_FORWARD, "ip", direction, str(network), "counter", "accept",
-              "comment", f'"{RULE_COMMENT}"'])
+def forward_rules(devices: ForwardDevices) -> list[tuple[str, list[dict]]]:
+    """(comment, nft JSON expressions) of our FORWARD rules, in chain order.
+
+    Only our two devices are matched, never the pod network's addresses: an
+    address match would also accept spoofed traffic arriving on any interface.
+    New connections into pods are accepted only from the overlay or when port-
+    mapped (DNAT, e.g. the portmap plugin's hostPorts); anything else reaches
+    pods only as replies.
+    """
+    def name(key: str, value: str) -> dict:
+        return {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": value}}
+
+    def conntrack(key: str, value) -> dict:
+        return {"match": {"op": "in", "left": {"ct": {"key": key}}, "right": value}}
+
+    accept = [{"counter": None}, {"accept": None}]
+    bridge, vtep = devices.bridge, devices.vtep
+    return [
+        (f"{FORWARD_TAG}: overlay to pods", [name("iifname", vtep), name("oifname", bridge), *accept]),
+        (f"{FORWARD_TAG}: pods to the overlay and out", [name("iifname", bridge), *accept]),
+        (f"{FORWARD_TAG}: replies to pods", [name("oifname", bridge),
+                                              conntrack("state", ["established", "related"]), *accept]),
+        (f"{FORWARD_TAG}: port-mapped to pods", [name("oifname", bridge), conntrack("status", "dnat"), *accept]),
+    ]
 
 
-def _chain_exists(family: str, table: str, chain: str) -> bool:
-    return _run(["list", "chain", family, table, chain], check=False).returncode == 0
+def ensure_forward_rules(devices: ForwardDevices) -> bool:
+    """Make our rules in iptables-nft's FORWARD chain exactly `forward_rules()`; True if it had to.
+
+    Cheap when nothing changed: one `nft -j list chain`. Otherwise our old rules
+    go and the new ones are appended (after other tools' rules, which keep
+    deciding first) in one `nft -f` transaction, so there is no moment without
+    them. Nothing is done when the chain does not exist (no iptables-nft here).
+    """
+    proc = _run(["-j", "list", "chain", *IPTABLES_FORWARD], check=False)
+    if proc.returncode != 0:
+        return False
+    found, handles = _tagged_rules(proc.stdout)
+    wanted = forward_rules(devices)
+    if found == wanted:
+        return False
+    family, table, chain = IPTABLES_FORWARD
+    where = {"family": family, "table": table, "chain": chain}
+    commands = [{"delete": {"rule": {**where, "handle": handle}}} for handle in handles]
+    commands += [{"add": {"rule": {**where, "expr": expr, "comment": comment}}} for comment, expr in wanted]
+    _nft(["-j", "-f", "-"], json.dumps({"nftables": commands}))
+    return True
 
 
-def _tagged_forward_handles() -> list[int]:
-    if not _chain_exists(*IPTABLES_FORWARD):
-        return []
-    listing = _nft(["-j", "list", "chain", *IPTABLES_FORWARD])
-    handles = []
-    for item in json.loads(listing).get("nftables", []):
-        rule = item.get("rule")
-        if rule and rule.get("comment") == RULE_COMMENT:
+def _tagged_rules(listing: str) -> tuple[list[tuple[str, list[dict]]], list[int]]:
+    """Our rules in a `nft -j list chain` (comment, expressions with counters blanked) and their handles."""
+    rules, handles = [], []
+    try:
+        items = json.loads(listing).get("nftables", [])
+    except (ValueError, AttributeError):
+        raise KernelError("nft -j list chain printed something that is not an nft JSON listing") from None
+    for item in items:
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if isinstance(rule, dict) and str(rule.get("comment", "")).startswith(FORWARD_TAG):
+            expr = [{"counter": None} if isinstance(e, dict) and "counter" in e else e for e in rule.get("expr", [])]
+            rules.append((rule["comment"], expr))
             handles.append(rule["handle"])
-    return handles
+    return rules, handles
 
 
 def _nft(args: list[str], stdin: str | None = None) -> str:
@@ -135,8 +200,14 @@ def _nft(args: list[str], stdin: str | None = None) -> str:
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`nft` with a deadline; every way it can fail is a KernelError, which callers retry."""
     nft = shutil.which("nft") or "/usr/sbin/nft"
-    proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=30)
+    try:
+        proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=NFT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"nft {' '.join(args)} did not finish within {NFT_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise KernelError(f"cannot run {nft}: {exc.strerror or exc}") from None
     if check and proc.returncode != 0:
         raise KernelError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc

@@ -842,6 +842,24 @@ def ensure_vtep(spec: VtepSpec, *, netns: Optional[str] = None) -> int:
         return link["index"]
 
 
+def drop_unicast_in_l2_multicast(ifname: str) -> None:
+    """Make `ifname` drop IP unicast packets that arrive in L2 broadcast/multicast frames.
+
+    A VTEP must: a crafted VXLAN frame with a broadcast inner MAC would otherwise
+    be delivered to whichever pod its inner IP names, past every MAC-based check.
+    Writes this namespace's /proc/sys (the IPv6 key only where IPv6 is present)."""
+    keys = [f"/proc/sys/net/ipv4/conf/{ifname}/drop_unicast_in_l2_multicast"]
+    ipv6 = f"/proc/sys/net/ipv6/conf/{ifname}/drop_unicast_in_l2_multicast"
+    if os.path.exists(ipv6):
+        keys.append(ipv6)
+    for key in keys:
+        try:
+            with open(key, "w") as f:
+                f.write("1\n")
+        except OSError as exc:
+            raise KernelError(f"cannot set {key}: {exc.strerror or exc}") from None
+
+
 @_retry_busy
 def ensure_bridge(name: str, address: IPv4Interface, mtu: int, *, netns: Optional[str] = None) -> int:
     """Create or reuse a Linux bridge holding `address` (its only IPv4 address), up; return its ifindex.
