@@ -18,6 +18,7 @@ from .cni_service import CniService
 from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
 from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
                      SubnetTaken, VxlanNetError, WatchCompacted)
+from .faults import Faults, RetriedStep, retry_in_background
 from .health import AgentMetrics, HealthServer, Readiness
 from .lease import Lease, trusted_peers
 from .lease_book import LeaseBook, RecordEvent
@@ -95,21 +96,48 @@ class Agent:
         self._filtered_peers: Optional[frozenset[IPv4Address]] = None
         self._lease_expires_at = time.monotonic()
         self.metrics.lease_expiry.set_function(lambda: max(0.0, self._lease_expires_at - time.monotonic()))
+        self.faults = Faults(self.readiness, self.metrics)
+        self.health_server: Optional[HealthServer] = None
+        self._health_step = RetriedStep("health-server", self._bind_health_port, self.faults,
+                                        Backoff(base=1.0, cap=10.0))
+        # What _adopt's steps apply: the lease, its VTEP and the pod MTU.
+        self._adoption: Optional[tuple[Lease, kernel.VtepSpec, int]] = None
+        self._vtep_step = RetriedStep("vtep", lambda: kernel.ensure_vtep(self._adoption[1]), self.faults)
+        self._firewall_step = RetriedStep("firewall", self._apply_firewall, self.faults)
+        # Data plane first; nft last, as it may hang up to its timeout.
+        self._adoption_steps = (
+            self._vtep_step,
+            RetriedStep("subnet-file", self._write_subnet_file, self.faults),
+            RetriedStep("state-dir", lambda: self.node_state.remember_subnet(self._adoption[0].subnet), self.faults),
+            self._firewall_step,
+        )
 
     # -- start-up ------------------------------------------------------------------
 
     def run(self) -> int:
-        server = service = None
-        if self.options.healthz_addr is not None:
-            server = HealthServer(self.options.healthz_addr, self.metrics, self.readiness).start()
+        service = binder = None
+        done = threading.Event()
+        if self.options.healthz_addr is not None:  # a port in use is retried while the agent runs
+            binder = retry_in_background(self._health_step, done, "healthz-bind")
         try:
             service = CniService(self.options.cni_socket).start()
             return self._run()
         finally:
             if service is not None:
                 service.close()
-            if server is not None:
-                server.close()
+            done.set()
+            if binder is not None:
+                binder.join(timeout=5.0)
+            if self.health_server is not None:
+                self.health_server.close()
+
+    def _bind_health_port(self) -> None:
+        host, port = self.options.healthz_addr
+        try:
+            server = HealthServer(self.options.healthz_addr, self.metrics, self.readiness)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self.health_server = server.start()
 
     def _run(self) -> int:
         self.config = self._wait(self._load_config, "network config")
@@ -170,7 +198,11 @@ class Agent:
         return self.keeper.acquire(remembered)
 
     def _adopt(self, lease: Lease) -> None:
-        """Make the node match its lease: VTEP, subnet file, firewall, state dir."""
+        """Make the node match its lease: VTEP, subnet file, state dir, firewall.
+
+        Each is a step of its own, retried with back-off until it succeeds (_retry_steps), so a
+        failing `nft` or a read-only subnet directory never keeps the overlay from being programmed.
+        """
         config, (ifname, public_ip, underlay_mtu) = self.config, self.underlay
         mtu = config.mtu or underlay_mtu - VXLAN_OVERHEAD
         spec = kernel.VtepSpec(
@@ -178,18 +210,36 @@ class Agent:
             underlay_ifname=ifname, mac=lease.vtep_mac, mtu=mtu,
             address=IPv4Interface((lease.subnet.network_address, 32)),
         )
-        kernel.ensure_vtep(spec)
-        firewall.apply_rules(config.network, self.options.ip_masq,
-                             config.port if self.options.vxlan_ingress_filter else None)
-        self._filtered_peers = None
-        write_atomically(self.options.subnet_file,
-                         render_subnet_file(config.network, lease.subnet, mtu, self.options.ip_masq))
-        self.readiness.lease_held = self.readiness.subnet_file_written = True
+        self._adoption = (lease, spec, mtu)
+        self.readiness.lease_held = True
         self._lease_expires_at = time.monotonic() + self.keeper.ttl
-        self.node_state.remember_subnet(lease.subnet)
         if self.book is not None:
             self.book.own_subnet = lease.subnet
         log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.subnet, spec.name, mtu, lease.vtep_mac)
+        for step in self._adoption_steps:
+            step.request()
+            step.run_if_due()
+
+    def _write_subnet_file(self) -> None:
+        lease, _, mtu = self._adoption
+        write_atomically(self.options.subnet_file,
+                         render_subnet_file(self.config.network, lease.subnet, mtu, self.options.ip_masq))
+        self.readiness.subnet_file_written = True
+
+    def _apply_firewall(self) -> None:
+        """Our nft table, with the peers known now allowed (the next reconcile trims the set)."""
+        filtered = self.options.vxlan_ingress_filter
+        firewall.apply_rules(self.config.network, self.options.ip_masq, self.config.port if filtered else None,
+                             self.reconciler.peer_public_ips() if filtered else ())
+        self._filtered_peers = None
+
+    def _retry_steps(self) -> None:
+        """Retry the adoption steps that failed, when their back-off allows."""
+        vtep_was_missing = self._vtep_step.pending
+        for step in self._adoption_steps:
+            step.run_if_due()
+        if vtep_was_missing and not self._vtep_step.pending:
+            self._reconcile()  # the routes need the device: do not wait for the next resync
 
     # -- steady state --------------------------------------------------------------
 
@@ -222,6 +272,7 @@ class Agent:
                 failures = self.reconciler.failures_in_a_row
                 next_resync = now + (self.options.resync_interval if not failures else min(
                     self.options.resync_interval, 2.0 ** min(failures, 5)))
+            self._retry_steps()
             if now >= next_renew:
                 next_renew = now + self._renew(renew_backoff)
             timeout = max(0.0, min(LOOP_TICK, next_resync - now, next_renew - now,
@@ -275,11 +326,10 @@ class Agent:
             self.reconciler.request_full_pass()
         result = self._timed_reconcile()
         if isinstance(result.error, LinkNotFound):
-            log.warning("%s is gone; recreating it with the same MAC", self.reconciler.ifname)
-            try:
-                self._adopt(self.keeper.lease)
-            except VxlanNetError as exc:
-                log.warning("cannot recreate %s yet: %s", self.reconciler.ifname, exc)
+            if not self._vtep_step.pending:  # else: already known, and retried with back-off
+                log.warning("%s is gone; recreating it with the same MAC", self.reconciler.ifname)
+                self._vtep_step.request()
+            if not self._vtep_step.run_if_due():
                 return
             self._timed_reconcile()
         # After the routes: the filter update forks `nft`, which must not delay convergence.
@@ -292,20 +342,22 @@ class Agent:
         self.readiness.last_reconcile_at = time.monotonic()
         if result.ok:
             self.metrics.peers_programmed.set(self.reconciler.peers_programmed)
+            self.faults.cleared("netlink")
         else:
             self.metrics.reconcile_errors.inc()
+            self.faults.failed("netlink", result.error, logged=True)  # the reconciler warned once
         return result
 
     def _filter_vxlan_sources(self, sources: frozenset[IPv4Address]) -> None:
         """Keep the nftables set of allowed VXLAN sources equal to the peers' public IPs."""
-        if not self.options.vxlan_ingress_filter:
+        if not self.options.vxlan_ingress_filter or sources == self._filtered_peers:
             return
-        if sources == self._filtered_peers:
+        if self._firewall_step.pending:  # its retry installs the current peers with the table
             return
         try:
             firewall.update_peers(sources)
         except VxlanNetError as exc:
-            log.warning("cannot update the VXLAN ingress filter, will retry: %s", exc)
+            self._firewall_step.failed(exc)
             return
         self._filtered_peers = sources
 

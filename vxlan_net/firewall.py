@@ -21,6 +21,9 @@ IPTABLES_FORWARD = ("ip", "filter", "FORWARD")
 
 
 PEER_SET = "vxlan_peers"
+# nft answers in milliseconds even with thousands of peers; one that takes longer hangs (a stuck
+# lock, a broken binary), and the agent's loop must not wait with it: it retries later instead.
+NFT_TIMEOUT = 5.0
 NOT_A_NODE = "vxlan-net: VXLAN from a non-node"
 
 
@@ -135,8 +138,14 @@ def _nft(args: list[str], stdin: str | None = None) -> str:
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run nft; a hang, a missing binary and (with `check`) a non-zero exit are KernelErrors."""
     nft = shutil.which("nft") or "/usr/sbin/nft"
-    proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=30)
+    try:
+        proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=NFT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"nft {' '.join(args)}: no answer within {NFT_TIMEOUT:g}s (killed)") from None
+    except OSError as exc:  # missing, not executable, or its interpreter is missing
+        raise KernelError(f"cannot run {nft}: {exc.strerror}") from None
     if check and proc.returncode != 0:
         raise KernelError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc
