@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,7 @@ from .cni_service import CniService
 from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
 from .errors import (InvalidConfig, LeaseGone, LinkNotFound, StoreConfigError, StoreUnavailable, SubnetsExhausted,
                      SubnetTaken, VxlanNetError, WatchCompacted)
-from .faults import Faults, RetriedStep, retry_in_background
+from .faults import Faults, RetriedStep, in_background, retry_in_background
 from .health import AgentMetrics, HealthServer, Readiness
 from .lease import Lease, trusted_peers
 from .lease_book import LeaseBook, RecordEvent
@@ -244,9 +245,16 @@ class Agent:
     # -- steady state --------------------------------------------------------------
 
     def _follow_leases(self) -> None:
-        """One thread: watch batches, periodic resync, lease renewal; never a hot loop."""
+        """The data-plane loop: watch batches, periodic resync, failed steps retried; never a hot loop.
+
+        Its etcd requests (listing, opening the watch, renewing the lease) run in background threads
+        and are picked up here once finished: a request hanging until its deadline (5 s per endpoint
+        while etcd drops packets) must not delay the resync that restores hand-deleted entries.
+        """
         self.book = LeaseBook(self.config, self.keeper.lease.subnet)
-        watch, watch_from, watches_opened = None, None, 0
+        watch, watches_opened = None, 0
+        listing: Optional[Future] = None  # the (snapshot, watch) being fetched
+        renewal: Optional[tuple[int, Future]] = None  # (lease id, its TTL) being renewed
         relist_backoff = Backoff(base=0.5, cap=10.0)
         renew_backoff = Backoff(base=1.0, cap=10.0)
         now = time.monotonic()
@@ -255,28 +263,42 @@ class Agent:
         next_renew = now + self.keeper.renew_interval
         while not self.stop.is_set():
             now = time.monotonic()
-            if watch is None and now >= next_relist:
+            if watch is None and listing is None and now >= next_relist:
+                listing = in_background(self._open_lease_feed, "etcd-list")
+            if listing is not None and listing.done():
                 try:
-                    watch_from = self._relist()
-                    watch = self.store.watch_leases(watch_from)
-                    if watches_opened:
-                        self.metrics.watch_restarts.inc()
-                    watches_opened += 1
-                    relist_backoff.reset()
+                    snapshot, watch = listing.result()
                 except (StoreUnavailable, StoreConfigError, WatchCompacted) as exc:
                     delay = relist_backoff.next_delay()
                     self._log_store_trouble(relist_backoff, f"cannot follow leases ({exc}); retrying in {delay:.1f}s")
                     next_relist = now + delay
+                else:
+                    self._relist(snapshot)
+                    if watches_opened:
+                        self.metrics.watch_restarts.inc()
+                    watches_opened += 1
+                    relist_backoff.reset()
+                listing = None
             if now >= next_resync:
                 self._reconcile()
                 failures = self.reconciler.failures_in_a_row
                 next_resync = now + (self.options.resync_interval if not failures else min(
                     self.options.resync_interval, 2.0 ** min(failures, 5)))
             self._retry_steps()
-            if now >= next_renew:
-                next_renew = now + self._renew(renew_backoff)
-            timeout = max(0.0, min(LOOP_TICK, next_resync - now, next_renew - now,
-                                   (next_relist - now) if watch is None else LOOP_TICK))
+            if renewal is None and now >= next_renew:
+                renewal = (self.keeper.lease_id, in_background(self.keeper.renew, "etcd-renew"))
+            if renewal is not None and renewal[1].done():
+                lease_id, outcome = renewal
+                renewal = None
+                # A renewal of a lease replaced meanwhile (re-acquired) says nothing about the new one.
+                next_renew = now + (self._renewed(outcome, renew_backoff) if lease_id == self.keeper.lease_id
+                                    else self.keeper.renew_interval)
+            waits = [LOOP_TICK, next_resync - now]
+            if renewal is None:
+                waits.append(next_renew - now)
+            if watch is None and listing is None:
+                waits.append(next_relist - now)
+            timeout = max(0.0, min(waits))
             if watch is None:
                 self.stop.wait(timeout)
                 continue
@@ -294,11 +316,16 @@ class Agent:
                 self._take([RecordEvent(e.key_name, e.value) for e in batch])
         if watch is not None:
             watch.cancel()
+        if listing is not None and listing.done() and listing.exception() is None:
+            listing.result()[1].cancel()
 
-    def _relist(self) -> int:
+    def _open_lease_feed(self):
+        """List the leases, then watch from just after the listing (runs in a background thread)."""
         snapshot = self.store.list_leases()
+        return snapshot, self.store.watch_leases(snapshot.revision + 1)
+
+    def _relist(self, snapshot) -> None:
         self._take({name: record.value for name, record in snapshot.records.items()}, replace=True)
-        return snapshot.revision + 1
 
     def _take(self, events, replace: bool = False) -> None:
         """Fold a listing or a batch of events into the book, then reconcile if peers moved."""
@@ -361,10 +388,10 @@ class Agent:
             return
         self._filtered_peers = sources
 
-    def _renew(self, backoff: Backoff) -> float:
-        """Refresh the lease; returns seconds until the next renewal attempt."""
+    def _renewed(self, outcome: Future, backoff: Backoff) -> float:
+        """Take a finished renewal (keeper.renew()); returns seconds until the next renewal attempt."""
         try:
-            ttl = self.keeper.renew()
+            ttl = outcome.result()
             self._lease_expires_at = time.monotonic() + (ttl if ttl else self.keeper.ttl)
             backoff.reset()
             return self.keeper.renew_interval

@@ -1,17 +1,21 @@
-"""Transient faults the agent rides out: each logged once, retried with back-off, shown in /readyz and metrics."""
+"""Transient faults the agent rides out (each logged once, retried with back-off, shown in /readyz and
+metrics) and the background calls that keep a hanging request off its loop."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from concurrent.futures import Future
+from typing import Callable, Optional, TypeVar
 
 from .backoff import Backoff
 from .errors import VxlanNetError
 from .health import AgentMetrics, Readiness
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Faults:
@@ -109,3 +113,21 @@ def retry_in_background(step: RetriedStep, done: threading.Event, name: str) -> 
     thread.start()
     return thread
 
+
+def in_background(call: Callable[[], T], name: str) -> "Future[T]":
+    """`call()` in a daemon thread; its result or exception in the returned future.
+
+    For etcd requests: one that hangs until its deadline (5 s per endpoint while etcd drops packets)
+    must hold up neither the loop that polls the future nor the agent's exit.
+    """
+    future: "Future[T]" = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # handed over, raised again by future.result()
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
