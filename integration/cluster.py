@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import sys
 from typing import Iterable, Optional
 
 from integration.lab import Lab, Node, Pod
@@ -52,6 +53,16 @@ def fdb(node: Node) -> dict[str, list[str]]:
         if entry.get("dst"):
             entries.setdefault(entry["mac"], []).append(entry["dst"])
     return entries
+
+
+def http_get(node: Node, url: str) -> tuple[int, str]:
+    """(status, body) of a GET from inside the node's namespace (e.g. the agent's /readyz), 3 s at most."""
+    script = ("import sys, urllib.request, urllib.error\n"
+              "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=3); print(r.status); print(r.read().decode())\n"
+              "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n")
+    out = node.run(sys.executable, "-c", script, url, check=True).stdout
+    status, _, body = out.partition("\n")
+    return int(status), body
 
 
 def start_agents(lab: Lab, nodes: Iterable[Node], *agent_args: str, timeout: float = 20.0) -> None:

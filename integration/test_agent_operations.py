@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from integration.cluster import VTEP, add_pod, running_cluster, start_agents, wait_converged, write_config
+from integration.cluster import VTEP, add_pod, http_get, running_cluster, start_agents, wait_converged, \
+    write_config
 
 pytestmark = pytest.mark.lab
 
@@ -75,12 +76,7 @@ def test_ingress_filter_follows_the_leases(lab):
 
 
 def _get(node, path: str) -> tuple[int, str]:
-    script = ("import sys, urllib.request, urllib.error\n"
-              "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=3); print(r.status); print(r.read().decode())\n"
-              "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n")
-    out = node.run(sys.executable, "-c", script, f"http://{HEALTHZ}{path}", check=True).stdout
-    status, _, body = out.partition("\n")
-    return int(status), body
+    return http_get(node, f"http://{HEALTHZ}{path}")
 
 
 def test_health_readiness_and_metrics(lab):

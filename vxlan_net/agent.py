@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,7 @@ from .cni_service import CniService
 from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
 from .errors import (InvalidConfig, InvalidLease, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
                      StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
+from .faults import Faults, RetriedStep, in_background, retry_in_background
 from .health import AgentMetrics, HealthServer, Readiness
 from .lease import Lease, parse_lease_value
 from .lease_book import LeaseBook, RecordEvent
@@ -103,21 +105,48 @@ class Agent:
         self._routes: list = []
         self._addresses: list = []
         self.metrics.lease_expiry.set_function(lambda: max(0.0, self._lease_expires_at - time.monotonic()))
+        self.faults = Faults(self.readiness, self.metrics)
+        self.health_server: Optional[HealthServer] = None
+        self._health_step = RetriedStep("health-server", self._bind_health_port, self.faults,
+                                        Backoff(base=1.0, cap=10.0))
+        # What _adopt's steps apply: the lease, its VTEP and the pod MTU.
+        self._adoption: Optional[tuple[Lease, kernel.VtepSpec, int]] = None
+        self._vtep_step = RetriedStep("vtep", self._ensure_vtep, self.faults)
+        self._firewall_step = RetriedStep("firewall", self._apply_firewall, self.faults)
+        # Data plane first; nft last, as it may hang up to its timeout.
+        self._adoption_steps = (
+            self._vtep_step,
+            RetriedStep("subnet-file", self._write_subnet_file, self.faults),
+            RetriedStep("state-dir", lambda: self.node_state.remember_subnet(self._adoption[0].subnet), self.faults),
+            self._firewall_step,
+        )
 
     # -- start-up ------------------------------------------------------------------
 
     def run(self) -> int:
-        server = service = None
-        if self.options.healthz_addr is not None:
-            server = HealthServer(self.options.healthz_addr, self.metrics, self.readiness).start()
+        service = binder = None
+        done = threading.Event()
+        if self.options.healthz_addr is not None:  # a port in use is retried while the agent runs
+            binder = retry_in_background(self._health_step, done, "healthz-bind")
         try:
             service = CniService(self.options.cni_socket).start()
             return self._run()
         finally:
             if service is not None:
                 service.close()
-            if server is not None:
-                server.close()
+            done.set()
+            if binder is not None:
+                binder.join(timeout=5.0)
+            if self.health_server is not None:
+                self.health_server.close()
+
+    def _bind_health_port(self) -> None:
+        host, port = self.options.healthz_addr
+        try:
+            server = HealthServer(self.options.healthz_addr, self.metrics, self.readiness)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self.health_server = server.start()
 
     def _run(self) -> int:
         self.config = self._wait(self._load_config, "network config")
@@ -181,7 +210,11 @@ class Agent:
         return self.keeper.acquire(remembered, underlay)
 
     def _adopt(self, lease: Lease) -> None:
-        """Make the node match its lease: VTEP, subnet file, firewall, state dir."""
+        """Make the node match its lease: VTEP, subnet file, state dir, firewall.
+
+        Each is a step of its own, retried with back-off until it succeeds (_retry_steps), so a
+        failing `nft` or a read-only subnet directory never keeps the overlay from being programmed.
+        """
         config, (ifname, public_ip, underlay_mtu) = self.config, self.underlay
         mtu = config.mtu or underlay_mtu - VXLAN_OVERHEAD
         spec = kernel.VtepSpec(
@@ -189,31 +222,60 @@ class Agent:
             underlay_ifname=ifname, mac=lease.vtep_mac, mtu=mtu,
             address=IPv4Interface((lease.subnet.network_address, 32)),
         )
+        self._adoption = (lease, spec, mtu)
+        self.readiness.lease_held = True
+        self._lease_expires_at = time.monotonic() + self.keeper.ttl
+        if self.book is not None:
+            self._note_skipped(self.book.set_own(lease))
+        log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.subnet, spec.name, mtu, lease.vtep_mac)
+        for step in self._adoption_steps:
+            step.request()
+            step.run_if_due()
+
+    def _ensure_vtep(self) -> None:
+        spec = self._adoption[1]
         kernel.ensure_vtep(spec)
         try:
             kernel.drop_unicast_in_l2_multicast(spec.name)
         except KernelError as exc:
             log.warning("%s accepts unicast packets in L2 multicast frames: %s", spec.name, exc)
-        firewall.apply_rules(config.network, self.options.ip_masq, config.port, self._forward_devices(),
-                             ingress_filter=self.options.vxlan_ingress_filter)
-        self._filtered_peers = None
+
+    def _write_subnet_file(self) -> None:
+        lease, _, mtu = self._adoption
         write_atomically(self.options.subnet_file,
-                         render_subnet_file(config.network, lease.subnet, mtu, self.options.ip_masq))
-        self.readiness.lease_held = self.readiness.subnet_file_written = True
-        self._lease_expires_at = time.monotonic() + self.keeper.ttl
-        self.node_state.remember_subnet(lease.subnet)
-        if self.book is not None:
-            self._note_skipped(self.book.set_own(lease))
-        log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.subnet, spec.name, mtu, lease.vtep_mac)
+                         render_subnet_file(self.config.network, lease.subnet, mtu, self.options.ip_masq))
+        self.readiness.subnet_file_written = True
+
+    def _apply_firewall(self) -> None:
+        """Our nft table, with the peers known now allowed (the next reconcile trims the set)."""
+        filtered = self.options.vxlan_ingress_filter
+        firewall.apply_rules(self.config.network, self.options.ip_masq, self.config.port, self._forward_devices(),
+                             self.reconciler.peer_public_ips() if filtered else (), ingress_filter=filtered)
+        self._filtered_peers = None
+
+    def _retry_steps(self) -> None:
+        """Retry the adoption steps that failed, when their back-off allows."""
+        vtep_was_missing = self._vtep_step.pending
+        for step in self._adoption_steps:
+            step.run_if_due()
+        if vtep_was_missing and not self._vtep_step.pending:
+            self._reconcile()  # the routes need the device: do not wait for the next resync
 
     # -- steady state --------------------------------------------------------------
 
     def _follow_leases(self) -> None:
-        """One thread: watch batches, periodic resync, lease renewal; never a hot loop."""
+        """The data-plane loop: watch batches, periodic resync, failed steps retried; never a hot loop.
+
+        Its etcd requests (listing, opening the watch, renewing the lease) run in background threads
+        and are picked up here once finished: a request hanging until its deadline (5 s per endpoint
+        while etcd drops packets) must not delay the resync that restores hand-deleted entries.
+        """
         self.book = LeaseBook(self.config)
         self.book.set_own(self.keeper.lease)
         self.book.set_protected(self._protected_addresses(read_routes=True))
-        watch, watch_from, watches_opened = None, None, 0
+        watch, watches_opened = None, 0
+        listing: Optional[Future] = None  # the (snapshot, watch) being fetched
+        renewal: Optional[tuple[int, Future]] = None  # (lease id, its TTL) being renewed
         relist_backoff = Backoff(base=0.5, cap=10.0)
         renew_backoff = Backoff(base=1.0, cap=10.0)
         now = time.monotonic()
@@ -222,27 +284,42 @@ class Agent:
         next_renew = now + self.keeper.renew_interval
         while not self.stop.is_set():
             now = time.monotonic()
-            if watch is None and now >= next_relist:
+            if watch is None and listing is None and now >= next_relist:
+                listing = in_background(self._open_lease_feed, "etcd-list")
+            if listing is not None and listing.done():
                 try:
-                    watch_from = self._relist()
-                    watch = self.store.watch_leases(watch_from)
-                    if watches_opened:
-                        self.metrics.watch_restarts.inc()
-                    watches_opened += 1
-                    relist_backoff.reset()
+                    snapshot, watch = listing.result()
                 except (StoreUnavailable, StoreConfigError, WatchCompacted) as exc:
                     delay = relist_backoff.next_delay()
                     self._log_store_trouble(relist_backoff, f"cannot follow leases ({exc}); retrying in {delay:.1f}s")
                     next_relist = now + delay
+                else:
+                    self._relist(snapshot)
+                    if watches_opened:
+                        self.metrics.watch_restarts.inc()
+                    watches_opened += 1
+                    relist_backoff.reset()
+                listing = None
             if now >= next_resync:
                 self._reconcile()
                 failures = self.reconciler.failures_in_a_row
                 next_resync = now + (self.options.resync_interval if not failures else min(
                     self.options.resync_interval, 2.0 ** min(failures, 5)))
-            if now >= next_renew:
-                next_renew = now + self._renew(renew_backoff)
-            timeout = max(0.0, min(LOOP_TICK, next_resync - now, next_renew - now,
-                                   (next_relist - now) if watch is None else LOOP_TICK))
+            self._retry_steps()
+            if renewal is None and now >= next_renew:
+                renewal = (self.keeper.lease_id, in_background(self.keeper.renew, "etcd-renew"))
+            if renewal is not None and renewal[1].done():
+                lease_id, outcome = renewal
+                renewal = None
+                # A renewal of a lease replaced meanwhile (re-acquired) says nothing about the new one.
+                next_renew = now + (self._renewed(outcome, renew_backoff) if lease_id == self.keeper.lease_id
+                                    else self.keeper.renew_interval)
+            waits = [LOOP_TICK, next_resync - now]
+            if renewal is None:
+                waits.append(next_renew - now)
+            if watch is None and listing is None:
+                waits.append(next_relist - now)
+            timeout = max(0.0, min(waits))
             if watch is None:
                 self.stop.wait(timeout)
                 continue
@@ -260,11 +337,16 @@ class Agent:
                 self._take([RecordEvent(e.key_name, e.value, e.create_revision) for e in batch])
         if watch is not None:
             watch.cancel()
+        if listing is not None and listing.done() and listing.exception() is None:
+            listing.result()[1].cancel()
 
-    def _relist(self) -> int:
+    def _open_lease_feed(self):
+        """List the leases, then watch from just after the listing (runs in a background thread)."""
         snapshot = self.store.list_leases()
+        return snapshot, self.store.watch_leases(snapshot.revision + 1)
+
+    def _relist(self, snapshot) -> None:
         self._take(snapshot.events(), replace=True)
-        return snapshot.revision + 1
 
     def _take(self, events, replace: bool = False) -> None:
         """Fold a listing or a batch of events into the book, then reconcile if peers moved."""
@@ -332,11 +414,10 @@ class Agent:
             self.reconciler.request_full_pass()
         result = self._timed_reconcile()
         if isinstance(result.error, LinkNotFound):
-            log.warning("%s is gone; recreating it with the same MAC", self.reconciler.ifname)
-            try:
-                self._adopt(self.keeper.lease)
-            except VxlanNetError as exc:
-                log.warning("cannot recreate %s yet: %s", self.reconciler.ifname, exc)
+            if not self._vtep_step.pending:  # else: already known, and retried with back-off
+                log.warning("%s is gone; recreating it with the same MAC", self.reconciler.ifname)
+                self._vtep_step.request()
+            if not self._vtep_step.run_if_due():
                 return
             self._timed_reconcile()
         # After the routes: the filter update forks `nft`, which must not delay convergence.
@@ -351,20 +432,22 @@ class Agent:
         self.readiness.last_reconcile_at = time.monotonic()
         if result.ok:
             self.metrics.peers_programmed.set(self.reconciler.peers_programmed)
+            self.faults.cleared("netlink")
         else:
             self.metrics.reconcile_errors.inc()
+            self.faults.failed("netlink", result.error, logged=True)  # the reconciler warned once
         return result
 
     def _filter_vxlan_sources(self, sources: frozenset[IPv4Address]) -> None:
         """Keep the nftables set of allowed VXLAN sources equal to the peers' public IPs."""
-        if not self.options.vxlan_ingress_filter:
+        if not self.options.vxlan_ingress_filter or sources == self._filtered_peers:
             return
-        if sources == self._filtered_peers:
+        if self._firewall_step.pending:  # its retry installs the current peers with the table
             return
         try:
             firewall.update_peers(sources)
         except VxlanNetError as exc:
-            log.warning("cannot update the VXLAN ingress filter, will retry: %s", exc)
+            self._firewall_step.failed(exc)
             return
         self._filtered_peers = sources
 
@@ -379,10 +462,10 @@ class Agent:
         except VxlanNetError as exc:
             log.warning("cannot check the vxlan-net rules in iptables-nft's FORWARD chain, will retry: %s", exc)
 
-    def _renew(self, backoff: Backoff) -> float:
-        """Refresh the lease; returns seconds until the next renewal attempt."""
+    def _renewed(self, outcome: Future, backoff: Backoff) -> float:
+        """Take a finished renewal (keeper.renew()); returns seconds until the next renewal attempt."""
         try:
-            ttl = self.keeper.renew()
+            ttl = outcome.result()
             self._lease_expires_at = time.monotonic() + (ttl if ttl else self.keeper.ttl)
             backoff.reset()
             return self.keeper.renew_interval

@@ -22,9 +22,11 @@ IPTABLES_FORWARD = ("ip", "filter", "FORWARD")
 # "vxlan-net pod network" of earlier versions, which an upgrade replaces).
 FORWARD_TAG = "vxlan-net"
 
-NFT_TIMEOUT = 30.0  # seconds; a hung `nft` must not hold up the agent for longer
 
 PEER_SET = "vxlan_peers"
+# nft answers in milliseconds even with thousands of peers; one that takes longer hangs (a stuck
+# lock, a broken binary), and the agent's loop must not wait with it: it retries later instead.
+NFT_TIMEOUT = 5.0
 NOT_A_NODE = "vxlan-net: VXLAN from a non-node"
 POD_TO_VXLAN_PORT = "vxlan-net: pod traffic to the VXLAN port"
 

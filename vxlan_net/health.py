@@ -42,6 +42,11 @@ class AgentMetrics:
                                       registry=self.registry)
         self.lease_expiry = Gauge("vxlan_net_lease_expiry_seconds", "Seconds until our subnet lease expires",
                                   registry=self.registry)
+        self.fault_active = Gauge("vxlan_net_fault_active",
+                                  "1 while a transient fault of this kind lasts (the agent keeps running and retries)",
+                                  ["kind"], registry=self.registry)
+        self.fault_failures = Counter("vxlan_net_fault_failures", "Failed attempts, by fault kind",
+                                      ["kind"], registry=self.registry)
 
 
 @dataclasses.dataclass
@@ -53,6 +58,8 @@ class Readiness:
     subnet_file_written: bool = False
     last_reconcile_ok: bool = False
     last_reconcile_at: Optional[float] = None  # time.monotonic()
+    faults: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Transient faults lasting now: kind -> the last error (vxlan_net.faults keeps it)."""
 
     def problems(self, now: Optional[float] = None) -> list[str]:
         now = time.monotonic() if now is None else now
@@ -65,6 +72,7 @@ class Readiness:
             problems.append("last reconcile failed" if self.last_reconcile_at else "no reconcile yet")
         elif now - self.last_reconcile_at > 2 * self.resync_interval:
             problems.append(f"last successful reconcile {now - self.last_reconcile_at:.0f}s ago")
+        problems.extend(f"{kind}: {error}" for kind, error in sorted(dict(self.faults).items()))
         return problems
 
 
