@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import Future
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -321,7 +322,11 @@ class Agent:
                 waits.append(next_relist - now)
             timeout = max(0.0, min(waits))
             if watch is None:
-                self.stop.wait(timeout)
+                in_flight = [f for f in (listing, renewal[1] if renewal else None) if f is not None]
+                if in_flight:  # pick a listing up the moment it is there: a join must not wait a tick
+                    futures.wait(in_flight, timeout=timeout, return_when=futures.FIRST_COMPLETED)
+                else:
+                    self.stop.wait(timeout)
                 continue
             try:
                 batch = watch.next_batch(timeout)
