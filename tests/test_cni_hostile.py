@@ -61,9 +61,13 @@ def subnet_file(tmp_path):
 
 
 def run_binary(plugin, command, stdin):
-    """The installed plugin as a runtime runs it; a hang (e.g. on a FIFO) fails the test after 20 s."""
+    """The installed plugin as a runtime runs it; a hang (e.g. on a FIFO) fails the test after 20 s.
+
+    As root it runs in a network namespace of its own (`unshare --net`, gone when it exits): a case
+    the plugin wrongly accepted would otherwise wire a bridge into the host's namespace."""
     environ = dict(env(command), PATH=os.environ.get("PATH", "/usr/bin:/bin"))
-    proc = subprocess.run([plugin], input=stdin, env=environ, capture_output=True, timeout=20)
+    argv = ["unshare", "--net", "--", plugin] if os.geteuid() == 0 else [plugin]
+    proc = subprocess.run(argv, input=stdin, env=environ, capture_output=True, timeout=20)
     return proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
 
 
