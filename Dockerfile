@@ -11,9 +11,14 @@
 #
 # The agent serves /healthz on VXLAN_NET_HEALTHZ_ADDR (--healthz-addr HOST:PORT, default here
 # 0.0.0.0:9473); the HEALTHCHECK below reads the port from that variable.
-# Both stages use the same pinned base, so the venv's interpreter path is valid in the final one.
+# Both stages use the same base, so the venv's interpreter path is valid in the final one.
+# BASE_IMAGE: any Debian-based image with python3 (+ pip and venv) on PATH as `python`; the
+# default is the pinned official one. The suite builds on a stand-in made with mmdebstrap
+# (no registry there): --build-arg BASE_IMAGE=localhost/base:bookworm.
 
-FROM python:3.11.11-slim-bookworm AS builder
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,7 +36,7 @@ RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/vxlan-net/bin/pip uninstall --yes pip setuptools
 
 
-FROM python:3.11.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="vxlan-net" \
