@@ -7,20 +7,17 @@ through the query API, and cutting one agent off from etcd makes its alerts go p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
-import sys
-import time
-from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pytest
 import yaml
 
 from integration.cluster import VTEP, http_get, running_cluster
 from integration.lab import Lab, _stop_process
+from integration.test_agent_outages import etcd_blackholed
 from tests.test_monitoring import RULES, dashboard_expressions, rule_expressions
 
 pytestmark = pytest.mark.lab
@@ -31,17 +28,11 @@ COMPARISON = re.compile(r"\s(==|!=|<=|>=|<|>)\s")
 
 
 def sides(expr: str) -> list[str]:
-    """`signal <op> threshold` -> [signal, threshold]: the comparison at the outermost level, split."""
-    depth, quoted = 0, False
-    for i, char in enumerate(expr):
-        if char == '"':
-            quoted = not quoted
-        elif not quoted and char in "([{":
-            depth += 1
-        elif not quoted and char in ")]}":
-            depth -= 1
-        elif not quoted and depth == 0 and (match := COMPARISON.match(expr, i - 1 if i else 0)) and match.start() == i - 1:
-            return [expr[:match.start()].strip(), expr[match.end():].strip()]
+    """`signal <op> threshold` -> [signal, threshold]: split at the comparison outside brackets and quotes."""
+    for match in COMPARISON.finditer(expr):
+        before = expr[:match.start()]
+        if before.count('"') % 2 == 0 and all(before.count(o) == before.count(c) for o, c in ("()", "[]", "{}")):
+            return [before.strip(), expr[match.end():].strip()]
     raise AssertionError(f"no top-level comparison in {expr!r}")
 
 
@@ -95,8 +86,8 @@ class Prometheus:
 
     def alerts(self, state: str) -> set[tuple[str, str]]:
         """(alertname, instance) of the alerts in `state` (pending or firing)."""
-        return {(a["labels"]["alertname"], a["labels"].get("instance", "")) for a in self.api("/api/v1/alerts")["alerts"]
-                if a["state"] == state}
+        alerts = self.api("/api/v1/alerts")["alerts"]
+        return {(a["labels"]["alertname"], a["labels"].get("instance", "")) for a in alerts if a["state"] == state}
 
     def log_tail(self) -> str:
         return (self.dir / "prometheus.log").read_text(errors="replace")[-2000:]
@@ -104,21 +95,6 @@ class Prometheus:
     def close(self) -> None:
         _stop_process(self.proc)
         self.log.close()
-
-
-@contextlib.contextmanager
-def etcd_dropping(lab: Lab, source: str):
-    """etcd keeps running but drops every packet from `source` to its client port (nft in etcd's namespace)."""
-    port = urlsplit(lab.etcd_url).port
-    lab.etcd_host.run("nft", "-f", "-", check=True, input=(
-        "table inet vxlan-test-cutoff {\n"
-        f"  chain input {{ type filter hook input priority filter - 10; policy accept; "
-        f"ip saddr {source} tcp dport {port} drop; }}\n"
-        "}\n"))
-    try:
-        yield
-    finally:
-        lab.etcd_host.run("nft", "delete", "table", "inet", "vxlan-test-cutoff", check=True)
 
 
 def test_dashboard_and_alert_expressions_return_data_and_an_agent_cut_off_from_etcd_alerts(lab):
@@ -160,7 +136,7 @@ def test_dashboard_and_alert_expressions_return_data_and_an_agent_cut_off_from_e
         reachable = {r["metric"]["instance"]: r["value"][1] for r in prometheus.query("vxlan_net_etcd_reachable")}
         assert reachable == {i: "1" for i in instances.values()}
 
-        with etcd_dropping(lab, cut.public_ip):
+        with etcd_blackholed(lab, cut.public_ip):
             expected = {("VxlanNetEtcdUnreachable", instances[cut]), ("VxlanNetLeaseExpiring", instances[cut])}
             lab.wait_for(lambda: prometheus.alerts("pending") >= expected, timeout=30, interval=1,
                          message=f"alerts did not go pending: {prometheus.alerts('pending')}")
