@@ -1,6 +1,13 @@
 # vxlan-net: the node agent, and (as an init container) the installer of the CNI plugin.
 #
 #   docker build -t vxlan-net:0.1.0 .
+#   on another Debian-based base, e.g. one made without a registry (podman: --format docker keeps
+#   the HEALTHCHECK):
+#     mmdebstrap --variant=minbase \
+#       --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates bookworm base.tar
+#     podman import base.tar localhost/base:bookworm
+#     podman build --format docker --network host --build-arg BASE_IMAGE=localhost/base:bookworm \
+#       -t vxlan-net:0.1.0 .
 #   agent:        docker run --network host --cap-add NET_ADMIN --cap-add NET_RAW \
 #                   -v /run/vxlan-net:/run/vxlan-net -v /var/lib/vxlan-net:/var/lib/vxlan-net \
 #                   -e VXLAN_NET_ETCD_ENDPOINTS=https://etcd1:2379 vxlan-net:0.1.0
