@@ -144,8 +144,10 @@ def image(request):
     line = (f"vxlan-net image ({how}; a cold build took {built.build_seconds:.0f} s): "
             f"{built.size / 2**20:.0f} MiB on the mmdebstrap bookworm base")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("\n" + line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # shown in every run, not only on failure
+            reporter.write_line("\n" + line)
     return built
 
 
@@ -214,6 +216,11 @@ def test_the_image_runs_as_the_daemonset_says_beside_native_agents(lab, image):
             lab.wait_for(lambda: probe(node, port, path) == 200, timeout=15,
                          message=f"{kind} {path} on port {port} did not answer 200")
         assert podman("healthcheck", "run", "agent", check=False).returncode == 0
+        # The same check where nothing listens (a network of its own, no agent) must fail.
+        podman("run", "--detach", "--name", "no-agent", "--network", "none", "--runtime", "runc", *ULIMITS,
+               "--entrypoint", '["sleep", "60"]', tag)
+        assert podman("healthcheck", "run", "no-agent", check=False).returncode != 0
+        podman("rm", "--force", "--time", "0", "no-agent")
 
         lab._cni_plugin = str(launcher)  # pods wired by the launcher the image installed
         pods = [add_pod_via_cni(lab, n, f"p{n.index}") for n in lab.nodes]

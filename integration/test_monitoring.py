@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from urllib.parse import quote
 
 import pytest
@@ -146,3 +147,9 @@ def test_dashboard_and_alert_expressions_return_data_and_an_agent_cut_off_from_e
         assert cut.agent.alive() and other.agent.alive()
     finally:
         prometheus.close()
+
+
+def test_no_prometheus_listens_in_the_root_namespace():
+    """Debian starts the packaged server (and its node exporter) as services; make setup stops them."""
+    listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, timeout=10, check=True).stdout
+    assert not [line for line in listening.splitlines() if "prometheus" in line], listening
