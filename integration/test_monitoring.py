@@ -19,7 +19,7 @@ import yaml
 from integration.cluster import VTEP, http_get, running_cluster
 from integration.lab import Lab, _stop_process
 from integration.test_agent_outages import etcd_blackholed
-from tests.test_monitoring import RULES, dashboard_expressions, rule_expressions
+from tests.test_monitoring import RULES, SCRAPE, dashboard_expressions, rule_expressions
 
 pytestmark = pytest.mark.lab
 
@@ -46,7 +46,7 @@ def test_sides_split_only_the_outer_comparison():
 
 
 class Prometheus:
-    """Debian's prometheus server in one lab namespace, scraping `targets` as job "vxlan-net"."""
+    """Debian's prometheus server in one lab namespace: examples/monitoring/'s config, scraping `targets`."""
 
     def __init__(self, lab: Lab, host, targets: list[str], interval: str = "1s"):
         binary = shutil.which("prometheus")
@@ -55,9 +55,11 @@ class Prometheus:
         self.dir = lab.workdir / "prometheus"
         self.dir.mkdir()
         shutil.copy(RULES, self.dir / RULES.name)
-        config = {"global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
-                  "rule_files": [RULES.name],
-                  "scrape_configs": [{"job_name": "vxlan-net", "static_configs": [{"targets": targets}]}]}
+        config = yaml.safe_load(SCRAPE.read_text())  # the example, with the lab's agents and short intervals
+        config["global"] = {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval}
+        (job,) = config["scrape_configs"]
+        job.pop("scrape_interval", None)
+        job["static_configs"] = [{"targets": targets}]
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://{host.public_ip}:{PROMETHEUS_PORT}"
         self.log = open(self.dir / "prometheus.log", "wb")

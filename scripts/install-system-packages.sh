@@ -13,10 +13,8 @@ $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 # Debian starts the packaged etcd, prometheus and its node exporter as services; the tests run
 # their own on lab addresses, and nothing of the suite may listen in the root namespace.
-if [ -d /run/systemd/system ]; then
+if [ -d /run/systemd/system ]; then  # booted with systemd; else nothing was started
     for service in etcd prometheus prometheus-node-exporter; do
-        if systemctl list-unit-files "$service.service" >/dev/null 2>&1; then
-            $SUDO systemctl disable --now "$service.service" >/dev/null 2>&1 || true
-        fi
+        $SUDO systemctl disable --now "$service.service" >/dev/null 2>&1 || true  # absent: nothing to stop
     done
 fi

@@ -16,6 +16,7 @@ MONITORING = Path(__file__).resolve().parents[1] / "examples" / "monitoring"
 RULES = MONITORING / "vxlan-net-alerts.yaml"
 RULE_TESTS = MONITORING / "vxlan-net-alerts.test.yaml"
 DASHBOARD = MONITORING / "vxlan-net-dashboard.json"
+SCRAPE = MONITORING / "prometheus-scrape.yaml"
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 ALERTS = {"VxlanNetAgentDown", "VxlanNetAgentNotReady", "VxlanNetEtcdUnreachable", "VxlanNetLeaseExpiring",
           "VxlanNetReconcileFailing", "VxlanNetSkippedRecords", "VxlanNetFaultLasting"}
@@ -53,6 +54,14 @@ def test_promtool_rejects_a_broken_rule(tmp_path):
     bad.write_text("groups:\n  - name: x\n    rules:\n      - alert: Broken\n        expr: rate(vxlan_net_ready[5m]\n")
     proc = promtool("check", "rules", str(bad))
     assert proc.returncode != 0 and "Broken" in proc.stdout + proc.stderr
+
+
+def test_promtool_checks_the_example_config_and_it_loads_the_rules_for_job_vxlan_net():
+    proc = promtool("check", "config", str(SCRAPE))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = yaml.safe_load(SCRAPE.read_text())
+    assert config["rule_files"] == [RULES.name]
+    assert [job["job_name"] for job in config["scrape_configs"]] == ["vxlan-net"]
 
 
 def test_promtool_checks_the_rules():
