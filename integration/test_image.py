@@ -20,7 +20,7 @@ import yaml
 from integration.cluster import http_get, node_subnet, overlay_routes, start_agents, wait_converged, write_config
 from integration.cni_pods import add_pod_via_cni
 from integration.image import ULIMITS, Podman, built_image, load
-from integration.lab import Lab, LabError, Node
+from integration.lab import LabError, Node
 from integration.test_etcd_tls import TlsEtcd, tls_flags, tls_flags_for_etcdctl
 
 pytestmark = pytest.mark.lab
@@ -55,8 +55,8 @@ def _size(limit: str) -> str:
 class NodeHost:
     """What the kubelet would give the containers on one lab node: host paths, ConfigMap and Secret files."""
 
-    def __init__(self, lab: Lab, node: Node, secrets: dict[str, dict[str, bytes]], overrides: dict[str, str]):
-        self.lab, self.node = lab, node
+    def __init__(self, node: Node, secrets: dict[str, dict[str, bytes]], overrides: dict[str, str]):
+        self.node = node
         self.root = node.workdir / "host"
         self.secrets = secrets
         self.overrides = overrides  # ConfigMap keys that name this cluster (the etcd endpoints)
@@ -168,7 +168,7 @@ def test_the_translation_refuses_what_it_does_not_know(tmp_path):
     class Stub:
         workdir, name, public_ip = tmp_path, "none", "198.18.1.2"
 
-    host = NodeHost(None, Stub(), {}, {})
+    host = NodeHost(Stub(), {}, {})
     with pytest.raises(AssertionError, match="teach it"):
         host.run_args({**container("agent"), "stdin": True})
     with pytest.raises(AssertionError):
@@ -189,7 +189,7 @@ def test_the_image_runs_as_the_daemonset_says_beside_native_agents(lab, image):
     secrets = {"vxlan-net-etcd-tls": {"ca.crt": (pki.dir / "ca.pem").read_bytes(),
                                       "tls.crt": (pki.dir / "node.pem").read_bytes(),
                                       "tls.key": (pki.dir / "node.key").read_bytes()}}
-    host = NodeHost(lab, node, secrets, {"etcd-endpoints": lab.etcd_url})
+    host = NodeHost(node, secrets, {"etcd-endpoints": lab.etcd_url})
     node.subnet_file = host.path("/run/vxlan-net/subnet.env")  # the agent's default, on the hostPath
     agent, installer = container("agent"), container("install-cni")
     port, paths = health_port_and_paths(agent)

@@ -133,6 +133,7 @@ def test_dashboard_and_alert_expressions_return_data_and_an_agent_cut_off_from_e
         except TimeoutError:
             raise AssertionError(f"no data through the query API for {empty}") from None
         assert prometheus.alerts("firing") >= {("VxlanNetSkippedRecords", i) for i in instances.values()}
+        assert ("VxlanNetReconcileFailing", instances[cut]) in prometheus.alerts("pending")  # the deleted VTEP
         assert not {a for a in prometheus.alerts("pending") | prometheus.alerts("firing")
                     if a[0] in ("VxlanNetEtcdUnreachable", "VxlanNetLeaseExpiring", "VxlanNetAgentDown",
                                 "VxlanNetAgentNotReady")}
@@ -142,7 +143,7 @@ def test_dashboard_and_alert_expressions_return_data_and_an_agent_cut_off_from_e
         with etcd_blackholed(lab, cut.public_ip):
             expected = {("VxlanNetEtcdUnreachable", instances[cut]), ("VxlanNetLeaseExpiring", instances[cut])}
             lab.wait_for(lambda: prometheus.alerts("pending") >= expected, timeout=30, interval=1,
-                         message=f"alerts did not go pending: {prometheus.alerts('pending')}")
+                         message=f"{sorted(expected)} did not go pending")
             quiet = {a for a in prometheus.alerts("pending") | prometheus.alerts("firing")
                      if a[1] == instances[other] and a[0] != "VxlanNetSkippedRecords"}
             assert not quiet, f"the agent that still reaches etcd alerts too: {quiet}"
