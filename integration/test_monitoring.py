@@ -137,8 +137,9 @@ def test_dashboard_and_alert_expressions_return_data_and_an_agent_cut_off_from_e
         assert not {a for a in prometheus.alerts("pending") | prometheus.alerts("firing")
                     if a[0] in ("VxlanNetEtcdUnreachable", "VxlanNetLeaseExpiring", "VxlanNetAgentDown",
                                 "VxlanNetAgentNotReady")}
-        reachable = {r["metric"]["instance"]: r["value"][1] for r in prometheus.query("vxlan_net_etcd_reachable")}
-        assert reachable == {i: "1" for i in instances.values()}
+        for metric in ("vxlan_net_etcd_reachable", "vxlan_net_ready"):  # /readyz answers 200 on both
+            values = {r["metric"]["instance"]: r["value"][1] for r in prometheus.query(metric)}
+            assert values == {i: "1" for i in instances.values()}, metric
 
         with etcd_blackholed(lab, cut.public_ip):
             expected = {("VxlanNetEtcdUnreachable", instances[cut]), ("VxlanNetLeaseExpiring", instances[cut])}
