@@ -1,6 +1,13 @@
 # vxlan-net: the node agent, and (as an init container) the installer of the CNI plugin.
 #
 #   docker build -t vxlan-net:0.1.0 .
+#   on another Debian-based base, e.g. one made without a registry (podman: --format docker keeps
+#   the HEALTHCHECK):
+#     mmdebstrap --variant=minbase \
+#       --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates bookworm base.tar
+#     podman import base.tar localhost/base:bookworm
+#     podman build --format docker --network host --build-arg BASE_IMAGE=localhost/base:bookworm \
+#       -t vxlan-net:0.1.0 .
 #   agent:        docker run --network host --cap-add NET_ADMIN --cap-add NET_RAW \
 #                   -v /run/vxlan-net:/run/vxlan-net -v /var/lib/vxlan-net:/var/lib/vxlan-net \
 #                   -e VXLAN_NET_ETCD_ENDPOINTS=https://etcd1:2379 vxlan-net:0.1.0
@@ -11,9 +18,14 @@
 #
 # The agent serves /healthz on VXLAN_NET_HEALTHZ_ADDR (--healthz-addr HOST:PORT, default here
 # 0.0.0.0:9473); the HEALTHCHECK below reads the port from that variable.
-# Both stages use the same pinned base, so the venv's interpreter path is valid in the final one.
+# Both stages use the same base, so the venv's interpreter path is valid in the final one.
+# BASE_IMAGE: any Debian-based image with python3 (+ pip and venv) on PATH as `python`; the
+# default is the pinned official one. The suite builds on a stand-in made with mmdebstrap
+# (no registry there): --build-arg BASE_IMAGE=localhost/base:bookworm.
 
-FROM python:3.11.11-slim-bookworm AS builder
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,7 +43,7 @@ RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/vxlan-net/bin/pip uninstall --yes pip setuptools
 
 
-FROM python:3.11.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="vxlan-net" \

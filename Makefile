@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server etcd-client iproute2 iperf3 tcpdump iputils-ping nftables iptables containernetworking-plugins podman runc busybox-static procps systemd
+APT_PACKAGES := etcd-server etcd-client iproute2 iperf3 tcpdump iputils-ping nftables iptables containernetworking-plugins podman runc busybox-static procps systemd \
+	mmdebstrap prometheus
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages venv demo test unit bench clean

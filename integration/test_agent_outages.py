@@ -85,12 +85,14 @@ def test_agent_waits_for_config_and_for_etcd_then_joins(lab):
 
 
 @contextlib.contextmanager
-def etcd_blackholed(lab):
-    """etcd keeps running but drops every packet to its client port (nftables in etcd's namespace)."""
+def etcd_blackholed(lab, source: str | None = None):
+    """etcd keeps running but drops every packet to its client port, or only those from `source`
+    (nftables in etcd's namespace)."""
     port = urlsplit(lab.etcd_url).port
+    rule = (f"ip saddr {source} " if source else "") + f"tcp dport {port} drop"
     lab.etcd_host.run("nft", "-f", "-", check=True, input=(
         "table inet vxlan-test-blackhole {\n"
-        f"  chain input {{ type filter hook input priority filter - 10; policy accept; tcp dport {port} drop; }}\n"
+        f"  chain input {{ type filter hook input priority filter - 10; policy accept; {rule}; }}\n"
         "}\n"))
     try:
         yield

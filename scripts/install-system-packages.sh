@@ -11,4 +11,10 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-# Debian starts the packaged etcd as a service; our tests run their own etcd on lab addresses.
+# Debian starts the packaged etcd, prometheus and its node exporter as services; the tests run
+# their own on lab addresses, and nothing of the suite may listen in the root namespace.
+if [ -d /run/systemd/system ]; then  # booted with systemd; else nothing was started
+    for service in etcd prometheus prometheus-node-exporter; do
+        $SUDO systemctl disable --now "$service.service" >/dev/null 2>&1 || true  # absent: nothing to stop
+    done
+fi

@@ -106,6 +106,7 @@ class Agent:
         self._routes: list = []
         self._addresses: list = []
         self.metrics.lease_expiry.set_function(lambda: max(0.0, self._lease_expires_at - time.monotonic()))
+        self.metrics.ready.set_function(lambda: 0.0 if self.readiness.problems() else 1.0)
         self.faults = Faults(self.readiness, self.metrics)
         self.health_server: Optional[HealthServer] = None
         self._health_step = RetriedStep("health-server", self._bind_health_port, self.faults,
@@ -291,10 +292,12 @@ class Agent:
                 try:
                     snapshot, watch = listing.result()
                 except (StoreUnavailable, StoreConfigError, WatchCompacted) as exc:
+                    self.metrics.etcd_reachable.set(0 if isinstance(exc, StoreUnavailable) else 1)
                     delay = relist_backoff.next_delay()
                     self._log_store_trouble(relist_backoff, f"cannot follow leases ({exc}); retrying in {delay:.1f}s")
                     next_relist = now + delay
                 else:
+                    self.metrics.etcd_reachable.set(1)
                     self._relist(snapshot)
                     if watches_opened:
                         self.metrics.watch_restarts.inc()
@@ -331,6 +334,7 @@ class Agent:
             try:
                 batch = watch.next_batch(timeout)
             except (StoreUnavailable, WatchCompacted) as exc:  # WatchLost is a StoreUnavailable
+                self.metrics.etcd_reachable.set(0 if isinstance(exc, StoreUnavailable) else 1)
                 log.warning("lease watch ended (%s); listing again", exc)
                 watch = None
                 next_relist = time.monotonic() + relist_backoff.next_delay()
@@ -471,15 +475,18 @@ class Agent:
         """Take a finished renewal (keeper.renew()); returns seconds until the next renewal attempt."""
         try:
             ttl = outcome.result()
+            self.metrics.etcd_reachable.set(1)
             self._lease_expires_at = time.monotonic() + (ttl if ttl else self.keeper.ttl)
             backoff.reset()
             return self.keeper.renew_interval
         except LeaseGone as exc:
+            self.metrics.etcd_reachable.set(1)
             log.warning("lease expired or revoked (%s); acquiring again", exc)
             self._reacquire()
             self._reconcile(full=True)
             return self.keeper.renew_interval
         except (StoreUnavailable, StoreConfigError) as exc:
+            self.metrics.etcd_reachable.set(0 if isinstance(exc, StoreUnavailable) else 1)
             delay = min(backoff.next_delay(), self.keeper.renew_interval)
             self._log_store_trouble(backoff, f"cannot renew lease ({exc}); retrying in {delay:.1f}s")
             return delay

@@ -42,6 +42,11 @@ class AgentMetrics:
                                       registry=self.registry)
         self.lease_expiry = Gauge("vxlan_net_lease_expiry_seconds", "Seconds until our subnet lease expires",
                                   registry=self.registry)
+        self.ready = Gauge("vxlan_net_ready", "1 while /readyz answers 200 (same checks), else 0",
+                           registry=self.registry)
+        self.etcd_reachable = Gauge("vxlan_net_etcd_reachable",
+                                    "1 if the last etcd request of the watch loop (listing, lease renewal) got "
+                                    "an answer, 0 if etcd could not be reached", registry=self.registry)
         self.fault_active = Gauge("vxlan_net_fault_active",
                                   "1 while a transient fault of this kind lasts (the agent keeps running and retries)",
                                   ["kind"], registry=self.registry)
