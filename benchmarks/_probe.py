@@ -22,9 +22,9 @@ import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
 
-from vxlan_net import kernel
-from vxlan_net.lease import subnet_key_name
-from vxlan_net.store import EtcdStore, rpc
+from vxlan_net.doors import kernel
+from vxlan_net.core.lease import subnet_key_name
+from vxlan_net.doors.store import EtcdStore, rpc
 
 RTMGRP_IPV4_ROUTE = 0x40
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
@@ -220,10 +220,10 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
 
     The event alternates between adding and removing one spare lease; an odd `repeat` ends
     with it removed."""
-    from vxlan_net.config import parse_config
-    from vxlan_net.desired import desired_entries
-    from vxlan_net.lease_book import LeaseBook, RecordEvent
-    from vxlan_net.plan import plan_changes
+    from vxlan_net.core.config import parse_config
+    from vxlan_net.core.desired import desired_entries
+    from vxlan_net.core.lease_book import LeaseBook, RecordEvent
+    from vxlan_net.core.plan import plan_changes
 
     config = parse_config(store.get_config())
     snapshot = store.list_leases()
@@ -245,7 +245,7 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
         t = clock(); actual = kernel.read_overlay_entries(device); steps["read_overlay_entries"].append(clock() - t)
         t = clock(); plan_changes(desired, actual); steps["plan_changes"].append(clock() - t)
     # Writing one peer's three entries, as an event-sized plan would (same values: no change).
-    from vxlan_net.plan import Plan
+    from vxlan_net.core.plan import Plan
     neighbour = min(actual.neighbours)
     route = next(r for r in actual.routes if r.gateway == neighbour.ip)
     fdb = next(f for f in actual.fdb if f.mac == neighbour.mac)

@@ -1,6 +1,6 @@
 """Raw rtnetlink with the standard library's C modules, for the plugin's start-up budget.
 
-`vxlan_net.kernel` (pyroute2) is the project's netlink door, but importing
+`vxlan_net.doors.kernel` (pyroute2) is the project's netlink door, but importing
 pyroute2 alone costs ~10x a whole Go ADD (DESIGN §5). The plugin needs a
 dozen fixed request shapes (link/addr/route new, del, get, dump), so it
 encodes them with `_struct` and talks over an `_socket` netlink socket; each

@@ -15,7 +15,7 @@ from scapy.packet import Raw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vxlan_net.inspect_frames import (  # noqa: E402
+from vxlan_net.tools.inspect_frames import (  # noqa: E402
     FrameFilter, InspectContext, capture_bpf, decode_frame, format_line, parse_filter, to_json,
 )
 

@@ -2,8 +2,8 @@
 
 from ipaddress import IPv4Network
 
-from vxlan_net.state import NodeState
-from vxlan_net.subnet_file import parse_subnet_file, remembered_subnet, render_subnet_file, write_atomically
+from vxlan_net.doors.state import NodeState
+from vxlan_net.doors.subnet_file import parse_subnet_file, remembered_subnet, render_subnet_file, write_atomically
 
 
 def test_subnet_file_has_the_cni_contract(tmp_path):

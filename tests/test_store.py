@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `integration` lives at the repo root
 
 from integration.etcd_server import ETCDCTL_EXE, EtcdServer, free_port  # noqa: E402
-from vxlan_net.errors import (  # noqa: E402
+from vxlan_net.core.errors import (  # noqa: E402
     LeaseGone,
     StoreConfigError,
     StoreUnavailable,
@@ -27,8 +27,8 @@ from vxlan_net.errors import (  # noqa: E402
     WatchCompacted,
     WatchLost,
 )
-from vxlan_net.lease import Lease  # noqa: E402
-from vxlan_net.store import (  # noqa: E402
+from vxlan_net.core.lease import Lease  # noqa: E402
+from vxlan_net.doors.store import (  # noqa: E402
     EtcdStore,
     LeaseEvent,
     LeaseWatch,

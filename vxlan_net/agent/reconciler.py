@@ -9,16 +9,16 @@ from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, Optional, Protocol
 
-from .desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
-from .errors import VxlanNetError
-from .lease import Lease
-from .plan import Plan, plan_changes
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.errors import VxlanNetError
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.plan import Plan, plan_changes
 
 log = logging.getLogger(__name__)
 
 
 class OverlayKernel(Protocol):
-    """The part of the netlink door the reconciler needs (vxlan_net.kernel)."""
+    """The part of the netlink door the reconciler needs (vxlan_net.doors.kernel)."""
 
     def read_overlay_entries(self, ifname: str) -> OverlayEntries: ...
 

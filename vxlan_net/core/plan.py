@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .desired import FdbEntry, Neighbour, OverlayEntries, Route
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route
 
 
 @dataclasses.dataclass(frozen=True)

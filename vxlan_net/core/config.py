@@ -8,8 +8,8 @@ import json
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Mapping, Optional
 
-from .errors import InvalidConfig
-from .untrusted import load_json_object
+from vxlan_net.core.errors import InvalidConfig
+from vxlan_net.core.untrusted import load_json_object
 
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472

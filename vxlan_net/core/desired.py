@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, Iterable, Optional
 
 if TYPE_CHECKING:
-    from .lease import Lease
+    from vxlan_net.core.lease import Lease
 
 
 @dataclasses.dataclass(frozen=True, order=True)

@@ -6,7 +6,7 @@ is root and in our network namespace, the name is one the plugin derives, the
 device is a veth whose master (if any) is a bridge. A second thread deletes the
 accepted veths through `kernel.delete_link`, so the plugin need not wait for
 the kernel's ~20 ms. Both are bounded (request size, queue length) and log
-and carry on on any error. `python -m vxlan_net.cni_service --socket PATH` runs
+and carry on on any error. `python -m vxlan_net.agent.cni_service --socket PATH` runs
 the service alone (benchmarks, tests).
 """
 
@@ -27,9 +27,9 @@ from typing import Optional
 from cni import netlink as nl
 from cni.agent_socket import LOCK_SUFFIX, MAX_MESSAGE, NETNS_WORD, REQUEST_PREFIX, NameLock, is_host_veth_name
 
-from . import kernel
+from vxlan_net.doors import kernel
 
-log = logging.getLogger("vxlan_net.cni_service")  # also when run as __main__
+log = logging.getLogger("vxlan_net.agent.cni_service")  # also when run as __main__
 
 QUEUE_LIMIT = 64
 """Accepted deletions waiting for the kernel; beyond it the plugin is told `busy` and deletes itself."""
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     import argparse
     import signal
 
-    parser = argparse.ArgumentParser(prog="python -m vxlan_net.cni_service", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vxlan_net.agent.cni_service", description=main.__doc__)
     parser.add_argument("--socket", required=True, type=Path, help="path of the unix socket to serve")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)

@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from .errors import LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted, WatchLost
-from .lease import subnet_key_name
-from .lease_book import RecordEvent
+from vxlan_net.core.errors import LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted, WatchLost
+from vxlan_net.core.lease import subnet_key_name
+from vxlan_net.core.lease_book import RecordEvent
 
 log = logging.getLogger(__name__)
 

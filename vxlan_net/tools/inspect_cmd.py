@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     _check_flags(args)
     logging.getLogger("scapy").setLevel(logging.ERROR)  # scapy warns about routes and interfaces at import
-    from . import inspect_frames as frames
+    from vxlan_net.tools import inspect_frames as frames
 
     try:
         frame_filter = frames.parse_filter(args.filter)
@@ -141,11 +141,11 @@ def _check_bpf(bpf: str, iface: Optional[str]) -> None:
 
 def _cluster(args: argparse.Namespace) -> tuple[Any, list]:
     """The config and the valid leases from etcd, or (None, []) with one line on stderr."""
-    from .config import parse_config
-    from .cli import UsageError, _store
-    from .errors import VxlanNetError
-    from .lease_book import LeaseBook
-    from .status import skipped_lines
+    from vxlan_net.core.config import parse_config
+    from vxlan_net.tools.cli import UsageError, _store
+    from vxlan_net.core.errors import VxlanNetError
+    from vxlan_net.core.lease_book import LeaseBook
+    from vxlan_net.tools.status import skipped_lines
 
     try:
         with _store(args, timeout=ETCD_TIMEOUT) as store:
@@ -191,7 +191,7 @@ class _Printer:
         return bool(self.limit) and self.shown >= self.limit
 
     def __call__(self, packet: Any) -> None:
-        from . import inspect_frames as frames
+        from vxlan_net.tools import inspect_frames as frames
 
         if self.done():
             return

@@ -7,10 +7,10 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 from typing import Optional
 
-from .allocator import Avoid, choose_free_subnet, overlap, reusable_subnet
-from .config import NetworkConfig
-from .errors import InvalidLease, LeaseGone, SubnetTaken, VxlanNetError
-from .lease import Lease, parse_lease, parse_subnet_key_name
+from vxlan_net.core.allocator import Avoid, choose_free_subnet, overlap, reusable_subnet
+from vxlan_net.core.config import NetworkConfig
+from vxlan_net.core.errors import InvalidLease, LeaseGone, SubnetTaken, VxlanNetError
+from vxlan_net.core.lease import Lease, parse_lease, parse_subnet_key_name
 
 log = logging.getLogger(__name__)
 

@@ -58,18 +58,16 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT, ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK, rtmsg
 
-from .desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
-from .errors import KernelBusy, KernelError, LinkNotFound
-from .plan import Plan
-from .underlay import NodeAddress
+from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
+from vxlan_net.core.errors import KernelBusy, KernelError, LinkNotFound
+from vxlan_net.core.plan import Plan
+from vxlan_net.core.names import ROUTE_PROTO
+from vxlan_net.core.underlay import NodeAddress
 
-ROUTE_PROTO = 157
-"""rtm_protocol of the routes vxlan-net writes (`ip route ... proto 157`).
-
-read_overlay_entries returns only routes with this protocol, so routes someone
-else put on the device are never removed; apply_plan creates a route exclusively
-and replaces an existing one only when it has this protocol, so a route someone
-else installed for a peer's subnet is never overwritten either (a conflict)."""
+# ROUTE_PROTO: read_overlay_entries returns only routes with this protocol, so routes someone
+# else put on the device are never removed; apply_plan creates a route exclusively
+# and replaces an existing one only when it has this protocol, so a route someone
+# else installed for a peer's subnet is never overwritten either (a conflict).
 
 RT_TABLE_MAIN = 254
 CHUNK = 200

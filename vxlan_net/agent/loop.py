@@ -15,23 +15,26 @@ from typing import Optional
 from cni.agent_socket import socket_path
 from cni.config import DEFAULT_BRIDGE
 
-from . import firewall, kernel
-from .backoff import Backoff
-from .cni_service import CniService
-from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
-from .errors import (InvalidConfig, InvalidLease, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
+from vxlan_net.doors import firewall
+
+from vxlan_net.doors import kernel
+from vxlan_net.core.backoff import Backoff
+from vxlan_net.agent.cni_service import CniService
+from vxlan_net.core.config import VXLAN_OVERHEAD, NetworkConfig, parse_config
+from vxlan_net.core.errors import (InvalidConfig, InvalidLease, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
                      StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
-from .faults import Faults, RetriedStep, in_background, retry_in_background
-from .health import AgentMetrics, HealthServer, Readiness
-from .lease import Lease, parse_lease_value
-from .lease_book import LeaseBook, RecordEvent
-from .reconciler import Reconciler
-from .state import NodeState
-from .store import EtcdStore
-from .subnet_file import remembered_subnet, render_subnet_file, write_atomically
-from .subnet_lease import SubnetLeaseKeeper
-from .underlay import underlay_addresses, underlay_networks
-from .untrusted import shown
+from vxlan_net.agent.faults import Faults, RetriedStep, in_background, retry_in_background
+from vxlan_net.agent.health import AgentMetrics, HealthServer, Readiness
+from vxlan_net.core.lease import Lease, parse_lease_value
+from vxlan_net.core.lease_book import LeaseBook, RecordEvent
+from vxlan_net.core.names import vtep_name
+from vxlan_net.agent.reconciler import Reconciler
+from vxlan_net.doors.state import NodeState
+from vxlan_net.doors.store import EtcdStore
+from vxlan_net.doors.subnet_file import remembered_subnet, render_subnet_file, write_atomically
+from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
+from vxlan_net.core.underlay import underlay_addresses, underlay_networks
+from vxlan_net.core.untrusted import shown
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +79,6 @@ class AgentOptions:
     def __post_init__(self):
         if self.cni_socket is None:
             object.__setattr__(self, "cni_socket", Path(socket_path(str(self.subnet_file))))
-
-
-def vtep_name(vni: int) -> str:
-    """`vxnet.<VNI>`: at most 14 characters, within the kernel's 15."""
-    return f"vxnet.{vni}"
 
 
 class Agent:

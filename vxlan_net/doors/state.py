@@ -8,9 +8,9 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Optional
 
-from .errors import InvalidLease
-from .lease import normalize_mac
-from .subnet_file import write_atomically
+from vxlan_net.core.errors import InvalidLease
+from vxlan_net.core.lease import normalize_mac
+from vxlan_net.doors.subnet_file import write_atomically
 
 
 def random_vtep_mac() -> str:
