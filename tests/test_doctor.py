@@ -200,9 +200,10 @@ def test_each_bridge_problem_is_named(bridge, expected):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("garbage\x00\n", "missing VXLAN_NET_NETWORK"),
-    (SUBNET_FILE.replace("1450", "fourteen"), "VXLAN_NET_MTU='fourteen' is not a number"),
-    (SUBNET_FILE.replace("=true", "=maybe"), "VXLAN_NET_IPMASQ='maybe' is not true or false"),
+    ("garbage\x00\n", "not a vxlan-net subnet file"),
+    (SUBNET_FILE.replace("1450", "fourteen"), "VXLAN_NET_MTU is not an MTU (68..65535)"),
+    (SUBNET_FILE.replace("VXLAN_NET_MTU=1450\n", ""), "VXLAN_NET_MTU missing"),
+    (SUBNET_FILE.replace("=true", "=maybe"), "VXLAN_NET_IPMASQ is not true or false"),
 ])
 def test_a_subnet_file_that_does_not_parse_is_named(text, expected):
     failed = failures(healthy(subnet_file=text))

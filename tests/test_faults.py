@@ -27,7 +27,7 @@ from vxlan_net.agent.health import AgentMetrics, Readiness
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.lease_book import LeaseChange
 from vxlan_net.agent.reconciler import Reconciler
-from vxlan_net.doors.subnet_file import write_atomically
+from cni.atomic_file import write_atomically
 
 from test_reconciler import MemoryKernel
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from cni.agent_socket import socket_path
-from cni.config import DEFAULT_BRIDGE
+from cni.config import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
+from cni.subnet_file import write as write_subnet_file
 
 from vxlan_net.doors import firewall
 
@@ -29,9 +30,8 @@ from vxlan_net.core.lease import Lease, parse_lease_value
 from vxlan_net.core.lease_book import LeaseBook, RecordEvent
 from vxlan_net.core.names import vtep_name
 from vxlan_net.agent.reconciler import Reconciler
-from vxlan_net.doors.state import NodeState
+from vxlan_net.doors.state import NodeState, remembered_subnet
 from vxlan_net.doors.store import EtcdStore
-from vxlan_net.doors.subnet_file import remembered_subnet, render_subnet_file, write_atomically
 from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
 from vxlan_net.core.underlay import underlay_addresses, underlay_networks
 from vxlan_net.core.untrusted import shown
@@ -59,7 +59,7 @@ class AgentOptions:
     """Underlay interface; default: the one carrying --public-ip, else the default route's."""
     public_ip: Optional[IPv4Address] = None
     """Address other nodes send tunnel traffic to; default: the underlay interface's."""
-    subnet_file: Path = Path("/run/vxlan-net/subnet.env")
+    subnet_file: Path = Path(DEFAULT_SUBNET_FILE)
     state_dir: Path = Path("/var/lib/vxlan-net")
     ip_masq: bool = False
     """Masquerade traffic leaving the pod network to the node's address."""
@@ -241,8 +241,8 @@ class Agent:
 
     def _write_subnet_file(self) -> None:
         lease, _, mtu = self._adoption
-        write_atomically(self.options.subnet_file,
-                         render_subnet_file(self.config.network, lease.subnet, mtu, self.options.ip_masq))
+        write_subnet_file(self.options.subnet_file, str(self.config.network), str(lease.subnet), mtu,
+                          self.options.ip_masq)
         self.readiness.subnet_file_written = True
 
     def _apply_firewall(self) -> None:

@@ -14,14 +14,10 @@ from typing import Optional, Sequence
 
 from vxlan_net.core.errors import InvalidConfig, StoreConfigError, StoreUnavailable, VxlanNetError
 from vxlan_net.tools.logs import configure_logging
+from vxlan_net.tools.usage import EXIT_USAGE, UsageError
 
 ENV_PREFIX = "VXLAN_NET_"
-EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 1
-
-
-class UsageError(Exception):
-    """A bad flag or value given by the user: one line, exit 2."""
 
 
 def env_default(flag: str, fallback=None):

@@ -17,13 +17,13 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
+from cni import subnet_file
+
 from vxlan_net.core.config import VXLAN_OVERHEAD, NetworkConfig
 from vxlan_net.core.desired import MainRoute, OverlayEntries, Route, desired_entries
 from vxlan_net.core.lease import Lease, subnet_key_name, trusted_peers
 from vxlan_net.core.names import NFT_TABLE, ROUTE_PROTO, VTEP_PREFIX, vtep_name
-from vxlan_net.doors.subnet_file import parse_subnet_file
 
-SUBNET_FILE_KEYS = ("VXLAN_NET_NETWORK", "VXLAN_NET_SUBNET", "VXLAN_NET_MTU", "VXLAN_NET_IPMASQ")
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
@@ -127,27 +127,14 @@ class SubnetFile:
 
 
 def parse_subnet_values(text: str) -> SubnetFile:
-    """The subnet file's four values, or ValueError naming what is wrong."""
-    values = parse_subnet_file(text)
-    missing = [k for k in SUBNET_FILE_KEYS if k not in values]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
+    """The subnet file's four values, by the plugin's own rules (cni/subnet_file.py), or ValueError
+    naming what is wrong."""
     try:
-        network = IPv4Network(values["VXLAN_NET_NETWORK"])
-    except ValueError:
-        raise ValueError(f"VXLAN_NET_NETWORK={values['VXLAN_NET_NETWORK']!r} is not a network") from None
-    try:
-        gateway = IPv4Interface(values["VXLAN_NET_SUBNET"])
-    except ValueError:
-        raise ValueError(f"VXLAN_NET_SUBNET={values['VXLAN_NET_SUBNET']!r} is not an address/prefix") from None
-    try:
-        mtu = int(values["VXLAN_NET_MTU"])
-    except ValueError:
-        raise ValueError(f"VXLAN_NET_MTU={values['VXLAN_NET_MTU']!r} is not a number") from None
-    masq = values["VXLAN_NET_IPMASQ"].lower()
-    if masq not in ("true", "false"):
-        raise ValueError(f"VXLAN_NET_IPMASQ={values['VXLAN_NET_IPMASQ']!r} is not true or false")
-    return SubnetFile(network, gateway, mtu, masq == "true")
+        node = subnet_file.parse(text)
+    except subnet_file.NotASubnetFile as exc:
+        raise ValueError(f"not a vxlan-net subnet file ({exc})") from None
+    return SubnetFile(IPv4Network((node.network, node.network_prefix)), IPv4Interface((node.gateway, node.prefix)),
+                      node.mtu, node.ipmasq)
 
 
 def subnet_file_values(facts: NodeFacts) -> Fact[SubnetFile]:

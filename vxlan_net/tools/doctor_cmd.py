@@ -35,7 +35,7 @@ def _rerun_inside(netns: str) -> None:
     import os
     import sys
 
-    from vxlan_net.tools.cli import UsageError
+    from vxlan_net.tools.usage import UsageError
 
     if "/" in netns or not os.path.exists(f"/run/netns/{netns}"):
         raise UsageError(f"--node {netns!r}: no such network namespace (see `ip netns list`)")
@@ -52,7 +52,8 @@ def _rerun_inside(netns: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vxlan_net.tools import doctor
-    from vxlan_net.tools.cli import UsageError, _endpoints, _store
+    from vxlan_net.tools.cli import _endpoints, _store
+    from vxlan_net.tools.usage import UsageError
 
     if args.node:
         _rerun_inside(args.node)

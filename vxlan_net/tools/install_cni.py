@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import cni
+from cni.atomic_file import write_atomically
 from cni.install import install as install_launcher, launcher_text
+
+from vxlan_net.tools.usage import EXIT_USAGE, UsageError
 
 PLUGIN_NAME = "vxlan-net-cni"
 DEFAULT_CONFLIST_NAME = "10-vxlan-net.conflist"
-EXIT_USAGE = 2
 EXIT_IO = 1
 _LAUNCHER_ROOT = re.compile(r"^sys\.path\.insert\(0, (['\"])(.*)\1\)$", re.M)
 
 
-class InstallError(Exception):
+class InstallError(UsageError):
     """A bad conflist or an unwritable directory: one line, no traceback."""
 
 
@@ -55,22 +57,14 @@ def _conflist_problem(doc, plugin_name: str) -> Optional[str]:
     return None
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
-    """Write via a temp file and rename (runtimes watch these directories); False if already identical."""
+def replace_if_changed(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Replace `path` atomically (runtimes watch these directories); False if it already holds `data`."""
     try:
         if path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
             return False
     except OSError:
         pass
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, data, mode)
     return True
 
 
@@ -129,7 +123,7 @@ def install_plugin(bin_dir: Path, copy: bool, host_python: str, host_bin_dir: Op
     keep = Path(previous).name if previous and Path(previous).parent.name == lib_name else None
     version = copy_plugin(bin_dir / lib_name, plugin_sources(), keep=keep)
     host_root = (host_bin_dir or bin_dir) / lib_name / version.name
-    write_atomic(launcher, launcher_text(python=host_python, root=str(host_root)).encode(), mode=0o755)
+    replace_if_changed(launcher, launcher_text(python=host_python, root=str(host_root)).encode(), mode=0o755)
     return launcher
 
 
@@ -138,7 +132,7 @@ def install_conflist(conf_dir: Path, raw: bytes, name: str) -> tuple[Path, bool]
     validate_conflist(raw)
     conf_dir.mkdir(parents=True, exist_ok=True)
     path = conf_dir / name
-    return path, write_atomic(path, raw)
+    return path, replace_if_changed(path, raw)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"installed {path}" if changed else f"unchanged {path}")
     except (InstallError, OSError) as exc:
         usage = isinstance(exc, InstallError)
-        detail = exc if usage else f"{exc.filename or ''}: {exc.strerror}"
+        detail = exc if usage or exc.filename is None else f"{exc.filename}: {exc.strerror}"
         print(f"vxlan-net install-cni: error: {detail}", file=sys.stderr)
         return EXIT_USAGE if usage else EXIT_IO
     return 0
