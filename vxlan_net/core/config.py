@@ -50,6 +50,10 @@ class NetworkConfig:
     mtu: Optional[int] = None
     """Tunnel MTU override (`Backend.MTU`); None means underlay MTU - VXLAN_OVERHEAD."""
 
+    def pod_mtu(self, underlay_mtu: int) -> int:
+        """The MTU of the VTEP and the pods: the config's override, else the underlay's minus VXLAN's overhead."""
+        return self.mtu or underlay_mtu - VXLAN_OVERHEAD
+
     def subnet_at(self, address: IPv4Address) -> IPv4Network:
         """The node subnet whose network address is `address`."""
         return IPv4Network((address, self.subnet_len))

@@ -851,11 +851,21 @@ def drop_unicast_in_l2_multicast(ifname: str) -> None:
     if os.path.exists(ipv6):
         keys.append(ipv6)
     for key in keys:
-        try:
-            with open(key, "w") as f:
-                f.write("1\n")
-        except OSError as exc:
-            raise KernelError(f"cannot set {key}: {exc.strerror or exc}") from None
+        _switch_on(key)
+
+
+def enable_ip_forwarding() -> None:
+    """Pods' traffic is routed by the node: IPv4 forwarding on in this network namespace."""
+    _switch_on("/proc/sys/net/ipv4/ip_forward")
+
+
+def _switch_on(key: str) -> None:
+    """Write 1 to a /proc/sys key of this namespace; KernelError naming the key."""
+    try:
+        with open(key, "w") as f:
+            f.write("1\n")
+    except OSError as exc:
+        raise KernelError(f"cannot set {key}: {exc.strerror or exc}") from None
 
 
 @_retry_busy
