@@ -1,6 +1,6 @@
 """Throw-away network namespaces and a plugin runner for the CNI tests and benchmark.
 
-The "host" side is a namespace we create (DESIGN §7): the plugin runs with
+The "host" side is a namespace we create: the plugin runs with
 its network namespace switched in the child between fork and exec, so
 nothing is ever added to the root namespace.
 """

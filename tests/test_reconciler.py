@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from vxlan_net.core.desired import FdbEntry, OverlayEntries, Route, desired_entries
 from vxlan_net.core.errors import KernelError
-from vxlan_net.doors.kernel import ApplyFailure, ApplyResult
+from vxlan_net.core.plan import ApplyFailure, ApplyResult
 from vxlan_net.core.lease import Lease
 from vxlan_net.agent.reconciler import Reconciler
 
@@ -42,6 +42,7 @@ class MemoryKernel:
             (e.routes - {r for r in e.routes if r.subnet in {u.subnet for u in plan.upsert_routes}}
              - set(plan.remove_routes)) | set(plan.upsert_routes),
         )
+        return ApplyResult(len(plan))
 
 
 def test_first_pass_reads_the_kernel_then_batches_touch_only_what_changed():

@@ -139,6 +139,18 @@ class Endpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class StoreStatus:
+    """What the answering etcd member says about itself."""
+
+    endpoint: str
+    version: str
+    revision: int
+    leader: int
+    member_id: int
+    db_size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class LeaseRecord:
     """One raw `<prefix>/subnets/<key_name>` entry; the value is untrusted (see lease.parse_lease)."""
 
@@ -176,18 +188,6 @@ class LeaseEvent:
     mod_revision: int
     create_revision: int = 0
     """The key's create revision (a put); 0 for a delete."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreStatus:
-    """What the answering etcd member says about itself."""
-
-    endpoint: str
-    version: str
-    revision: int
-    leader: int
-    member_id: int
-    db_size: int
 
 
 def parse_endpoint(url: str) -> Endpoint:
