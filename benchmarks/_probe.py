@@ -24,8 +24,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 from cni import netlink as wire
 from cni.netlink import RT_TABLE_MAIN, RTA_DST, RTA_TABLE, RTM_DELROUTE, RTM_NEWROUTE
-from vxlan_net.doors import kernel
 from vxlan_net.core.lease import subnet_key_name
+from vxlan_net.doors import kernel
 from vxlan_net.doors.store import EtcdStore, rpc
 
 RTMGRP_IPV4_ROUTE = 0x40

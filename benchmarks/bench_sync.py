@@ -15,11 +15,11 @@ import sys
 import time
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from vxlan_net.doors import kernel
-from vxlan_net.core.errors import KernelError
 from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.errors import KernelError
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.plan import plan_changes
+from vxlan_net.doors import kernel
 
 PEER_COUNTS = (1000, 5000)
 RUNS = 3

@@ -8,12 +8,12 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
-from vxlan_net.tools import doctor
 from vxlan_net.core.config import build_config
 from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route, desired_entries
-from vxlan_net.tools.doctor import Finding, Link, NodeFacts, TunnelFrame, Unavailable, VxlanAttrs
-from vxlan_net.doors.firewall import render_ruleset
 from vxlan_net.core.lease import Lease
+from vxlan_net.doors.firewall import render_ruleset
+from vxlan_net.tools import doctor
+from vxlan_net.tools.doctor import Finding, Link, NodeFacts, TunnelFrame, Unavailable, VxlanAttrs
 
 CONFIG = build_config("198.19.0.0/16")
 OWN = Lease(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.1.2"), "02:00:00:00:00:01")

@@ -13,13 +13,13 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
-from vxlan_net.doors import kernel
 from vxlan_net.core.config import build_config
 from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
 from vxlan_net.core.errors import KernelError, LinkNotFound
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.plan import ApplyResult, Plan, plan_changes
 from vxlan_net.core.underlay import underlay_networks
+from vxlan_net.doors import kernel
 
 pytestmark = pytest.mark.root
 

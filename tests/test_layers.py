@@ -66,3 +66,25 @@ def test_the_import_contracts_hold():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 broken" in proc.stdout
+
+
+@pytest.mark.parametrize("command, usage", [
+    (["-m", "vxlan_net", "--help"], "usage: vxlan-net"),
+    (["-m", "vxlan_net.install_cni", "--help"], "usage: python -m vxlan_net.install_cni"),
+    (["-m", "vxlan_net.cni_service", "--help"], "--socket"),
+    (["-m", "vxlan_net.agent.cni_service", "--help"], "--socket"),
+])
+def test_the_module_names_operators_and_scripts_run_still_start(command, usage):
+    proc = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and usage in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_console_scripts_point_at_the_layered_modules():
+    for script, target in (("vxlan-net", "vxlan_net.tools.cli"), ("vxlan-net-install-cni", "vxlan_net.tools.install_cni"),
+                           ("vxlan-net-cni", "cni.main")):
+        path = Path(sys.executable).with_name(script)
+        assert f"from {target} import main" in path.read_text(), path
+        proc = subprocess.run([str(path), "--help"] if script != "vxlan-net-cni" else [str(path)], capture_output=True,
+                              text=True, timeout=60, env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"},
+                              input="{}" if script == "vxlan-net-cni" else None)
+        assert proc.returncode == 0, (script, proc.stdout, proc.stderr)

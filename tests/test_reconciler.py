@@ -5,11 +5,11 @@ import errno
 import logging
 from ipaddress import IPv4Address, IPv4Network
 
+from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.desired import FdbEntry, OverlayEntries, Route, desired_entries
 from vxlan_net.core.errors import KernelError
-from vxlan_net.core.plan import ApplyFailure, ApplyResult
 from vxlan_net.core.lease import Lease
-from vxlan_net.agent.reconciler import Reconciler
+from vxlan_net.core.plan import ApplyFailure, ApplyResult
 
 
 def lease(n: int, mac_suffix: int | None = None) -> Lease:

@@ -14,11 +14,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from integration.etcd_server import EtcdServer  # noqa: E402
+from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper  # noqa: E402
 from vxlan_net.core.config import build_config  # noqa: E402
 from vxlan_net.core.errors import SubnetsExhausted  # noqa: E402
 from vxlan_net.core.lease import Lease, parse_lease  # noqa: E402
 from vxlan_net.doors.store import EtcdStore  # noqa: E402
-from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper  # noqa: E402
 
 CONFIG = build_config("198.19.0.0/28", subnet_len=30)  # three subnets: .4 .8 .12
 ME, OTHER = IPv4Address("198.18.1.2"), IPv4Address("198.18.2.2")

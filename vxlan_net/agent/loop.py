@@ -16,26 +16,25 @@ from cni.agent_socket import socket_path
 from cni.config import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 from cni.subnet_file import write as write_subnet_file
 
-from vxlan_net.doors import firewall
-
-from vxlan_net.doors import kernel
-from vxlan_net.core.backoff import Backoff
 from vxlan_net.agent.cni_service import CniService
 from vxlan_net.agent.decisions import KEEP, REFUSE, next_resync_delay, own_record_action, respond_to
-from vxlan_net.core.config import NetworkConfig, parse_config
-from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
-                     StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.agent.faults import Faults, RetriedStep, in_background, retry_in_background
 from vxlan_net.agent.health import AgentMetrics, HealthServer, Readiness
+from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
+from vxlan_net.agent.reconciler import Reconciler
+from vxlan_net.core.backoff import Backoff
+from vxlan_net.core.config import NetworkConfig, parse_config
+from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
+                                   StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.lease_book import LeaseBook, RecordEvent
 from vxlan_net.core.names import vtep_name
-from vxlan_net.agent.reconciler import Reconciler
-from vxlan_net.doors.state import NodeState, remembered_subnet
-from vxlan_net.doors.store import EtcdStore
-from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
 from vxlan_net.core.underlay import underlay_addresses, underlay_networks
 from vxlan_net.core.untrusted import shown
+from vxlan_net.doors import firewall
+from vxlan_net.doors import kernel
+from vxlan_net.doors.state import NodeState, remembered_subnet
+from vxlan_net.doors.store import EtcdStore
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from cni.netlink import (IFF_UP, IFLA_IFNAME, NDA_DST, NDA_IFINDEX, NDA_LLADDR, 
 
 from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
 from vxlan_net.core.errors import KernelBusy, KernelError, LinkNotFound
-from vxlan_net.core.plan import ApplyFailure, ApplyResult, Entry, Plan
 from vxlan_net.core.names import ROUTE_PROTO
+from vxlan_net.core.plan import ApplyFailure, ApplyResult, Entry, Plan
 from vxlan_net.core.underlay import NodeAddress
 
 # ROUTE_PROTO: read_overlay_entries returns only routes with this protocol, so routes someone
