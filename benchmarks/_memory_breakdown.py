@@ -15,12 +15,12 @@ import tracemalloc
 from ipaddress import IPv4Address, IPv4Network
 
 from benchmarks._probe import candidate_subnets, lease_value
-from vxlan_net.config import parse_config
-from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
-from vxlan_net.lease import subnet_key_name
-from vxlan_net.lease_book import LeaseBook, RecordEvent
-from vxlan_net.plan import plan_changes
-from vxlan_net.store import LeaseRecord
+from vxlan_net.core.config import parse_config
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.lease import subnet_key_name
+from vxlan_net.core.lease_book import LeaseBook, RecordEvent
+from vxlan_net.core.plan import plan_changes
+from vxlan_net.doors.store import LeaseRecord
 
 
 def measure(peers: int) -> dict:

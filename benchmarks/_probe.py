@@ -22,14 +22,13 @@ import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
 
-from vxlan_net import kernel
-from vxlan_net.lease import subnet_key_name
-from vxlan_net.store import EtcdStore, rpc
+from cni import netlink as wire
+from cni.netlink import RT_TABLE_MAIN, RTA_DST, RTA_TABLE, RTM_DELROUTE, RTM_NEWROUTE
+from vxlan_net.core.lease import subnet_key_name
+from vxlan_net.doors import kernel
+from vxlan_net.doors.store import EtcdStore, rpc
 
 RTMGRP_IPV4_ROUTE = 0x40
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
-RTA_DST, RTA_TABLE = 1, 15
-RT_TABLE_MAIN = 254
 FIRST_PUBLIC_IP = int(IPv4Address("198.18.201.0"))  # above the lab's segments 198.18.0-200.x
 TXN_OPS = 100  # etcd's --max-txn-ops defaults to 128
 WAIT_EACH = 5.0  # seconds a single join may take before it counts as lost
@@ -90,12 +89,12 @@ class RouteEvents:
                 continue
             now = time.monotonic()
             found = []
-            for off, length, kind, _flags, _seq in kernel._walk(data):
+            for off, length, kind, _flags, _seq in wire.messages(data):
                 if kind not in (RTM_NEWROUTE, RTM_DELROUTE) or length < 28:
                     continue
                 family, dst_len, _src, _tos, table = struct.unpack_from("=BBBBB", data, off + 16)
                 dst = None
-                for atype, at, size in kernel._attrs(data, off + 28, off + length):
+                for atype, at, size in wire.attributes(data, off + 28, off + length):
                     if atype == RTA_DST and size == 4:
                         dst = socket.inet_ntoa(data[at:at + 4])
                     elif atype == RTA_TABLE and size == 4:
@@ -220,10 +219,10 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
 
     The event alternates between adding and removing one spare lease; an odd `repeat` ends
     with it removed."""
-    from vxlan_net.config import parse_config
-    from vxlan_net.desired import desired_entries
-    from vxlan_net.lease_book import LeaseBook, RecordEvent
-    from vxlan_net.plan import plan_changes
+    from vxlan_net.core.config import parse_config
+    from vxlan_net.core.desired import desired_entries
+    from vxlan_net.core.lease_book import LeaseBook, RecordEvent
+    from vxlan_net.core.plan import plan_changes
 
     config = parse_config(store.get_config())
     snapshot = store.list_leases()
@@ -245,7 +244,7 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
         t = clock(); actual = kernel.read_overlay_entries(device); steps["read_overlay_entries"].append(clock() - t)
         t = clock(); plan_changes(desired, actual); steps["plan_changes"].append(clock() - t)
     # Writing one peer's three entries, as an event-sized plan would (same values: no change).
-    from vxlan_net.plan import Plan
+    from vxlan_net.core.plan import Plan
     neighbour = min(actual.neighbours)
     route = next(r for r in actual.routes if r.gateway == neighbour.ip)
     fdb = next(f for f in actual.fdb if f.mac == neighbour.mac)
@@ -269,19 +268,9 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
 
 
 def _raw_dumps(kernel, device: str):
-    """The kernel door's own three dumps, walked message by message, nothing built (private API:
-    a measurement of where read_overlay_entries' time goes, not something the agent can call)."""
-    def read() -> int:
-        count = 0
-        with kernel._Rtnl() as nl:
-            ifindex = nl.ifindex(device)
-            for family in (socket.AF_INET, socket.AF_BRIDGE):
-                for _entry in kernel._permanent_ipv4_neighbours(nl, family, ifindex, "dump"):
-                    count += 1
-            for _msg in nl.dump(kernel._route_dump_request(ifindex), "dump"):
-                count += 1
-        return count
-    return read
+    """The kernel door's own three dumps, walked message by message, nothing built (a measurement of
+    where read_overlay_entries' time goes)."""
+    return lambda: kernel.walk_overlay_dumps(device)
 
 
 def _as_tuples(entries) -> tuple[set, set, set]:

@@ -3,7 +3,7 @@
 Each side gets its own host namespace and fresh container namespaces; the
 sides' calls are interleaved so machine noise hits all alike. Ours runs twice:
 as deployed, with the agent's CNI socket served in its host namespace
-(`python -m vxlan_net.cni_service`, the agent's own service, so DEL hands the
+(`python -m vxlan_net.agent.cni_service`, the agent's own service, so DEL hands the
 veth to it), and with no agent (DEL deletes in-process: the fallback). Reports
 ADD, CHECK, DEL, VERSION medians (n >= 20) and the wall time of 50
 concurrent ADDs and DELs. Targets (issue 3): ADD <= 2.0x, DEL <= 1.0x (the

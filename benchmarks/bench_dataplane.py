@@ -45,7 +45,8 @@ def hand_mac(node: Node) -> str:
 
 
 def program_by_hand(nodes: list[Node]) -> None:
-    """The recipe of DESIGN.md section 3 typed as iproute2 commands, plus the subnet file the CNI reads."""
+    """What the agent programs (core/desired.py: VTEP, neighbour, FDB entry and route per peer) typed as
+    iproute2 commands, plus the subnet file the CNI reads."""
     for node in nodes:
         subnet = HAND_SUBNETS[node.index]
         network = subnet.split("/")[0]

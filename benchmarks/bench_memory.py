@@ -28,9 +28,9 @@ IMPORTS = [
     ("python, no import", ""),
     ("import grpc", "import grpc"),
     ("import pyroute2", "import pyroute2"),
-    ("import vxlan_net.store (etcd3+grpc)", "import vxlan_net.store"),
-    ("import vxlan_net.kernel (pyroute2)", "import vxlan_net.kernel"),
-    ("import vxlan_net.agent", "import vxlan_net.agent"),
+    ("import vxlan_net.doors.store (etcd3+grpc)", "import vxlan_net.doors.store"),
+    ("import vxlan_net.doors.kernel (pyroute2)", "import vxlan_net.doors.kernel"),
+    ("import vxlan_net.agent.loop", "import vxlan_net.agent.loop"),
 ]
 _SHOW = ("import re; s = open('/proc/self/status').read(); "
          "print(*(re.search(k + r':\\s+(\\d+)', s)[1] for k in ('VmRSS', 'VmHWM')))")
@@ -95,14 +95,14 @@ def main() -> int:
     with Lab(nodes=len(PEER_COUNTS)) as lab:
         for index, peers in enumerate(PEER_COUNTS):
             runs.append(measure_agent(lab, index, peers))
-    bare = dict((label, rss) for label, rss, _ in imports)["import vxlan_net.agent"]
+    bare = dict((label, rss) for label, rss, _ in imports)["import vxlan_net.agent.loop"]
 
     print("fresh interpreters (same run), MiB")
     print(f"  {'':40} {'VmRSS':>7} {'VmHWM':>7}")
     for label, rss, hwm in imports:
         print(f"  {label:40} {mib(rss):>7} {mib(hwm):>7}")
     print(f"\nagent (leases in etcd before start, --resync-interval {RESYNC:g}), MiB; "
-          f"'over import' = VmRSS after resyncs minus a bare `import vxlan_net.agent`")
+          f"'over import' = VmRSS after resyncs minus a bare `import vxlan_net.agent.loop`")
     print(f"  {'peers':>6} {'start->routes':>13} {'RSS@conv':>9} {'RSS+2 resyncs':>13} {'VmHWM':>7} "
           f"{'over import':>11} {'threads':>7}")
     for run in runs:
@@ -125,7 +125,7 @@ def main() -> int:
         result("memory", f"agent RSS / HWM, {run['peers']} peers",
                f"{mib(run['after']['VmRSS'])} / {mib(run['after']['VmHWM'])} MiB",
                f"<= {TARGET_MIB} MiB at 5000" if run is top else "")
-    result("memory", "bare `import vxlan_net.agent` RSS", f"{mib(bare)} MiB")
+    result("memory", "bare `import vxlan_net.agent.loop` RSS", f"{mib(bare)} MiB")
     return 0
 
 

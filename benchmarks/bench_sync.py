@@ -15,11 +15,11 @@ import sys
 import time
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from vxlan_net import kernel
-from vxlan_net.errors import KernelError
-from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
-from vxlan_net.lease import Lease
-from vxlan_net.plan import plan_changes
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.errors import KernelError
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.plan import plan_changes
+from vxlan_net.doors import kernel
 
 PEER_COUNTS = (1000, 5000)
 RUNS = 3
@@ -166,7 +166,7 @@ def bench_read() -> None:
     want = desired_entries(leases)
     if kernel.read_overlay_entries(DEVICE) != want or entries_from_ip_json() != want:
         raise BenchFailure("reading the entries back does not give what was written")
-    kernel._network.cache_clear()  # the first read of a resync loop finds no subnet cached
+    kernel.forget_cached_subnets()  # the first read of a resync loop finds no subnet cached
     cold = timed(lambda: kernel.read_overlay_entries(DEVICE), 1)[0]
     ours = statistics.median(timed(lambda: kernel.read_overlay_entries(DEVICE), READS))
     dumps = statistics.median(timed(ip_json_dumps, READS))

@@ -1,7 +1,7 @@
 """DEL's fast path: the node agent deletes the host veth, asked over a root-only unix socket.
 
 Deleting a veth costs the kernel ~20 ms (synchronize_net); the plugin's DEL
-hands that wait to the already-running agent (`vxlan_net.cni_service`) and
+hands that wait to the already-running agent (`vxlan_net.agent.cni_service`) and
 returns. The socket is `cni.sock` next to the subnet file. The agent answers
 `accepted` only after checking the name and the device; any other answer, or
 none within a few ms, and the plugin deletes in-process as before.

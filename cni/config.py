@@ -1,15 +1,15 @@
-"""Pure parsing and validation of what the runtime hands the plugin: env, network config, subnet file.
+"""Pure parsing and validation of what the runtime hands the plugin: env and network config, and the
+address plan of an ADD from the node's subnet (the subnet file itself: subnet_file.py).
 
 Addresses are kept as ints and validated with `inet_pton` instead of
 `ipaddress`/`dataclasses`: both import `re` and cost more start-up time than
-the whole Go reference spends on an ADD (DESIGN §5). Every failure is a
-`CniError` with the spec's code; nothing here touches the kernel, and the disk only
-in `read_subnet_file` (the agent's subnet file).
+the whole Go reference spends on an ADD (benchmarks/bench_cni.py measures it). Every failure is a
+`CniError` with the spec's code; nothing here touches the kernel or the disk (`random_mac` reads
+os.urandom).
 """
 
 import os
 from _socket import AF_INET, inet_ntop, inet_pton
-from stat import S_ISREG
 
 from . import errors as E
 from .errors import CniError, shown
@@ -69,6 +69,13 @@ def parse_mac(text) -> bytes:
 
 def format_mac(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
+
+
+def random_mac() -> bytes:
+    """A random unicast, locally administered MAC (pods' bridge and veths, the agent's VTEP)."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return bytes(raw)
 
 
 # -- small validators ----------------------------------------------------------
@@ -388,99 +395,6 @@ def parse_netconf(conf: dict, env: Env) -> NetConf:
     )
 
 
-# -- the agent's subnet file (DESIGN §4) -------------------------------------------
-
-class NodeSubnet(Record):
-    """What the agent leased for this node: the pod subnet, the cluster network, the tunnel MTU."""
-
-    __slots__ = ("network", "network_prefix", "gateway", "prefix", "mtu", "ipmasq")
-
-    @property
-    def subnet(self) -> int:
-        return self.gateway & netmask(self.prefix)
-
-
-SUBNET_FILE_KEYS = ("VXLAN_NET_NETWORK", "VXLAN_NET_SUBNET")
-MAX_SUBNET_FILE = 65536  # bytes; the agent writes ~120
-
-
-def not_a_subnet_file(path: str) -> CniError:
-    # Names the file, never quotes it: subnetFile may point anywhere, and the
-    # runtime shows our message to whoever may read pod events.
-    return CniError(E.INVALID_CONFIG, f"not a vxlan-net subnet file: {path}")
-
-
-def parse_subnet_file(text: str, path: str = "(text)") -> NodeSubnet:
-    """The agent's KEY=VALUE file; errors name the file and the key, never a value or a line of it.
-
-    A file is ours only when every line is blank, a comment or KEY=VALUE and
-    both SUBNET_FILE_KEYS are there; unknown keys are ignored (newer agents).
-    """
-    values = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip() or "\0" in line:
-            raise not_a_subnet_file(path)
-        values[key.strip()] = value.strip().strip('"')
-    if any(key not in values for key in SUBNET_FILE_KEYS):
-        raise not_a_subnet_file(path)
-    where = f"subnet file {path}"
-    try:
-        network, network_prefix = parse_cidr(values["VXLAN_NET_NETWORK"])
-    except ValueError:
-        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_NETWORK is not an IPv4 CIDR") from None
-    try:
-        gateway, prefix = parse_cidr(values["VXLAN_NET_SUBNET"])
-    except ValueError:
-        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_SUBNET is not an IPv4 CIDR") from None
-    mtu_text = values.get("VXLAN_NET_MTU", "1450")
-    if not (mtu_text.isdigit() and mtu_text.isascii() and len(mtu_text) <= 5 and 68 <= int(mtu_text) <= 65535):
-        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_MTU is not an MTU (68..65535)")
-    if prefix > 30 or prefix < network_prefix or (gateway & netmask(network_prefix)) != (network & netmask(network_prefix)):
-        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_SUBNET is not a /30-or-larger part of "
-                       "VXLAN_NET_NETWORK")
-    host = gateway & ~netmask(prefix) & 0xFFFFFFFF
-    if host == 0 or host == ~netmask(prefix) & 0xFFFFFFFF:
-        raise CniError(E.INVALID_CONFIG, f"{where}: VXLAN_NET_SUBNET must name the gateway address, "
-                       f"not the network or broadcast address")
-    return NodeSubnet(network & netmask(network_prefix), network_prefix, gateway, prefix, int(mtu_text),
-                      values.get("VXLAN_NET_IPMASQ", "false").lower() == "true")
-
-
-def read_subnet_file(path: str) -> NodeSubnet:
-    """Read and parse the agent's subnet file; anything but a small regular UTF-8 file is not ours.
-
-    Checked before opening (a device may act on open) and after (the name may
-    have been swapped); O_NONBLOCK so that a FIFO swapped in cannot hang us.
-    """
-    try:
-        if not S_ISREG(os.stat(path).st_mode):
-            raise not_a_subnet_file(path)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CniError(E.TRY_AGAIN_LATER, f"subnet file {path} does not exist: is the vxlan-net agent running?") from None
-    except OSError as exc:
-        raise CniError(E.IO_FAILURE, f"cannot read subnet file {path}: {exc.strerror}") from None
-    try:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            raise not_a_subnet_file(path)
-        raw = os.read(fd, MAX_SUBNET_FILE + 1)
-    except OSError as exc:
-        raise CniError(E.IO_FAILURE, f"cannot read subnet file {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_SUBNET_FILE:
-        raise not_a_subnet_file(path)
-    try:
-        text = raw.decode()
-    except UnicodeError:
-        raise not_a_subnet_file(path) from None
-    return parse_subnet_file(text, path)
-
-
 # -- the address plan for one ADD ------------------------------------------------------
 
 class AddressPlan(Record):
@@ -489,7 +403,7 @@ class AddressPlan(Record):
     __slots__ = ("start", "end", "gateway", "prefix", "mtu", "routes")
 
 
-def plan_addresses(conf: NetConf, node: NodeSubnet) -> AddressPlan:
+def plan_addresses(conf: NetConf, node) -> AddressPlan:  # node: a subnet_file.NodeSubnet
     mask = netmask(node.prefix)
     subnet = node.subnet
     broadcast = subnet | (~mask & 0xFFFFFFFF)

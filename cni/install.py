@@ -9,6 +9,8 @@ with `-I -S` and puts this source tree on `sys.path` itself.
 import os
 import sys
 
+from cni.atomic_file import write_atomically
+
 TEMPLATE = """#!{python} -IS
 # vxlan-net CNI plugin launcher, written by `python -m cni.install`.
 import sys
@@ -24,13 +26,8 @@ def launcher_text(python: str = sys.executable, root: str = "") -> str:
 
 
 def install(directory: str, name: str = "vxlan-net-cni", python: str = sys.executable) -> str:
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(launcher_text(python))
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    write_atomically(path, launcher_text(python), mode=0o755)
     return path
 
 

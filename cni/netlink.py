@@ -1,10 +1,12 @@
-"""Raw rtnetlink with the standard library's C modules, for the plugin's start-up budget.
+"""The rtnetlink wire format, with the standard library's C modules: message header, attributes, request
+building, ack and dump parsing. One module for both users:
 
-`vxlan_net.kernel` (pyroute2) is the project's netlink door, but importing
-pyroute2 alone costs ~10x a whole Go ADD (DESIGN §5). The plugin needs a
-dozen fixed request shapes (link/addr/route new, del, get, dump), so it
-encodes them with `_struct` and talks over an `_socket` netlink socket; each
-ADD sends two batches. Errors come back as `NetlinkError` with the errno.
+- the plugin, whose start-up budget rules out pyroute2 (importing it alone costs ~10x a whole Go ADD,
+  see benchmarks/bench_cni.py): it needs a dozen fixed request shapes (link/addr/route new, del, get,
+  dump), sent in batches over `Netlink` (each ADD sends two); errors come back as `NetlinkError`;
+- the agent's bulk path in `vxlan_net.doors.kernel` (reading and writing thousands of overlay entries):
+  it builds its requests and walks the kernel's answers with `request`, `attr`, `messages`,
+  `attributes`, `error_code` and `ack_reason` over its own socket.
 """
 
 import os
@@ -12,23 +14,23 @@ from _socket import socket
 from _struct import pack, unpack_from
 
 AF_NETLINK = 16
-SOCK_RAW = 3
-SOCK_CLOEXEC = 0o2000000
+AF_UNSPEC, AF_INET, AF_BRIDGE = 0, 2, 7
+SOCK_RAW, SOCK_CLOEXEC = 3, 0o2000000
 NETLINK_ROUTE = 0
-AF_UNSPEC = 0
-AF_INET = 2
+SOL_NETLINK = 270
+NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK = 10, 11, 12
 
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x4, 0x10, 0x300
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400  # in a new-request
+# In an error answer: only the failed request's header is echoed; extended-ack attributes follow.
+NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
+NLMSGERR_ATTR_MSG = 1
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
-RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 
 IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
@@ -37,17 +39,64 @@ IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # hairpin
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
-RT_TABLE_MAIN = 254
-RTPROT_BOOT = 3
-RT_SCOPE_UNIVERSE = 0
-RTN_UNICAST = 1
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 9, 15
+RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1  # table, protocol, scope, type
+RTNH_F_ONLINK = 4
+NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
 
 ENODEV, EEXIST = 19, 17
 
 
 class NetlinkError(OSError):
     """The kernel refused a request; `errno` says why."""
+
+
+# -- the wire format ------------------------------------------------------------------------------
+
+
+def request(kind: int, flags: int, seq: int, body: bytes) -> bytes:
+    """One message: the 16-byte header (length, type, flags, seq, port 0) and `body`."""
+    return pack("=LHHLL", 16 + len(body), kind, flags, seq, 0) + body
+
+
+def messages(data: bytes):
+    """(offset, length, type, flags, seq) of each netlink message in one datagram."""
+    offset, end = 0, len(data)
+    while offset + 16 <= end:
+        length, kind, flags, seq, _pid = unpack_from("=LHHLL", data, offset)
+        if length < 16:
+            return
+        yield offset, length, kind, flags, seq
+        offset += (length + 3) & ~3
+
+
+def attributes(data: bytes, offset: int, end: int):
+    """(type, payload offset, payload length) of each attribute in data[offset:end]."""
+    while offset + 4 <= end:
+        length, kind = unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, offset + 4, length - 4
+        offset += (length + 3) & ~3
+
+
+def error_code(data: bytes, offset: int) -> int:
+    """The errno an NLMSG_ERROR message at `offset` carries; 0 for an ack."""
+    return -unpack_from("=i", data, offset + 16)[0]
+
+
+def ack_reason(data: bytes, offset: int, length: int, flags: int, code: int) -> str:
+    """strerror(code), and the kernel's own words when it sent extended-ack attributes."""
+    reason = os.strerror(code)
+    if flags & NLM_F_ACK_TLVS:
+        inner = offset + 20
+        inner_len = 16 if flags & NLM_F_CAPPED else unpack_from("=I", data, inner)[0]
+        for kind, at, size in attributes(data, inner + ((inner_len + 3) & ~3), offset + length):
+            if kind == NLMSGERR_ATTR_MSG:
+                reason += ": " + data[at:at + size].rstrip(b"\0").decode(errors="replace")
+    return reason
 
 
 def attr(kind: int, payload: bytes) -> bytes:
@@ -74,14 +123,8 @@ def by_name(name: str) -> bytes:
 
 
 def parse_attrs(data: bytes, offset: int, end: int) -> dict:
-    attrs = {}
-    while offset + 4 <= end:
-        length, kind = unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        attrs[kind & 0x3FFF] = data[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-    return attrs
+    """{type: payload} of the attributes in data[offset:end]."""
+    return {kind: data[at:at + size] for kind, at, size in attributes(data, offset, end)}
 
 
 def _u32(attrs: dict, kind: int, default=0) -> int:
@@ -164,8 +207,7 @@ class Netlink:
         for kind, flags, body in requests:
             self.seq += 1
             seqs.append(self.seq)
-            chunks.append(pack("=LHHLL", 16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, self.seq, 0))
-            chunks.append(body)
+            chunks.append(request(kind, flags | NLM_F_REQUEST | NLM_F_ACK, self.seq, body))
         self.sock.send(b"".join(chunks))
         results = {seq: [None, []] for seq in seqs}
         pending = len(seqs)
@@ -173,15 +215,11 @@ class Netlink:
             if not pending:
                 break
             data = self.sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq, _pid = unpack_from("=LHHLL", data, offset)
-                if length < 16:
-                    break
+            for offset, length, kind, _flags, seq in messages(data):
                 slot = results.get(seq)
                 if slot is not None and slot[0] is None:
                     if kind == NLMSG_ERROR:
-                        slot[0] = -unpack_from("=i", data, offset + 16)[0]
+                        slot[0] = error_code(data, offset)
                         pending -= 1
                     elif kind == NLMSG_DONE:
                         slot[0] = 0
@@ -190,7 +228,6 @@ class Netlink:
                         parser = _PARSERS.get(kind)
                         if parser is not None:
                             slot[1].append(parser(data, offset, offset + length))
-                offset += (length + 3) & ~3
         return [tuple(results[seq]) for seq in seqs]
 
     def call(self, kind, flags, body, ok=()):

@@ -10,9 +10,10 @@ import os
 from . import errors as E
 from .agent_socket import HOST_VETH_DIGEST_CHARS, HOST_VETH_PREFIX, socket_path
 from .config import (LATEST_VERSION, SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env,
-                     parse_mac, parse_netconf, plan_addresses, read_subnet_file)
+                     parse_mac, parse_netconf, plan_addresses, random_mac)
 from .errors import CniError
 from .ipam import DiskStore, allocate, held_by, release_owner
+from .subnet_file import read_subnet_file
 from .jsonfast import dumps
 
 try:
@@ -81,8 +82,6 @@ def _open_netns(path: str) -> int:
 
 
 def cmd_add(env, conf, kernel, store):
-    from .wiring import random_mac
-
     node = read_subnet_file(conf.subnet_file)
     plan = plan_addresses(conf, node)
     netns_fd = _open_netns(env.netns)

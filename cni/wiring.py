@@ -11,14 +11,8 @@ import os
 from . import errors as E
 from . import netlink as nl
 from .agent_socket import LOCK_SUFFIX, NameLock, ask_agent_to_delete
-from .config import Record, int_to_ip
+from .config import Record, int_to_ip, random_mac
 from .errors import CniError
-
-
-def random_mac() -> bytes:
-    raw = bytearray(os.urandom(6))
-    raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered
-    return bytes(raw)
 
 
 def _kernel_error(what: str, exc: OSError) -> CniError:

@@ -129,8 +129,8 @@ def probe_env() -> dict[str, str]:
 def _probe(endpoints: list[str], duration: float, interval: float) -> dict:
     """Read the config every `interval` s for `duration` s: the longest time between two answers
     (a read that blocks through an election counts as much as one that fails)."""
-    from vxlan_net.errors import StoreConfigError, StoreUnavailable
-    from vxlan_net.store import EtcdStore
+    from vxlan_net.core.errors import StoreConfigError, StoreUnavailable
+    from vxlan_net.doors.store import EtcdStore
 
     store = EtcdStore(endpoints)
     end = time.monotonic() + duration

@@ -12,7 +12,7 @@ import pytest
 
 from integration.cluster import node_subnet, running_cluster
 from integration.lab import Netns
-from vxlan_net.install_cni import main as install_cni
+from vxlan_net.tools.install_cni import main as install_cni
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

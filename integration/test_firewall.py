@@ -35,13 +35,13 @@ os.execv({nft!r}, [{nft!r}, *argv])
 """
 ENSURE = """
 import json, sys
-from vxlan_net import firewall
+from vxlan_net.doors import firewall
 print(json.dumps(firewall.ensure_forward_rules(firewall.ForwardDevices(sys.argv[1], sys.argv[2]))))
 """
 
 
 class FirewallNode:
-    """A lab node whose `nft` calls from vxlan_net.firewall are logged."""
+    """A lab node whose `nft` calls from vxlan_net.doors.firewall are logged."""
 
     def __init__(self, lab):
         self.node = lab.nodes[0]

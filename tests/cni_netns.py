@@ -1,6 +1,6 @@
 """Throw-away network namespaces and a plugin runner for the CNI tests and benchmark.
 
-The "host" side is a namespace we create (DESIGN §7): the plugin runs with
+The "host" side is a namespace we create: the plugin runs with
 its network namespace switched in the child between fork and exec, so
 nothing is ever added to the root namespace.
 """
@@ -164,14 +164,14 @@ class CniLab:
 
 
 class AgentService:
-    """The agent's CNI socket service (`python -m vxlan_net.cni_service`) in the lab's host namespace,
+    """The agent's CNI socket service (`python -m vxlan_net.agent.cni_service`) in the lab's host namespace,
     serving the socket the plugin looks for next to the subnet file; `stop()` returns its log."""
 
     def __init__(self, lab, log_level="info"):
         self.path = socket_path(lab.subnet_file)
         self.log = ""
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.host.name, sys.executable, "-m", "vxlan_net.cni_service",
+            ["ip", "netns", "exec", lab.host.name, sys.executable, "-m", "vxlan_net.agent.cni_service",
              "--socket", self.path, "--log-level", log_level],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         ready, _, _ = select.select([self.proc.stdout], [], [], 20)

@@ -22,10 +22,11 @@ from cni.errors import CniError
 from cni.install import install
 from cni.ipam import DiskStore, MemoryStore, allocate, release_owner
 from cni.plugin import host_veth_name, run
+from cni.subnet_file import parse_subnet_file
 from test_cni_parser import FakeKernel, MemoryStores, Plan, assert_spec_error, env, ip
 
 SECRET = "s3cr3t-Token-4711"
-VALID_SUBNET = "VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\nVXLAN_NET_MTU=1450\n"
+VALID_SUBNET = "VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\nVXLAN_NET_MTU=1450\nVXLAN_NET_IPMASQ=false\n"
 
 
 def conf(subnet_file, data_dir, **extra):
@@ -323,17 +324,17 @@ def test_the_agent_name_lock_never_creates_through_a_planted_link(tmp_path):
 
 TOKEN = st.text(alphabet=string.ascii_letters + string.digits + "+/_", min_size=12, max_size=24)
 LINES = st.lists(st.sampled_from(["", "# c", "VXLAN_NET_NETWORK=198.19.0.0/16", "VXLAN_NET_SUBNET=198.19.3.1/24",
-                                  "VXLAN_NET_MTU=1450", "A=B", "garbage"]), max_size=5)
+                                  "VXLAN_NET_MTU=1450", "VXLAN_NET_IPMASQ=false", "A=B", "garbage"]), max_size=5)
 
 
 @settings(max_examples=300, deadline=None)
 @given(token=TOKEN, before=LINES, after=LINES,
        shape=st.sampled_from(["{t}", "X={t}", "VXLAN_NET_NETWORK={t}", "VXLAN_NET_SUBNET={t}/24",
-                              "VXLAN_NET_MTU={t}", "VXLAN_NET_SUBNET=198.19.{t}", "{t}=1"]))
+                              "VXLAN_NET_MTU={t}", "VXLAN_NET_IPMASQ={t}", "VXLAN_NET_SUBNET=198.19.{t}", "{t}=1"]))
 def test_no_subnet_file_content_ever_reaches_an_error(token, before, after, shape):
     text = "\n".join(before + [shape.format(t=token)] + after)
     try:
-        C.parse_subnet_file(text, "/p")
+        parse_subnet_file(text, "/p")
     except CniError as exc:
         assert token not in exc.msg + exc.details and exc.code == 7
 

@@ -13,6 +13,7 @@ from cni import config as C
 from cni.errors import CniError
 from cni.ipam import DiskStore, MemoryStore, allocate, pick_address, release_owner
 from cni.plugin import host_veth_name, run
+from cni.subnet_file import parse_subnet_file
 from cni.wiring import Attachment
 
 ip = C.ip_to_int
@@ -165,22 +166,30 @@ def test_error_cni_version_follows_the_config():
     assert assert_spec_error(rc, out, 4)["cniVersion"] == "0.4.0"
 
 
+TAIL = "VXLAN_NET_MTU=1450\nVXLAN_NET_IPMASQ=false\n"
+NODE_FILE = "VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\n" + TAIL
+
+
 @pytest.mark.parametrize("text, words", [
-    ("VXLAN_NET_SUBNET=198.19.3.1/24\n", "not a vxlan-net subnet file"),
-    ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.20.3.1/24\n", "is not a"),
-    ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.0/24\n", "gateway"),
-    ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\nVXLAN_NET_MTU=big\n", "MTU"),
+    ("VXLAN_NET_SUBNET=198.19.3.1/24\n" + TAIL, "not a vxlan-net subnet file"),
+    ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.20.3.1/24\n" + TAIL, "is not a"),
+    ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.0/24\n" + TAIL, "gateway"),
+    (NODE_FILE.replace("=1450", "=big"), "VXLAN_NET_MTU is not an MTU"),
+    (NODE_FILE.replace("=false", "=maybe"), "VXLAN_NET_IPMASQ is not true or false"),
+    ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\n", "VXLAN_NET_MTU, VXLAN_NET_IPMASQ missing"),
+    (NODE_FILE.replace("VXLAN_NET_MTU=1450\n", ""), "VXLAN_NET_MTU missing"),
     ("garbage\n", "not a vxlan-net subnet file"),
 ])
 def test_bad_subnet_file(text, words):
     with pytest.raises(CniError) as info:
-        C.parse_subnet_file(text)
+        parse_subnet_file(text)
     assert info.value.code == 7 and words in info.value.msg
 
 
-def test_subnet_file_defaults_and_quotes():
-    node = C.parse_subnet_file('# agent\nVXLAN_NET_NETWORK="198.19.0.0/16"\nVXLAN_NET_SUBNET=198.19.3.1/24\n')
-    assert (node.gateway, node.prefix, node.mtu, node.ipmasq) == (ip("198.19.3.1"), 24, 1450, False)
+def test_subnet_file_comments_quotes_and_unknown_keys():
+    node = parse_subnet_file('# agent\nVXLAN_NET_NETWORK="198.19.0.0/16"\nVXLAN_NET_SUBNET=198.19.3.1/24\n'
+                             'VXLAN_NET_NEWER=1\n' + TAIL.replace("1450", "1400").replace("false", "TRUE"))
+    assert (node.gateway, node.prefix, node.mtu, node.ipmasq) == (ip("198.19.3.1"), 24, 1400, True)
 
 
 def test_requested_addresses_from_every_source_and_containerd_keys():
@@ -192,7 +201,7 @@ def test_requested_addresses_from_every_source_and_containerd_keys():
 
 
 def test_plan_overrides_and_defaults():
-    node = C.parse_subnet_file("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\n")
+    node = parse_subnet_file(NODE_FILE)
     e = C.parse_env(env())
     plan = C.plan_addresses(C.parse_netconf({"cniVersion": "1.0.0", "name": "n", "type": "t"}, e), node)
     assert (plan.start, plan.end, plan.mtu) == (ip("198.19.3.1"), ip("198.19.3.254"), 1450)
@@ -361,7 +370,7 @@ def test_any_config_and_env_give_a_spec_shaped_answer(raw, command, ifname, cid,
 @given(text=st.text(max_size=200))
 def test_any_subnet_file_text_parses_or_is_a_config_error(text):
     try:
-        node = C.parse_subnet_file(text)
+        node = parse_subnet_file(text)
     except CniError as exc:
         assert exc.code == 7 and exc.msg
     else:
@@ -372,7 +381,7 @@ def test_any_subnet_file_text_parses_or_is_a_config_error(text):
 @given(ipam_conf=st.dictionaries(st.sampled_from(["rangeStart", "rangeEnd", "routes", "ranges", "subnet", "type",
                                                   "gateway"]), field_values, max_size=5))
 def test_any_ipam_section_plans_or_fails_with_a_code(ipam_conf):
-    node = C.parse_subnet_file("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\n")
+    node = parse_subnet_file(NODE_FILE)
     try:
         plan = C.plan_addresses(C.parse_netconf({"cniVersion": "1.0.0", "name": "n", "type": "t",
                                                  "ipam": ipam_conf}, C.parse_env(env())), node)

@@ -1,7 +1,7 @@
 """The agent's CNI socket: DEL hands the host veth to it, it refuses what is not the plugin's, ADD after DEL works.
 
 Root tests in throw-away namespaces (`vnc-...`): the service runs as
-`python -m vxlan_net.cni_service` inside the host namespace, the plugin is
+`python -m vxlan_net.agent.cni_service` inside the host namespace, the plugin is
 exec'd there as a runtime would; what happened is read back with `ip -j`.
 """
 
@@ -16,7 +16,7 @@ from cni_netns import AgentService, CniLab, require_root
 
 from cni.agent_socket import MAX_MESSAGE, is_host_veth_name, socket_path
 from cni.plugin import host_veth_name
-from vxlan_net.cni_service import Refused, check_device, parse_request
+from vxlan_net.agent.cni_service import Refused, check_device, parse_request
 
 GONE_WITHIN = 1.0  # seconds a handed-off veth may take to disappear
 

@@ -5,8 +5,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from vxlan_net.config import build_config, parse_config
-from vxlan_net.errors import InvalidConfig
+from vxlan_net.core.config import build_config, parse_config
+from vxlan_net.core.errors import InvalidConfig
 
 
 def test_defaults_follow_flannel_for_a_large_network():

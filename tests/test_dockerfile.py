@@ -147,7 +147,7 @@ def test_the_builder_stage_installs_a_working_agent_into_a_fresh_venv(built_venv
     proc = subprocess.run([str(built_venv / "bin" / "vxlan-net"), "agent", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--healthz-addr" in proc.stdout, proc.stderr
-    imports = "import vxlan_net.store, vxlan_net.kernel, vxlan_net.firewall, vxlan_net.health, cni.main"
+    imports = "import vxlan_net.doors.store, vxlan_net.doors.kernel, vxlan_net.doors.firewall, vxlan_net.agent.health, cni.main"
     proc = subprocess.run([str(python), "-c", imports], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert not (built_venv / "bin" / "pip").exists(), "pip stays out of the image"

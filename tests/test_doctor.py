@@ -8,12 +8,12 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
-from vxlan_net import doctor
-from vxlan_net.config import build_config
-from vxlan_net.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route, desired_entries
-from vxlan_net.doctor import Finding, Link, NodeFacts, TunnelFrame, Unavailable, VxlanAttrs
-from vxlan_net.firewall import render_ruleset
-from vxlan_net.lease import Lease
+from vxlan_net.core.config import build_config
+from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.lease import Lease
+from vxlan_net.doors.firewall import render_ruleset
+from vxlan_net.tools import doctor
+from vxlan_net.tools.doctor import Finding, Link, NodeFacts, TunnelFrame, Unavailable, VxlanAttrs
 
 CONFIG = build_config("198.19.0.0/16")
 OWN = Lease(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.1.2"), "02:00:00:00:00:01")
@@ -200,9 +200,10 @@ def test_each_bridge_problem_is_named(bridge, expected):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("garbage\x00\n", "missing VXLAN_NET_NETWORK"),
-    (SUBNET_FILE.replace("1450", "fourteen"), "VXLAN_NET_MTU='fourteen' is not a number"),
-    (SUBNET_FILE.replace("=true", "=maybe"), "VXLAN_NET_IPMASQ='maybe' is not true or false"),
+    ("garbage\x00\n", "not a vxlan-net subnet file"),
+    (SUBNET_FILE.replace("1450", "fourteen"), "VXLAN_NET_MTU is not an MTU (68..65535)"),
+    (SUBNET_FILE.replace("VXLAN_NET_MTU=1450\n", ""), "VXLAN_NET_MTU missing"),
+    (SUBNET_FILE.replace("=true", "=maybe"), "VXLAN_NET_IPMASQ is not true or false"),
 ])
 def test_a_subnet_file_that_does_not_parse_is_named(text, expected):
     failed = failures(healthy(subnet_file=text))

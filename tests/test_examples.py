@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from vxlan_net.config import parse_config
-from vxlan_net.install_cni import main as install_cni_main, validate_conflist
+from vxlan_net.core.config import parse_config
+from vxlan_net.tools.install_cni import main as install_cni_main, validate_conflist
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

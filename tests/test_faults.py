@@ -18,16 +18,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from vxlan_net import firewall
-from vxlan_net.agent import Agent, AgentOptions
-from vxlan_net.backoff import Backoff
-from vxlan_net.errors import KernelBusy, KernelError
-from vxlan_net.faults import Faults, RetriedStep
-from vxlan_net.health import AgentMetrics, Readiness
-from vxlan_net.lease import Lease
-from vxlan_net.lease_book import LeaseChange
-from vxlan_net.reconciler import Reconciler
-from vxlan_net.subnet_file import write_atomically
+from vxlan_net.agent.faults import Faults, RetriedStep
+from vxlan_net.agent.health import AgentMetrics, Readiness
+from vxlan_net.agent.loop import Agent, AgentOptions
+from vxlan_net.agent.reconciler import Reconciler
+from vxlan_net.core.backoff import Backoff
+from vxlan_net.core.errors import KernelBusy, KernelError
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.lease_book import LeaseChange
+from vxlan_net.doors import firewall
+from cni.atomic_file import write_atomically
 
 from test_reconciler import MemoryKernel
 

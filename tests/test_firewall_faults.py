@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vxlan_net import firewall
-from vxlan_net.errors import KernelError
+from vxlan_net.core.errors import KernelError
+from vxlan_net.doors import firewall
 
 DEVICES = firewall.ForwardDevices("cni0", "vxnet.1")
 

@@ -11,8 +11,9 @@ import urllib.request
 
 import pytest
 
-from vxlan_net.health import AgentMetrics, HealthServer, Readiness, parse_listen_address
-from vxlan_net.logs import JsonFormatter
+from vxlan_net.agent.health import AgentMetrics, HealthServer, Readiness
+from vxlan_net.tools.cli import parse_listen_address
+from vxlan_net.tools.logs import JsonFormatter
 
 
 def test_ready_only_with_lease_file_and_a_recent_successful_reconcile():
@@ -55,10 +56,10 @@ def test_server_answers_probes_and_exposes_metrics():
 
 
 def test_json_log_line_has_stable_keys_and_extras():
-    record = logging.LogRecord("vxlan_net.agent", logging.WARNING, __file__, 1, "peer %s gone", ("x",), None)
+    record = logging.LogRecord("vxlan_net.agent.loop", logging.WARNING, __file__, 1, "peer %s gone", ("x",), None)
     record.subnet = "198.19.3.0/24"
     doc = json.loads(JsonFormatter().format(record))
-    assert doc["level"] == "warning" and doc["logger"] == "vxlan_net.agent" and doc["message"] == "peer x gone"
+    assert doc["level"] == "warning" and doc["logger"] == "vxlan_net.agent.loop" and doc["message"] == "peer x gone"
     assert doc["subnet"] == "198.19.3.0/24" and doc["time"].endswith("Z")
 
 

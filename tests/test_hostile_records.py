@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vxlan_net.config import build_config, parse_config
-from vxlan_net.desired import desired_entries
-from vxlan_net.errors import InvalidConfig, InvalidLease
-from vxlan_net.lease import Lease, parse_lease, subnet_key_name
-from vxlan_net.lease_book import LeaseBook, RecordEvent
-from vxlan_net.untrusted import MAX_RECORD_BYTES
+from vxlan_net.core.config import build_config, parse_config
+from vxlan_net.core.desired import desired_entries
+from vxlan_net.core.errors import InvalidConfig, InvalidLease
+from vxlan_net.core.lease import Lease, parse_lease, subnet_key_name
+from vxlan_net.core.lease_book import LeaseBook, RecordEvent
+from vxlan_net.core.untrusted import MAX_RECORD_BYTES
 
 CONFIG = build_config("198.19.0.0/16", vni=1)
 OWN = Lease(IPv4Network("198.19.1.0/24"), IPv4Address("198.18.1.2"), "0a:00:00:00:01:01")

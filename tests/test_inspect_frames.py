@@ -15,9 +15,8 @@ from scapy.packet import Raw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vxlan_net.inspect_frames import (  # noqa: E402
-    FrameFilter, InspectContext, capture_bpf, decode_frame, format_line, parse_filter, to_json,
-)
+from vxlan_net.tools.inspect_frames import (FrameFilter, InspectContext, capture_bpf, decode_frame, format_line,
+                                            parse_filter, to_json)
 
 NODE_1, NODE_2, STRANGER = "198.18.1.2", "198.18.2.2", "198.18.200.2"
 SUBNET_1, SUBNET_2 = IPv4Network("198.19.5.0/24"), IPv4Network("198.19.9.0/24")

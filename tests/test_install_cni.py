@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vxlan_net.install_cni import InstallError, copy_plugin, main, validate_conflist
+from vxlan_net.tools.install_cni import InstallError, copy_plugin, main, validate_conflist
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFLIST = ROOT / "examples" / "cni" / "10-vxlan-net.conflist"
@@ -112,7 +112,7 @@ def test_upgrades_keep_the_previous_plugin_copy_for_plugins_still_running(tmp_pa
 def test_it_plugs_into_the_command_line_as_install_cni(tmp_path):
     import argparse
 
-    from vxlan_net import install_cni
+    from vxlan_net.tools import install_cni
 
     parser = argparse.ArgumentParser()
     install_cni.register(parser.add_subparsers(dest="command"), add_etcd_flags=None)

@@ -13,13 +13,13 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
-from vxlan_net import kernel
-from vxlan_net.config import build_config
-from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
-from vxlan_net.errors import KernelError, LinkNotFound
-from vxlan_net.lease import Lease
-from vxlan_net.plan import Plan, plan_changes
-from vxlan_net.underlay import underlay_networks
+from vxlan_net.core.config import build_config
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.errors import KernelError, LinkNotFound
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.plan import ApplyResult, Plan, plan_changes
+from vxlan_net.core.underlay import underlay_networks
+from vxlan_net.doors import kernel
 
 pytestmark = pytest.mark.root
 
@@ -133,7 +133,7 @@ def expected_tool_view(leases: list[Lease]) -> tuple[set, set, set]:
     return neigh, fdb, routes
 
 
-def sync(leases: list[Lease]) -> kernel.ApplyResult:
+def sync(leases: list[Lease]) -> ApplyResult:
     """The reconciler's pass, run inside the namespace."""
     plan = plan_changes(desired_entries(leases), kernel.read_overlay_entries(SPEC.name))
     return kernel.apply_plan(SPEC.name, plan)
@@ -207,7 +207,7 @@ def test_apply_plan_writes_exactly_the_planned_entries(ns):
     assert ns.neighbours() == neigh
     assert ns.fdb() == fdb
     assert ns.routes() == routes
-    assert ns.inside(sync, leases) == kernel.ApplyResult(0, ())  # in sync: nothing to write
+    assert ns.inside(sync, leases) == ApplyResult(0, ())  # in sync: nothing to write
 
 
 def test_a_changed_lease_leaves_no_stale_fdb_or_neighbour(ns):
@@ -229,7 +229,7 @@ def test_removals_are_idempotent_and_empty_the_device(ns):
     removal = plan_changes(OverlayEntries(), actual)
     for _ in range(2):
         result = ns.inside(kernel.apply_plan, SPEC.name, removal)
-        assert result == kernel.ApplyResult(6, ())
+        assert result == ApplyResult(6, ())
     assert ns.neighbours() == ns.fdb() == ns.routes() == set()
 
 
@@ -348,7 +348,7 @@ def test_our_own_route_is_replaced_in_place_when_its_gateway_changed(ns):
     ns.ip("route", "replace", "198.19.7.0/24", "via", "198.19.98.0", "dev", SPEC.name, "onlink",
           "proto", str(kernel.ROUTE_PROTO))
     result = ns.inside(kernel.apply_plan, SPEC.name, Plan(upsert_routes=(Route(lease(7).subnet, lease(7).gateway),)))
-    assert result == kernel.ApplyResult(1, ())
+    assert result == ApplyResult(1, ())
     assert [r["gateway"] for r in main_routes(ns, "198.19.7.0/24")] == ["198.19.7.0"]
 
 

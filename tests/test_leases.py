@@ -6,11 +6,11 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from vxlan_net.allocator import candidate_subnets, choose_free_subnet, overlap, reusable_subnet
-from vxlan_net.config import build_config
-from vxlan_net.errors import InvalidLease, SubnetsExhausted
-from vxlan_net.lease import Lease, parse_lease, subnet_key_name
-from vxlan_net.lease_book import LeaseBook, RecordEvent
+from vxlan_net.core.allocator import candidate_subnets, choose_free_subnet, overlap, reusable_subnet
+from vxlan_net.core.config import build_config
+from vxlan_net.core.errors import InvalidLease, SubnetsExhausted
+from vxlan_net.core.lease import Lease, parse_lease, subnet_key_name
+from vxlan_net.core.lease_book import LeaseBook, RecordEvent
 
 CONFIG = build_config("198.19.0.0/16", vni=1)
 MAC_A, MAC_B = "0a:00:00:00:00:01", "0a:00:00:00:00:02"

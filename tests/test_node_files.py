@@ -2,19 +2,21 @@
 
 from ipaddress import IPv4Network
 
-from vxlan_net.state import NodeState
-from vxlan_net.subnet_file import parse_subnet_file, remembered_subnet, render_subnet_file, write_atomically
+from cni import subnet_file
+from vxlan_net.doors.state import NodeState, remembered_subnet
 
 
 def test_subnet_file_has_the_cni_contract(tmp_path):
     path = tmp_path / "run" / "subnet.env"
-    write_atomically(path, render_subnet_file(IPv4Network("198.19.0.0/16"), IPv4Network("198.19.3.0/24"), 1450, True))
+    subnet_file.write(path, "198.19.0.0/16", "198.19.3.0/24", 1450, True)
     assert path.read_text() == (
         "VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\nVXLAN_NET_MTU=1450\nVXLAN_NET_IPMASQ=true\n"
     )
     assert remembered_subnet(path) == IPv4Network("198.19.3.0/24")
     assert [p.name for p in path.parent.iterdir()] == ["subnet.env"]  # no temp file left
-    assert parse_subnet_file("# c\n\nA=1\n") == {"A": "1"}
+    node = subnet_file.parse(path.read_text())
+    assert (node.network, node.network_prefix, node.gateway, node.prefix, node.mtu, node.ipmasq) == (
+        0xC6130000, 16, 0xC6130301, 24, 1450, True)
 
 
 def test_vtep_mac_is_created_once_and_kept(tmp_path):

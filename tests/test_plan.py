@@ -2,9 +2,9 @@
 
 from ipaddress import IPv4Address, IPv4Network
 
-from vxlan_net.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
-from vxlan_net.lease import Lease
-from vxlan_net.plan import plan_changes
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.plan import plan_changes
 
 A = Lease(IPv4Network("198.19.2.0/24"), IPv4Address("198.18.2.2"), "0a:00:00:00:00:02")
 B = Lease(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.3.2"), "0a:00:00:00:00:03")

@@ -5,11 +5,11 @@ import errno
 import logging
 from ipaddress import IPv4Address, IPv4Network
 
-from vxlan_net.desired import FdbEntry, OverlayEntries, Route, desired_entries
-from vxlan_net.errors import KernelError
-from vxlan_net.kernel import ApplyFailure, ApplyResult
-from vxlan_net.lease import Lease
-from vxlan_net.reconciler import Reconciler
+from vxlan_net.agent.reconciler import Reconciler
+from vxlan_net.core.desired import FdbEntry, OverlayEntries, Route, desired_entries
+from vxlan_net.core.errors import KernelError
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.plan import ApplyFailure, ApplyResult
 
 
 def lease(n: int, mac_suffix: int | None = None) -> Lease:
@@ -42,6 +42,7 @@ class MemoryKernel:
             (e.routes - {r for r in e.routes if r.subnet in {u.subnet for u in plan.upsert_routes}}
              - set(plan.remove_routes)) | set(plan.upsert_routes),
         )
+        return ApplyResult(len(plan))
 
 
 def test_first_pass_reads_the_kernel_then_batches_touch_only_what_changed():
@@ -124,7 +125,7 @@ class ConflictingKernel(MemoryKernel):
 
 
 def test_a_route_conflict_is_logged_once_per_prefix_and_is_no_failed_pass(caplog):
-    caplog.set_level(logging.INFO, logger="vxlan_net.reconciler")
+    caplog.set_level(logging.INFO, logger="vxlan_net.agent.reconciler")
     kernel = ConflictingKernel({lease(2).subnet})
     rec = Reconciler("vxnet.1", kernel)
     rec.set_peers([lease(1), lease(2)])

@@ -19,24 +19,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `integration` lives at the repo root
 
 from integration.etcd_server import ETCDCTL_EXE, EtcdServer, free_port  # noqa: E402
-from vxlan_net.errors import (  # noqa: E402
-    LeaseGone,
-    StoreConfigError,
-    StoreUnavailable,
-    SubnetTaken,
-    WatchCompacted,
-    WatchLost,
-)
-from vxlan_net.lease import Lease  # noqa: E402
-from vxlan_net.store import (  # noqa: E402
-    EtcdStore,
-    LeaseEvent,
-    LeaseWatch,
-    parse_endpoint,
-    prefix_range_end,
-    _TokenRejected,
-    translate_rpc_error,
-)
+from vxlan_net.core.errors import (LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted,
+                                   WatchLost)
+from vxlan_net.core.lease import Lease  # noqa: E402
+from vxlan_net.doors.store import (EtcdStore, LeaseEvent, LeaseWatch, parse_endpoint, prefix_range_end, _TokenRejected,
+                                   translate_rpc_error)
 
 SUBNET_A = IPv4Network("198.19.3.0/24")
 SUBNET_B = IPv4Network("198.19.4.0/24")

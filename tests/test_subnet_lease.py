@@ -14,11 +14,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from integration.etcd_server import EtcdServer  # noqa: E402
-from vxlan_net.config import build_config  # noqa: E402
-from vxlan_net.errors import SubnetsExhausted  # noqa: E402
-from vxlan_net.lease import Lease, parse_lease  # noqa: E402
-from vxlan_net.store import EtcdStore  # noqa: E402
-from vxlan_net.subnet_lease import SubnetLeaseKeeper  # noqa: E402
+from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper  # noqa: E402
+from vxlan_net.core.config import build_config  # noqa: E402
+from vxlan_net.core.errors import SubnetsExhausted  # noqa: E402
+from vxlan_net.core.lease import Lease, parse_lease  # noqa: E402
+from vxlan_net.doors.store import EtcdStore  # noqa: E402
 
 CONFIG = build_config("198.19.0.0/28", subnet_len=30)  # three subnets: .4 .8 .12
 ME, OTHER = IPv4Address("198.18.1.2"), IPv4Address("198.18.2.2")
@@ -101,7 +101,7 @@ def test_a_held_subnet_now_overlapping_the_underlay_is_given_up_with_a_warning(s
     old = first.acquire(remembered=None).subnet
     underlay = {IPv4Network((old.network_address + 1, 32)): f"address {old.network_address + 1}/24 on eth0"}
     restarted = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
-    with caplog.at_level(logging.WARNING, logger="vxlan_net.subnet_lease"):
+    with caplog.at_level(logging.WARNING, logger="vxlan_net.agent.lease_keeper"):
         new = restarted.acquire(remembered=old, avoid=underlay).subnet
     assert new != old and not new.overlaps(old)
     assert set(store.list_leases().records) == {f"{new.network_address}-{new.prefixlen}"}  # the old record is gone

@@ -2,9 +2,9 @@
 
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from vxlan_net.config import build_config
-from vxlan_net.desired import MainRoute
-from vxlan_net.underlay import NodeAddress, underlay_networks
+from vxlan_net.core.config import build_config
+from vxlan_net.core.desired import MainRoute
+from vxlan_net.core.underlay import NodeAddress, underlay_networks
 
 CONFIG = build_config("198.19.0.0/16")
 VTEP = "vxnet.1"

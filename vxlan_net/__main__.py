@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from vxlan_net.tools.cli import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""nftables rules of our own: pod-network forwarding and masquerade of egress traffic."""
+"""The nftables door: our own table (ingress filter of VXLAN to node IPs, the pod-to-VXLAN-port drop, optional
+masquerade) and the tagged FORWARD rules in iptables-nft's filter table that let pod traffic through."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import subprocess
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
-from .errors import KernelError
+from vxlan_net.core.errors import KernelError
+from vxlan_net.core.names import NFT_TABLE
 
 log = logging.getLogger(__name__)
 
-TABLE = "vxlan-net"
+TABLE = NFT_TABLE
 # iptables-nft keeps the FORWARD chain (and its policy) in `ip filter`; an accept in
 # our own table cannot override a drop there, so we append tagged rules to it when it exists.
 IPTABLES_FORWARD = ("ip", "filter", "FORWARD")

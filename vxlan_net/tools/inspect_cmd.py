@@ -8,14 +8,11 @@ import socket
 import sys
 from typing import Any, Callable, Optional
 
-EXIT_USAGE = 2
+from vxlan_net.tools.usage import EXIT_USAGE, UsageError
+
 EXIT_FAILED = 1
 ETCD_TIMEOUT = 2.0
 """Seconds per etcd request: resolution is a bonus, the capture must not wait for it."""
-
-
-class _Usage(Exception):
-    """A bad flag, file, interface or filter: one line, exit 2."""
 
 
 def register(subparsers: Any, add_etcd_flags: Callable[..., None]) -> None:
@@ -42,7 +39,7 @@ def register(subparsers: Any, add_etcd_flags: Callable[..., None]) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _inspect(args)
-    except _Usage as exc:
+    except UsageError as exc:
         print(f"vxlan-net inspect: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -50,12 +47,12 @@ def run(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     _check_flags(args)
     logging.getLogger("scapy").setLevel(logging.ERROR)  # scapy warns about routes and interfaces at import
-    from . import inspect_frames as frames
+    from vxlan_net.tools import inspect_frames as frames
 
     try:
         frame_filter = frames.parse_filter(args.filter)
     except ValueError as exc:
-        raise _Usage(str(exc)) from None
+        raise UsageError(str(exc)) from None
     if args.iface:
         _check_iface(args.iface)
     if args.read:
@@ -84,17 +81,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _check_flags(args: argparse.Namespace) -> None:
     if bool(args.iface) == bool(args.read):
-        raise _Usage("give either --iface (capture) or --read FILE.pcap")
+        raise UsageError("give either --iface (capture) or --read FILE.pcap")
     if args.count < 0:
-        raise _Usage(f"--count {args.count} must be 0 (no limit) or more")
+        raise UsageError(f"--count {args.count} must be 0 (no limit) or more")
     if args.timeout is not None and args.timeout <= 0:
-        raise _Usage(f"--timeout {args.timeout} must be positive")
+        raise UsageError(f"--timeout {args.timeout} must be positive")
     if args.port is not None and not 1 <= args.port <= 65535:
-        raise _Usage(f"--port {args.port} is not a UDP port")
+        raise UsageError(f"--port {args.port} is not a UDP port")
     if args.vni is not None and not 0 <= args.vni <= 16_777_215:
-        raise _Usage(f"--vni {args.vni} is not a VNI (0..16777215)")
+        raise UsageError(f"--vni {args.vni} is not a VNI (0..16777215)")
     if args.path_mtu is not None and args.path_mtu < 68:
-        raise _Usage(f"--path-mtu {args.path_mtu} is below the IPv4 minimum of 68")
+        raise UsageError(f"--path-mtu {args.path_mtu} is below the IPv4 minimum of 68")
 
 
 def _check_iface(name: str) -> None:
@@ -103,7 +100,7 @@ def _check_iface(name: str) -> None:
     try:
         socket.if_nametoindex(name)
     except OSError:
-        raise _Usage(f"no interface {name!r} in this network namespace") from None
+        raise UsageError(f"no interface {name!r} in this network namespace") from None
 
 
 def _iface_mtu(name: str) -> Optional[int]:
@@ -125,7 +122,7 @@ def _check_pcap(path: str) -> None:
     try:
         PcapReader(path).close()
     except (OSError, Scapy_Exception, EOFError) as exc:
-        raise _Usage(f"--read {path}: {exc}") from None
+        raise UsageError(f"--read {path}: {exc}") from None
 
 
 def _check_bpf(bpf: str, iface: Optional[str]) -> None:
@@ -136,16 +133,16 @@ def _check_bpf(bpf: str, iface: Optional[str]) -> None:
     try:
         compile_filter(bpf, linktype=DLT_LINUX_SLL if iface == "any" else DLT_EN10MB)
     except (Scapy_Exception, ImportError) as exc:
-        raise _Usage(f"--filter: {exc}") from None
+        raise UsageError(f"--filter: {exc}") from None
 
 
 def _cluster(args: argparse.Namespace) -> tuple[Any, list]:
     """The config and the valid leases from etcd, or (None, []) with one line on stderr."""
-    from .config import parse_config
-    from .cli import UsageError, _store
-    from .errors import VxlanNetError
-    from .lease_book import LeaseBook
-    from .status import skipped_lines
+    from vxlan_net.core.config import parse_config
+    from vxlan_net.tools.cli import _store
+    from vxlan_net.core.errors import VxlanNetError
+    from vxlan_net.core.lease_book import LeaseBook
+    from vxlan_net.tools.status import skipped_lines
 
     try:
         with _store(args, timeout=ETCD_TIMEOUT) as store:
@@ -185,13 +182,13 @@ class _Printer:
             try:
                 self.writer = PcapWriter(args.write, sync=True)
             except OSError as exc:
-                raise _Usage(f"--write {args.write}: {exc}") from None
+                raise UsageError(f"--write {args.write}: {exc}") from None
 
     def done(self, _packet: Any = None) -> bool:
         return bool(self.limit) and self.shown >= self.limit
 
     def __call__(self, packet: Any) -> None:
-        from . import inspect_frames as frames
+        from vxlan_net.tools import inspect_frames as frames
 
         if self.done():
             return

@@ -7,10 +7,11 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 from typing import Optional
 
-from .allocator import Avoid, choose_free_subnet, overlap, reusable_subnet
-from .config import NetworkConfig
-from .errors import InvalidLease, LeaseGone, SubnetTaken, VxlanNetError
-from .lease import Lease, parse_lease, parse_subnet_key_name
+from vxlan_net.core.allocator import Avoid, choose_free_subnet, overlap, reusable_subnet
+from vxlan_net.core.config import NetworkConfig
+from vxlan_net.core.errors import InvalidLease, LeaseGone, SubnetTaken, VxlanNetError
+from vxlan_net.core.lease import Lease, parse_subnet_key_name, subnet_key_name
+from vxlan_net.core.lease_book import LeaseBook
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,12 @@ class SubnetLeaseKeeper:
         subnet in the meantime: pick another and try again (flannel exits here; we do not).
         """
         snapshot = self.store.list_leases()
-        valid, taken = {}, set()
-        for key_name, record in snapshot.records.items():
-            try:
-                taken.add(parse_subnet_key_name(key_name))
-                lease = parse_lease(key_name, record.value, self.config)
-            except InvalidLease:
-                continue
-            valid[lease.subnet] = (lease, record)
-        leases = {subnet: pair[0] for subnet, pair in valid.items()}
+        book = LeaseBook(self.config)  # the listing as every reader takes it: parsed, the invalid skipped
+        book.replace(snapshot.events())
+        leases = {lease.subnet: lease for lease in book.valid_leases()}
+        valid = {subnet: (lease, snapshot.records[subnet_key_name(subnet)]) for subnet, lease in leases.items()}
+        # A key naming a subnet is taken even when its value is garbage: creating it would fail.
+        taken = {subnet for subnet in map(_subnet_of, snapshot.records) if subnet is not None}
         previous = reusable_subnet(self.config, leases, self.public_ip, remembered, self.vtep_mac)
         given_up = overlap(previous, avoid) if previous is not None else None
         if given_up:
@@ -134,3 +132,10 @@ class SubnetLeaseKeeper:
         if self.lease_id is None:
             raise SubnetTaken("no lease held")
         return self.store.refresh(self.lease_id)
+
+
+def _subnet_of(key_name: str) -> Optional[IPv4Network]:
+    try:
+        return parse_subnet_key_name(key_name)
+    except InvalidLease:
+        return None

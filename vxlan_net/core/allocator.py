@@ -6,9 +6,9 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, Mapping, Optional
 
-from .config import NetworkConfig
-from .errors import SubnetsExhausted
-from .lease import Lease
+from vxlan_net.core.config import NetworkConfig
+from vxlan_net.core.errors import SubnetsExhausted
+from vxlan_net.core.lease import Lease
 
 
 def candidate_subnets(config: NetworkConfig) -> Iterable[IPv4Network]:

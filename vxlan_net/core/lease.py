@@ -8,9 +8,9 @@ import re
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterable, Mapping, Optional
 
-from .config import UNUSABLE_NETWORKS, NetworkConfig
-from .errors import InvalidLease
-from .untrusted import load_json_object, shown
+from vxlan_net.core.config import UNUSABLE_NETWORKS, NetworkConfig
+from vxlan_net.core.errors import InvalidLease
+from vxlan_net.core.untrusted import load_json_object, shown
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})")

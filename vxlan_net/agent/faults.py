@@ -9,9 +9,9 @@ import time
 from concurrent.futures import Future
 from typing import Callable, Optional, TypeVar
 
-from .backoff import Backoff
-from .errors import VxlanNetError
-from .health import AgentMetrics, Readiness
+from vxlan_net.agent.health import AgentMetrics, Readiness
+from vxlan_net.core.backoff import Backoff
+from vxlan_net.core.errors import VxlanNetError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(subparsers, add_etcd_flags) -> None:
-    from .cli import env_default
+    from vxlan_net.tools.cli import env_default
 
     parser = subparsers.add_parser(
         "doctor", help="check this node: config, lease, VXLAN device, peer entries, bridge, subnet file, firewall",
@@ -35,7 +35,7 @@ def _rerun_inside(netns: str) -> None:
     import os
     import sys
 
-    from .cli import UsageError
+    from vxlan_net.tools.usage import UsageError
 
     if "/" in netns or not os.path.exists(f"/run/netns/{netns}"):
         raise UsageError(f"--node {netns!r}: no such network namespace (see `ip netns list`)")
@@ -51,8 +51,9 @@ def _rerun_inside(netns: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import doctor
-    from .cli import UsageError, _endpoints, _store
+    from vxlan_net.tools import doctor
+    from vxlan_net.tools.cli import _endpoints, _store
+    from vxlan_net.tools.usage import UsageError
 
     if args.node:
         _rerun_inside(args.node)

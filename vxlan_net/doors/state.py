@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Optional
 
-from .errors import InvalidLease
-from .lease import normalize_mac
-from .subnet_file import write_atomically
+from cni import subnet_file
+from cni.atomic_file import write_atomically
+from cni.config import format_mac, random_mac
 
-
-def random_vtep_mac() -> str:
-    """A random locally administered unicast MAC."""
-    octets = bytearray(os.urandom(6))
-    octets[0] = (octets[0] & 0xFE) | 0x02
-    return ":".join(f"{b:02x}" for b in octets)
+from vxlan_net.core.errors import InvalidLease
+from vxlan_net.core.lease import normalize_mac
 
 
 class NodeState:
@@ -47,7 +42,7 @@ class NodeState:
         try:
             return normalize_mac(self._load().get("VtepMAC"))
         except InvalidLease:
-            mac = random_vtep_mac()
+            mac = format_mac(random_mac())
             self._store(VtepMAC=mac)
             return mac
 
@@ -60,3 +55,12 @@ class NodeState:
     def remember_subnet(self, subnet: IPv4Network) -> None:
         if self.last_subnet() != subnet:
             self._store(Subnet=str(subnet))
+
+
+def remembered_subnet(path: Path) -> Optional[IPv4Network]:
+    """The node subnet recorded in an existing subnet file, if it is there, readable and valid."""
+    try:
+        node = subnet_file.parse(Path(path).read_text())
+    except (OSError, UnicodeError, ValueError):
+        return None
+    return IPv4Network((node.subnet, node.prefix))

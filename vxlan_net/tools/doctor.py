@@ -17,14 +17,13 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
-from .config import VXLAN_OVERHEAD, NetworkConfig
-from .desired import MainRoute, OverlayEntries, Route, desired_entries
-from .lease import Lease, subnet_key_name, trusted_peers
-from .subnet_file import parse_subnet_file
+from cni import subnet_file
 
-NFT_TABLE = "vxlan-net"
-ROUTE_PROTO = 157  # kernel.ROUTE_PROTO, repeated so the pure half does not import pyroute2
-SUBNET_FILE_KEYS = ("VXLAN_NET_NETWORK", "VXLAN_NET_SUBNET", "VXLAN_NET_MTU", "VXLAN_NET_IPMASQ")
+from vxlan_net.core.config import VXLAN_OVERHEAD, NetworkConfig
+from vxlan_net.core.desired import MainRoute, OverlayEntries, Route, desired_entries
+from vxlan_net.core.lease import Lease, subnet_key_name, trusted_peers
+from vxlan_net.core.names import NFT_TABLE, ROUTE_PROTO, VTEP_PREFIX, vtep_name
+
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
@@ -128,27 +127,14 @@ class SubnetFile:
 
 
 def parse_subnet_values(text: str) -> SubnetFile:
-    """The subnet file's four values, or ValueError naming what is wrong."""
-    values = parse_subnet_file(text)
-    missing = [k for k in SUBNET_FILE_KEYS if k not in values]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
+    """The subnet file's four values, by the plugin's own rules (cni/subnet_file.py), or ValueError
+    naming what is wrong."""
     try:
-        network = IPv4Network(values["VXLAN_NET_NETWORK"])
-    except ValueError:
-        raise ValueError(f"VXLAN_NET_NETWORK={values['VXLAN_NET_NETWORK']!r} is not a network") from None
-    try:
-        gateway = IPv4Interface(values["VXLAN_NET_SUBNET"])
-    except ValueError:
-        raise ValueError(f"VXLAN_NET_SUBNET={values['VXLAN_NET_SUBNET']!r} is not an address/prefix") from None
-    try:
-        mtu = int(values["VXLAN_NET_MTU"])
-    except ValueError:
-        raise ValueError(f"VXLAN_NET_MTU={values['VXLAN_NET_MTU']!r} is not a number") from None
-    masq = values["VXLAN_NET_IPMASQ"].lower()
-    if masq not in ("true", "false"):
-        raise ValueError(f"VXLAN_NET_IPMASQ={values['VXLAN_NET_IPMASQ']!r} is not true or false")
-    return SubnetFile(network, gateway, mtu, masq == "true")
+        node = subnet_file.parse(text)
+    except subnet_file.NotASubnetFile as exc:
+        raise ValueError(f"not a vxlan-net subnet file ({exc})") from None
+    return SubnetFile(IPv4Network((node.network, node.network_prefix)), IPv4Interface((node.gateway, node.prefix)),
+                      node.mtu, node.ipmasq)
 
 
 def subnet_file_values(facts: NodeFacts) -> Fact[SubnetFile]:
@@ -679,8 +665,8 @@ class DoctorOptions:
 
 
 def _read_config(store, prefix: str) -> Fact[NetworkConfig]:
-    from .config import parse_config
-    from .errors import InvalidConfig, VxlanNetError
+    from vxlan_net.core.config import parse_config
+    from vxlan_net.core.errors import InvalidConfig, VxlanNetError
 
     try:
         raw = store.get_config()
@@ -697,9 +683,9 @@ def _read_config(store, prefix: str) -> Fact[NetworkConfig]:
 def _read_leases(store, config: NetworkConfig, protected: Mapping[IPv4Address, str]):
     """({subnet: Lease} of the records this node's agent programs (and its own) or Unavailable,
     skipped records with their reasons, {subnet: etcd lease id})."""
-    from .errors import VxlanNetError
-    from .lease_book import LeaseBook
-    from .untrusted import shown
+    from vxlan_net.core.errors import VxlanNetError
+    from vxlan_net.core.lease_book import LeaseBook
+    from vxlan_net.core.untrusted import shown
 
     try:
         snapshot = store.list_leases()
@@ -715,7 +701,7 @@ def _read_leases(store, config: NetworkConfig, protected: Mapping[IPv4Address, s
 
 
 def _link(kernel, name: str) -> Fact[Link]:
-    from .errors import KernelError, LinkNotFound
+    from vxlan_net.core.errors import KernelError, LinkNotFound
 
     try:
         return Link.from_info(kernel.link_info(name))
@@ -770,35 +756,35 @@ def _read_ip_forward() -> Fact[bool]:
 def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     """Read everything the checks need from `store` (an EtcdStore, closed by the caller) and this
     namespace's kernel and files; nothing is written anywhere."""
-    from . import kernel
-    from .errors import KernelError, VxlanNetError
+    from vxlan_net.doors import kernel
+    from vxlan_net.core.errors import KernelError, VxlanNetError
 
-    from .underlay import underlay_addresses
+    from vxlan_net.core.underlay import underlay_addresses
 
     config = _read_config(store, options.etcd_prefix)
     if isinstance(config, Unavailable):
         # The data plane can still be checked while etcd is away.
-        vtep_name = next((n for n in kernel.vxlan_link_names() if n.startswith("vxnet.")), "vxnet.1")
+        device = next((n for n in kernel.vxlan_link_names() if n.startswith(VTEP_PREFIX)), vtep_name(1))
     else:
-        vtep_name = f"vxnet.{config.vni}"
+        device = vtep_name(config.vni)
     try:
         main_routes: Fact[tuple[MainRoute, ...]] = tuple(kernel.main_table_routes())
         protected = {} if isinstance(config, Unavailable) else underlay_addresses(
-            store.endpoint_addresses(), kernel.node_addresses(), main_routes, config, vtep_name)
+            store.endpoint_addresses(), kernel.node_addresses(), main_routes, config, device)
     except KernelError as exc:
         main_routes, protected = Unavailable(f"cannot read the main routing table: {exc}"), {}
     leases, invalid, ids = (Unavailable("leases not read: see the config line"), (), {}) \
         if isinstance(config, Unavailable) else _read_leases(store, config, protected)
-    vtep = _link(kernel, vtep_name)
+    vtep = _link(kernel, device)
     iface = options.iface or (vtep.vxlan.underlay if not isinstance(vtep, Unavailable) and vtep.vxlan else None)
-    underlay = _link(kernel, iface) if iface else Unavailable(f"{vtep_name} names no underlay: give --iface")
+    underlay = _link(kernel, iface) if iface else Unavailable(f"{device} names no underlay: give --iface")
     try:
-        entries: Fact[OverlayEntries] = kernel.read_overlay_entries(vtep_name)
+        entries: Fact[OverlayEntries] = kernel.read_overlay_entries(device)
     except KernelError as exc:
-        entries = Unavailable(f"cannot read the entries of {vtep_name}: {exc}")
+        entries = Unavailable(f"cannot read the entries of {device}: {exc}")
     state_path = Path(options.state_dir) / "node.json"
     facts = NodeFacts(
-        config=config, leases=leases, invalid_leases=invalid, vtep_name=vtep_name, vtep=vtep,
+        config=config, leases=leases, invalid_leases=invalid, vtep_name=device, vtep=vtep,
         underlay=underlay, entries=entries, bridge=_link(kernel, options.bridge),
         subnet_file=_read_text(options.subnet_file), nft=_read_nft(), ip_forward=_read_ip_forward(),
         state=_read_state(state_path), subnet_file_path=str(options.subnet_file), state_path=str(state_path),
@@ -819,7 +805,7 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
 
 def tunnel_frame(packet, port: int) -> Optional[TunnelFrame]:
     """A scapy packet from the underlay as a TunnelFrame, or None if it is no VXLAN frame to `port`."""
-    from .inspect_frames import InspectContext, decode_frame
+    from vxlan_net.tools.inspect_frames import InspectContext, decode_frame
 
     frame = decode_frame(packet, InspectContext(port=port))
     if frame is None:
@@ -835,7 +821,7 @@ def run_probe(plan: ProbePlan, timeout: float = 3.0) -> tuple[list[TunnelFrame],
     Bounded: one echo request, the capture stops `timeout` seconds after it started at the latest."""
     from scapy.sendrecv import AsyncSniffer
 
-    from . import inspect_frames  # noqa: F401 (loads scapy's Ethernet/IP layers, so captures are dissected)
+    from vxlan_net.tools import inspect_frames  # noqa: F401 (loads scapy's Ethernet/IP layers, so captures are dissected)
 
     started = threading.Event()
     sniffer = AsyncSniffer(iface=plan.underlay, filter=f"udp port {plan.port}", store=True,

@@ -18,8 +18,8 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Packet
 
-from .config import DEFAULT_PORT
-from .lease import Lease
+from vxlan_net.core.config import DEFAULT_PORT
+from vxlan_net.core.lease import Lease
 
 VXLAN_HEADER_LEN = 8
 # Where the inner IPv4 addresses sit in the UDP datagram: UDP 8 + VXLAN 8 + Ether 14 + IP 12 / 16.

@@ -8,8 +8,8 @@ import json
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Mapping, Optional
 
-from .errors import InvalidConfig
-from .untrusted import load_json_object
+from vxlan_net.core.errors import InvalidConfig
+from vxlan_net.core.untrusted import load_json_object
 
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472
@@ -49,6 +49,10 @@ class NetworkConfig:
     """UDP destination port of the tunnel (`Backend.Port`)."""
     mtu: Optional[int] = None
     """Tunnel MTU override (`Backend.MTU`); None means underlay MTU - VXLAN_OVERHEAD."""
+
+    def pod_mtu(self, underlay_mtu: int) -> int:
+        """The MTU of the VTEP and the pods: the config's override, else the underlay's minus VXLAN's overhead."""
+        return self.mtu or underlay_mtu - VXLAN_OVERHEAD
 
     def subnet_at(self, address: IPv4Address) -> IPv4Network:
         """The node subnet whose network address is `address`."""

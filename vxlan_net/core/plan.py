@@ -1,10 +1,12 @@
-"""The difference between desired and actual overlay entries, in a safe order."""
+"""The difference between desired and actual overlay entries, in a safe order, and what applying it did
+(ApplyResult: the contract between the reconciler and the netlink door)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Union
 
-from .desired import FdbEntry, Neighbour, OverlayEntries, Route
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,3 +52,34 @@ def plan_changes(desired: OverlayEntries, actual: OverlayEntries) -> Plan:
         remove_fdb=tuple(actual.fdb - desired.fdb),
         remove_neighbours=tuple(n for n in actual.neighbours if n.ip not in wanted_neigh_ips),
     )
+
+
+Entry = Union[Neighbour, FdbEntry, Route]
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyFailure:
+    """One entry the kernel refused; `action` is the Plan field it came from."""
+
+    action: str
+    entry: Entry
+    errno: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.entry}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyResult:
+    """What apply_plan did: entries in place (removals of absent entries count) and refusals."""
+
+    applied: int = 0
+    failures: tuple[ApplyFailure, ...] = ()
+    conflicts: tuple[ApplyFailure, ...] = ()
+    """Routes not written because someone else's route holds the prefix: left alone, not a failure
+    (retrying cannot help until that route is deleted)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures

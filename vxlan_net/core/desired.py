@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, Iterable, Optional
 
 if TYPE_CHECKING:
-    from .lease import Lease
+    from vxlan_net.core.lease import Lease
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -79,7 +79,8 @@ class OverlayEntries:
 
 
 def desired_entries(peers: Iterable[Lease]) -> OverlayEntries:
-    """Three entries per remote lease (DESIGN §3)."""
+    """Three entries per remote lease: a permanent neighbour (its gateway -> its VtepMAC), an FDB entry
+    (its VtepMAC -> its PublicIP) and an onlink route (its subnet via its gateway)."""
     neighbours, fdb, routes = set(), set(), set()
     for lease in peers:
         gateway = lease.subnet.network_address

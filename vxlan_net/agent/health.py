@@ -64,7 +64,7 @@ class Readiness:
     last_reconcile_ok: bool = False
     last_reconcile_at: Optional[float] = None  # time.monotonic()
     faults: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Transient faults lasting now: kind -> the last error (vxlan_net.faults keeps it)."""
+    """Transient faults lasting now: kind -> the last error (vxlan_net.agent.faults keeps it)."""
 
     def problems(self, now: Optional[float] = None) -> list[str]:
         now = time.monotonic() if now is None else now
@@ -79,14 +79,6 @@ class Readiness:
             problems.append(f"last successful reconcile {now - self.last_reconcile_at:.0f}s ago")
         problems.extend(f"{kind}: {error}" for kind, error in sorted(dict(self.faults).items()))
         return problems
-
-
-def parse_listen_address(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `:PORT` for all addresses); ValueError with a reason otherwise."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class HealthServer:

@@ -9,20 +9,20 @@ from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, Optional, Protocol
 
-from .desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
-from .errors import VxlanNetError
-from .lease import Lease
-from .plan import Plan, plan_changes
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.errors import VxlanNetError
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.plan import ApplyResult, Plan, plan_changes
 
 log = logging.getLogger(__name__)
 
 
 class OverlayKernel(Protocol):
-    """The part of the netlink door the reconciler needs (vxlan_net.kernel)."""
+    """The part of the netlink door the reconciler needs (vxlan_net.doors.kernel)."""
 
     def read_overlay_entries(self, ifname: str) -> OverlayEntries: ...
 
-    def apply_plan(self, ifname: str, plan: Plan): ...
+    def apply_plan(self, ifname: str, plan: Plan) -> ApplyResult: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,10 +181,9 @@ class Reconciler:
         if plan.empty:
             return
         result = self.kernel.apply_plan(self.ifname, plan)
-        self._note_conflicts(plan, getattr(result, "conflicts", ()) or ())
-        failures = list(getattr(result, "failures", []) or [])
-        if failures:
-            raise VxlanNetError(f"{len(failures)} of {len(plan)} changes failed, first: {failures[0]}")
+        self._note_conflicts(plan, result.conflicts)
+        if result.failures:
+            raise VxlanNetError(f"{len(result.failures)} of {len(plan)} changes failed, first: {result.failures[0]}")
 
     def _note_conflicts(self, plan: Plan, conflicts) -> None:
         """Someone else's route for a peer's subnet is left alone; retrying cannot help until it goes,

@@ -7,8 +7,8 @@ from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Iterable, Mapping, Optional
 
-from .config import NetworkConfig
-from .desired import RT_SCOPE_LINK, MainRoute
+from vxlan_net.core.config import NetworkConfig
+from vxlan_net.core.desired import RT_SCOPE_LINK, MainRoute
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Optional
 
-from .desired import OverlayEntries
-from .lease import Lease
-from .untrusted import shown
+from vxlan_net.core.desired import OverlayEntries
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.untrusted import shown
 
 
 def format_expiry(seconds: Optional[int]) -> str:

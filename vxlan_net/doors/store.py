@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from .errors import LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted, WatchLost
-from .lease import subnet_key_name
-from .lease_book import RecordEvent
+from vxlan_net.core.errors import LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted, WatchLost
+from vxlan_net.core.lease import subnet_key_name
+from vxlan_net.core.lease_book import RecordEvent
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,18 @@ class Endpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class StoreStatus:
+    """What the answering etcd member says about itself."""
+
+    endpoint: str
+    version: str
+    revision: int
+    leader: int
+    member_id: int
+    db_size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class LeaseRecord:
     """One raw `<prefix>/subnets/<key_name>` entry; the value is untrusted (see lease.parse_lease)."""
 
@@ -176,18 +188,6 @@ class LeaseEvent:
     mod_revision: int
     create_revision: int = 0
     """The key's create revision (a put); 0 for a delete."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreStatus:
-    """What the answering etcd member says about itself."""
-
-    endpoint: str
-    version: str
-    revision: int
-    leader: int
-    member_id: int
-    db_size: int
 
 
 def parse_endpoint(url: str) -> Endpoint:

@@ -12,16 +12,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import InvalidConfig, StoreConfigError, StoreUnavailable, VxlanNetError
-from .logs import configure_logging
+from vxlan_net.core.errors import InvalidConfig, StoreConfigError, StoreUnavailable, VxlanNetError
+from vxlan_net.tools.logs import configure_logging
+from vxlan_net.tools.usage import EXIT_USAGE, UsageError
 
 ENV_PREFIX = "VXLAN_NET_"
-EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 1
-
-
-class UsageError(Exception):
-    """A bad flag or value given by the user: one line, exit 2."""
 
 
 def env_default(flag: str, fallback=None):
@@ -151,7 +147,7 @@ def _endpoints(args) -> list[str]:
 
 def _store(args, **options):
     """The etcd door as the etcd flags describe it (`options`: e.g. timeout)."""
-    from .store import EtcdStore  # imported late: `--help` and usage errors stay fast
+    from vxlan_net.doors.store import EtcdStore  # imported late: `--help` and usage errors stay fast
 
     return EtcdStore(_endpoints(args), args.etcd_prefix, **options, ca_cert=getattr(args, "etcd_cafile", None),
                      cert_key=getattr(args, "etcd_keyfile", None), cert_cert=getattr(args, "etcd_certfile", None),
@@ -159,7 +155,7 @@ def _store(args, **options):
 
 
 def _config_set(args) -> int:
-    from .config import build_config
+    from vxlan_net.core.config import build_config
 
     if not args.network:
         raise UsageError("--network is required")
@@ -188,11 +184,18 @@ def _config_get(args) -> int:
     return 0
 
 
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `:PORT` for all addresses); ValueError with a reason otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def _agent(args) -> int:
     from cni.config import DEFAULT_BRIDGE, valid_ifname
 
-    from .agent import Agent, AgentOptions
-    from .health import parse_listen_address
+    from vxlan_net.agent.loop import Agent, AgentOptions
 
     try:
         public_ip = IPv4Address(args.public_ip) if args.public_ip else None
@@ -231,14 +234,14 @@ def _agent(args) -> int:
 
 
 def _status(args) -> int:
-    from . import kernel
-    from .agent import vtep_name
-    from .config import parse_config
-    from .desired import desired_entries
-    from .lease_book import LeaseBook
-    from .lease import subnet_key_name
-    from .status import describe_drift, render_lease_table, skipped_lines
-    from .underlay import underlay_addresses
+    from vxlan_net.doors import kernel
+    from vxlan_net.core.names import vtep_name
+    from vxlan_net.core.config import parse_config
+    from vxlan_net.core.desired import desired_entries
+    from vxlan_net.core.lease_book import LeaseBook
+    from vxlan_net.core.lease import subnet_key_name
+    from vxlan_net.tools.status import describe_drift, render_lease_table, skipped_lines
+    from vxlan_net.core.underlay import underlay_addresses
 
     with _store(args) as store:
         config = parse_config(_read_config(store, args))

@@ -10,28 +10,31 @@ from concurrent import futures
 from concurrent.futures import Future
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from cni.agent_socket import socket_path
-from cni.config import DEFAULT_BRIDGE
+from cni.config import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
+from cni.subnet_file import write as write_subnet_file
 
-from . import firewall, kernel
-from .backoff import Backoff
-from .cni_service import CniService
-from .config import VXLAN_OVERHEAD, NetworkConfig, parse_config
-from .errors import (InvalidConfig, InvalidLease, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
-                     StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
-from .faults import Faults, RetriedStep, in_background, retry_in_background
-from .health import AgentMetrics, HealthServer, Readiness
-from .lease import Lease, parse_lease_value
-from .lease_book import LeaseBook, RecordEvent
-from .reconciler import Reconciler
-from .state import NodeState
-from .store import EtcdStore
-from .subnet_file import remembered_subnet, render_subnet_file, write_atomically
-from .subnet_lease import SubnetLeaseKeeper
-from .underlay import underlay_addresses, underlay_networks
-from .untrusted import shown
+from vxlan_net.agent.cni_service import CniService
+from vxlan_net.agent.decisions import KEEP, REFUSE, next_resync_delay, own_record_action, respond_to
+from vxlan_net.agent.faults import Faults, RetriedStep, in_background, retry_in_background
+from vxlan_net.agent.health import AgentMetrics, HealthServer, Readiness
+from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
+from vxlan_net.agent.reconciler import Reconciler
+from vxlan_net.core.backoff import Backoff
+from vxlan_net.core.config import NetworkConfig, parse_config
+from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
+                                   StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.lease_book import LeaseBook, RecordEvent
+from vxlan_net.core.names import vtep_name
+from vxlan_net.core.underlay import underlay_addresses, underlay_networks
+from vxlan_net.core.untrusted import shown
+from vxlan_net.doors import firewall
+from vxlan_net.doors import kernel
+from vxlan_net.doors.state import NodeState, remembered_subnet
+from vxlan_net.doors.store import EtcdStore
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class AgentOptions:
     """Underlay interface; default: the one carrying --public-ip, else the default route's."""
     public_ip: Optional[IPv4Address] = None
     """Address other nodes send tunnel traffic to; default: the underlay interface's."""
-    subnet_file: Path = Path("/run/vxlan-net/subnet.env")
+    subnet_file: Path = Path(DEFAULT_SUBNET_FILE)
     state_dir: Path = Path("/var/lib/vxlan-net")
     ip_masq: bool = False
     """Masquerade traffic leaving the pod network to the node's address."""
@@ -78,21 +81,33 @@ class AgentOptions:
             object.__setattr__(self, "cni_socket", Path(socket_path(str(self.subnet_file))))
 
 
-def vtep_name(vni: int) -> str:
-    """`vxnet.<VNI>`: at most 14 characters, within the kernel's 15."""
-    return f"vxnet.{vni}"
+@dataclasses.dataclass
+class Doors:
+    """Everything the agent does to the world goes through these; unit tests pass fakes."""
+
+    store: Any
+    """etcd: doors.store.EtcdStore."""
+    kernel: Any = kernel
+    """netlink and /proc/sys: the doors.kernel module."""
+    firewall: Any = firewall
+    """nftables: the doors.firewall module."""
+
+    @classmethod
+    def real(cls, options: AgentOptions) -> "Doors":
+        return cls(EtcdStore(list(options.etcd_endpoints), options.etcd_prefix, ca_cert=options.etcd_cafile,
+                             cert_key=options.etcd_keyfile, cert_cert=options.etcd_certfile,
+                             username=options.etcd_username, password=options.etcd_password))
 
 
 class Agent:
     """Runs until `stop` is set; leaves kernel state and the lease in place on exit."""
 
-    def __init__(self, options: AgentOptions, stop: threading.Event):
+    def __init__(self, options: AgentOptions, stop: threading.Event, doors: Optional[Doors] = None):
         self.options = options
         self.stop = stop
+        doors = doors or Doors.real(options)
+        self.store, self.kernel, self.firewall = doors.store, doors.kernel, doors.firewall
         self.node_state = NodeState(options.state_dir)
-        self.store = EtcdStore(list(options.etcd_endpoints), options.etcd_prefix, ca_cert=options.etcd_cafile,
-                               cert_key=options.etcd_keyfile, cert_cert=options.etcd_certfile,
-                               username=options.etcd_username, password=options.etcd_password)
         self.config: Optional[NetworkConfig] = None
         self.keeper: Optional[SubnetLeaseKeeper] = None
         self.book: Optional[LeaseBook] = None
@@ -158,12 +173,12 @@ class Agent:
         self.underlay = (ifname, public_ip, underlay_mtu)
         mac = self.node_state.vtep_mac()
         self.keeper = SubnetLeaseKeeper(self.store, self.config, public_ip, mac, self.options.subnet_lease_ttl)
-        self.reconciler = Reconciler(vtep_name(self.config.vni), kernel)
+        self.reconciler = Reconciler(vtep_name(self.config.vni), self.kernel)
         lease = self._wait(self._acquire, "subnet lease")
         if lease is None:
             return 0
         self._adopt(lease)
-        _enable_ip_forwarding()
+        self._enable_ip_forwarding()
         self._follow_leases()
         log.info("stopping; kernel entries and the lease stay in place")
         self.store.close()
@@ -192,14 +207,14 @@ class Agent:
     def _resolve_underlay(self) -> tuple[str, IPv4Address, int]:
         opts = self.options
         if opts.iface:
-            public_ip = opts.public_ip or kernel.interface_address(opts.iface)
+            public_ip = opts.public_ip or self.kernel.interface_address(opts.iface)
             ifname = opts.iface
         elif opts.public_ip:
             public_ip = opts.public_ip
-            ifname, _ = kernel.underlay_for(public_ip)
+            ifname, _ = self.kernel.underlay_for(public_ip)
         else:
-            ifname, public_ip = kernel.default_route_source()
-        mtu = int(kernel.link_info(ifname)["mtu"])
+            ifname, public_ip = self.kernel.default_route_source()
+        mtu = int(self.kernel.link_info(ifname)["mtu"])
         log.info("underlay %s, public IP %s, MTU %d", ifname, public_ip, mtu)
         return ifname, public_ip, mtu
 
@@ -207,7 +222,7 @@ class Agent:
         remembered = (self.keeper.lease.subnet if self.keeper.lease else None) \
             or self.node_state.last_subnet() or remembered_subnet(self.options.subnet_file)
         # Read at every acquire: our subnet must not cover an address or connected route of the node.
-        underlay = underlay_networks(kernel.node_addresses(), kernel.main_table_routes(), self.config,
+        underlay = underlay_networks(self.kernel.node_addresses(), self.kernel.main_table_routes(), self.config,
                                      vtep_name(self.config.vni))
         return self.keeper.acquire(remembered, underlay)
 
@@ -218,7 +233,7 @@ class Agent:
         failing `nft` or a read-only subnet directory never keeps the overlay from being programmed.
         """
         config, (ifname, public_ip, underlay_mtu) = self.config, self.underlay
-        mtu = config.mtu or underlay_mtu - VXLAN_OVERHEAD
+        mtu = config.pod_mtu(underlay_mtu)
         spec = kernel.VtepSpec(
             name=vtep_name(config.vni), vni=config.vni, port=config.port, local_ip=public_ip,
             underlay_ifname=ifname, mac=lease.vtep_mac, mtu=mtu,
@@ -236,22 +251,22 @@ class Agent:
 
     def _ensure_vtep(self) -> None:
         spec = self._adoption[1]
-        kernel.ensure_vtep(spec)
+        self.kernel.ensure_vtep(spec)
         try:
-            kernel.drop_unicast_in_l2_multicast(spec.name)
+            self.kernel.drop_unicast_in_l2_multicast(spec.name)
         except KernelError as exc:
             log.warning("%s accepts unicast packets in L2 multicast frames: %s", spec.name, exc)
 
     def _write_subnet_file(self) -> None:
         lease, _, mtu = self._adoption
-        write_atomically(self.options.subnet_file,
-                         render_subnet_file(self.config.network, lease.subnet, mtu, self.options.ip_masq))
+        write_subnet_file(self.options.subnet_file, str(self.config.network), str(lease.subnet), mtu,
+                          self.options.ip_masq)
         self.readiness.subnet_file_written = True
 
     def _apply_firewall(self) -> None:
         """Our nft table, with the peers known now allowed (the next reconcile trims the set)."""
         filtered = self.options.vxlan_ingress_filter
-        firewall.apply_rules(self.config.network, self.options.ip_masq, self.config.port, self._forward_devices(),
+        self.firewall.apply_rules(self.config.network, self.options.ip_masq, self.config.port, self._forward_devices(),
                              self.reconciler.peer_public_ips() if filtered else (), ingress_filter=filtered)
         self._filtered_peers = None
 
@@ -307,8 +322,7 @@ class Agent:
             if now >= next_resync:
                 self._reconcile()
                 failures = self.reconciler.failures_in_a_row
-                next_resync = now + (self.options.resync_interval if not failures else min(
-                    self.options.resync_interval, 2.0 ** min(failures, 5)))
+                next_resync = now + next_resync_delay(self.options.resync_interval, failures)
             self._retry_steps()
             if renewal is None and now >= next_renew:
                 renewal = (self.keeper.lease_id, in_background(self.keeper.renew, "etcd-renew"))
@@ -362,16 +376,16 @@ class Agent:
         change = self.book.replace(events) if replace else self.book.apply(events)
         self._note_skipped(change)
         self.metrics.leases_known.set(len(self.book))
-        lost = change.own_lease_removed
-        if lost:
+        response = respond_to(change, listing=replace)
+        if response.reacquire:
             log.warning("our lease record for %s was deleted; acquiring again (same subnet if possible)",
                         self.keeper.lease.subnet)
             self._reacquire()
-        elif change.own_record_changed or replace:
+        elif response.check_own_record:
             self._restore_own_record()
-        if replace or lost:
+        if response.full_pass:
             self._reconcile(full=True)
-        elif change.peers_changed:
+        elif response.targeted_pass:
             self.reconciler.update_peers(change.added + change.updated, [l.subnet for l in change.removed])
             self._reconcile(full=False)
 
@@ -381,8 +395,8 @@ class Agent:
         Addresses are read on every full pass; gateways (a main-table dump) only when asked."""
         try:
             if read_routes:
-                self._routes = kernel.main_table_routes()
-            self._addresses = kernel.node_addresses()
+                self._routes = self.kernel.main_table_routes()
+            self._addresses = self.kernel.node_addresses()
         except VxlanNetError as exc:
             log.warning("cannot read this node's addresses (%s); keeping the previous ones", exc)
         return underlay_addresses(self._etcd_addresses, self._addresses, self._routes, self.config,
@@ -399,12 +413,11 @@ class Agent:
         Only our etcd lease expiring or being revoked gives up the subnet (then: acquire again).
         """
         held = self.keeper.lease
-        if self.book.lease_for(held.subnet) == held:
+        action, reason = own_record_action(held, self.book.lease_for(held.subnet), self.config)
+        if action == KEEP:
             return
-        try:
-            parse_lease_value(held.subnet, held.to_json(), self.config)
-        except InvalidLease as exc:  # restoring would only make every agent skip it again
-            log.error("our own lease record is invalid for this network (%s); not rewriting it", exc)
+        if action == REFUSE:
+            log.error("our own lease record is invalid for this network (%s); not rewriting it", reason)
             return
         log.warning("our lease record for %s was overwritten by someone else; restoring it", held.subnet)
         try:
@@ -454,7 +467,7 @@ class Agent:
         if self._firewall_step.pending:  # its retry installs the current peers with the table
             return
         try:
-            firewall.update_peers(sources)
+            self.firewall.update_peers(sources)
         except VxlanNetError as exc:
             self._firewall_step.failed(exc)
             return
@@ -466,7 +479,7 @@ class Agent:
     def _recheck_forward_rules(self) -> None:
         """Someone (a firewall reload, an operator) may have removed or edited our FORWARD rules."""
         try:
-            if firewall.ensure_forward_rules(self._forward_devices()):
+            if self.firewall.ensure_forward_rules(self._forward_devices()):
                 log.warning("restored the vxlan-net rules in iptables-nft's FORWARD chain (missing or changed)")
         except VxlanNetError as exc:
             log.warning("cannot check the vxlan-net rules in iptables-nft's FORWARD chain, will retry: %s", exc)
@@ -501,16 +514,14 @@ class Agent:
                         previous.subnet, lease.subnet)
         self._adopt(lease)
 
+    def _enable_ip_forwarding(self) -> None:
+        try:
+            self.kernel.enable_ip_forwarding()
+        except KernelError as exc:
+            log.warning("cannot enable IPv4 forwarding: %s", exc)
+
     @staticmethod
     def _log_store_trouble(backoff: Backoff, message: str) -> None:
         """Warn on the first failure in a row only, so an outage does not flood the log."""
         (log.warning if backoff.failures <= 1 else log.debug)(message)
-
-
-def _enable_ip_forwarding() -> None:
-    """Pods' traffic is routed by the node, so forwarding must be on in its namespace."""
-    try:
-        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-    except OSError as exc:
-        log.warning("cannot enable IPv4 forwarding: %s", exc)
 

@@ -13,9 +13,9 @@ import dataclasses
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, Mapping, Optional
 
-from .config import NetworkConfig
-from .errors import InvalidLease
-from .lease import Lease, parse_lease_value, parse_subnet_key_name, subnet_key_name
+from vxlan_net.core.config import NetworkConfig
+from vxlan_net.core.errors import InvalidLease
+from vxlan_net.core.lease import Lease, parse_lease_value, parse_subnet_key_name, subnet_key_name
 
 
 @dataclasses.dataclass(frozen=True)

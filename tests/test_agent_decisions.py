@@ -1,0 +1,198 @@
+"""The agent's decisions without root or etcd: the pure ones (agent/decisions.py, NetworkConfig.pod_mtu)
+and the loop's own choices with its doors (etcd, netlink, nftables) replaced by fakes."""
+
+from __future__ import annotations
+
+import threading
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from vxlan_net.agent.decisions import (KEEP, REFUSE, RESTORE, Response, next_resync_delay, own_record_action,
+                                       respond_to)
+from vxlan_net.agent.loop import Agent, AgentOptions, Doors
+from vxlan_net.agent.reconciler import Reconciler
+from vxlan_net.core.config import build_config
+from vxlan_net.core.desired import desired_entries
+from vxlan_net.core.lease import Lease, subnet_key_name
+from vxlan_net.core.lease_book import LeaseBook, LeaseChange, RecordEvent
+
+from test_reconciler import MemoryKernel
+
+CONFIG = build_config("198.19.0.0/16", vni=1)
+OURS = Lease(IPv4Network("198.19.1.0/24"), IPv4Address("198.18.1.2"), "0a:00:00:00:00:01")
+PEER = Lease(IPv4Network("198.19.2.0/24"), IPv4Address("198.18.2.2"), "0a:00:00:00:00:02")
+
+
+# -- pure decisions ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, listing, expected", [
+    (LeaseChange(own_lease_removed=True), False, Response(reacquire=True, full_pass=True)),
+    (LeaseChange(own_lease_removed=True, added=(PEER,)), True, Response(reacquire=True, full_pass=True)),
+    (LeaseChange(), True, Response(check_own_record=True, full_pass=True)),
+    (LeaseChange(own_record_changed=True), False, Response(check_own_record=True)),
+    (LeaseChange(own_record_changed=True, updated=(PEER,)), False,
+     Response(check_own_record=True, targeted_pass=True)),
+    (LeaseChange(added=(PEER,)), False, Response(targeted_pass=True)),
+    (LeaseChange(removed=(PEER,)), False, Response(targeted_pass=True)),
+    (LeaseChange(rejected=(("x", "not JSON"),)), False, Response()),
+])
+def test_a_lost_own_record_or_a_listing_means_a_full_pass_moved_peers_a_targeted_one(change, listing, expected):
+    assert respond_to(change, listing) == expected
+
+
+def test_our_record_is_kept_restored_or_refused():
+    assert own_record_action(OURS, OURS, CONFIG) == (KEEP, "")
+    for recorded in (None, Lease(OURS.subnet, OURS.public_ip, "0a:00:00:00:00:09"), PEER):
+        assert own_record_action(OURS, recorded, CONFIG) == (RESTORE, "")
+    outside = Lease(IPv4Network("198.20.1.0/24"), OURS.public_ip, OURS.vtep_mac)  # held under an older config
+    action, reason = own_record_action(outside, None, CONFIG)
+    assert action == REFUSE and reason
+
+
+@pytest.mark.parametrize("failures, expected", [(0, 30.0), (1, 2.0), (3, 8.0), (5, 30.0), (40, 30.0)])
+def test_failed_passes_shorten_the_resync_never_beyond_the_interval(failures, expected):
+    assert next_resync_delay(30.0, failures) == expected
+    assert next_resync_delay(5.0, failures) == min(5.0, expected)
+
+
+def test_the_pod_mtu_is_the_configs_else_the_underlays_minus_the_vxlan_overhead():
+    assert CONFIG.pod_mtu(1500) == 1450 and CONFIG.pod_mtu(9000) == 8950
+    assert build_config("198.19.0.0/16", mtu=1400).pod_mtu(9000) == 1400
+
+
+# -- the loop with fake doors ------------------------------------------------------------------------
+
+
+class FakeStore:
+    def endpoint_addresses(self):
+        return {IPv4Address("198.18.0.2"): "http://198.18.0.2:2379"}
+
+    def close(self):
+        pass
+
+
+class KernelDoor(MemoryKernel):
+    """The netlink door's calls the agent makes, answered from memory and recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __getattr__(self, name):  # every other door function: record the call, answer None
+        def call(*args, **kwargs):
+            self.calls.append((name, args))
+        return call
+
+    def interface_address(self, ifname):
+        self.calls.append(("interface_address", (ifname,)))
+        return IPv4Address("198.18.1.2")
+
+    def underlay_for(self, public_ip):
+        self.calls.append(("underlay_for", (public_ip,)))
+        return "und1", 7
+
+    def default_route_source(self):
+        self.calls.append(("default_route_source", ()))
+        return "und0", IPv4Address("198.18.1.3")
+
+    def link_info(self, ifname):
+        return {"mtu": {"und0": 1500, "und1": 9000, "eth9": 1400}[ifname]}
+
+    def node_addresses(self):
+        return []
+
+    def main_table_routes(self):
+        return []
+
+
+class FirewallDoor:
+    ForwardDevices = staticmethod(lambda bridge, vtep: (bridge, vtep))
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return False
+        return call
+
+
+class FakeKeeper:
+    ttl, renew_interval, lease_id = 60, 20.0, 7
+
+    def __init__(self, lease):
+        self.lease, self.acquired, self.restored = lease, 0, 0
+
+    def acquire(self, remembered, underlay):
+        self.acquired += 1
+        return self.lease
+
+    def restore(self):
+        self.restored += 1
+
+
+def fake_agent(tmp_path, **options):
+    kernel, nft = KernelDoor(), FirewallDoor()
+    agent = Agent(AgentOptions(etcd_endpoints=("http://198.18.0.2:2379",), state_dir=tmp_path,
+                               subnet_file=tmp_path / "subnet.env", **options), threading.Event(),
+                  Doors(FakeStore(), kernel, nft))
+    return agent, kernel, nft
+
+
+@pytest.mark.parametrize("options, expected, asked", [
+    ({"iface": "eth9"}, ("eth9", IPv4Address("198.18.1.2"), 1400), "interface_address"),
+    ({"iface": "eth9", "public_ip": IPv4Address("198.18.9.9")}, ("eth9", IPv4Address("198.18.9.9"), 1400), None),
+    ({"public_ip": IPv4Address("198.18.9.9")}, ("und1", IPv4Address("198.18.9.9"), 9000), "underlay_for"),
+    ({}, ("und0", IPv4Address("198.18.1.3"), 1500), "default_route_source"),
+])
+def test_the_underlay_is_the_flag_then_the_public_ips_interface_then_the_default_route(tmp_path, options, expected,
+                                                                                        asked):
+    agent, kernel, _ = fake_agent(tmp_path, **options)
+    assert agent._resolve_underlay() == expected
+    assert [name for name, _ in kernel.calls] == ([asked] if asked else [])
+
+
+def running(tmp_path):
+    """An agent as _follow_leases has it: holding OURS, knowing the listing with OURS and PEER."""
+    agent, kernel, nft = fake_agent(tmp_path, vxlan_ingress_filter=False)
+    agent.config, agent.underlay = CONFIG, ("und0", OURS.public_ip, 1500)
+    agent.keeper = FakeKeeper(OURS)
+    agent.reconciler = Reconciler("vxnet.1", kernel)
+    agent._adopt(OURS)
+    agent.book = LeaseBook(CONFIG)
+    agent.book.set_own(OURS)
+    agent._take([RecordEvent(subnet_key_name(l.subnet), l.to_json().encode(), n) for n, l in enumerate((OURS, PEER))],
+                replace=True)
+    assert kernel.entries == desired_entries([PEER]) and kernel.reads == 1
+    return agent, kernel, nft
+
+
+def test_adopting_a_lease_creates_the_vtep_with_the_pod_mtu_and_writes_the_subnet_file(tmp_path):
+    agent, kernel, nft = running(tmp_path)
+    (spec,) = [args[0] for name, args in kernel.calls if name == "ensure_vtep"]
+    assert (spec.name, spec.mtu, spec.mac, spec.local_ip, spec.underlay_ifname) == (
+        "vxnet.1", 1450, OURS.vtep_mac, OURS.public_ip, "und0")
+    assert "VXLAN_NET_MTU=1450\n" in (tmp_path / "subnet.env").read_text()
+    assert "apply_rules" in nft.calls
+
+
+def test_a_new_peer_is_a_targeted_pass_and_a_deleted_own_record_a_reacquire_and_a_full_pass(tmp_path):
+    agent, kernel, _ = running(tmp_path)
+    third = Lease(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.3.2"), "0a:00:00:00:00:03")
+    agent._take([RecordEvent(subnet_key_name(third.subnet), third.to_json().encode(), 5)])
+    assert kernel.reads == 1 and kernel.entries == desired_entries([PEER, third]), "not a targeted pass"
+    assert agent.keeper.acquired == 0
+
+    agent._take([RecordEvent(subnet_key_name(OURS.subnet), None)])
+    assert agent.keeper.acquired == 1 and kernel.reads == 2, "no re-acquire and full pass"
+    assert len([name for name, _ in kernel.calls if name == "ensure_vtep"]) == 2  # adopted again
+
+
+def test_our_record_rewritten_by_someone_else_is_restored_without_a_pass(tmp_path):
+    agent, kernel, _ = running(tmp_path)
+    forged = Lease(OURS.subnet, OURS.public_ip, "0a:00:00:00:00:0e")
+    agent._take([RecordEvent(subnet_key_name(OURS.subnet), forged.to_json().encode(), 0)])
+    assert agent.keeper.restored == 1 and agent.keeper.acquired == 0 and kernel.reads == 1

@@ -1,0 +1,1 @@
+"""The doors to the outside: etcd (store), netlink (kernel), nftables (firewall) and files (subnet file, node state)."""

@@ -1,0 +1,1 @@
+"""The operator tools: the CLI, status, doctor, inspect and install-cni."""
