@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vxlan_net.health import AgentMetrics
+from vxlan_net.agent.health import AgentMetrics
 
 MONITORING = Path(__file__).resolve().parents[1] / "examples" / "monitoring"
 RULES = MONITORING / "vxlan-net-alerts.yaml"
