@@ -75,8 +75,9 @@ def test_agent_waits_for_config_and_for_etcd_then_joins(lab):
     time.sleep(3)
     assert all(n.agent.alive() and node_subnet(n) is None for n in lab.nodes)
     lab.etcd.start()
-    time.sleep(2)
-    assert "no config at /vxlan-net/config" in lab.nodes[0].agent.log_text()
+    # The agent retries with back-off (at most 10 s apart): wait for the retry that finds etcd up.
+    lab.wait_for(lambda: "no config at /vxlan-net/config" in lab.nodes[0].agent.log_text(), timeout=15,
+                 message="the agent did not report the missing config once etcd was back")
     from integration.cluster import write_config
 
     write_config(lab)
