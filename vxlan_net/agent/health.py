@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -24,34 +24,31 @@ class AgentMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.leases_known = Gauge("vxlan_net_leases_known", "Valid subnet leases in etcd, ours included",
-                                  registry=self.registry)
-        self.peers_programmed = Gauge("vxlan_net_peers_programmed",
-                                      "Remote nodes whose entries the last successful reconcile programmed",
-                                      registry=self.registry)
+        gauge, counter = self._registered(Gauge), self._registered(Counter)
+        self.leases_known = gauge("vxlan_net_leases_known", "Valid subnet leases in etcd, ours included")
+        self.peers_programmed = gauge("vxlan_net_peers_programmed",
+                                      "Remote nodes whose entries the last successful reconcile programmed")
         self.reconcile_duration = Histogram("vxlan_net_reconcile_duration_seconds",
                                             "Time of one reconcile pass (kernel read, diff, apply)",
                                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5),
                                             registry=self.registry)
-        self.reconcile_errors = Counter("vxlan_net_reconcile_errors", "Reconcile passes that failed",
-                                        registry=self.registry)
-        self.watch_restarts = Counter("vxlan_net_etcd_watch_restarts", "Times the etcd lease watch was re-created",
-                                      registry=self.registry)
-        self.invalid_leases = Counter("vxlan_net_invalid_leases_skipped",
-                                      "Lease records skipped as invalid (counted once per bad value)",
-                                      registry=self.registry)
-        self.lease_expiry = Gauge("vxlan_net_lease_expiry_seconds", "Seconds until our subnet lease expires",
-                                  registry=self.registry)
-        self.ready = Gauge("vxlan_net_ready", "1 while /readyz answers 200 (same checks), else 0",
-                           registry=self.registry)
-        self.etcd_reachable = Gauge("vxlan_net_etcd_reachable",
+        self.reconcile_errors = counter("vxlan_net_reconcile_errors", "Reconcile passes that failed")
+        self.watch_restarts = counter("vxlan_net_etcd_watch_restarts", "Times the etcd lease watch was re-created")
+        self.invalid_leases = counter("vxlan_net_invalid_leases_skipped",
+                                      "Lease records skipped as invalid (counted once per bad value)")
+        self.lease_expiry = gauge("vxlan_net_lease_expiry_seconds", "Seconds until our subnet lease expires")
+        self.ready = gauge("vxlan_net_ready", "1 while /readyz answers 200 (same checks), else 0")
+        self.etcd_reachable = gauge("vxlan_net_etcd_reachable",
                                     "1 if the last etcd request of the watch loop (listing, lease renewal) got "
-                                    "an answer, 0 if etcd could not be reached", registry=self.registry)
-        self.fault_active = Gauge("vxlan_net_fault_active",
+                                    "an answer, 0 if etcd could not be reached")
+        self.fault_active = gauge("vxlan_net_fault_active",
                                   "1 while a transient fault of this kind lasts (the agent keeps running and retries)",
-                                  ["kind"], registry=self.registry)
-        self.fault_failures = Counter("vxlan_net_fault_failures", "Failed attempts, by fault kind",
-                                      ["kind"], registry=self.registry)
+                                  ["kind"])
+        self.fault_failures = counter("vxlan_net_fault_failures", "Failed attempts, by fault kind", ["kind"])
+
+    def _registered(self, kind: type) -> Callable[..., Any]:
+        """`kind(name, documentation, labels)` in this registry."""
+        return lambda name, documentation, labels=(): kind(name, documentation, labels, registry=self.registry)
 
 
 @dataclasses.dataclass
