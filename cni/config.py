@@ -13,9 +13,7 @@ from _socket import AF_INET, inet_ntop, inet_pton
 
 from . import errors as E
 from .errors import CniError, shown
-
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-LATEST_VERSION = "1.1.0"
+from .versions import SUPPORTED_VERSIONS
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 DEFAULT_SUBNET_FILE = "/run/vxlan-net/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/vxlan-net"

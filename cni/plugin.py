@@ -9,12 +9,12 @@ import os
 
 from . import errors as E
 from .agent_socket import HOST_VETH_DIGEST_CHARS, HOST_VETH_PREFIX, socket_path
-from .config import (LATEST_VERSION, SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env,
-                     parse_mac, parse_netconf, plan_addresses, random_mac)
+from .config import decode_config, format_mac, int_to_ip, parse_env, parse_mac, parse_netconf, plan_addresses, random_mac
 from .errors import CniError
 from .ipam import DiskStore, allocate, held_by, release_owner
 from .subnet_file import read_subnet_file
 from .jsonfast import dumps
+from .versions import stated_version, version_reply
 
 try:
     from _blake2 import blake2s
@@ -39,13 +39,11 @@ def run(environ, stdin: bytes, kernel=None, store=DiskStore):
         raw = decode_config(stdin)
     except CniError as exc:  # reported after the env's errors, and never for VERSION
         bad_config = exc
-    version = raw.get("cniVersion") if raw is not None else None
-    if version not in SUPPORTED_VERSIONS:
-        version = LATEST_VERSION  # what an error or VERSION reply says when the config does not
+    version = stated_version(raw)  # what an error reply says
     try:
         env = parse_env(environ)
         if env.command == "VERSION":
-            return 0, dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
+            return version_reply(stdin)
         if bad_config is not None:
             raise bad_config
         conf = parse_netconf(raw, env)
