@@ -9,7 +9,7 @@ building, ack and dump parsing. One module for both users:
   `attributes`, `error_code` and `ack_reason` over its own socket.
 """
 
-import os
+import posix  # not os: the plugin's start-up budget
 from _socket import socket
 from _struct import pack, unpack_from
 
@@ -89,7 +89,7 @@ def error_code(data: bytes, offset: int) -> int:
 
 def ack_reason(data: bytes, offset: int, length: int, flags: int, code: int) -> str:
     """strerror(code), and the kernel's own words when it sent extended-ack attributes."""
-    reason = os.strerror(code)
+    reason = posix.strerror(code)
     if flags & NLM_F_ACK_TLVS:
         inner = offset + 20
         inner_len = 16 if flags & NLM_F_CAPPED else unpack_from("=I", data, inner)[0]
@@ -234,7 +234,7 @@ class Netlink:
         """One request; raise NetlinkError unless it succeeded or failed with an errno in `ok`."""
         err, replies = self.batch([(kind, flags, body)])[0]
         if err and err not in ok:
-            raise NetlinkError(err, os.strerror(err))
+            raise NetlinkError(err, posix.strerror(err))
         return err, replies
 
     # -- the few request shapes the plugin needs -------------------------------------

@@ -1,4 +1,4 @@
-"""Entering a network namespace from Python 3.11, which has no `os.setns`.
+"""Entering a network namespace from Python 3.11, which has no `posix.setns`.
 
 `_ctypes.call_function` reaches libc's setns(2) without importing `ctypes`
 (a few milliseconds of the plugin's start-up budget). The plugin is single
@@ -6,7 +6,7 @@ threaded, so switching the process's namespace is safe; the caller always
 switches back in a `finally`.
 """
 
-import os
+import posix
 from fcntl import ioctl
 
 CLONE_NEWNET = 0x40000000
@@ -23,11 +23,11 @@ try:
 
 except (ImportError, AttributeError, OSError):  # pragma: no cover - other interpreters
     def setns(fd: int) -> None:
-        os.setns(fd, CLONE_NEWNET)
+        posix.setns(fd, CLONE_NEWNET)
 
 
 def open_netns(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
 
 
 def is_netns(fd: int) -> bool:
@@ -45,11 +45,11 @@ class Entered:
         self.home = None
 
     def __enter__(self):
-        self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.home = posix.open("/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
         try:
             setns(self.fd)
         except OSError:
-            os.close(self.home)
+            posix.close(self.home)
             raise
         return self
 
@@ -57,5 +57,5 @@ class Entered:
         try:
             setns(self.home)
         finally:
-            os.close(self.home)
+            posix.close(self.home)
         return False

@@ -6,7 +6,7 @@ veth pair exists, any later failure deletes it (which removes both ends).
 `detach` first asks the node agent to delete the host veth (`cni.agent_socket`).
 """
 
-import os
+import posix
 
 from . import errors as E
 from . import netlink as nl
@@ -21,7 +21,7 @@ def _kernel_error(what: str, exc: OSError) -> CniError:
 
 def _raise_if(err: int, what: str, ok=()) -> None:
     if err and err not in ok:
-        raise CniError(E.KERNEL, f"{what}: {os.strerror(err)}", f"errno {err}")
+        raise CniError(E.KERNEL, f"{what}: {posix.strerror(err)}", f"errno {err}")
 
 
 def enable_ip_forward() -> None:

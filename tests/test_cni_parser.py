@@ -399,3 +399,15 @@ def test_jsonfast_matches_json_on_valid_documents():
     for bad in ("", "{", "[1] x", "NaN", "[" * 100000):
         with pytest.raises(ValueError):
             loads(bad)
+
+
+@pytest.mark.parametrize("path", ["", "/", "//", "///x", "a", "a/", "a/b", "a//b", "a/b//", "/subnet.env",
+                                  "/run/vxlan-net/subnet.env"])
+def test_the_plugins_path_helpers_agree_with_os_path(path):
+    """The plugin does not import os (start-up cost); its two path helpers must give os.path's answers."""
+    import os.path
+
+    from cni.config import join_path, parent_dir
+
+    assert parent_dir(path) == os.path.dirname(path)
+    assert join_path(path, "podnet") == os.path.join(path, "podnet")

@@ -141,3 +141,16 @@ def test_version_imports_only_what_it_prints(tmp_path, stdin, stated):
     assert json.loads(out) == {"cniVersion": stated, "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
     assert {n for n in names if n.startswith("cni")} == {"cni", "cni.main", "cni.versions", "cni.jsonfast"}
     assert "os" not in names
+
+
+def test_add_never_imports_os(tmp_path):
+    """ADD/CHECK/DEL use the builtin posix module: importing os costs every command ~1 ms of start-up."""
+    proc = run_install("--cni-bin-dir", str(tmp_path), "--copy-plugin", "--host-python", HOST_PYTHON)
+    assert proc.returncode == 0, proc.stderr
+    conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "vxlan-net-cni", "dataDir": str(tmp_path / "data"),
+            "subnetFile": str(tmp_path / "no-agent-yet.env")}  # fails after the config, the kernel door loaded
+    names, out = imported_modules(tmp_path / "vxlan-net-cni", "ADD", json.dumps(conf).encode(), tmp_path,
+                                  env={"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/proc/self/ns/net"})
+    assert json.loads(out)["code"] == 11  # try again later: no subnet file
+    assert {"cni.plugin", "cni.wiring", "cni.netlink", "cni.ipam", "cni.subnet_file"} <= names
+    assert "os" not in names
