@@ -258,14 +258,23 @@ class DiskStore:
             posix.close(fd)
 
     def _write_last(self, name: str) -> None:
+        """Record `name` as the last reservation, the round-robin hint host-local keeps.
+
+        Overwritten in place, then cut to length, never O_TRUNC: ext4 flushes a
+        file truncated to zero and rewritten when it is closed (auto_da_alloc),
+        ~0.2 ms of every ADD. A process killed in between leaves another address
+        or text that is not one: a hint either way (`last_reserved`, `pick_address`).
+        """
         try:
-            fd = self._open(LAST_RESERVED, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC, 0o644)
+            fd = self._open(LAST_RESERVED, posix.O_WRONLY | posix.O_CREAT, 0o644)
         except OSError as exc:
             raise _refusal(self._path(LAST_RESERVED), exc) from None
         try:
             if not S_ISREG(posix.fstat(fd).st_mode):
                 raise CniError(E.IO_FAILURE, f"{self._path(LAST_RESERVED)} is not a regular file (remove it)")
-            posix.write(fd, name.encode())
+            data = name.encode()
+            posix.pwrite(fd, data, 0)
+            posix.ftruncate(fd, len(data))
         except OSError as exc:
             raise CniError(E.IO_FAILURE, f"cannot write {self._path(LAST_RESERVED)}: {exc.strerror}") from None
         finally:
