@@ -18,8 +18,10 @@ look-up-then-delete), so a deletion queued by a DEL can never hit the veth that
 an ADD right after it creates under the same name.
 """
 
-import os
+import posix
 from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM, socket
+
+from .config import join_path, parent_dir
 
 SOCKET_NAME = "cni.sock"
 LOCK_SUFFIX = ".lock"
@@ -39,7 +41,7 @@ def is_host_veth_name(name) -> bool:
 
 
 def socket_path(subnet_file: str) -> str:
-    return os.path.join(os.path.dirname(subnet_file) or ".", SOCKET_NAME)
+    return join_path(parent_dir(subnet_file) or ".", SOCKET_NAME)
 
 
 def lock_offset(name: str) -> int:
@@ -62,20 +64,21 @@ class NameLock:
         from fcntl import LOCK_EX, lockf
 
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            flags = posix.O_RDWR | posix.O_CREAT | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC
+            self.fd = posix.open(self.path, flags, 0o600)
         except OSError:
             return self
         try:
             lockf(self.fd, LOCK_EX, 1, self.offset)
         except BaseException:
-            os.close(self.fd)
+            posix.close(self.fd)
             self.fd = None
             raise
         return self
 
     def __exit__(self, *exc):
         if self.fd is not None:
-            os.close(self.fd)  # closing drops the record lock
+            posix.close(self.fd)  # closing drops the record lock
             self.fd = None
         return False
 
@@ -87,7 +90,7 @@ def ask_agent_to_delete(path: str, name: str, timeout: float = REPLY_TIMEOUT) ->
     except OSError:
         return False
     try:
-        netns = os.stat("/proc/thread-self/ns/net").st_ino
+        netns = posix.stat("/proc/thread-self/ns/net").st_ino
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(f"{REQUEST_PREFIX}{name}{NETNS_WORD}{netns}\n".encode())

@@ -9,7 +9,7 @@ building, ack and dump parsing. One module for both users:
   `attributes`, `error_code` and `ack_reason` over its own socket.
 """
 
-import os
+import posix  # not os: the plugin's start-up budget
 from _socket import socket
 from _struct import pack, unpack_from
 
@@ -89,7 +89,7 @@ def error_code(data: bytes, offset: int) -> int:
 
 def ack_reason(data: bytes, offset: int, length: int, flags: int, code: int) -> str:
     """strerror(code), and the kernel's own words when it sent extended-ack attributes."""
-    reason = os.strerror(code)
+    reason = posix.strerror(code)
     if flags & NLM_F_ACK_TLVS:
         inner = offset + 20
         inner_len = 16 if flags & NLM_F_CAPPED else unpack_from("=I", data, inner)[0]
@@ -234,23 +234,22 @@ class Netlink:
         """One request; raise NetlinkError unless it succeeded or failed with an errno in `ok`."""
         err, replies = self.batch([(kind, flags, body)])[0]
         if err and err not in ok:
-            raise NetlinkError(err, os.strerror(err))
+            raise NetlinkError(err, posix.strerror(err))
         return err, replies
 
     # -- the few request shapes the plugin needs -------------------------------------
 
     def get_link(self, name: str):
-        err, replies = self.call(*get_link(name), ok=(ENODEV,))
-        return None if err else replies[0]
+        return found_link(self.batch([get_link(name)])[0])
 
     def links(self):
         return self.call(RTM_GETLINK, NLM_F_DUMP, ifinfo())[1]
 
     def addresses(self):
-        return self.call(RTM_GETADDR, NLM_F_DUMP, pack("=BBBBi", AF_INET, 0, 0, 0, 0))[1]
+        return dumped(self.batch([dump_addresses()])[0])
 
     def routes(self):
-        return self.call(RTM_GETROUTE, NLM_F_DUMP, pack("=BBBBBBBBI", AF_INET, 0, 0, 0, 0, 0, 0, 0, 0))[1]
+        return dumped(self.batch([dump_routes()])[0])
 
     def delete_link(self, name: str) -> bool:
         """True when deleted, False when it did not exist."""
@@ -290,6 +289,35 @@ def set_hairpin(name: str):
 
 def get_link(name: str):
     return RTM_GETLINK, 0, by_name(name)
+
+
+def dump_addresses():
+    """All IPv4 addresses. In a batch, a dump goes last: the kernel refuses a second dump (EBUSY) while
+    one is still running on the socket."""
+    return RTM_GETADDR, NLM_F_DUMP, pack("=BBBBi", AF_INET, 0, 0, 0, 0)
+
+
+def dump_routes():
+    """All IPv4 routes; last in a batch, as `dump_addresses`."""
+    return RTM_GETROUTE, NLM_F_DUMP, pack("=BBBBBBBBI", AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def found_link(result):
+    """A `get_link` answer from `Netlink.batch`: the Link, None when there is no such device."""
+    err, replies = result
+    if err == ENODEV:
+        return None
+    if err:
+        raise NetlinkError(err, posix.strerror(err))
+    return replies[0]
+
+
+def dumped(result) -> list:
+    """A dump's answer from `Netlink.batch`: the parsed entries; NetlinkError when it failed."""
+    err, replies = result
+    if err:
+        raise NetlinkError(err, posix.strerror(err))
+    return replies
 
 
 def new_address(index: int, ip: int, prefix: int):

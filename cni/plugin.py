@@ -5,16 +5,17 @@ can run every command in-process with a fake one. Errors are the spec's JSON
 on stdout with exit 1; nothing here writes to stdout itself.
 """
 
-import os
+import posix  # not os: its import costs ~1 ms of every command (cni.main)
 
 from . import errors as E
 from .agent_socket import HOST_VETH_DIGEST_CHARS, HOST_VETH_PREFIX, socket_path
-from .config import (LATEST_VERSION, SUPPORTED_VERSIONS, decode_config, format_mac, int_to_ip, parse_env,
-                     parse_mac, parse_netconf, plan_addresses, random_mac)
+from .config import (decode_config, format_mac, int_to_ip, parse_env, parse_mac, parse_netconf, plan_addresses,
+                     random_mac)
 from .errors import CniError
 from .ipam import DiskStore, allocate, held_by, release_owner
 from .subnet_file import read_subnet_file
 from .jsonfast import dumps
+from .versions import stated_version, version_reply
 
 try:
     from _blake2 import blake2s
@@ -39,13 +40,11 @@ def run(environ, stdin: bytes, kernel=None, store=DiskStore):
         raw = decode_config(stdin)
     except CniError as exc:  # reported after the env's errors, and never for VERSION
         bad_config = exc
-    version = raw.get("cniVersion") if raw is not None else None
-    if version not in SUPPORTED_VERSIONS:
-        version = LATEST_VERSION  # what an error or VERSION reply says when the config does not
+    version = stated_version(raw)  # what an error reply says
     try:
         env = parse_env(environ)
         if env.command == "VERSION":
-            return 0, dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
+            return version_reply(stdin)
         if bad_config is not None:
             raise bad_config
         conf = parse_netconf(raw, env)
@@ -76,7 +75,7 @@ def _open_netns(path: str) -> int:
     except OSError as exc:
         raise CniError(E.INVALID_ENV, f"cannot open CNI_NETNS {path}: {exc.strerror}") from None
     if not is_netns(fd):
-        os.close(fd)
+        posix.close(fd)
         raise CniError(E.INVALID_ENV, f"CNI_NETNS {path} is not a network namespace")
     return fd
 
@@ -99,7 +98,7 @@ def cmd_add(env, conf, kernel, store):
                 locked.release(ip)
             raise
     finally:
-        os.close(netns_fd)
+        posix.close(netns_fd)
     interfaces = [
         {"name": conf.bridge, "mac": format_mac(made.bridge_mac)},
         {"name": host_veth, "mac": format_mac(made.host_mac)},
@@ -191,7 +190,7 @@ def cmd_check(env, conf, kernel, store):
     try:
         facts = kernel.inspect(netns_fd, env.ifname, host_veth, conf.bridge)
     finally:
-        os.close(netns_fd)
+        posix.close(netns_fd)
     link = facts["link"]
     if link is None:
         problems.append(f"interface {env.ifname} is missing in {env.netns}")

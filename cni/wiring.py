@@ -6,7 +6,7 @@ veth pair exists, any later failure deletes it (which removes both ends).
 `detach` first asks the node agent to delete the host veth (`cni.agent_socket`).
 """
 
-import os
+import posix
 
 from . import errors as E
 from . import netlink as nl
@@ -21,7 +21,7 @@ def _kernel_error(what: str, exc: OSError) -> CniError:
 
 def _raise_if(err: int, what: str, ok=()) -> None:
     if err and err not in ok:
-        raise CniError(E.KERNEL, f"{what}: {os.strerror(err)}", f"errno {err}")
+        raise CniError(E.KERNEL, f"{what}: {posix.strerror(err)}", f"errno {err}")
 
 
 def enable_ip_forward() -> None:
@@ -163,13 +163,16 @@ class Wiring:
     def inspect(self, netns_fd: int, ifname: str, host_veth: str, bridge: str) -> dict:
         """Facts for CHECK: the pod link, its IPv4 addresses and routes, the host end, the bridge and its addresses."""
         try:
+            # Three round trips, not six: the gets and one dump (last) per batch.
             with nl.Netlink() as sock:
-                host = sock.get_link(host_veth)
-                br = sock.get_link(bridge)
-                bridge_addresses = sock.addresses() if br else []
+                host, br, bridge_addresses = sock.batch([nl.get_link(host_veth), nl.get_link(bridge),
+                                                         nl.dump_addresses()])
+                host, br = nl.found_link(host), nl.found_link(br)
+                bridge_addresses = nl.dumped(bridge_addresses) if br else []
             with _netlink_in(netns_fd) as inside:
-                link = inside.get_link(ifname)
-                addresses = inside.addresses() if link else []
+                link, addresses = inside.batch([nl.get_link(ifname), nl.dump_addresses()])
+                link = nl.found_link(link)
+                addresses = nl.dumped(addresses) if link else []
                 routes = inside.routes() if link else []
         except OSError as exc:
             raise _kernel_error("cannot inspect the pod's interfaces", exc) from None

@@ -351,7 +351,7 @@ def test_reservations_are_whole_also_where_the_filesystem_has_no_o_tmpfile(tmp_p
             raise OSError(errno.EOPNOTSUPP, "not supported")
         return real_open(path, flags, *args, **kw)
 
-    monkeypatch.setattr(cni.ipam.os, "open", no_tmpfile)
+    monkeypatch.setattr(cni.ipam.posix, "open", no_tmpfile)
     folder = store_dir(tmp_path)
     (folder / "198.19.3.2").symlink_to(outside)
     plan = Plan(ip("198.19.3.2"), ip("198.19.3.254"), ip("198.19.3.1"))

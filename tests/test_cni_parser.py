@@ -242,6 +242,18 @@ def test_allocate_refuses_duplicates_and_exhaustion_with_codes():
     assert allocate(store, plan, "c", "eth0") == 10
 
 
+def test_last_reserved_holds_exactly_the_last_address_also_after_a_longer_one(tmp_path):
+    """It is rewritten in place (no O_TRUNC): a shorter address must not keep the longer one's tail."""
+    plan = Plan(ip("198.19.3.2"), ip("198.19.3.254"), ip("198.19.3.1"))
+    folder = tmp_path / "podnet"
+    for requested in ("198.19.3.100", "198.19.3.9", "198.19.3.10"):
+        with DiskStore(str(tmp_path), "podnet") as store:
+            assert allocate(store, plan, f"c{requested}", "eth0", ip(requested)) == ip(requested)
+        assert (folder / "last_reserved_ip.0").read_bytes() == requested.encode()
+    with DiskStore(str(tmp_path), "podnet") as store:
+        assert allocate(store, plan, "next", "eth0") == ip("198.19.3.11")
+
+
 def test_disk_store_is_host_local_compatible(tmp_path):
     plan = Plan(ip("198.19.3.2"), ip("198.19.3.254"), ip("198.19.3.1"))
     with DiskStore(str(tmp_path), "podnet") as store:
@@ -399,3 +411,15 @@ def test_jsonfast_matches_json_on_valid_documents():
     for bad in ("", "{", "[1] x", "NaN", "[" * 100000):
         with pytest.raises(ValueError):
             loads(bad)
+
+
+@pytest.mark.parametrize("path", ["", "/", "//", "///x", "a", "a/", "a/b", "a//b", "a/b//", "/subnet.env",
+                                  "/run/vxlan-net/subnet.env"])
+def test_the_plugins_path_helpers_agree_with_os_path(path):
+    """The plugin does not import os (start-up cost); its two path helpers must give os.path's answers."""
+    import os.path
+
+    from cni.config import join_path, parent_dir
+
+    assert parent_dir(path) == os.path.dirname(path)
+    assert join_path(path, "podnet") == os.path.join(path, "podnet")

@@ -119,3 +119,38 @@ def test_it_plugs_into_the_command_line_as_install_cni(tmp_path):
     args = parser.parse_args(["install-cni", "--cni-bin-dir", str(tmp_path)])
     assert args.handler(args) == 0
     assert os.access(tmp_path / "vxlan-net-cni", os.X_OK)
+
+
+def imported_modules(launcher: Path, command: str, stdin: bytes, cwd: Path, env=None) -> tuple[set, bytes]:
+    """The modules a run of the launcher imports after the interpreter's own start (`-X importtime`), and stdout."""
+    python, flags = launcher.read_text().splitlines()[0][2:].split()
+    proc = subprocess.run([python, flags, "-X", "importtime", str(launcher)], input=stdin, capture_output=True,
+                          env={"CNI_COMMAND": command, "PATH": "/usr/bin:/bin", **(env or {})}, timeout=30, cwd=cwd)
+    names = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.decode().splitlines()
+             if line.startswith("import time:") and "|" in line}
+    return names, proc.stdout
+
+
+@pytest.mark.parametrize("stdin, stated", [(b"\xff not utf-8", "1.1.0"), (b'{"cniVersion": "9.9.9"}', "1.1.0"),
+                                           (b'{"cniVersion": "0.4.0"}', "0.4.0")])
+def test_version_imports_only_what_it_prints(tmp_path, stdin, stated):
+    """Runtimes call VERSION before anything else: it loads the version list and the JSON codec, not the plugin."""
+    proc = run_install("--cni-bin-dir", str(tmp_path), "--copy-plugin", "--host-python", HOST_PYTHON)
+    assert proc.returncode == 0, proc.stderr
+    names, out = imported_modules(tmp_path / "vxlan-net-cni", "VERSION", stdin, tmp_path)
+    assert json.loads(out) == {"cniVersion": stated, "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
+    assert {n for n in names if n.startswith("cni")} == {"cni", "cni.main", "cni.versions", "cni.jsonfast"}
+    assert "os" not in names
+
+
+def test_add_never_imports_os(tmp_path):
+    """ADD/CHECK/DEL use the builtin posix module: importing os costs every command ~1 ms of start-up."""
+    proc = run_install("--cni-bin-dir", str(tmp_path), "--copy-plugin", "--host-python", HOST_PYTHON)
+    assert proc.returncode == 0, proc.stderr
+    conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "vxlan-net-cni", "dataDir": str(tmp_path / "data"),
+            "subnetFile": str(tmp_path / "no-agent-yet.env")}  # fails after the config, the kernel door loaded
+    names, out = imported_modules(tmp_path / "vxlan-net-cni", "ADD", json.dumps(conf).encode(), tmp_path,
+                                  env={"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/proc/self/ns/net"})
+    assert json.loads(out)["code"] == 11  # try again later: no subnet file
+    assert {"cni.plugin", "cni.wiring", "cni.netlink", "cni.ipam", "cni.subnet_file"} <= names
+    assert "os" not in names
