@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_set.add_argument("--vni", type=int, default=_int_env("vni", 1))
     config_set.add_argument("--port", type=int, default=_int_env("port", 8472))
     config_set.add_argument("--mtu", type=int, default=_int_env("mtu", None))
+    config_set.add_argument("--direct-routing", action="store_true", default=False,
+                            help="route to nodes on this node's L2 segment without the tunnel (Backend.DirectRouting)")
     config_get = config_cmds.add_parser("get", help="print <prefix>/config")
     _add_etcd_flags(config_get)
 
@@ -160,7 +162,7 @@ def _config_set(args) -> int:
     if not args.network:
         raise UsageError("--network is required")
     config = build_config(args.network, args.subnet_len, args.subnet_min, args.subnet_max, args.vni, args.port,
-                          args.mtu)
+                          args.mtu, args.direct_routing)
     with _store(args) as store:
         store.put_config(config.to_json())
     print(config.to_json())
