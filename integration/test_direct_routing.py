@@ -83,6 +83,10 @@ def test_mixed_cluster_routes_the_shared_segment_directly_and_tunnels_across_the
     assert direct_routes(n1) == {str(node_subnet(n2)): n2.public_ip}
     assert direct_routes(n3) == {}
     assert int(n1.subnet_env()["VXLAN_NET_MTU"]) == 1450, "the pod MTU stays the tunnel's"
+    status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url, check=True).stdout
+    assert "direct routing: on" in status and "kernel entries match 2 peers" in status, status
+    rows = {line.split()[0]: line.split()[-1] for line in status.splitlines() if line.startswith("198.19.")}
+    assert rows == {f"{node_subnet(n1)}*": "-", str(node_subnet(n2)): "direct", str(node_subnet(n3)): "tunnelled"}
     pods = [add_pod(lab, n, 1) for n in lab.nodes]
     all_pods_ping(pods)
     p1, p2, p3 = pods

@@ -120,6 +120,7 @@ def test_status_prints_the_lease_table_and_flags_garbage(etcd, prefix):
     skipped = {line.split("'")[1]: line for line in lines if line.startswith("record skipped: ")}
     assert "not valid JSON" in skipped["198.19.5.0-24"] and "not valid JSON" in skipped["198.19.7.0-24"]
     assert "created first" in skipped["198.19.6.0-24"] and "more than the 4096" in skipped["198.19.8.0-24"]
+    assert "direct routing: off" in lines
     assert all(len(line) < 250 for line in lines)
 
 

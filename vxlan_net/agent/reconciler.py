@@ -150,10 +150,6 @@ class Reconciler:
     def is_direct(self, lease: Lease) -> bool:
         return self._reach is not None and self._reach.is_direct(lease.public_ip)
 
-    def peer_modes(self) -> dict[IPv4Network, str]:
-        """{subnet: "direct" or "tunnelled"} of every declared peer."""
-        return {s: "direct" if self.is_direct(l) else "tunnelled" for s, l in self._peers.items()}
-
     @property
     def desired(self) -> OverlayEntries:
         return desired_entries(self._peers.values(), self._reach.is_direct if self._reach else None)

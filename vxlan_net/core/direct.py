@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from ipaddress import IPv4Address
-from typing import Iterable
+from typing import Iterable, Optional
 
 from vxlan_net.core.desired import MainRoute
 from vxlan_net.core.names import ROUTE_PROTO
@@ -53,3 +53,11 @@ class DirectReach:
             if found is not None:
                 return found
         return False  # no route at all: the kernel could not send it either way
+
+
+DIRECT, TUNNELLED = "direct", "tunnelled"
+
+
+def mode_of(reach: Optional[DirectReach], public_ip: IPv4Address) -> str:
+    """How this node reaches a peer at `public_ip`: DIRECT or TUNNELLED (always, with direct routing off)."""
+    return DIRECT if reach is not None and reach.is_direct(public_ip) else TUNNELLED
