@@ -15,6 +15,7 @@ import pytest
 from integration.cluster import VTEP, add_pod, fdb, neighbours, node_subnet, overlay_routes, start_agents, \
     write_config
 from integration.lab import Lab, LabError, Node
+from integration.test_doctor import doctor
 
 pytestmark = pytest.mark.lab
 
@@ -90,6 +91,10 @@ def test_mixed_cluster_routes_the_shared_segment_directly_and_tunnels_across_the
     pods = [add_pod(lab, n, 1) for n in lab.nodes]
     all_pods_ping(pods)
     p1, p2, p3 = pods
+    verdict = doctor(lab, n1)
+    assert verdict.rc == 0 and not verdict.failed, verdict
+    assert verdict.lines[f"peer {node_subnet(n2)} at {n2.public_ip} (direct)"][0], verdict
+    assert verdict.lines[f"peer {node_subnet(n3)} at {n3.public_ip} (tunnelled)"][0], verdict
     # On the shared segment (the router's port to node 2): the direct pair's packets are plain IP with
     # the pods' addresses, and there is no VXLAN at all between nodes 1 and 2.
     # (waited for by count: tcpdump stopped at once would drop what the kernel has not handed it yet)
