@@ -12,22 +12,15 @@ import time
 
 import pytest
 
-from integration.cluster import VTEP, add_pod, fdb, neighbours, node_subnet, overlay_routes, start_agents, \
-    write_config
+from integration.cluster import VTEP, add_pod, direct_routes, fdb, neighbours, node_subnet, overlay_routes, \
+    start_agents, write_config
 from integration.lab import Lab, LabError, Node
 from integration.test_doctor import doctor
 
 pytestmark = pytest.mark.lab
 
-PROTO = "157"
 # Long enough that nothing below can be the periodic resync's doing: what changes does so on an event.
 SLOW_RESYNC = ("--resync-interval", "120")
-
-
-def direct_routes(node: Node) -> dict[str, str]:
-    """{subnet: gateway} of our routes on the node's underlay device, from `ip -j route`."""
-    routes = node.ip_json("route", "show", "dev", node.underlay_ifname, "proto", PROTO)
-    return {r["dst"]: r.get("gateway") for r in routes}
 
 
 def mode_seen(node: Node, peer: Node) -> str:
