@@ -14,6 +14,7 @@ import pytest
 
 from integration.cluster import VTEP, add_pod, direct_routes, fdb, neighbours, node_subnet, overlay_routes, \
     start_agents, write_config
+from integration.demo import inspect_one_frame
 from integration.lab import Lab, LabError, Node
 from integration.test_doctor import doctor
 
@@ -84,6 +85,8 @@ def test_mixed_cluster_routes_the_shared_segment_directly_and_tunnels_across_the
     pods = [add_pod(lab, n, 1) for n in lab.nodes]
     all_pods_ping(pods)
     p1, p2, p3 = pods
+    shown = inspect_one_frame(lab, p1, p2)  # `vxlan-net inspect` on node 1's underlay
+    assert " direct | " in shown and f"{p1.ip} > {p2.ip} icmp echo-request" in shown, shown
     verdict = doctor(lab, n1)
     assert verdict.rc == 0 and not verdict.failed, verdict
     assert verdict.lines[f"peer {node_subnet(n2)} at {n2.public_ip} (direct)"][0], verdict
