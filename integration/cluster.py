@@ -35,6 +35,12 @@ def overlay_routes(node: Node) -> dict[str, str]:
     return {r["dst"]: r.get("gateway") for r in routes if r.get("gateway")}
 
 
+def direct_routes(node: Node) -> dict[str, str]:
+    """{subnet: gateway} of vxlan-net's direct routes (protocol 157 on the underlay device), from `ip -j route`."""
+    routes = node.ip_json("route", "show", "dev", node.underlay_ifname, "proto", "157")
+    return {r["dst"]: r.get("gateway") for r in routes}
+
+
 def neighbours(node: Node) -> dict[str, str]:
     """{ip: lladdr} of permanent neighbours on the VXLAN device, from `ip -j neigh`."""
     if not node.has_link(VTEP):
@@ -75,18 +81,20 @@ def start_agents(lab: Lab, nodes: Iterable[Node], *agent_args: str, timeout: flo
 
 
 def wait_converged(lab: Lab, nodes: Iterable[Node], timeout: float = 15.0) -> None:
-    """Every node has a route to every other node's subnet, via that subnet's VTEP address."""
+    """Every node has a route to every other node's subnet: via that subnet's VTEP address (tunnelled), or
+    via the other node's PublicIP on the underlay (direct routing, nodes on one segment)."""
     nodes = list(nodes)
 
     def converged() -> bool:
         subnets = {n.name: node_subnet(n) for n in nodes}
         for node in nodes:
-            routes = overlay_routes(node)
+            routes, direct = overlay_routes(node), direct_routes(node)
             for other in nodes:
                 subnet = subnets[other.name]
                 if subnet is None:
                     return False
-                if other is not node and routes.get(str(subnet)) != str(subnet.network_address):
+                if other is not node and routes.get(str(subnet)) != str(subnet.network_address) \
+                        and direct.get(str(subnet)) != other.public_ip:
                     return False
         return True
 

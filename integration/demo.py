@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from integration.cluster import start_agents, wait_converged, write_config
+from integration.cluster import direct_routes, node_subnet, start_agents, wait_converged, write_config
 from integration.cni_pods import add_pod_via_cni
 from integration.lab import Lab
 
@@ -76,12 +76,27 @@ def inspect_one_frame(lab: Lab, src, dst) -> str:
     return out.strip() or f"(no frame decoded: {err.strip()[-200:]})"
 
 
+def routing_modes(lab: Lab) -> str:
+    """Which node pairs go direct and which through the tunnel, from each node's `ip route`."""
+    lines = []
+    for node in lab.nodes:
+        direct = direct_routes(node)
+        for other in lab.nodes:
+            if other is not node:
+                mode = "direct" if direct.get(str(node_subnet(other))) == other.public_ip else "VXLAN tunnel"
+                lines.append(f"    {node.name} -> {other.name} ({other.public_ip}): {mode}")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
-    with Lab(nodes=args.nodes) as lab:
-        print(f"lab {lab.tag}: router {lab.router.name}, etcd {lab.etcd_url}, "
-              f"{args.nodes} nodes on separate /24 underlays (198.18.<i>.0/24), L3 only")
-        with Step("writing the network config to etcd"):
-            write_config(lab)
+    # Nodes 1 and 2 share an L2 segment when there is a third node behind the router to contrast them with.
+    shared = [(1, 2)] if args.nodes >= 3 else []
+    with Lab(nodes=args.nodes, shared_segments=shared) as lab:
+        layout = ("nodes 1 and 2 on one L2 segment (198.18.1.0/24), the others on their own /24 "
+                  "behind the router" if shared else "on separate /24 underlays (198.18.<i>.0/24), L3 only")
+        print(f"lab {lab.tag}: router {lab.router.name}, etcd {lab.etcd_url}, {args.nodes} nodes {layout}")
+        with Step("writing the network config to etcd" + (" (direct routing on)" if shared else "")):
+            write_config(lab, *(["--direct-routing"] if shared else []))
             print("    " + lab.nodes[0].run(lab.agent_exe, "config", "get", "--etcd-endpoints", lab.etcd_url,
                                           check=True).stdout.strip())
         with Step(f"starting vxlan-net agent on {args.nodes} nodes (--ip-masq)"):
@@ -89,6 +104,9 @@ def run(args) -> int:
             wait_converged(lab, lab.nodes)
             for node in lab.nodes:
                 print(f"    {node.name}: {node.subnet_file.read_text().split()[1]}")
+        if shared:
+            with Step("which node pairs route directly (no encapsulation) and which tunnel"):
+                print(routing_modes(lab))
         with Step(f"starting {args.pods_per_node} pods per node through the CNI plugin (vxlan-net-cni ADD)"):
             pods = [add_pod_via_cni(lab, node, f"n{node.index}p{i}") for node in lab.nodes
                     for i in range(1, args.pods_per_node + 1)]
@@ -100,7 +118,10 @@ def run(args) -> int:
         with Step("lease table and this node's kernel (vxlan-net status on node 1)"):
             status = lab.nodes[0].run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url)
             print("\n".join("    " + line for line in status.stdout.splitlines()))
-        remote = next((p for p in pods if p.node is not pods[0].node), None)
+        # The inspect and probe steps show the tunnel: a pod on a node node 1 tunnels to.
+        tunnelled = {str(node_subnet(n)) for n in lab.nodes} - set(direct_routes(lab.nodes[0]))
+        remote = next((p for p in pods if p.node is not pods[0].node and str(node_subnet(p.node)) in tunnelled),
+                      None)
         if remote is not None:
             with Step(f"one VXLAN frame on node 1's underlay, decoded by `vxlan-net inspect` "
                       f"({pods[0].pod_name} -> {remote.pod_name})"):

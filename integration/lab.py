@@ -165,13 +165,14 @@ class Router(Netns):
 
 
 class Host(Netns):
-    """A single-homed namespace on its own /24 behind the router (node, etcd host, outside)."""
+    """A single-homed namespace on its own /24 behind the router (node, etcd host, outside), or with
+    others on one shared L2 segment (``host`` > 2: the second, third ... host there)."""
 
-    def __init__(self, lab: "Lab", name: str, segment: int):
+    def __init__(self, lab: "Lab", name: str, segment: int, host: int = 2):
         super().__init__(lab, name)
         self.segment = segment
         self.subnet = _segment(segment)
-        self.public_ip = _host(segment, 2)
+        self.public_ip = _host(segment, host)
         self.gateway = _host(segment, 1)
         self.underlay_ifname = UNDERLAY_IFNAME
         # The router's end of this host's link (capture there to see this host's traffic).
@@ -182,8 +183,10 @@ class Host(Netns):
 class Node(Host):
     """A cluster node. ``index`` is 1-based; ``lab.nodes[0]`` is node 1 on 198.18.1.0/24."""
 
-    def __init__(self, lab: "Lab", name: str, index: int, workdir: Path):
-        super().__init__(lab, name, segment=index)
+    def __init__(self, lab: "Lab", name: str, index: int, workdir: Path, segment: int | None = None,
+                 host: int = 2):
+        super().__init__(lab, name, segment=index if segment is None else segment, host=host)
+        self.router_ifname = f"to-n{index}"
         self.index = index
         self.workdir = workdir
         self.subnet_file = workdir / "subnet.env"
@@ -337,15 +340,24 @@ class Lab:
 
     Topology: router ``vxl-<tag>-r``; etcd host ``vxl-<tag>-e`` (198.18.0.2); node i
     ``vxl-<tag>-n<i>`` (198.18.i.2/24, i = 1..N); outside host ``vxl-<tag>-o``
-    (198.18.200.2); pods ``vxl-<tag>-p-<name>``. Hosts reach each other only via the router.
+    (198.18.200.2); pods ``vxl-<tag>-p-<name>``. Hosts reach each other only via the router,
+    except nodes put on one L2 segment with ``shared_segments=[(1, 2)]``: those share the first
+    one's 198.18.<first>.0/24 (.2, .3, ... in the order given), on a bridge ``sw<first>`` in the
+    router's namespace that holds the router's .1.
     """
 
     def __init__(self, nodes: int = 3, pods_per_node: int = 0, tag: str | None = None,
                  etcd: bool | EtcdFactory = True, *, agent_exe: str | None = None,
                  pod_network: str = "198.19.0.0/16", pod_mtu: int = 1450,
-                 workdir_root: str | None = None, keep_workdir: bool | None = None):
+                 workdir_root: str | None = None, keep_workdir: bool | None = None,
+                 shared_segments: Sequence[Sequence[int]] = ()):
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"nodes must be 1..{MAX_NODES}")
+        grouped = [i for group in shared_segments for i in group]
+        if (any(len(group) < 2 for group in shared_segments) or len(grouped) != len(set(grouped))
+                or not all(isinstance(i, int) and 1 <= i <= nodes for i in grouped)):
+            raise ValueError("shared_segments: groups of two or more distinct node numbers 1..nodes")
+        self.shared_segments = [tuple(group) for group in shared_segments]
         self.tag = tag or secrets.token_hex(3)
         if not re.fullmatch(r"[a-z0-9]{1,8}", self.tag):
             raise ValueError("tag: 1-8 lowercase letters or digits")
@@ -407,10 +419,13 @@ class Lab:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"vxlan-lab-{self.tag}-",
                                              dir=self._workdir_root))
         hosts: list[Host] = [self.etcd_host, self.outside]
+        placed = {i: (group[0], 2 + position) for group in self.shared_segments
+                  for position, i in enumerate(group)}
         for i in range(1, self.node_count + 1):
             node_dir = self.workdir / f"node{i}"
             (node_dir / "state").mkdir(parents=True)
-            node = Node(self, f"{self.prefix}n{i}", i, node_dir)
+            segment, host = placed.get(i, (i, 2))
+            node = Node(self, f"{self.prefix}n{i}", i, node_dir, segment, host)
             self.nodes.append(node)
             hosts.append(node)
         for ns in [self.router, *hosts]:
@@ -427,14 +442,20 @@ class Lab:
                              *self.pod_address(node, j + 1), mtu=self.pod_mtu)
 
     def _wire(self, hosts: Sequence[Host]) -> None:
-        """A veth from the router to each host, .1 on the router's end, .2 and a default route on the host's."""
+        """A veth from the router to each host, .1 on the router's end, .2 and a default route on the host's;
+        the router's ends of hosts sharing a segment are ports of one bridge, which holds the .1."""
         router_cmds = []
+        shared = {h.segment for h in hosts if sum(o.segment == h.segment for o in hosts) > 1}
+        for segment in sorted(shared):
+            router_cmds += [f"link add sw{segment} mtu {UNDERLAY_MTU} type bridge",
+                            f"addr add {_host(segment, 1)}/24 dev sw{segment}", f"link set sw{segment} up"]
         for host in hosts:
             r_if = host.router_ifname
             router_cmds += [
                 f"link add {r_if} mtu {UNDERLAY_MTU} type veth peer name {host.underlay_ifname}"
                 f" mtu {UNDERLAY_MTU} netns {host.name}",
-                f"addr add {host.gateway}/24 dev {r_if}",
+                f"link set {r_if} master sw{host.segment}" if host.segment in shared
+                else f"addr add {host.gateway}/24 dev {r_if}",
                 f"link set {r_if} up",
             ]
         self.router.ip_batch(router_cmds)

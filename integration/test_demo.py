@@ -25,3 +25,12 @@ def test_demo_shows_a_working_cluster_and_cleans_up():
     assert " vni 1 | " in out and "icmp echo-request" in out  # the frame decoded by inspect
     assert "checks, all OK" in out and "doctor: every check holds" in out
     assert set(list_namespaces()) <= before, "the demo left namespaces behind"
+
+
+def test_demo_with_three_nodes_routes_the_shared_segment_directly_and_tunnels_the_rest():
+    done = subprocess.run([sys.executable, "-m", "integration.demo", "--nodes", "3", "--pods-per-node", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    modes = [line.split(": ")[-1] for line in done.stdout.splitlines() if " -> vxl-" in line]
+    assert sorted(modes) == ["VXLAN tunnel"] * 4 + ["direct"] * 2, done.stdout
+    assert "all 6 pod pairs reach each other" in done.stdout and "doctor: every check holds" in done.stdout

@@ -69,6 +69,23 @@ def test_nodes_reach_each_other_only_through_the_router(lab):
     assert one.ping(two.public_ip)
 
 
+@pytest.mark.parametrize("groups", [[(1,)], [(1, 2), (2, 3)], [(1, 4)], [(0, 1)]])
+def test_a_shared_segment_that_names_no_valid_group_of_nodes_is_refused(groups):
+    with pytest.raises(ValueError, match="shared_segments"):
+        Lab(nodes=3, shared_segments=groups)
+
+
+def test_nodes_on_a_shared_segment_reach_each_other_without_the_router_and_others_through_it(lab):
+    lab = lab(nodes=3, etcd=False, shared_segments=[(1, 2)])
+    n1, n2, n3 = lab.nodes
+    assert (n1.public_ip, n2.public_ip, n3.public_ip) == ("198.18.1.2", "198.18.1.3", "198.18.3.2")
+    direct = n1.ip_json("route", "get", n2.public_ip)[0]
+    assert direct["dev"] == "ul0" and "gateway" not in direct
+    assert n2.ip_json("route", "get", n3.public_ip)[0]["gateway"] == "198.18.1.1"
+    assert n1.ping(n2.public_ip) and n2.ping(n3.public_ip) and n3.ping(n1.public_ip)
+    assert {p["ifname"] for p in lab.router.ip_json("link", "show", "master", "sw1")} == {"to-n1", "to-n2"}
+
+
 def test_the_root_namespace_gets_no_lab_address_or_route(lab):
     cluster = lab(nodes=2, pods_per_node=1, etcd=False)
 

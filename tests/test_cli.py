@@ -51,6 +51,15 @@ def test_config_set_writes_flannel_json_and_get_prints_it(etcd, prefix):
     assert json.loads(shown.stdout) == stored
 
 
+def test_config_set_direct_routing_writes_flannels_key(etcd, prefix):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                       "--network", "198.19.0.0/16", "--direct-routing")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(etcd_get(etcd, f"{prefix}/config"))["Backend"]["DirectRouting"] is True
+    shown = vxlan_net("config", "get", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix)
+    assert json.loads(shown.stdout)["Backend"]["DirectRouting"] is True
+
+
 @pytest.mark.parametrize("flags", [
     ["--network", "198.19.0.1/16"],
     ["--network", "198.19.0.0/16", "--subnet-len", "31"],
@@ -111,6 +120,7 @@ def test_status_prints_the_lease_table_and_flags_garbage(etcd, prefix):
     skipped = {line.split("'")[1]: line for line in lines if line.startswith("record skipped: ")}
     assert "not valid JSON" in skipped["198.19.5.0-24"] and "not valid JSON" in skipped["198.19.7.0-24"]
     assert "created first" in skipped["198.19.6.0-24"] and "more than the 4096" in skipped["198.19.8.0-24"]
+    assert "direct routing: off" in lines
     assert all(len(line) < 250 for line in lines)
 
 

@@ -106,3 +106,17 @@ def test_flannel_config_without_optional_fields_parses():
 def test_garbage_config_is_invalid_not_a_crash(raw):
     with pytest.raises(InvalidConfig):
         parse_config(raw)
+
+
+@pytest.mark.parametrize("value", ['"true"', "1", "null", "[]"])
+def test_direct_routing_that_is_not_a_json_boolean_is_refused(value):
+    with pytest.raises(InvalidConfig, match="DirectRouting must be true or false"):
+        parse_config(f'{{"Network": "198.19.0.0/16", "Backend": {{"DirectRouting": {value}}}}}')
+
+
+def test_direct_routing_is_off_by_default_and_round_trips_under_flannels_key():
+    assert parse_config(b'{"Network": "198.19.0.0/16"}').direct_routing is False
+    config = build_config("198.19.0.0/16", direct_routing=True)
+    assert json.loads(config.to_json())["Backend"]["DirectRouting"] is True
+    assert parse_config(config.to_json()) == config
+    assert "DirectRouting" not in json.loads(build_config("198.19.0.0/16").to_json())["Backend"]

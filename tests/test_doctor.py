@@ -394,3 +394,56 @@ def test_someone_elses_route_keeping_a_peer_route_out_is_named_with_the_command_
 def test_a_foreign_route_beside_our_own_is_not_a_failure():
     shadowed = MainRoute(PEER.subnet, IPv4Address("198.18.1.254"), "ul0", protocol=4, metric=100)
     assert not failures(healthy(main_routes=(shadowed,)))
+
+
+# --- direct routing (issue 10) ---
+
+DIRECT_CONFIG = build_config("198.19.0.0/16", direct_routing=True)
+# PEER's 198.18.2.2 is on a segment this node shares (connected on ul0); OTHER is behind the router.
+SHARED_ROUTES = (MainRoute(IPv4Network("198.18.2.0/24"), None, "ul0", 2, 253),
+                 MainRoute(IPv4Network("0.0.0.0/0"), IPv4Address("198.18.1.1"), "ul0", 3))
+
+
+def direct_node(**changes) -> NodeFacts:
+    entries = desired_entries([PEER, OTHER], lambda ip: ip == PEER.public_ip)
+    return healthy(**{"config": DIRECT_CONFIG, "main_routes": SHARED_ROUTES, "entries": entries, **changes})
+
+
+def test_a_direct_peer_with_leftover_tunnel_entries_is_flagged_as_stale():
+    tunnel_leftovers = desired_entries([PEER])
+    entries = direct_node().entries
+    facts = direct_node(entries=dataclasses.replace(
+        entries, neighbours=entries.neighbours | tunnel_leftovers.neighbours, fdb=entries.fdb | tunnel_leftovers.fdb))
+    finding = only_failure(facts)
+    assert finding.item == "stale entries"
+    assert f"neighbour {PEER.gateway} lladdr {PEER.vtep_mac}" in finding.reason
+    assert f"FDB entry {PEER.vtep_mac} dst {PEER.public_ip}" in finding.reason
+
+
+def test_a_direct_peer_without_its_route_is_named_with_the_route_to_add():
+    entries = direct_node().entries
+    finding = only_failure(direct_node(entries=dataclasses.replace(entries, direct_routes=frozenset())))
+    assert finding.item == "peer 198.19.7.0/24 at 198.18.2.2 (direct)"
+    assert finding.reason == "missing direct route 198.19.7.0/24 via 198.18.2.2"
+    assert "`ip route replace 198.19.7.0/24 via 198.18.2.2 dev ul0 proto 157`" in finding.fix
+
+
+def test_a_peer_the_agent_routes_directly_but_the_node_reaches_through_a_router_is_named_as_tunnelled():
+    # The connected route went away (a link flap) and the agent has not caught up: its tunnel entries are missing.
+    finding = failures(direct_node(main_routes=SHARED_ROUTES[1:]))
+    assert "missing route 198.19.7.0/24 via 198.19.7.0" in finding["peer 198.19.7.0/24 at 198.18.2.2 (tunnelled)"].reason
+    assert "direct route 198.19.7.0/24 via 198.18.2.2" in finding["stale entries"].reason
+
+
+def test_a_node_with_direct_and_tunnelled_peers_passes_and_says_which_is_which():
+    findings = {f.item: f for f in doctor.run_checks(direct_node())}
+    assert all(f.ok for f in findings.values()), [f for f in findings.values() if not f.ok]
+    assert findings["peer 198.19.7.0/24 at 198.18.2.2 (direct)"].reason == (
+        "route via 198.18.2.2 dev ul0 in place, no tunnel entries needed")
+    assert "peer 198.19.9.0/24 at 198.18.3.2 (tunnelled)" in findings
+
+
+def test_the_tunnel_probe_refuses_a_direct_peer_and_says_why():
+    plan = doctor.plan_probe(direct_node(), IPv4Address("198.19.7.5"))
+    assert isinstance(plan, Unavailable) and "direct peer (198.18.2.2)" in plan.reason
+    assert isinstance(doctor.plan_probe(direct_node(), IPv4Address("198.19.9.5")), doctor.ProbePlan)

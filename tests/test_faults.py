@@ -130,10 +130,10 @@ class FlakyKernel(MemoryKernel):
         super().__init__()
         self.errors = list(errors)
 
-    def read_overlay_entries(self, ifname):
+    def read_overlay_entries(self, ifname, underlay=None):
         if self.errors:
             raise self.errors.pop(0)
-        return super().read_overlay_entries(ifname)
+        return super().read_overlay_entries(ifname, underlay)
 
 
 def test_netlink_errors_leave_the_agent_running_report_once_and_clear(tmp_path, caplog):

@@ -15,8 +15,8 @@ from scapy.packet import Raw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vxlan_net.tools.inspect_frames import (FrameFilter, InspectContext, capture_bpf, decode_frame, format_line,
-                                            parse_filter, to_json)
+from vxlan_net.tools.inspect_frames import (DirectPacket, FrameFilter, InspectContext, capture_bpf, decode_direct,
+                                            decode_frame, format_line, parse_filter, to_json)
 
 NODE_1, NODE_2, STRANGER = "198.18.1.2", "198.18.2.2", "198.18.200.2"
 SUBNET_1, SUBNET_2 = IPv4Network("198.19.5.0/24"), IPv4Network("198.19.9.0/24")
@@ -186,3 +186,44 @@ def test_capture_bpf_matches_inner_pod_addresses_at_their_fixed_offsets():
     assert capture_bpf(parse_filter(f"node {NODE_2}"), 4789) == f"udp dst port 4789 and host {NODE_2}"
     assert capture_bpf(parse_filter("icmp"), 8472) == "udp dst port 8472 and (icmp)"
     assert capture_bpf(parse_filter(None), 8472) == "udp dst port 8472"
+
+
+# --- direct routing (issue 10): pod packets on the underlay without a tunnel header ---
+
+
+def plain(src, dst, inner, time=1_700_000_000.5):
+    packet = Ether(src="02:00:00:00:01:02", dst="02:00:00:00:01:03") / IP(src=src, dst=dst) / inner
+    packet.time = time
+    return packet
+
+
+@pytest.mark.parametrize("packet", [
+    plain(NODE_1, NODE_2, ICMP()),                      # node to node: not pod traffic
+    plain(POD_A, "198.18.200.2", ICMP()),               # a pod to the outside (masqueraded or not)
+    plain(NODE_1, POD_B, ICMP()),                       # a node to a pod
+    tunnelled(IP(src=POD_A, dst=POD_B) / ICMP()),       # a VXLAN frame is decode_frame's
+])
+def test_only_pod_to_pod_ip_without_a_tunnel_header_is_a_direct_packet(packet):
+    assert decode_direct(packet, CONTEXT) is None
+
+
+def test_a_direct_packet_is_shown_as_plain_ip_between_the_pods_with_their_nodes():
+    packet = plain(POD_A, POD_B, ICMP(type=8) / Raw(b"x" * 56))
+    direct = decode_direct(packet, CONTEXT)
+    assert isinstance(direct, DirectPacket) and not direct.anomalies
+    assert (str(direct.inner_src), str(direct.inner_dst), direct.protocol, direct.length) == (POD_A, POD_B, "icmp", 84)
+    assert (str(direct.inner_src_node), str(direct.inner_dst_node)) == (NODE_1, NODE_2)
+    assert format_line(direct).endswith(
+        "direct | 02:00:00:00:01:02 > 02:00:00:00:01:03 | 198.19.5.2 > 198.19.9.2 icmp echo-request | len 84")
+    assert json.loads(to_json(direct))["path"] == "direct"
+    assert parse_filter(f"pod {POD_A}").matches(direct) and not parse_filter(f"node {NODE_1}").matches(direct)
+    assert decode_direct(packet, InspectContext(port=8472)) is None  # pod network unknown: nothing to judge by
+
+
+def test_capture_bpf_with_direct_routing_also_lets_plain_pod_to_pod_packets_through():
+    net = IPv4Network("198.19.0.0/16")
+    direct = "(ip src net 198.19.0.0/16 and ip dst net 198.19.0.0/16)"
+    assert capture_bpf(parse_filter(None), 8472, net) == f"(udp dst port 8472 or {direct})"
+    assert capture_bpf(parse_filter("icmp"), 8472, net) == f"(udp dst port 8472 or {direct}) and (icmp)"
+    assert capture_bpf(parse_filter(f"pod {POD_B}"), 8472, net).endswith(f"or ({direct} and host {POD_B})")
+    assert capture_bpf(parse_filter(f"node {NODE_2}"), 8472, net) == f"udp dst port 8472 and host {NODE_2}"

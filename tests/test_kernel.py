@@ -434,3 +434,74 @@ def test_ensure_bridge_creates_reuses_and_delete_link_tolerates_absence(ns):
     assert ns.inside(kernel.delete_link, "cnit0") is True
     assert ns.inside(kernel.delete_link, "cnit0") is False
     assert not ns.inside(kernel.link_exists, "cnit0")
+
+
+# --- direct routes (issue 10) ---
+
+
+def sync_modes(leases: list[Lease], direct_ips: set[str]) -> ApplyResult:
+    """The reconciler's full pass with direct routing: the named PublicIPs direct, the rest tunnelled."""
+    desired = desired_entries(leases, lambda ip: str(ip) in direct_ips)
+    plan = plan_changes(desired, kernel.read_overlay_entries(SPEC.name, underlay=SPEC.underlay_ifname))
+    return kernel.apply_plan(SPEC.name, plan, underlay=SPEC.underlay_ifname)
+
+
+def test_a_plan_with_direct_routes_but_no_underlay_is_refused_before_touching_the_kernel():
+    with pytest.raises(ValueError, match="needs the underlay device"):
+        kernel.apply_plan("vxt-none", Plan(upsert_direct_routes=(Route(lease(1).subnet, UNDERLAY_IP),)))
+
+
+def test_a_direct_route_to_a_peer_off_the_segment_is_refused_by_the_kernel_not_written(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    far = lease(3, public_ip="198.18.9.3")  # not on und0's 198.18.0.0/24: the kernel has no way there
+    result = ns.inside(sync_modes, [far], {"198.18.9.3"})
+    assert not result.ok and [f.action for f in result.failures] == ["upsert_direct_routes"]
+    assert ns.routes(SPEC.underlay_ifname) == set()
+
+
+def test_a_peer_switching_between_direct_and_tunnelled_leaves_no_entry_of_the_other_mode(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    near, far = lease(1, public_ip="198.18.0.5"), lease(2, public_ip="198.18.0.6")
+    proto = str(kernel.ROUTE_PROTO)
+    direct_route = ("198.19.1.0/24", "198.18.0.5", proto, ())
+    assert ns.inside(sync_modes, [near, far], set()).ok
+    assert (ns.neighbours(), ns.fdb(), ns.routes()) == expected_tool_view([near, far])
+    assert ns.routes(SPEC.underlay_ifname) == set()
+    for _ in range(2):  # there and back, twice: nothing accumulates
+        result = ns.inside(sync_modes, [near, far], {"198.18.0.5"})
+        assert result.ok and result.applied == 4 and not result.conflicts
+        assert (ns.neighbours(), ns.fdb(), ns.routes()) == expected_tool_view([far])
+        assert ns.routes(SPEC.underlay_ifname) == {direct_route}
+        assert [(r["dev"], r["gateway"]) for r in main_routes(ns, "198.19.1.0/24")] == [("und0", "198.18.0.5")]
+        assert ns.inside(sync_modes, [near, far], {"198.18.0.5"}) == ApplyResult(0, ())
+        result = ns.inside(sync_modes, [near, far], set())
+        assert result.ok and result.applied == 4
+        assert (ns.neighbours(), ns.fdb(), ns.routes()) == expected_tool_view([near, far])
+        assert ns.routes(SPEC.underlay_ifname) == set()
+
+
+def test_a_foreign_route_on_the_underlay_is_never_read_as_ours_nor_overwritten(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    ns.ip("route", "add", "198.19.1.0/24", "via", "198.18.0.9", "dev", "und0", "proto", "static")
+    ns.ip("route", "add", "198.19.50.0/24", "via", "198.18.0.9", "dev", "und0")
+    assert ns.inside(kernel.read_overlay_entries, SPEC.name, underlay="und0").direct_routes == frozenset()
+    result = ns.inside(sync_modes, [lease(1, public_ip="198.18.0.5")], {"198.18.0.5"})
+    assert result.ok and [str(c.entry.subnet) for c in result.conflicts] == ["198.19.1.0/24"]
+    assert [(r["gateway"], r["protocol"]) for r in main_routes(ns, "198.19.1.0/24")] == [("198.18.0.9", "static")]
+    assert [r["gateway"] for r in main_routes(ns, "198.19.50.0/24")] == ["198.18.0.9"]
+
+
+def test_route_events_report_address_and_route_changes_but_not_our_own_routes(ns):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    with kernel.RouteEvents(netns=ns.name) as events:
+        assert events.changed() is False
+        assert kernel.apply_plan(SPEC.name, plan_changes(desired_entries([lease(1)]), OverlayEntries()),
+                                 netns=ns.name).ok
+        assert kernel.apply_plan(SPEC.name, Plan(upsert_direct_routes=(Route(lease(2).subnet, ROUTER_IP),)),
+                                 underlay="und0", netns=ns.name).ok
+        assert events.changed() is False, "our own routes must not trigger a pass"
+        ns.ip("route", "del", "198.18.0.0/24", "dev", "und0")  # a link flap's lost connected route
+        assert events.changed() is True
+        assert events.changed() is False
+        ns.ip("addr", "add", "198.18.3.1/24", "dev", "und0")
+        assert events.changed() is True

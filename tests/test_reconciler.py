@@ -6,7 +6,8 @@ import logging
 from ipaddress import IPv4Address, IPv4Network
 
 from vxlan_net.agent.reconciler import Reconciler
-from vxlan_net.core.desired import FdbEntry, OverlayEntries, Route, desired_entries
+from vxlan_net.core.desired import FdbEntry, MainRoute, OverlayEntries, Route, desired_entries
+from vxlan_net.core.direct import DirectReach
 from vxlan_net.core.errors import KernelError
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.plan import ApplyFailure, ApplyResult
@@ -26,21 +27,26 @@ class MemoryKernel:
         self.fail = False
         self.applied = []
 
-    def read_overlay_entries(self, ifname):
+    def read_overlay_entries(self, ifname, underlay=None):
         self.reads += 1
         return self.entries
 
-    def apply_plan(self, ifname, plan):
+    def apply_plan(self, ifname, plan, underlay=None):
         if self.fail:
             raise KernelError("injected")
+        assert underlay is not None or not (plan.upsert_direct_routes or plan.remove_direct_routes)
         self.applied.append(plan)
         e = self.entries
+        # One route per prefix in the main table, whichever class: an upsert replaces the other's in place.
+        upserted = {u.subnet for u in plan.upsert_routes + plan.upsert_direct_routes}
         self.entries = OverlayEntries(
             (e.neighbours - {x for x in e.neighbours if x.ip in {n.ip for n in plan.upsert_neighbours}}
              - set(plan.remove_neighbours)) | set(plan.upsert_neighbours),
             (e.fdb - set(plan.remove_fdb)) | set(plan.upsert_fdb),
-            (e.routes - {r for r in e.routes if r.subnet in {u.subnet for u in plan.upsert_routes}}
+            (e.routes - {r for r in e.routes if r.subnet in upserted}
              - set(plan.remove_routes)) | set(plan.upsert_routes),
+            (e.direct_routes - {r for r in e.direct_routes if r.subnet in upserted}
+             - set(plan.remove_direct_routes)) | set(plan.upsert_direct_routes),
         )
         return ApplyResult(len(plan))
 
@@ -115,7 +121,7 @@ class ConflictingKernel(MemoryKernel):
         super().__init__()
         self.foreign = set(foreign)
 
-    def apply_plan(self, ifname, plan):
+    def apply_plan(self, ifname, plan, underlay=None):
         blocked = tuple(r for r in plan.upsert_routes if r.subnet in self.foreign)
         super().apply_plan(ifname, dataclasses.replace(
             plan, upsert_routes=tuple(r for r in plan.upsert_routes if r not in blocked)))
@@ -142,3 +148,44 @@ def test_a_route_conflict_is_logged_once_per_prefix_and_is_no_failed_pass(caplog
     assert rec.reconcile().ok
     assert kernel.entries == desired_entries([lease(1), lease(2)])
     assert any("198.19.2.0/24 no longer conflicts" in r.getMessage() for r in caplog.records)
+
+
+# --- direct routing (issue 10) ---
+
+
+def reach(*connected: str) -> DirectReach:
+    """The node's routes: these networks connected on eth0, everything else via a router."""
+    routes = [MainRoute(IPv4Network(n), None, "eth0", 2, 253) for n in connected]
+    return DirectReach.from_routes(routes + [MainRoute(IPv4Network("0.0.0.0/0"), IPv4Address("198.18.0.1"),
+                                                       "eth0", 2)], "eth0")
+
+
+def test_a_changed_reach_forces_a_full_pass_that_moves_peers_between_modes_leaving_nothing():
+    kernel = MemoryKernel()
+    rec = Reconciler("vxnet.1", kernel, underlay="eth0")
+    rec.set_peers([lease(1), lease(2)])
+    assert rec.reconcile().ok and kernel.entries == desired_entries([lease(1), lease(2)])
+    rec.set_reach(reach("198.18.1.0/24"))  # lease(1)'s PublicIP 198.18.1.2 is now on our segment
+    reads = kernel.reads
+    assert rec.reconcile().ok and kernel.reads == reads + 1, "a changed reach must re-read the kernel"
+    assert kernel.entries.direct_routes == {Route(lease(1).subnet, lease(1).public_ip)}
+    assert kernel.entries == desired_entries([lease(1), lease(2)], lambda ip: ip == lease(1).public_ip)
+    rec.set_reach(reach("198.18.1.0/24"))  # the same routes again: no extra read
+    assert rec.reconcile().ok and kernel.reads == reads + 1
+    rec.set_reach(None)  # direct routing turned off
+    assert rec.reconcile().ok and kernel.entries == desired_entries([lease(1), lease(2)])
+
+
+def test_a_targeted_pass_moves_a_peer_whose_public_ip_changed_between_modes():
+    kernel = MemoryKernel()
+    rec = Reconciler("vxnet.1", kernel, underlay="eth0")
+    rec.set_reach(reach("198.18.1.0/24"))
+    rec.set_peers([lease(1), lease(2)])
+    assert rec.reconcile().ok
+    moved_away = Lease(lease(1).subnet, IPv4Address("198.18.9.2"), lease(1).vtep_mac)
+    moved_in = Lease(lease(2).subnet, IPv4Address("198.18.1.3"), lease(2).vtep_mac)
+    rec.update_peers([moved_away, moved_in])
+    result = rec.reconcile()
+    assert result.ok and not result.full
+    assert kernel.entries == desired_entries([moved_away, moved_in], lambda ip: ip == moved_in.public_ip)
+    assert kernel.entries.direct_routes == {Route(moved_in.subnet, moved_in.public_ip)}

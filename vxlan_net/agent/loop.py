@@ -24,6 +24,7 @@ from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
 from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.backoff import Backoff
 from vxlan_net.core.config import NetworkConfig, parse_config
+from vxlan_net.core.direct import DirectReach
 from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
                                    StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.core.lease import Lease
@@ -39,6 +40,9 @@ from vxlan_net.doors.store import EtcdStore
 log = logging.getLogger(__name__)
 
 LOOP_TICK = 0.5  # longest wait between checks of the stop flag
+UNDERLAY_SETTLE = 0.2
+"""Seconds a full pass waits after the node's routes or addresses change: a link coming up adds its
+address and routes in a burst, and one pass after the burst sees them all."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +177,7 @@ class Agent:
         self.underlay = (ifname, public_ip, underlay_mtu)
         mac = self.node_state.vtep_mac()
         self.keeper = SubnetLeaseKeeper(self.store, self.config, public_ip, mac, self.options.subnet_lease_ttl)
-        self.reconciler = Reconciler(vtep_name(self.config.vni), self.kernel)
+        self.reconciler = Reconciler(vtep_name(self.config.vni), self.kernel, underlay=ifname)
         lease = self._wait(self._acquire, "subnet lease")
         if lease is None:
             return 0
@@ -299,8 +303,11 @@ class Agent:
         next_relist = now
         next_resync = now + self.options.resync_interval
         next_renew = now + self.keeper.renew_interval
+        route_events = self._watch_underlay()
         while not self.stop.is_set():
             now = time.monotonic()
+            if route_events is not None and self._underlay_changed(route_events):
+                next_resync = min(next_resync, now + UNDERLAY_SETTLE)
             if watch is None and listing is None and now >= next_relist:
                 listing = in_background(self._open_lease_feed, "etcd-list")
             if listing is not None and listing.done():
@@ -358,10 +365,32 @@ class Agent:
                 continue
             if batch:
                 self._take([RecordEvent(e.key_name, e.value, e.create_revision) for e in batch])
+        if route_events is not None:
+            route_events.close()
         if watch is not None:
             watch.cancel()
         if listing is not None and listing.done() and listing.exception() is None:
             listing.result()[1].cancel()
+
+    def _watch_underlay(self):
+        """With direct routing, a subscription to the node's route and address changes (a peer's mode
+        depends on them: a link flap must not wait for the next resync); None without it, or when the
+        subscription fails (then the periodic resync still re-decides)."""
+        if not self.config.direct_routing:
+            return None
+        try:
+            return self.kernel.RouteEvents()
+        except KernelError as exc:
+            log.warning("cannot watch this node's routes (%s); direct routes follow them at each resync only", exc)
+            return None
+
+    @staticmethod
+    def _underlay_changed(route_events) -> bool:
+        try:
+            return route_events.changed()
+        except KernelError as exc:
+            log.warning("reading this node's route changes failed (%s); re-deciding every peer", exc)
+            return True
 
     def _open_lease_feed(self):
         """List the leases, then watch from just after the listing (runs in a background thread)."""
@@ -431,7 +460,11 @@ class Agent:
     def _reconcile(self, full: bool = True) -> None:
         """A full pass re-declares every peer and re-reads the kernel; else only what changed."""
         if full:
-            self._note_skipped(self.book.set_protected(self._protected_addresses()))
+            direct = self.config is not None and self.config.direct_routing
+            self._note_skipped(self.book.set_protected(self._protected_addresses(read_routes=direct)))
+            # Every full pass re-decides each peer's mode from the routes just read.
+            self.reconciler.set_reach(DirectReach.from_routes(self._routes, self.reconciler.underlay)
+                                      if direct else None)
             self.reconciler.set_peers(self.book.peers())
             self.reconciler.request_full_pass()
         result = self._timed_reconcile()
@@ -474,7 +507,10 @@ class Agent:
         self._filtered_peers = sources
 
     def _forward_devices(self) -> firewall.ForwardDevices:
-        return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni))
+        if not self.config.direct_routing:
+            return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni))
+        return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni), self.underlay[0],
+                                       self.config.network)
 
     def _recheck_forward_rules(self) -> None:
         """Someone (a firewall reload, an operator) may have removed or edited our FORWARD rules."""

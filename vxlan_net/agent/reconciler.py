@@ -10,6 +10,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, Optional, Protocol
 
 from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.direct import DirectReach
 from vxlan_net.core.errors import VxlanNetError
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.plan import ApplyResult, Plan, plan_changes
@@ -20,9 +21,9 @@ log = logging.getLogger(__name__)
 class OverlayKernel(Protocol):
     """The part of the netlink door the reconciler needs (vxlan_net.doors.kernel)."""
 
-    def read_overlay_entries(self, ifname: str) -> OverlayEntries: ...
+    def read_overlay_entries(self, ifname: str, *, underlay: Optional[str] = None) -> OverlayEntries: ...
 
-    def apply_plan(self, ifname: str, plan: Plan) -> ApplyResult: ...
+    def apply_plan(self, ifname: str, plan: Plan, *, underlay: Optional[str] = None) -> ApplyResult: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class KnownEntries:
         self.neighbours: dict[IPv4Address, set[Neighbour]] = defaultdict(set)
         self.fdb: dict[str, set[FdbEntry]] = defaultdict(set)
         self.routes: dict[IPv4Network, set[Route]] = defaultdict(set)
+        self.direct_routes: dict[IPv4Network, set[Route]] = defaultdict(set)
         self.add(entries)
 
     def _slots(self, entries: OverlayEntries):
@@ -49,6 +51,7 @@ class KnownEntries:
         yield from ((self.neighbours, n.ip, n) for n in entries.neighbours)
         yield from ((self.fdb, f.mac, f) for f in entries.fdb)
         yield from ((self.routes, r.subnet, r) for r in entries.routes)
+        yield from ((self.direct_routes, r.subnet, r) for r in entries.direct_routes)
 
     def add(self, entries: OverlayEntries) -> None:
         for index, key, entry in self._slots(entries):
@@ -64,6 +67,7 @@ class KnownEntries:
             frozenset(n for s in subnets for n in self.neighbours.get(s.network_address, ())),
             frozenset(f for m in macs for f in self.fdb.get(m, ())),
             frozenset(r for s in subnets for r in self.routes.get(s, ())),
+            frozenset(r for s in subnets for r in self.direct_routes.get(s, ())),
         )
 
 
@@ -80,9 +84,12 @@ class Reconciler:
     logged once, counted, and forces the next pass to be a full one.
     """
 
-    def __init__(self, ifname: str, kernel: OverlayKernel):
+    def __init__(self, ifname: str, kernel: OverlayKernel, underlay: Optional[str] = None):
         self.ifname = ifname
         self.kernel = kernel
+        self.underlay = underlay
+        """The device direct routes go on; None: no direct routes are read or written."""
+        self._reach: Optional[DirectReach] = None  # None: every peer tunnelled
         self._peers: dict[IPv4Network, Lease] = {}
         self._macs: dict[str, dict[IPv4Network, IPv4Address]] = defaultdict(dict)
         self._dirty_subnets: set[IPv4Network] = set()
@@ -133,16 +140,29 @@ class Reconciler:
     def peer_public_ips(self) -> frozenset[IPv4Address]:
         return frozenset(lease.public_ip for lease in self._peers.values())
 
+    def set_reach(self, reach: Optional[DirectReach]) -> None:
+        """Declare which peers are direct (None: none, direct routing is off); when that changes, the next
+        pass is a full one, as any peer's mode may have changed."""
+        if reach != self._reach:
+            self._reach = reach
+            self.request_full_pass()
+
+    def is_direct(self, lease: Lease) -> bool:
+        return self._reach is not None and self._reach.is_direct(lease.public_ip)
+
     @property
     def desired(self) -> OverlayEntries:
-        return desired_entries(self._peers.values())
+        return desired_entries(self._peers.values(), self._reach.is_direct if self._reach else None)
 
     def _desired_subset(self, subnets: Iterable[IPv4Network], macs: Iterable[str]) -> OverlayEntries:
         leases = [self._peers[s] for s in subnets if s in self._peers]
+        tunnelled = [l for l in leases if not self.is_direct(l)]
         return OverlayEntries(
-            frozenset(Neighbour(l.subnet.network_address, l.vtep_mac) for l in leases),
-            frozenset(FdbEntry(m, ip) for m in macs for ip in self._macs.get(m, {}).values()),
-            frozenset(Route(l.subnet, l.subnet.network_address) for l in leases),
+            frozenset(Neighbour(l.subnet.network_address, l.vtep_mac) for l in tunnelled),
+            frozenset(FdbEntry(m, ip) for m in macs for s, ip in self._macs.get(m, {}).items()
+                      if not self.is_direct(self._peers[s])),
+            frozenset(Route(l.subnet, l.subnet.network_address) for l in tunnelled),
+            frozenset(Route(l.subnet, l.public_ip) for l in leases if self.is_direct(l)),
         )
 
     # -- applying ----------------------------------------------------------------
@@ -157,7 +177,7 @@ class Reconciler:
         try:
             if full:
                 desired = self.desired
-                plan = plan_changes(desired, self.kernel.read_overlay_entries(self.ifname))
+                plan = plan_changes(desired, self.kernel.read_overlay_entries(self.ifname, underlay=self.underlay))
             else:
                 subnets, macs = self._dirty_subnets, self._dirty_macs
                 desired = self._desired_subset(subnets, macs)
@@ -180,7 +200,7 @@ class Reconciler:
     def _apply(self, plan: Plan) -> None:
         if plan.empty:
             return
-        result = self.kernel.apply_plan(self.ifname, plan)
+        result = self.kernel.apply_plan(self.ifname, plan, underlay=self.underlay)
         self._note_conflicts(plan, result.conflicts)
         if result.failures:
             raise VxlanNetError(f"{len(result.failures)} of {len(plan)} changes failed, first: {result.failures[0]}")
@@ -192,7 +212,7 @@ class Reconciler:
         for subnet, reason in now.items():
             if subnet not in self.route_conflicts:
                 log.warning("not routing %s into the overlay: %s", subnet, reason)
-        for route in plan.upsert_routes:
+        for route in plan.upsert_routes + plan.upsert_direct_routes:
             if route.subnet in self.route_conflicts and route.subnet not in now:
                 log.info("route for %s no longer conflicts; it goes into the overlay now", route.subnet)
                 del self.route_conflicts[route.subnet]

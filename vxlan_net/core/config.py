@@ -49,6 +49,8 @@ class NetworkConfig:
     """UDP destination port of the tunnel (`Backend.Port`)."""
     mtu: Optional[int] = None
     """Tunnel MTU override (`Backend.MTU`); None means underlay MTU - VXLAN_OVERHEAD."""
+    direct_routing: bool = False
+    """Route to peers on a shared L2 segment without the tunnel (`Backend.DirectRouting`, as flannel)."""
 
     def pod_mtu(self, underlay_mtu: int) -> int:
         """The MTU of the VTEP and the pods: the config's override, else the underlay's minus VXLAN's overhead."""
@@ -62,6 +64,8 @@ class NetworkConfig:
         backend: dict[str, Any] = {"Type": "vxlan", "VNI": self.vni, "Port": self.port}
         if self.mtu is not None:
             backend["MTU"] = self.mtu
+        if self.direct_routing:
+            backend["DirectRouting"] = True
         return json.dumps(
             {
                 "Network": str(self.network),
@@ -87,6 +91,7 @@ def build_config(
     vni: int = DEFAULT_VNI,
     port: int = DEFAULT_PORT,
     mtu: Optional[int] = None,
+    direct_routing: bool = False,
 ) -> NetworkConfig:
     """Validate raw values and fill in defaults; raise InvalidConfig naming the problem."""
     net = _parse_network(network)
@@ -114,7 +119,9 @@ def build_config(
         mtu = _int("MTU", mtu)
         if not 576 <= mtu <= 65535:
             raise InvalidConfig(f"MTU {mtu} is outside 576..65535")
-    return NetworkConfig(net, length, low, high, vni, port, mtu)
+    if not isinstance(direct_routing, bool):  # JSON "true" or 1 is a mistake, not a yes
+        raise InvalidConfig(f"DirectRouting must be true or false, not {direct_routing!r}")
+    return NetworkConfig(net, length, low, high, vni, port, mtu, direct_routing)
 
 
 def parse_config(raw: str | bytes) -> NetworkConfig:
@@ -136,6 +143,7 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
         vni=backend.get("VNI", DEFAULT_VNI),
         port=backend.get("Port", DEFAULT_PORT),
         mtu=backend.get("MTU"),
+        direct_routing=backend.get("DirectRouting", False),
     )
 
 

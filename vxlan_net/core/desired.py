@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from ipaddress import IPv4Address, IPv4Network
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 if TYPE_CHECKING:
     from vxlan_net.core.lease import Lease
@@ -28,7 +28,8 @@ class FdbEntry:
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Route:
-    """`ip route`: the remote pod subnet is reached via its VTEP, onlink."""
+    """`ip route`: the remote pod subnet is reached via its VTEP, onlink (a tunnel route on the VTEP), or
+    via its PublicIP on the underlay device (a direct route)."""
 
     subnet: IPv4Network
     gateway: IPv4Address
@@ -68,23 +69,31 @@ class MainRoute:
 
 @dataclasses.dataclass(frozen=True)
 class OverlayEntries:
-    """A full set of overlay entries on one VXLAN device: desired or actual."""
+    """A full set of overlay entries: desired or actual. The tunnel entries live on the VXLAN device;
+    direct routes on the underlay device, a class of their own (as felix keeps them) so that a peer
+    changing mode is diffed in both and leaves nothing behind."""
 
     neighbours: frozenset[Neighbour] = frozenset()
     fdb: frozenset[FdbEntry] = frozenset()
     routes: frozenset[Route] = frozenset()
+    direct_routes: frozenset[Route] = frozenset()
 
     def __len__(self) -> int:
-        return len(self.neighbours) + len(self.fdb) + len(self.routes)
+        return len(self.neighbours) + len(self.fdb) + len(self.routes) + len(self.direct_routes)
 
 
-def desired_entries(peers: Iterable[Lease]) -> OverlayEntries:
-    """Three entries per remote lease: a permanent neighbour (its gateway -> its VtepMAC), an FDB entry
-    (its VtepMAC -> its PublicIP) and an onlink route (its subnet via its gateway)."""
-    neighbours, fdb, routes = set(), set(), set()
+def desired_entries(peers: Iterable[Lease],
+                    is_direct: Optional[Callable[[IPv4Address], bool]] = None) -> OverlayEntries:
+    """Three entries per tunnelled lease: a permanent neighbour (its gateway -> its VtepMAC), an FDB entry
+    (its VtepMAC -> its PublicIP) and an onlink route (its subnet via its gateway). One per direct lease
+    (`is_direct(PublicIP)`): a route of its subnet via its PublicIP, and nothing on the VXLAN device."""
+    neighbours, fdb, routes, direct = set(), set(), set(), set()
     for lease in peers:
+        if is_direct is not None and is_direct(lease.public_ip):
+            direct.add(Route(lease.subnet, lease.public_ip))
+            continue
         gateway = lease.subnet.network_address
         neighbours.add(Neighbour(gateway, lease.vtep_mac))
         fdb.add(FdbEntry(lease.vtep_mac, lease.public_ip))
         routes.add(Route(lease.subnet, gateway))
-    return OverlayEntries(frozenset(neighbours), frozenset(fdb), frozenset(routes))
+    return OverlayEntries(frozenset(neighbours), frozenset(fdb), frozenset(routes), frozenset(direct))

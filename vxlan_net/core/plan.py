@@ -14,7 +14,11 @@ class Plan:
     """What to write to the kernel; apply the fields in the order they are declared.
 
     Additions go neighbour -> FDB -> route, so a route never points at a VTEP the
-    kernel would have to ARP for; removals go route -> FDB -> neighbour.
+    kernel would have to ARP for; removals go route -> FDB -> neighbour. A peer
+    changing mode has one route class's route upserted before the other's is removed:
+    both hold the same prefix, so the upsert replaces ours in place (no moment
+    without a route), and the removal, which names the device and gateway, then
+    finds nothing to delete.
     Upserts use replace semantics, so a changed MAC or public IP overwrites in place
     (a route only where the one in place is vxlan-net's: see kernel.apply_plan).
     """
@@ -22,7 +26,9 @@ class Plan:
     upsert_neighbours: tuple[Neighbour, ...] = ()
     upsert_fdb: tuple[FdbEntry, ...] = ()
     upsert_routes: tuple[Route, ...] = ()
+    upsert_direct_routes: tuple[Route, ...] = ()
     remove_routes: tuple[Route, ...] = ()
+    remove_direct_routes: tuple[Route, ...] = ()
     remove_fdb: tuple[FdbEntry, ...] = ()
     remove_neighbours: tuple[Neighbour, ...] = ()
 
@@ -42,11 +48,14 @@ def plan_changes(desired: OverlayEntries, actual: OverlayEntries) -> Plan:
     """
     wanted_neigh_ips = {n.ip for n in desired.neighbours}
     wanted_route_subnets = {r.subnet for r in desired.routes}
+    wanted_direct_subnets = {r.subnet for r in desired.direct_routes}
     return Plan(
         upsert_neighbours=tuple(desired.neighbours - actual.neighbours),
         upsert_fdb=tuple(desired.fdb - actual.fdb),
         upsert_routes=tuple(desired.routes - actual.routes),
+        upsert_direct_routes=tuple(desired.direct_routes - actual.direct_routes),
         remove_routes=tuple(r for r in actual.routes if r.subnet not in wanted_route_subnets),
+        remove_direct_routes=tuple(r for r in actual.direct_routes if r.subnet not in wanted_direct_subnets),
         # A stale FDB entry is removed even when its MAC is wanted with another dst:
         # replace only rewrites one remote, and a leftover remote would duplicate traffic.
         remove_fdb=tuple(actual.fdb - desired.fdb),

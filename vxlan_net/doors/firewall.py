@@ -9,7 +9,7 @@ import logging
 import shutil
 import subprocess
 from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable
+from typing import Iterable, Optional
 
 from vxlan_net.core.errors import KernelError
 from vxlan_net.core.names import NFT_TABLE
@@ -35,10 +35,14 @@ POD_TO_VXLAN_PORT = "vxlan-net: pod traffic to the VXLAN port"
 
 @dataclasses.dataclass(frozen=True)
 class ForwardDevices:
-    """The devices pod traffic is forwarded between: the CNI bridge and our VTEP."""
+    """The devices pod traffic is forwarded between: the CNI bridge and our VTEP, and with direct routing
+    the underlay device, from which the pod network's packets arrive unencapsulated."""
 
     bridge: str
     vtep: str
+    underlay: Optional[str] = None
+    """Set with direct routing (then `pod_network` too)."""
+    pod_network: Optional[IPv4Network] = None
 
 
 def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: int,
@@ -150,8 +154,19 @@ def forward_rules(devices: ForwardDevices) -> list[tuple[str, list[dict]]]:
 
     accept = [{"counter": None}, {"accept": None}]
     bridge, vtep = devices.bridge, devices.vtep
+    direct = []
+    if devices.underlay is not None and devices.pod_network is not None:
+        # Direct peers' pods arrive on the underlay with their own addresses. Here the source
+        # must be matched (the underlay also carries everything else), and strict rp_filter
+        # backs it: a pod source is accepted on the underlay only where its subnet routes there.
+        network = devices.pod_network
+        from_pods = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                               "right": {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}}}
+        direct = [(f"{FORWARD_TAG}: direct peers' pods to pods",
+                   [name("iifname", devices.underlay), name("oifname", bridge), from_pods, *accept])]
     return [
         (f"{FORWARD_TAG}: overlay to pods", [name("iifname", vtep), name("oifname", bridge), *accept]),
+        *direct,
         (f"{FORWARD_TAG}: pods to the overlay and out", [name("iifname", bridge), *accept]),
         (f"{FORWARD_TAG}: replies to pods", [name("oifname", bridge),
                                               conntrack("state", ["established", "related"]), *accept]),

@@ -36,8 +36,8 @@ from cni.netlink import (IFF_UP, IFLA_IFNAME, NDA_DST, NDA_IFINDEX, NDA_LLADDR, 
                          NETLINK_GET_STRICT_CHK, NETLINK_ROUTE, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
                          NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NTF_SELF, NUD_PERMANENT,
                          RT_TABLE_MAIN, RTA_DST, RTA_GATEWAY, RTA_MULTIPATH, RTA_OIF, RTA_PRIORITY, RTA_TABLE,
-                         RTM_DELNEIGH, RTM_DELROUTE, RTM_GETLINK, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWNEIGH,
-                         RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, SOL_NETLINK)
+                         RTM_DELNEIGH, RTM_DELROUTE, RTM_GETLINK, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWADDR,
+                         RTM_NEWNEIGH, RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, SOL_NETLINK)
 
 from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
 from vxlan_net.core.errors import KernelBusy, KernelError, LinkNotFound
@@ -410,16 +410,22 @@ def walk_overlay_dumps(ifname: str, *, netns: Optional[str] = None) -> int:
         return count + sum(1 for _msg in nl.dump(_route_dump_request(ifindex), "dump"))
 
 
-def read_overlay_entries(ifname: str, *, netns: Optional[str] = None) -> OverlayEntries:
+def read_overlay_entries(ifname: str, *, underlay: Optional[str] = None,
+                         netns: Optional[str] = None) -> OverlayEntries:
     """A fresh read of what is ours on the device: permanent IPv4 neighbours with a MAC,
     permanent FDB entries with a remote IPv4 dst, and main-table gateway routes with
-    protocol ROUTE_PROTO. LinkNotFound if the device is missing."""
+    protocol ROUTE_PROTO; with `underlay`, also our gateway routes on that device (the
+    direct routes). LinkNotFound if a device is missing."""
     with _Rtnl(netns) as nl:
         ifindex = nl.ifindex(ifname)
+        direct = frozenset()
+        if underlay is not None:
+            direct = _retry_busy(_read_routes)(nl, nl.ifindex(underlay))
         return OverlayEntries(
             neighbours=_retry_busy(_read_neighbours)(nl, ifindex),
             fdb=_retry_busy(_read_fdb)(nl, ifindex),
             routes=_retry_busy(_read_routes)(nl, ifindex),
+            direct_routes=direct,
         )
 
 
@@ -454,8 +460,11 @@ def _neigh_template(msg_type: int, flags: int, family: int, ifindex: int, attrs:
     return _Template(wire.request(msg_type, flags, 0, body), _NDMSG.size, attrs)
 
 
-def _route_template(msg_type: int, flags: int, ifindex: int) -> _Template:
-    header = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO, 0, RTN_UNICAST, RTNH_F_ONLINK)
+def _route_template(msg_type: int, flags: int, ifindex: int, onlink: bool = True) -> _Template:
+    """A tunnel route is onlink (its gateway, the peer's VTEP address, is on no connected network);
+    a direct route is not, so the kernel checks that its gateway is on the underlay's segment."""
+    header = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO, 0, RTN_UNICAST,
+                         RTNH_F_ONLINK if onlink else 0)
     body = header + wire.attr(RTA_DST, bytes(4)) + wire.attr(RTA_GATEWAY, bytes(4)) + wire.attr_u32(RTA_OIF, ifindex)
     return _Template(wire.request(msg_type, flags, 0, body), _RTMSG.size, ["dst_len", RTA_DST, RTA_GATEWAY])
 
@@ -479,22 +488,35 @@ def _fdb_values(f: FdbEntry) -> tuple[bytes, ...]:
     return _mac_bytes(f.mac), f.dst.packed
 
 
-def _steps(ifindex: int) -> dict[str, _Step]:
-    """How to send each Plan field; apply_plan walks them in the Plan's field order."""
+def _route_steps(ifindex: int, onlink: bool) -> tuple[_Step, _Step, _Step]:
+    """(create, replace, delete) of one route class's routes on one device."""
+    return tuple(_Step(_route_template(kind, flags, ifindex, onlink), _route_values, kind == RTM_DELROUTE)
+                 for kind, flags in ((RTM_NEWROUTE, _CREATE_ONLY), (RTM_NEWROUTE, _UPSERT), (RTM_DELROUTE, _DELETE)))
+
+
+def _steps(ifindex: int, underlay_index: Optional[int]) -> tuple[dict[str, _Step], dict[str, _Step]]:
+    """How to send each Plan field (apply_plan walks them in the Plan's field order), and how to
+    replace the routes of an upsert field that the kernel refused with EEXIST."""
     neigh, fdb = [NDA_DST, NDA_LLADDR], [NDA_LLADDR, NDA_DST]
     inet, bridge = socket.AF_INET, socket.AF_BRIDGE
+    # Deleting with protocol, device and gateway set never touches a route that is not ours,
+    # nor the other class's route that replaced ours for the same prefix.
+    create, replace, delete = _route_steps(ifindex, onlink=True)
+    steps, replacing = {"upsert_routes": create, "remove_routes": delete}, {"upsert_routes": replace}
+    if underlay_index is not None:
+        create, replace, delete = _route_steps(underlay_index, onlink=False)
+        steps.update({"upsert_direct_routes": create, "remove_direct_routes": delete})
+        replacing["upsert_direct_routes"] = replace
     return {
+        **steps,
         "upsert_neighbours": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, inet, ifindex, neigh), _neighbour_values, False),
         "upsert_fdb": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, bridge, ifindex, fdb), _fdb_values, False),
-        "upsert_routes": _Step(_route_template(RTM_NEWROUTE, _CREATE_ONLY, ifindex), _route_values, False),
-        # Deleting with protocol and device set never touches a route that is not ours.
-        "remove_routes": _Step(_route_template(RTM_DELROUTE, _DELETE, ifindex), _route_values, True),
         # With a dst, only that remote of the MAC goes.
         "remove_fdb": _Step(_neigh_template(RTM_DELNEIGH, _DELETE, bridge, ifindex, fdb), _fdb_values, True),
         "remove_neighbours": _Step(
             _neigh_template(RTM_DELNEIGH, _DELETE, inet, ifindex, [NDA_DST]), lambda n: (n.ip.packed,), True
         ),
-    }
+    }, replacing
 
 
 def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -> tuple[int, list[ApplyFailure]]:
@@ -534,7 +556,7 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
 
 
 def _settle_existing_routes(
-    nl: _Rtnl, ifindex: int, refused: Sequence[ApplyFailure]
+    nl: _Rtnl, replace: _Step, refused: Sequence[ApplyFailure]
 ) -> tuple[int, list[ApplyFailure], list[ApplyFailure]]:
     """Routes refused with EEXIST: replace those whose existing route is ours (protocol
     ROUTE_PROTO), report the others as conflicts. Returns (replaced, failures, conflicts).
@@ -552,40 +574,109 @@ def _settle_existing_routes(
                 failure, reason=f"route {holder} is not vxlan-net's; delete it: ip route del {holder}"))
     if not ours:
         return 0, [], conflicts
-    replace = _Step(_route_template(RTM_NEWROUTE, _UPSERT, ifindex), _route_values, False)
     replaced, failures = _apply_step(nl, refused[0].action, replace, ours)
     return replaced, failures, conflicts
 
 
-def apply_plan(ifname: str, plan: Plan, *, netns: Optional[str] = None) -> ApplyResult:
+def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
+               netns: Optional[str] = None) -> ApplyResult:
     """Write a Plan to the device in its field order; refusals are reported, not raised.
 
     Neighbours and FDB entries are upserted (NLM_F_CREATE|NLM_F_REPLACE). Routes are
     created exclusively, one message each; only on EEXIST is the existing route read,
     and replaced if it is ours, else left alone and reported in `conflicts`. Removals
-    of entries already gone count as applied. Raises LinkNotFound if the device is
-    missing and KernelError if the netlink socket itself fails."""
+    of entries already gone count as applied. Direct routes go on `underlay`, which
+    the plan needs when it has any. Raises LinkNotFound if a device is missing and
+    KernelError if the netlink socket itself fails."""
     if plan.empty:
         return ApplyResult()
+    if underlay is None and (plan.upsert_direct_routes or plan.remove_direct_routes):
+        raise ValueError("a plan with direct routes needs the underlay device")
     applied, failures, conflicts = 0, [], []
     with _Rtnl(netns) as nl:
         ifindex = nl.ifindex(ifname)
-        steps = _steps(ifindex)
+        underlay_index = nl.ifindex(underlay) if underlay is not None else None
+        steps, replacing = _steps(ifindex, underlay_index)
         for field in dataclasses.fields(plan):
             entries = getattr(plan, field.name)
             if not entries:
                 continue
             done, refused = _apply_step(nl, field.name, steps[field.name], entries)
-            existing = [f for f in refused if field.name == "upsert_routes" and f.errno == errno.EEXIST]
+            existing = [f for f in refused if field.name in replacing and f.errno == errno.EEXIST]
             if existing:
                 refused = [f for f in refused if f not in existing]
-                replaced, refused_again, foreign = _settle_existing_routes(nl, ifindex, existing)
+                replaced, refused_again, foreign = _settle_existing_routes(nl, replacing[field.name], existing)
                 done += replaced
                 refused += refused_again
                 conflicts += foreign
             applied += done
             failures.extend(refused)
     return ApplyResult(applied, tuple(failures), tuple(conflicts))
+
+
+# --- watching the node's routes and addresses ---------------------------------------
+
+_RTMGRP_IPV4_IFADDR = 0x10
+_RTMGRP_IPV4_ROUTE = 0x40
+_RTM_DELADDR = 21
+
+
+class RouteEvents:
+    """A netlink subscription to this namespace's IPv4 address and route changes (RTNLGRP_IPV4_IFADDR,
+    RTNLGRP_IPV4_ROUTE), polled without blocking: changed() says whether any came since the last call.
+
+    Our own routes (protocol ROUTE_PROTO) are not news: every pass writes some, and
+    counting them would make each pass trigger the next. When the kernel drops
+    notifications (ENOBUFS: the socket's buffer overran), changed() says yes: something
+    was lost. Close it when done (or use it as a context manager).
+    """
+
+    def __init__(self, *, netns: Optional[str] = None):
+        with _translated("subscribing to route and address changes"):
+            if netns is None:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
+            else:
+                sock = _netns.create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                            NETLINK_ROUTE, flags=0)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                sock.bind((0, _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE))
+            except BaseException:
+                sock.close()
+                raise
+        self._sock = sock
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def changed(self) -> bool:
+        """Drain what arrived; True if any address, or any route not ours, was added or removed."""
+        changed = False
+        for _ in range(10_000):  # bounded: a flood is "changed" anyway, the next call drains the rest
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    changed = True
+                    continue
+                raise _kernel_error(exc.errno or errno.EIO, "reading route and address changes") from None
+            for off, _length, kind, _flags, _seq in wire.messages(data):
+                if kind in (RTM_NEWADDR, _RTM_DELADDR):
+                    changed = True
+                elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and _RTMSG.unpack_from(data, off + 16)[5] != ROUTE_PROTO:
+                    changed = True
+        return changed
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "RouteEvents":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --- devices and addresses (pyroute2's IPRoute) ----------------------------------

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_set.add_argument("--vni", type=int, default=_int_env("vni", 1))
     config_set.add_argument("--port", type=int, default=_int_env("port", 8472))
     config_set.add_argument("--mtu", type=int, default=_int_env("mtu", None))
+    config_set.add_argument("--direct-routing", action="store_true", default=False,
+                            help="route to nodes on this node's L2 segment without the tunnel (Backend.DirectRouting)")
     config_get = config_cmds.add_parser("get", help="print <prefix>/config")
     _add_etcd_flags(config_get)
 
@@ -160,7 +162,7 @@ def _config_set(args) -> int:
     if not args.network:
         raise UsageError("--network is required")
     config = build_config(args.network, args.subnet_len, args.subnet_min, args.subnet_max, args.vni, args.port,
-                          args.mtu)
+                          args.mtu, args.direct_routing)
     with _store(args) as store:
         store.put_config(config.to_json())
     print(config.to_json())
@@ -242,6 +244,7 @@ def _status(args) -> int:
     from vxlan_net.core.lease import subnet_key_name
     from vxlan_net.tools.status import describe_drift, render_lease_table, skipped_lines
     from vxlan_net.core.underlay import underlay_addresses
+    from vxlan_net.core.direct import DirectReach, mode_of
 
     with _store(args) as store:
         config = parse_config(_read_config(store, args))
@@ -252,22 +255,30 @@ def _status(args) -> int:
     ttls = {name: record.ttl_remaining for name, record in snapshot.records.items()}
     rows = [(lease, ttls.get(subnet_key_name(lease.subnet))) for lease in book.valid_leases()]
     device = vtep_name(config.vni)
-    own = None
+    own = underlay = reach = None
     if kernel.link_exists(device):
         own_gateway = kernel.interface_address(device)
         own = next((lease for lease in book.valid_leases() if lease.subnet.network_address == own_gateway), None)
+        underlay = (kernel.link_info(device)["vxlan"] or {}).get("underlay")
     if own is not None:  # skip what this node's agent skips
         book.set_own(own)
-        book.set_protected(underlay_addresses(etcd_addresses, kernel.node_addresses(), kernel.main_table_routes(),
-                                              config, device))
-    print(render_lease_table(rows, own.subnet if own else None))
+        routes = kernel.main_table_routes()
+        book.set_protected(underlay_addresses(etcd_addresses, kernel.node_addresses(), routes, config, device))
+        if config.direct_routing and underlay:  # decided as the agent decides
+            reach = DirectReach.from_routes(routes, underlay)
+    modes = None
+    if own is not None:
+        modes = {lease.subnet: mode_of(reach, lease.public_ip) for lease in book.peers()}
+    print(render_lease_table(rows, own.subnet if own else None, modes))
     for line in skipped_lines(book.skipped()):
         print(line)
+    print(f"direct routing: {'on' if config.direct_routing else 'off'}")
     if own is None:
         print(f"this node: no {device} device here (not a node, or the agent has not started)")
         return 0
     peers = book.peers()
-    drift = describe_drift(desired_entries(peers), kernel.read_overlay_entries(device))
+    drift = describe_drift(desired_entries(peers, reach.is_direct if reach else None),
+                           kernel.read_overlay_entries(device, underlay=underlay))
     if not drift:
         print(f"this node ({own.subnet}): kernel entries match {len(peers)} peer{'' if len(peers) == 1 else 's'}")
         return 0

@@ -21,6 +21,7 @@ from cni import subnet_file
 
 from vxlan_net.core.config import VXLAN_OVERHEAD, NetworkConfig
 from vxlan_net.core.desired import MainRoute, OverlayEntries, Route, desired_entries
+from vxlan_net.core.direct import DIRECT, DirectReach, mode_of
 from vxlan_net.core.lease import Lease, subnet_key_name, trusted_peers
 from vxlan_net.core.names import NFT_TABLE, ROUTE_PROTO, VTEP_PREFIX, vtep_name
 
@@ -317,10 +318,26 @@ def _entry_problems(want: OverlayEntries, have: OverlayEntries) -> list[str]:
         other = [str(h.gateway) for h in have.routes if h.subnet == r.subnet]
         problems.append(f"route {r.subnet} goes via {other[0]}, expected via {r.gateway}" if other
                         else f"missing route {r.subnet} via {r.gateway}")
+    for r in sorted(want.direct_routes - have.direct_routes):
+        other = [str(h.gateway) for h in have.direct_routes if h.subnet == r.subnet]
+        problems.append(f"direct route {r.subnet} goes via {other[0]}, expected via {r.gateway}" if other
+                        else f"missing direct route {r.subnet} via {r.gateway}")
     return problems
 
 
-def _restore_commands(lease: Lease, device: str) -> str:
+def peer_reach(facts: NodeFacts) -> Optional[DirectReach]:
+    """Which peers this node reaches directly, decided as the agent decides; None with direct routing off
+    or when the routes or the underlay are unknown (then every peer is checked as tunnelled)."""
+    if (isinstance(facts.config, Unavailable) or not facts.config.direct_routing
+            or isinstance(facts.main_routes, Unavailable) or isinstance(facts.underlay, Unavailable)):
+        return None
+    return DirectReach.from_routes(facts.main_routes, facts.underlay.name)
+
+
+def _restore_commands(lease: Lease, device: str, underlay: Optional[str] = None) -> str:
+    """What the agent would write for this peer; `underlay` set: the peer is direct."""
+    if underlay is not None:
+        return f"`ip route replace {lease.subnet} via {lease.public_ip} dev {underlay} proto {ROUTE_PROTO}`"
     g = lease.gateway
     return (f"`ip neigh replace {g} lladdr {lease.vtep_mac} dev {device} nud permanent; "
             f"bridge fdb append {lease.vtep_mac} dev {device} dst {lease.public_ip} self permanent; "
@@ -346,10 +363,14 @@ def check_peers(facts: NodeFacts) -> list[Finding]:
     findings = []
     fix = ("the agent restores them on its next resync (--resync-interval); if they stay missing, read its log; "
            "by hand: ")
+    reach = peer_reach(facts)
     for lease in peers:
-        item = f"peer {lease.subnet} at {lease.public_ip}"
-        problems = _entry_problems(desired_entries([lease]), have)
-        blocking = _foreign_routes(facts, lease) if Route(lease.subnet, lease.gateway) not in have.routes else []
+        mode = mode_of(reach, lease.public_ip)
+        item = f"peer {lease.subnet} at {lease.public_ip}" + (f" ({mode})" if reach is not None else "")
+        want = desired_entries([lease], reach.is_direct if reach else None)
+        problems = _entry_problems(want, have)
+        blocking = _foreign_routes(facts, lease) if not (want.routes <= have.routes
+                                                         and want.direct_routes <= have.direct_routes) else []
         if blocking:
             problems = [p for p in problems if not p.startswith(f"missing route {lease.subnet} ")]
             problems += [f"route {r} is not vxlan-net's, so the agent does not route {lease.subnet} into the "
@@ -358,16 +379,23 @@ def check_peers(facts: NodeFacts) -> list[Finding]:
                                     "delete it: " + "; ".join(f"`ip route del {r}`" for r in blocking)
                                     + "; the agent adds its own route on its next resync"))
         elif problems:
-            findings.append(Finding(False, item, "; ".join(problems), fix + _restore_commands(lease, facts.vtep_name)))
+            underlay = facts.underlay.name if mode == DIRECT else None
+            findings.append(Finding(False, item, "; ".join(problems),
+                                    fix + _restore_commands(lease, facts.vtep_name, underlay)))
+        elif mode == DIRECT:
+            findings.append(Finding(True, item, f"route via {lease.public_ip} dev {facts.underlay.name} in place, "
+                                                f"no tunnel entries needed"))
         else:
             findings.append(Finding(True, item, f"route, neighbour {lease.gateway} and FDB entry {lease.vtep_mac} "
                                                 f"in place"))
-    want = desired_entries(peers)
+    want = desired_entries(peers, reach.is_direct if reach else None)
     extra = ([f"neighbour {n.ip} lladdr {n.mac}" for n in sorted(have.neighbours - want.neighbours)
               if n.ip not in {w.ip for w in want.neighbours}]
              + [f"FDB entry {f.mac} dst {f.dst}" for f in sorted(have.fdb - want.fdb)]
              + [f"route {r.subnet} via {r.gateway}" for r in sorted(have.routes - want.routes)
-                if r.subnet not in {w.subnet for w in want.routes}])
+                if r.subnet not in {w.subnet for w in want.routes}]
+             + [f"direct route {r.subnet} via {r.gateway}" for r in sorted(have.direct_routes - want.direct_routes)
+                if r.subnet not in {w.subnet for w in want.direct_routes}])
     if extra:
         findings.append(Finding(False, "stale entries", f"entries for no current lease: {'; '.join(extra)}",
                                 "the agent removes them on its next resync; if they stay, read its log"))
@@ -582,6 +610,10 @@ def plan_probe(facts: NodeFacts, dest: IPv4Address) -> Fact[ProbePlan]:
         source = values.gateway.ip
     if isinstance(facts.underlay, Unavailable):
         return Unavailable(f"underlay unknown: {facts.underlay.reason}")
+    if mode_of(peer_reach(facts), peer.public_ip) == DIRECT:
+        return Unavailable(f"{dest} is on a direct peer ({peer.public_ip}): its packets leave unencapsulated, "
+                           f"and the probe checks the tunnel; ping it, or watch `vxlan-net inspect` on "
+                           f"{facts.underlay.name}")
     local = facts.vtep.vxlan.local if not isinstance(facts.vtep, Unavailable) and facts.vtep.vxlan else None
     return ProbePlan(dest, source, peer, facts.config.vni, facts.config.port, local, facts.underlay.name)
 
@@ -779,7 +811,9 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     iface = options.iface or (vtep.vxlan.underlay if not isinstance(vtep, Unavailable) and vtep.vxlan else None)
     underlay = _link(kernel, iface) if iface else Unavailable(f"{device} names no underlay: give --iface")
     try:
-        entries: Fact[OverlayEntries] = kernel.read_overlay_entries(device)
+        # Direct routes live on the underlay device; without it, only the tunnel entries are read.
+        entries: Fact[OverlayEntries] = kernel.read_overlay_entries(
+            device, underlay=None if isinstance(underlay, Unavailable) else underlay.name)
     except KernelError as exc:
         entries = Unavailable(f"cannot read the entries of {device}: {exc}")
     state_path = Path(options.state_dir) / "node.json"

@@ -64,7 +64,8 @@ def _inspect(args: argparse.Namespace) -> int:
         leases, port=port, vni=args.vni if args.vni is not None else (config.vni if config else None),
         pod_network=config.network if config else None,
         path_mtu=args.path_mtu or (_iface_mtu(args.iface) if args.iface and not args.read else None))
-    bpf = frames.capture_bpf(frame_filter, port)
+    # With direct routing, pod packets between nodes of one segment cross the underlay unencapsulated.
+    bpf = frames.capture_bpf(frame_filter, port, config.network if config and config.direct_routing else None)
     printer = _Printer(args, context, frame_filter)
     try:
         _sniff(args, bpf if (not args.read or frame_filter.kind == "bpf") else None, printer)
@@ -192,7 +193,7 @@ class _Printer:
 
         if self.done():
             return
-        frame = frames.decode_frame(packet, self.context)
+        frame = frames.decode_frame(packet, self.context) or frames.decode_direct(packet, self.context)
         if frame is None or not self.frame_filter.matches(frame):
             return
         self.shown += 1

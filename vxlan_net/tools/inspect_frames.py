@@ -1,7 +1,8 @@
 """What one captured underlay packet says about the overlay: pure VXLAN decoding and anomaly checks.
 
 No I/O here: `decode_frame` takes a scapy packet and what we know of the cluster and returns a
-`VxlanFrame` (or None for anything that is not a VXLAN frame to our port).
+`VxlanFrame` (or None for anything that is not a VXLAN frame to our port); `decode_direct` returns a
+`DirectPacket` for a pod-to-pod packet that crosses the underlay unencapsulated (direct routing).
 """
 
 from __future__ import annotations
@@ -66,16 +67,11 @@ class Anomaly:
 
 
 @dataclasses.dataclass(frozen=True)
-class VxlanFrame:
-    """One VXLAN frame seen on the underlay, decoded and judged."""
+class PodPacket:
+    """What any pod packet seen on the underlay says, tunnelled or not ("inner": the pods' own headers)."""
 
     time: float
     """Capture time, seconds since the epoch."""
-    outer_src: IPv4Address
-    outer_dst: IPv4Address
-    outer_sport: int
-    outer_dport: int
-    vni: int
     inner_src_mac: Optional[str]
     inner_dst_mac: Optional[str]
     inner_src: Optional[InnerAddress]
@@ -87,15 +83,26 @@ class VxlanFrame:
     icmp_type: Optional[int]
     icmp_code: Optional[int]
     length: int
-    """Outer IP packet length in bytes (what the path MTU limits)."""
+    """IP packet length in bytes (the outer one of a VXLAN frame: what the path MTU limits)."""
+    inner_src_node: Optional[IPv4Address]
+    """Public IP of the node whose lease covers inner_src, when known."""
+    inner_dst_node: Optional[IPv4Address]
+
+
+@dataclasses.dataclass(frozen=True)
+class VxlanFrame(PodPacket):
+    """One VXLAN frame seen on the underlay, decoded and judged."""
+
+    outer_src: IPv4Address
+    outer_dst: IPv4Address
+    outer_sport: int
+    outer_dport: int
+    vni: int
     inner_length: int
     """Inner Ethernet frame length in bytes."""
     outer_src_subnet: Optional[IPv4Network]
     """The subnet leased by the node at outer_src, when known."""
     outer_dst_subnet: Optional[IPv4Network]
-    inner_src_node: Optional[IPv4Address]
-    """Public IP of the node whose lease covers inner_src, when known."""
-    inner_dst_node: Optional[IPv4Address]
     aggregate: bool = False
     """A TCP frame longer than the path MTU: a GSO/GRO aggregate the kernel cuts into (or merged
     from) wire-sized frames, not an oversize frame; captures on veths and NICs show these."""
@@ -136,6 +143,31 @@ def decode_frame(packet: Packet, context: InspectContext) -> Optional[VxlanFrame
     aggregate = context.path_mtu is not None and frame.length > context.path_mtu and frame.protocol == "tcp"
     frame = dataclasses.replace(frame, aggregate=aggregate)
     return dataclasses.replace(frame, anomalies=_anomalies(frame, context, fragmented=bool(outer.flags.MF)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectPacket(PodPacket):
+    """One pod-to-pod packet on the underlay without a tunnel header: direct routing between two nodes
+    of one segment."""
+
+    path: str = "direct"
+    anomalies: tuple[Anomaly, ...] = ()
+
+
+def decode_direct(packet: Packet, context: InspectContext) -> Optional[DirectPacket]:
+    """The packet as a DirectPacket when it is IPv4 from the pod network to the pod network, not to our
+    tunnel port; None otherwise, or when the pod network is unknown."""
+    if context.pod_network is None or Ether not in packet or IP not in packet:
+        return None
+    ip = packet[IP]
+    if not (IPv4Address(ip.src) in context.pod_network and IPv4Address(ip.dst) in context.pod_network):
+        return None
+    if UDP in ip and ip[UDP].dport == context.port:
+        return None
+    fields = _inner_fields(packet[Ether])
+    return DirectPacket(time=float(packet.time), length=ip.len or len(bytes(ip)),
+                        inner_src_node=context.node_holding(fields["inner_src"]),
+                        inner_dst_node=context.node_holding(fields["inner_dst"]), **fields)
 
 
 def _inner_fields(inner: Optional[Ether]) -> dict[str, Any]:
@@ -204,11 +236,11 @@ class FrameFilter:
     address: Optional[IPv4Address] = None
     bpf: Optional[str] = None
 
-    def matches(self, frame: VxlanFrame) -> bool:
+    def matches(self, frame: PodPacket) -> bool:
         if self.kind == "pod":
             return self.address in (frame.inner_src, frame.inner_dst)
         if self.kind == "node":
-            return self.address in (frame.outer_src, frame.outer_dst)
+            return isinstance(frame, VxlanFrame) and self.address in (frame.outer_src, frame.outer_dst)
         return True  # raw BPF was applied by the capture
 
 
@@ -225,17 +257,21 @@ def parse_filter(text: Optional[str]) -> FrameFilter:
     return FrameFilter("bpf", bpf=text.strip())
 
 
-def capture_bpf(frame_filter: FrameFilter, port: int) -> str:
-    """The BPF expression that lets through only what `frame_filter` can match."""
+def capture_bpf(frame_filter: FrameFilter, port: int, direct_network: Optional[IPv4Network] = None) -> str:
+    """The BPF expression that lets through only what `frame_filter` can match; with `direct_network`
+    (direct routing on), also unencapsulated packets between two of its addresses."""
     base = f"udp dst port {port}"
+    direct = f"(ip src net {direct_network} and ip dst net {direct_network})" if direct_network else None
     if frame_filter.kind == "pod":
         value = f"0x{int(frame_filter.address):08x}"
-        return f"{base} and (udp[{_INNER_SRC_AT}:4] = {value} or udp[{_INNER_DST_AT}:4] = {value})"
+        tunnelled = f"{base} and (udp[{_INNER_SRC_AT}:4] = {value} or udp[{_INNER_DST_AT}:4] = {value})"
+        return f"({tunnelled}) or ({direct} and host {frame_filter.address})" if direct else tunnelled
     if frame_filter.kind == "node":
         return f"{base} and host {frame_filter.address}"
+    either = f"({base} or {direct})" if direct else base
     if frame_filter.kind == "bpf":
-        return f"{base} and ({frame_filter.bpf})"
-    return base
+        return f"{either} and ({frame_filter.bpf})"
+    return either
 
 
 # -- output --------------------------------------------------------------------------------
@@ -256,15 +292,20 @@ def _with_port(address: Optional[InnerAddress], port: Optional[int]) -> str:
     return f"{text}.{port}" if port is not None else text
 
 
-def _what(frame: VxlanFrame) -> str:
+def _what(frame: PodPacket) -> str:
     if frame.protocol == "icmp":
         name = _ICMP_NAMES.get(frame.icmp_type, f"type-{frame.icmp_type}")
         return f"icmp {name}" + (f" code {frame.icmp_code}" if frame.icmp_code else "")
     return frame.protocol
 
 
-def format_line(frame: VxlanFrame) -> str:
-    """One line, tcpdump-like: time, outer, VNI, inner MACs, inner IPs, protocol, length, anomalies."""
+def format_line(frame: PodPacket) -> str:
+    """One line, tcpdump-like: time, outer, VNI, inner MACs, inner IPs, protocol, length, anomalies;
+    a direct packet says `direct` where a frame has its outer addresses and VNI."""
+    if isinstance(frame, DirectPacket):
+        return (f"{_clock(frame.time)} direct | {frame.inner_src_mac or '?'} > {frame.inner_dst_mac or '?'} | "
+                f"{_with_port(frame.inner_src, frame.sport)} > {_with_port(frame.inner_dst, frame.dport)} "
+                f"{_what(frame)} | len {frame.length}")
     line = (f"{_clock(frame.time)} {_endpoint(frame.outer_src, frame.outer_src_subnet)} > "
             f"{_endpoint(frame.outer_dst, frame.outer_dst_subnet)} vni {frame.vni} | "
             f"{frame.inner_src_mac or '?'} > {frame.inner_dst_mac or '?'} | "
@@ -275,7 +316,7 @@ def format_line(frame: VxlanFrame) -> str:
     return line
 
 
-def to_dict(frame: VxlanFrame) -> dict[str, Any]:
+def to_dict(frame: PodPacket) -> dict[str, Any]:
     """The frame as plain JSON types (addresses as strings, anomalies as {kind, message})."""
     out: dict[str, Any] = {}
     for field in dataclasses.fields(frame):
@@ -288,6 +329,6 @@ def to_dict(frame: VxlanFrame) -> dict[str, Any]:
     return out
 
 
-def to_json(frame: VxlanFrame) -> str:
+def to_json(frame: PodPacket) -> str:
     """One JSON object on one line."""
     return json.dumps(to_dict(frame), sort_keys=True)

@@ -19,13 +19,16 @@ def format_expiry(seconds: Optional[int]) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def render_lease_table(rows: Iterable[tuple[Lease, Optional[int]]], own_subnet=None) -> str:
-    """One line per lease: subnet, public IP, VTEP MAC, time to expiry; ours marked with *."""
-    header = ("SUBNET", "PUBLIC IP", "VTEP MAC", "EXPIRES IN")
+def render_lease_table(rows: Iterable[tuple[Lease, Optional[int]]], own_subnet=None,
+                       modes: Optional[Mapping] = None) -> str:
+    """One line per lease: subnet, public IP, VTEP MAC, time to expiry; ours marked with *; with `modes`
+    ({subnet: "direct"/"tunnelled"}, this node's view), a MODE column ("-" for ours and for skipped ones)."""
+    header = ("SUBNET", "PUBLIC IP", "VTEP MAC", "EXPIRES IN") + (("MODE",) if modes is not None else ())
     lines = [header]
     for lease, ttl in sorted(rows, key=lambda row: row[0].subnet):
         mark = "*" if own_subnet is not None and lease.subnet == own_subnet else ""
-        lines.append((f"{lease.subnet}{mark}", str(lease.public_ip), lease.vtep_mac, format_expiry(ttl)))
+        mode = (modes.get(lease.subnet, "-"),) if modes is not None else ()
+        lines.append((f"{lease.subnet}{mark}", str(lease.public_ip), lease.vtep_mac, format_expiry(ttl), *mode))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -38,10 +41,11 @@ def skipped_lines(skipped: Mapping[str, str]) -> list[str]:
 def describe_drift(desired: OverlayEntries, actual: OverlayEntries) -> list[str]:
     """Human lines for entries missing from or extra in the kernel; empty when in sync."""
     lines = []
-    for kind in ("neighbours", "fdb", "routes"):
+    names = {"neighbours": "neighbour", "fdb": "fdb entry", "routes": "route", "direct_routes": "direct route"}
+    for kind, name in names.items():
         want, have = getattr(desired, kind), getattr(actual, kind)
-        lines += [f"missing {kind[:-1] if kind != 'fdb' else 'fdb entry'}: {_show(e)}" for e in sorted(want - have)]
-        lines += [f"unexpected {kind[:-1] if kind != 'fdb' else 'fdb entry'}: {_show(e)}" for e in sorted(have - want)]
+        lines += [f"missing {name}: {_show(e)}" for e in sorted(want - have)]
+        lines += [f"unexpected {name}: {_show(e)}" for e in sorted(have - want)]
     return lines
 
 
