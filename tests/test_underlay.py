@@ -67,3 +67,8 @@ def test_a_bridge_is_only_a_pod_bridge_when_it_holds_nothing_but_pod_gateway_add
 def test_a_default_route_without_gateway_claims_nothing_but_its_device_stays_underlay():
     claims = underlay_networks([], [route("0.0.0.0/0", "ppp0", protocol=STATIC, scope=LINK)], CONFIG, VTEP)
     assert claims == {}
+
+
+def test_an_etcd_endpoint_inside_the_pod_network_is_claimed_so_no_node_leases_around_it():
+    claims = underlay_networks([], [], CONFIG, VTEP, {IPv4Address("198.19.250.10"): "http://198.19.250.10:2379"})
+    assert claims == {IPv4Network("198.19.250.10/32"): "etcd endpoint http://198.19.250.10:2379"}

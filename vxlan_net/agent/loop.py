@@ -225,9 +225,10 @@ class Agent:
     def _acquire(self) -> Lease:
         remembered = (self.keeper.lease.subnet if self.keeper.lease else None) \
             or self.node_state.last_subnet() or remembered_subnet(self.options.subnet_file)
-        # Read at every acquire: our subnet must not cover an address or connected route of the node.
+        # Read at every acquire: our subnet must not cover an address or connected route of the node,
+        # nor an etcd endpoint (every other node would skip it, as it would capture their etcd).
         underlay = underlay_networks(self.kernel.node_addresses(), self.kernel.main_table_routes(), self.config,
-                                     vtep_name(self.config.vni))
+                                     vtep_name(self.config.vni), self._etcd_addresses)
         return self.keeper.acquire(remembered, underlay)
 
     def _adopt(self, lease: Lease) -> None:

@@ -54,16 +54,16 @@ def _own_devices(addresses: Iterable[NodeAddress], config: NetworkConfig, vtep: 
 
 
 def underlay_networks(addresses: Iterable[NodeAddress], routes: Iterable[MainRoute], config: NetworkConfig,
-                      vtep: str) -> dict[IPv4Network, str]:
+                      vtep: str, etcd_endpoints: Mapping[IPv4Address, str] = {}) -> dict[IPv4Network, str]:
     """{network: what it is} of the node's addresses (with their prefix), its connected (link-scope)
-    routes and the gateways of its routes, leaving out our own devices.
+    routes, the gateways of its routes and the etcd endpoints, leaving out our own devices.
 
     A gatewayed route's destination is not claimed: a route such as 10.0.0.0/8 via a
     router only says where the node sends traffic, and the overlay's more specific
     routes win over it. A link-scope default route (PPP) claims nothing."""
     addresses = list(addresses)
     own = _own_devices(addresses, config, vtep)
-    claims: dict[IPv4Network, str] = {}
+    claims = {IPv4Network(address): f"etcd endpoint {url}" for address, url in etcd_endpoints.items()}
     for a in addresses:
         if a.device not in own:
             claims.setdefault(a.interface.network, f"address {a.interface} on {a.device}")
