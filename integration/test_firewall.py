@@ -21,16 +21,17 @@ add rule ip filter FORWARD iifname "docker0" counter accept comment "docker: fro
 insert rule ip filter FORWARD ip daddr 198.19.0.0/16 counter accept comment "vxlan-net pod network"
 """
 # An `nft` first on PATH that logs every call (arguments and, for -f, what it was given) and runs the real one.
+# The real one reads the input from a file: a pipe would hold only 64 KiB (5,000 peers are more).
 LOGGING_NFT = """#!{python}
-import json, os, sys
+import json, os, sys, tempfile
 argv = sys.argv[1:]
 stdin = sys.stdin.read() if "-f" in argv else None
 with open({log!r}, "a") as log:
     log.write(json.dumps({{"argv": argv, "stdin": stdin}}) + "\\n")
-r, w = os.pipe()
-os.write(w, (stdin or "").encode())
-os.close(w)
-os.dup2(r, 0)
+replay = tempfile.TemporaryFile()
+replay.write((stdin or "").encode())
+replay.seek(0)
+os.dup2(replay.fileno(), 0)
 os.execv({nft!r}, [{nft!r}, *argv])
 """
 ENSURE = """

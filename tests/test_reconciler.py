@@ -189,3 +189,22 @@ def test_a_targeted_pass_moves_a_peer_whose_public_ip_changed_between_modes():
     assert result.ok and not result.full
     assert kernel.entries == desired_entries([moved_away, moved_in], lambda ip: ip == moved_in.public_ip)
     assert kernel.entries.direct_routes == {Route(moved_in.subnet, moved_in.public_ip)}
+
+
+def test_touched_public_ips_name_each_ip_a_change_moved_and_whether_a_peer_still_has_it():
+    rec = Reconciler("vxnet.1", MemoryKernel())
+    rec.set_peers([lease(n) for n in range(1, 6)])
+    assert rec.take_touched_public_ips() == {lease(n).public_ip for n in range(1, 6)}
+    assert rec.take_touched_public_ips() == set()  # taken: a second look sees nothing new
+    # Hostile: two records claiming one public IP (the book keeps one, the reconciler must not care):
+    # forgetting one of them leaves the address allowed.
+    twin = Lease(IPv4Network("198.19.7.0/24"), lease(1).public_ip, "0a:00:00:00:00:77")
+    rec.update_peers([twin])
+    rec.update_peers(removed=[lease(1).subnet])
+    assert rec.take_touched_public_ips() == {lease(1).public_ip}
+    assert rec.has_public_ip(lease(1).public_ip)
+    moved = Lease(lease(2).subnet, IPv4Address("198.18.99.2"), lease(2).vtep_mac)
+    rec.update_peers([moved], removed=[twin.subnet])
+    assert rec.take_touched_public_ips() == {lease(1).public_ip, lease(2).public_ip, moved.public_ip}
+    assert not rec.has_public_ip(lease(1).public_ip) and not rec.has_public_ip(lease(2).public_ip)
+    assert rec.peer_public_ips() == {moved.public_ip} | {lease(n).public_ip for n in range(3, 6)}

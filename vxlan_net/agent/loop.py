@@ -119,7 +119,7 @@ class Agent:
         self.underlay: Optional[tuple[str, IPv4Address, int]] = None
         self.metrics = AgentMetrics()
         self.readiness = Readiness(options.resync_interval)
-        self._filtered_peers: Optional[frozenset[IPv4Address]] = None
+        self._filtered_peers: Optional[set[IPv4Address]] = None  # the ingress set's elements; None: unknown
         self._lease_expires_at = time.monotonic()
         self._etcd_addresses = self.store.endpoint_addresses()
         self._routes: list = []
@@ -477,7 +477,7 @@ class Agent:
                 return
             self._timed_reconcile()
         # After the routes: the filter update forks `nft`, which must not delay convergence.
-        self._filter_vxlan_sources(self.reconciler.peer_public_ips())
+        self._filter_vxlan_sources(full)
         if full:
             self._recheck_forward_rules()
 
@@ -494,18 +494,35 @@ class Agent:
             self.faults.failed("netlink", result.error, logged=True)  # the reconciler warned once
         return result
 
-    def _filter_vxlan_sources(self, sources: frozenset[IPv4Address]) -> None:
-        """Keep the nftables set of allowed VXLAN sources equal to the peers' public IPs."""
-        if not self.options.vxlan_ingress_filter or sources == self._filtered_peers:
+    def _filter_vxlan_sources(self, full: bool) -> None:
+        """Keep the nftables set of allowed VXLAN sources equal to the peers' public IPs.
+
+        After a targeted pass only the public IPs it touched are added or deleted (one small `nft`
+        run, whatever the number of peers); after a full pass, or when the set's content is unknown,
+        the whole set is rewritten in one transaction if it differs."""
+        touched = self.reconciler.take_touched_public_ips()
+        if not self.options.vxlan_ingress_filter:
             return
         if self._firewall_step.pending:  # its retry installs the current peers with the table
             return
+        filtered = self._filtered_peers
         try:
-            self.firewall.update_peers(sources)
+            if full or filtered is None:
+                sources = self.reconciler.peer_public_ips()
+                if sources != filtered:
+                    self.firewall.update_peers(sources)
+                    self._filtered_peers = set(sources)
+                return
+            allowed = {ip for ip in touched if self.reconciler.has_public_ip(ip)}
+            added, removed = allowed - filtered, (touched - allowed) & filtered
+            if added or removed:
+                self._filtered_peers = None  # until nft confirms: a failed run leaves it unknown
+                self.firewall.change_peers(added, removed)
+                filtered -= removed
+                filtered |= added
+                self._filtered_peers = filtered
         except VxlanNetError as exc:
             self._firewall_step.failed(exc)
-            return
-        self._filtered_peers = sources
 
     def _forward_devices(self) -> firewall.ForwardDevices:
         if not self.config.direct_routing:

@@ -94,6 +94,8 @@ class Reconciler:
         self._macs: dict[str, dict[IPv4Network, IPv4Address]] = defaultdict(dict)
         self._dirty_subnets: set[IPv4Network] = set()
         self._dirty_macs: set[str] = set()
+        self._public_ips: dict[IPv4Address, int] = {}  # peers' public IPs -> how many peers have it
+        self._touched_public_ips: set[IPv4Address] = set()
         self._known: Optional[KnownEntries] = None  # None: a full pass is due
         self.failures_in_a_row = 0
         self.peers_programmed = 0
@@ -122,6 +124,8 @@ class Reconciler:
         self._forget(lease.subnet)
         self._peers[lease.subnet] = lease
         self._macs[lease.vtep_mac][lease.subnet] = lease.public_ip
+        self._public_ips[lease.public_ip] = self._public_ips.get(lease.public_ip, 0) + 1
+        self._touched_public_ips.add(lease.public_ip)
         self._dirty_subnets.add(lease.subnet)
         self._dirty_macs.add(lease.vtep_mac)
 
@@ -134,11 +138,25 @@ class Reconciler:
         owners.pop(subnet, None)
         if not owners:
             del self._macs[old.vtep_mac]
+        left = self._public_ips.pop(old.public_ip) - 1
+        if left:
+            self._public_ips[old.public_ip] = left
+        self._touched_public_ips.add(old.public_ip)
         self._dirty_subnets.add(subnet)
         self._dirty_macs.add(old.vtep_mac)
 
     def peer_public_ips(self) -> frozenset[IPv4Address]:
-        return frozenset(lease.public_ip for lease in self._peers.values())
+        return frozenset(self._public_ips)
+
+    def has_public_ip(self, address: IPv4Address) -> bool:
+        """Whether some peer has this public IP (cheap, unlike peer_public_ips())."""
+        return address in self._public_ips
+
+    def take_touched_public_ips(self) -> set[IPv4Address]:
+        """The public IPs of the peers declared or forgotten since the last call (whether each is still
+        a peer's: has_public_ip): what a filter of peer sources must look at again."""
+        touched, self._touched_public_ips = self._touched_public_ips, set()
+        return touched
 
     def set_reach(self, reach: Optional[DirectReach]) -> None:
         """Declare which peers are direct (None: none, direct routing is off); when that changes, the next

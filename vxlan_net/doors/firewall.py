@@ -105,8 +105,24 @@ def render_peer_update(peer_ips: Iterable[IPv4Address]) -> str:
     return text + (f"add element ip {TABLE} {PEER_SET} {{ {elements} }}\n" if elements else "")
 
 
+def render_peer_changes(added: Iterable[IPv4Address], removed: Iterable[IPv4Address]) -> str:
+    """Add and delete just these elements, in one transaction (the rest of the set untouched).
+
+    Deletions go first, so an address both removed and added (never both from one caller)
+    ends up present. nft refuses to delete an element that is not there, which fails
+    the whole transaction: the caller then knows the set is not what it thought."""
+    text = ""
+    for verb, ips in (("delete", removed), ("add", added)):
+        elements = _elements(ips)
+        if elements:
+            text += f"{verb} element ip {TABLE} {PEER_SET} {{ {elements} }}\n"
+    return text
+
+
 def _elements(peer_ips: Iterable[IPv4Address]) -> str:
-    return ", ".join(sorted({str(ip) for ip in peer_ips}, key=lambda a: IPv4Address(a)))
+    # Sorted as addresses, none parsed again: a key function parsing 5,000 strings took ~20 ms.
+    addresses = {ip if isinstance(ip, IPv4Address) else IPv4Address(ip) for ip in peer_ips}
+    return ", ".join(map(str, sorted(addresses, key=int)))
 
 
 def apply_rules(network: IPv4Network, ip_masq: bool, vxlan_port: int, devices: ForwardDevices,
@@ -124,6 +140,15 @@ def apply_rules(network: IPv4Network, ip_masq: bool, vxlan_port: int, devices: F
 def update_peers(peer_ips: Iterable[IPv4Address]) -> None:
     """Set the public IPs allowed to send us VXLAN frames."""
     _nft(["-f", "-"], render_peer_update(peer_ips))
+
+
+def change_peers(added: Iterable[IPv4Address], removed: Iterable[IPv4Address]) -> None:
+    """Allow `added` and stop allowing `removed`, leaving every other element as it is: a join or a
+    leave costs one small `nft` run, however many peers there are. Fails (KernelError) when an
+    address to remove is not in the set."""
+    text = render_peer_changes(added, removed)
+    if text:
+        _nft(["-f", "-"], text)
 
 
 def current_peers() -> list[IPv4Address]:
