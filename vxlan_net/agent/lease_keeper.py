@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from ipaddress import IPv4Address, IPv4Network
@@ -118,6 +119,17 @@ class SubnetLeaseKeeper:
                 self.store.revoke(self.lease_id)
             except VxlanNetError as exc:
                 log.debug("could not revoke old lease %x: %s", self.lease_id, exc)
+
+    def move_to(self, public_ip: IPv4Address) -> Lease:
+        """Hold our lease with a new PublicIP (the node was renumbered), then rewrite our record in place:
+        same subnet, same etcd lease, so peers see an attribute change.
+
+        The held value changes first: if etcd cannot be written now, the next listing finds the old
+        record and restores ours. LeaseGone when the key is no longer ours (then: acquire again)."""
+        self.public_ip = public_ip
+        self.lease = dataclasses.replace(self.lease, public_ip=public_ip)
+        self.store.update_lease(self.lease.subnet, self.lease.to_json(), self.lease_id)
+        return self.lease
 
     def restore(self) -> None:
         """Write our record back under our lease after someone else changed or deleted it.

@@ -1,0 +1,118 @@
+"""A node whose own underlay address changes while its agent runs (issue 13), on the 2-node lab.
+
+Node 1's agent runs with --iface only (it follows the interface's address) unless the test says otherwise;
+node 1 is renumbered inside its namespace as an operator or a DHCP client would. Every check reads what
+independent tools see: `etcdctl`, `ip -j -d link`, `bridge -j fdb`, ping from a pod on node 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import time
+
+import pytest
+
+from integration.cluster import VTEP, add_pod, fdb, node_subnet, start_agents, wait_converged, write_config
+from integration.lab import Lab, Node
+
+pytestmark = pytest.mark.lab
+
+SLOW_RESYNC = ("--resync-interval", "120")  # what changes must do so on the address event, not a resync
+NEW_HOST = 7
+
+
+def lease_record(lab: Lab, node: Node) -> dict:
+    """Node's record as etcd holds it: the value, its etcd lease and its version (puts since creation)."""
+    key = f"/vxlan-net/subnets/{str(node_subnet(node)).replace('/', '-')}"
+    kv = json.loads(lab.etcdctl("get", key, "-w", "json").stdout)["kvs"][0]
+    return {"value": json.loads(base64.b64decode(kv["value"])), "lease": kv["lease"], "version": kv["version"]}
+
+
+def vtep_local(node: Node) -> str:
+    return node.ip_json("-d", "link", "show", "dev", VTEP)[0]["linkinfo"]["info_data"]["local"]
+
+
+def vtep_mac(node: Node) -> str:
+    return node.ip_json("link", "show", "dev", VTEP)[0]["address"]
+
+
+def renumber(node: Node, host: int) -> str:
+    """Move node's underlay address to .<host> of its segment, default route restored; returns it."""
+    new = str(node.subnet.network_address + host)
+    node.ip_batch([f"addr del {node.public_ip}/24 dev {node.underlay_ifname}",
+                   f"addr add {new}/24 dev {node.underlay_ifname}",
+                   f"route replace default via {node.gateway}"])
+    node.public_ip = new
+    return new
+
+
+def two_node_cluster(lab, *, follow: bool = True) -> tuple[Lab, Node, Node]:
+    lab = lab(nodes=2)
+    write_config(lab)
+    n1, n2 = lab.nodes
+    lab.start_agent(n1, *SLOW_RESYNC, public_ip=not follow)
+    start_agents(lab, [n2], *SLOW_RESYNC)
+    lab.wait_for(lambda: node_subnet(n1), timeout=20, message="node 1 wrote no subnet file")
+    wait_converged(lab, lab.nodes)
+    return lab, n1, n2
+
+
+def reply_times(out: str) -> list[float]:
+    """The `ping -D` timestamps of the replies."""
+    return [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
+
+
+def test_renumbered_node_is_followed_pings_resume_within_5s_and_the_old_address_is_gone(lab):
+    lab, n1, n2 = two_node_cluster(lab)
+    old, subnet, mac = n1.public_ip, node_subnet(n1), vtep_mac(n1)
+    before = lease_record(lab, n1)
+    assert before["value"]["PublicIP"] == old
+    target, source = add_pod(lab, n1, 1), add_pod(lab, n2, 1)
+    assert source.ping(target.ip, count=1, timeout=3)
+    ping = source.popen("ping", "-D", "-n", "-i", "0.1", "-W", "1", "-c", "150", target.ip,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(2)
+    changed_at = time.time()
+    new = renumber(n1, NEW_HOST)
+    out, _ = ping.communicate(timeout=40)
+    replies = reply_times(out)
+    after_change = [t for t in replies if t > changed_at]
+    assert after_change, f"pings never resumed after the renumbering:\n{out[-600:]}"
+    assert after_change[0] - changed_at <= 5.0, f"pings resumed {after_change[0] - changed_at:.1f}s after the change"
+    record = lease_record(lab, n1)
+    assert record["value"]["PublicIP"] == new
+    assert (record["lease"], record["value"]["BackendData"]["VtepMAC"]) == (before["lease"], mac), "same etcd lease, same MAC"
+    assert node_subnet(n1) == subnet
+    assert (vtep_local(n1), vtep_mac(n1)) == (new, mac)
+    assert fdb(n2) == {mac: [new]}, "node 2's FDB: the new destination only, no stale entry"
+    assert old not in json.dumps(record) and old not in n2.run("bridge", "-j", "fdb", "show", "dev", VTEP).stdout
+    log = n1.agent.log_text()
+    assert len(re.findall(rf"public IP {re.escape(old)} -> {re.escape(new)}", log)) == 1, log[-2000:]
+
+
+def test_explicit_public_ip_still_present_after_an_unrelated_change_changes_nothing(lab):
+    lab, n1, n2 = two_node_cluster(lab, follow=False)
+    before, mac = lease_record(lab, n1), vtep_mac(n1)
+    extra = str(n1.subnet.network_address + NEW_HOST)
+    n1.ip_batch([f"addr add {extra}/24 dev {n1.underlay_ifname}"])  # unrelated: ours stays, a second appears
+    time.sleep(4)  # twice the settle time: a move, if any, would have happened
+    assert lease_record(lab, n1) == before
+    assert (vtep_local(n1), vtep_mac(n1)) == (n1.public_ip, mac)
+    assert fdb(n2) == {mac: [n1.public_ip]}
+    assert "->" not in n1.agent.log_text()
+
+
+def test_explicit_public_ip_that_disappears_is_kept_and_said_once(lab):
+    lab, n1, n2 = two_node_cluster(lab, follow=False)
+    before, old = lease_record(lab, n1), n1.public_ip
+    renumber(n1, NEW_HOST)
+    lab.wait_for(lambda: "is no longer on this node" in n1.agent.log_text(), timeout=10,
+                 message="the agent did not say its --public-ip is gone")
+    n1.ip_batch([f"addr add {n1.subnet.network_address + NEW_HOST + 1}/24 dev {n1.underlay_ifname}"])  # more news
+    time.sleep(4)
+    assert lease_record(lab, n1) == before
+    assert vtep_local(n1) == old
+    assert n1.agent.log_text().count("is no longer on this node") == 1
