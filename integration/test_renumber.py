@@ -49,6 +49,12 @@ def renumber(node: Node, host: int) -> str:
     return new
 
 
+def allowed_sources(node: Node) -> set[str]:
+    """The node's nftables set of public IPs allowed to send it VXLAN frames."""
+    doc = json.loads(node.run("nft", "-j", "list", "set", "ip", "vxlan-net", "vxlan_peers", check=True).stdout)
+    return {e for item in doc["nftables"] if "set" in item for e in item["set"].get("elem", [])}
+
+
 def two_node_cluster(lab, *, follow: bool = True) -> tuple[Lab, Node, Node]:
     lab = lab(nodes=2)
     write_config(lab)
@@ -89,6 +95,7 @@ def test_renumbered_node_is_followed_pings_resume_within_5s_and_the_old_address_
     assert (vtep_local(n1), vtep_mac(n1)) == (new, mac)
     assert fdb(n2) == {mac: [new]}, "node 2's FDB: the new destination only, no stale entry"
     assert old not in json.dumps(record) and old not in n2.run("bridge", "-j", "fdb", "show", "dev", VTEP).stdout
+    assert allowed_sources(n2) == {new}, "node 2's ingress filter: the new address accepted, the old one dropped"
     log = n1.agent.log_text()
     assert len(re.findall(rf"public IP {re.escape(old)} -> {re.escape(new)}", log)) == 1, log[-2000:]
 
@@ -116,3 +123,48 @@ def test_explicit_public_ip_that_disappears_is_kept_and_said_once(lab):
     assert lease_record(lab, n1) == before
     assert vtep_local(n1) == old
     assert n1.agent.log_text().count("is no longer on this node") == 1
+
+
+def test_renumbered_twice_quickly_updates_the_lease_at_most_once_per_settle_period(lab):
+    lab, n1, n2 = two_node_cluster(lab)
+    before, mac = lease_record(lab, n1), vtep_mac(n1)
+    renumber(n1, NEW_HOST)
+    time.sleep(0.5)  # well inside the agent's settle time (2 s)
+    final = renumber(n1, NEW_HOST + 1)
+    lab.wait_for(lambda: lease_record(lab, n1)["value"]["PublicIP"] == final, timeout=10,
+                 message="the lease never showed the final address")
+    time.sleep(3)  # a late second update, if any, would land here
+    record = lease_record(lab, n1)
+    assert record["version"] == before["version"] + 1, "one lease update for the flap, to the final address"
+    assert (vtep_local(n1), vtep_mac(n1), fdb(n2)) == (final, mac, {mac: [final]})
+    assert allowed_sources(n2) == {final}
+
+
+def test_address_removed_and_readded_within_a_second_changes_nothing(lab):
+    lab, n1, n2 = two_node_cluster(lab)
+    before, mac = lease_record(lab, n1), vtep_mac(n1)
+    n1.ip_batch([f"addr del {n1.public_ip}/24 dev {n1.underlay_ifname}"])
+    time.sleep(0.5)
+    n1.ip_batch([f"addr add {n1.public_ip}/24 dev {n1.underlay_ifname}",
+                 f"route replace default via {n1.gateway}"])
+    time.sleep(4)  # twice the settle time
+    assert lease_record(lab, n1) == before
+    assert (vtep_local(n1), fdb(n2)) == (n1.public_ip, {mac: [n1.public_ip]})
+    assert "->" not in n1.agent.log_text()
+
+
+def test_agent_restarted_after_renumbering_keeps_subnet_and_mac(lab):
+    """Today's workaround (a restart) after the change: nothing is lost either way."""
+    lab, n1, n2 = two_node_cluster(lab)
+    subnet, mac, before = node_subnet(n1), vtep_mac(n1), lease_record(lab, n1)
+    n1.agent.stop()
+    new = renumber(n1, NEW_HOST)
+    lab.start_agent(n1, *SLOW_RESYNC, public_ip=False)
+    lab.wait_for(lambda: lease_record(lab, n1)["value"]["PublicIP"] == new, timeout=20,
+                 message="the restarted agent did not publish its new address")
+    assert node_subnet(n1) == subnet
+    assert lease_record(lab, n1)["lease"] == before["lease"], "the same etcd lease, re-adopted"
+    lab.wait_for(lambda: fdb(n2) == {mac: [new]}, timeout=10, message=f"node 2's FDB: {fdb(n2)}")
+    assert (vtep_local(n1), vtep_mac(n1)) == (new, mac)
+    target, source = add_pod(lab, n1, 1), add_pod(lab, n2, 1)
+    assert source.ping(target.ip, count=3, timeout=3)

@@ -64,7 +64,9 @@ class SubnetLeaseKeeper:
         subnet = reusable_subnet(self.config, leases, self.public_ip, remembered, self.vtep_mac, avoid)
         if subnet is not None:
             held = valid.get(subnet)
-            if held and held[0].public_ip == self.public_ip and held[1].lease_id:
+            # Ours by PublicIP, or by VTEP MAC if the node was renumbered while we were down: keep its lease.
+            ours = held is not None and (held[0].public_ip == self.public_ip or held[0].vtep_mac == self.vtep_mac)
+            if ours and held[1].lease_id:
                 if self._readopt(subnet, held[1].lease_id):
                     return self._drop_given_up(previous if given_up else None, valid)
             elif subnet not in taken and self._try_create(subnet):
