@@ -96,6 +96,8 @@ def test_renumbered_node_is_followed_pings_resume_within_5s_and_the_old_address_
     assert fdb(n2) == {mac: [new]}, "node 2's FDB: the new destination only, no stale entry"
     assert old not in json.dumps(record) and old not in n2.run("bridge", "-j", "fdb", "show", "dev", VTEP).stdout
     assert allowed_sources(n2) == {new}, "node 2's ingress filter: the new address accepted, the old one dropped"
+    status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url, check=True).stdout
+    assert f"this node's public IP: {new} on {n1.underlay_ifname}\n" in status, status
     log = n1.agent.log_text()
     assert len(re.findall(rf"public IP {re.escape(old)} -> {re.escape(new)}", log)) == 1, log[-2000:]
 
@@ -123,6 +125,11 @@ def test_explicit_public_ip_that_disappears_is_kept_and_said_once(lab):
     assert lease_record(lab, n1) == before
     assert vtep_local(n1) == old
     assert n1.agent.log_text().count("is no longer on this node") == 1
+    status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url).stdout
+    assert f"{old} is not on this node any more" in status, status
+    doctor = n1.run(lab.agent_exe, "doctor", "--etcd-endpoints", lab.etcd_url, "--subnet-file", str(n1.subnet_file),
+                    "--state-dir", str(n1.state_dir)).stdout
+    assert f"PublicIP {old} is not on this node any more" in doctor, doctor
 
 
 def test_renumbered_twice_quickly_updates_the_lease_at_most_once_per_settle_period(lab):
