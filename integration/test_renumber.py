@@ -175,3 +175,22 @@ def test_agent_restarted_after_renumbering_keeps_subnet_and_mac(lab):
     assert (vtep_local(n1), vtep_mac(n1)) == (new, mac)
     target, source = add_pod(lab, n1, 1), add_pod(lab, n2, 1)
     assert source.ping(target.ip, count=3, timeout=3)
+
+
+def test_a_tcp_stream_through_the_renumbering_resumes_without_a_reset(lab):
+    """Proof 2: iperf3 from node 2's pod to node 1's pod across the change; the connection is never reset."""
+    lab, n1, n2 = two_node_cluster(lab)
+    target, source = add_pod(lab, n1, 1), add_pod(lab, n2, 1)
+    server = target.popen("iperf3", "-s", "-1", "-p", "5201", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.wait_for(lambda: ":5201" in target.run("ss", "-ltn").stdout, timeout=5, message="iperf3 is not listening")
+    client = source.popen("iperf3", "-c", target.ip, "-p", "5201", "-t", "14", "-b", "2M", "-i", "1", "-J",
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)
+    renumber(n1, NEW_HOST)
+    out, _ = client.communicate(timeout=40)
+    server.wait(timeout=10)
+    report = json.loads(out)
+    assert "error" not in report, report.get("error")
+    intervals = [i["sum"]["bytes"] for i in report["intervals"]]
+    assert len(intervals) >= 13 and sum(intervals[-4:]) > 0, f"the stream did not resume: {intervals}"
+    assert report["end"]["sum_received"]["bytes"] > 0
