@@ -557,17 +557,19 @@ class Lab:
 
     # -- agents -----------------------------------------------------------------------------
 
-    def agent_argv(self, node: Node, *extra_args: str) -> list[str]:
+    def agent_argv(self, node: Node, *extra_args: str, public_ip: bool = True) -> list[str]:
+        """`public_ip=False`: no --public-ip, the agent follows its --iface's address."""
         argv = [self.agent_exe, "agent", "--iface", node.underlay_ifname,
-                "--public-ip", node.public_ip, "--subnet-file", str(node.subnet_file),
+                *(["--public-ip", node.public_ip] if public_ip else []), "--subnet-file", str(node.subnet_file),
                 "--state-dir", str(node.state_dir)]
         if self.etcd_url is not None:
             argv[2:2] = ["--etcd-endpoints", self.etcd_url]
         return argv + [str(a) for a in extra_args]
 
-    def start_agent(self, node: Node, *extra_args: str, env: dict[str, str] | None = None) -> Agent:
+    def start_agent(self, node: Node, *extra_args: str, env: dict[str, str] | None = None,
+                    public_ip: bool = True) -> Agent:
         """Starts the agent inside ``node``'s namespace; output goes to ``node.agent_log``."""
-        argv = self.agent_argv(node, *extra_args)
+        argv = self.agent_argv(node, *extra_args, public_ip=public_ip)
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         with open(node.agent_log, "ab") as log:
             offset = log.tell()

@@ -8,8 +8,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from vxlan_net.agent.decisions import (KEEP, REFUSE, RESTORE, Response, next_resync_delay, own_record_action,
-                                       respond_to)
+from vxlan_net.agent.decisions import (KEEP, REFUSE, RESTORE, Response, SettledAddress, address_to_follow,
+                                       next_resync_delay, own_record_action, respond_to)
 from vxlan_net.agent.loop import Agent, AgentOptions, Doors
 from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.config import build_config
@@ -196,3 +196,48 @@ def test_our_record_rewritten_by_someone_else_is_restored_without_a_pass(tmp_pat
     forged = Lease(OURS.subnet, OURS.public_ip, "0a:00:00:00:00:0e")
     agent._take([RecordEvent(subnet_key_name(OURS.subnet), forged.to_json().encode(), 0)])
     assert agent.keeper.restored == 1 and agent.keeper.acquired == 0 and kernel.reads == 1
+
+
+# -- following the node's own underlay address (issue 13) --------------------------------------------
+
+OLD, NEW, OTHER = IPv4Address("198.18.1.2"), IPv4Address("198.18.1.7"), IPv4Address("198.18.1.8")
+
+
+@pytest.mark.parametrize("explicit, present, primary, expected", [
+    (False, {OLD, NEW}, NEW, OLD),     # two addresses present (a flap, a migration): keep ours
+    (False, set(), None, None),        # no address at all (removed, not re-added yet): keep ours
+    (True, {NEW}, NEW, None),          # --public-ip gone: never replaced
+    (True, {OLD, NEW}, NEW, OLD),      # --public-ip still present after an unrelated change
+    (False, {NEW}, NEW, NEW),          # renumbered
+])
+def test_address_to_follow(explicit, present, primary, expected):
+    assert address_to_follow(OLD, explicit, present, primary) == expected
+
+
+def test_a_new_address_is_followed_only_once_settled():
+    settled = SettledAddress(settle=2.0)
+    assert settled.observe(OLD, NEW, now=10.0) is None
+    assert settled.check_at() == 12.0
+    assert settled.observe(OLD, NEW, now=11.9) is None
+    assert settled.observe(OLD, NEW, now=12.0) == NEW
+    assert settled.check_at() is None
+
+
+@pytest.mark.parametrize("flap", [
+    [(NEW, 10.0), (None, 10.5), (OLD, 10.9)],  # removed and re-added within a second
+    [(NEW, 10.0), (OLD, 11.0)],                 # the new one briefly the only one, then ours back
+])
+def test_a_flap_back_to_our_address_moves_nothing(flap):
+    settled = SettledAddress(settle=2.0)
+    for wanted, now in flap:
+        assert settled.observe(OLD, wanted, now) is None
+    assert settled.observe(OLD, OLD, now=20.0) is None
+    assert settled.check_at() is None
+
+
+def test_renumbered_twice_quickly_moves_once_to_the_last_address():
+    settled = SettledAddress(settle=2.0)
+    assert settled.observe(OLD, NEW, now=10.0) is None
+    assert settled.observe(OLD, OTHER, now=11.5) is None  # changed again: the clock restarts
+    assert settled.observe(OLD, OTHER, now=12.5) is None
+    assert settled.observe(OLD, OTHER, now=13.5) == OTHER

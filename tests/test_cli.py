@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,15 @@ def test_numeric_flags_from_the_environment_are_validated():
     assert bad.returncode == 2 and "VXLAN_NET_RESYNC_INTERVAL='soon' is not a number" in bad.stderr
     bad = vxlan_net("config", "set", env={"VXLAN_NET_VNI": "1.5"})
     assert bad.returncode == 2 and "is not an integer" in bad.stderr
+
+
+def test_status_own_address_line_names_a_renumbered_node():
+    """Issue 13: status shows the address the VTEP sends from, and says when lease or node disagree."""
+    from vxlan_net.tools.status import own_address_line
+
+    old, new = IPv4Address("198.18.1.2"), IPv4Address("198.18.1.7")
+    assert own_address_line(old, old, "ul0", {new}) == (
+        "this node's public IP: 198.18.1.2 on ul0 (198.18.1.2 is not on this node any more: run `vxlan-net doctor`)")
+    assert own_address_line(old, new, "ul0", {new}) == (
+        "this node's public IP: 198.18.1.7 on ul0 (its lease says 198.18.1.2: run `vxlan-net doctor`)")
+    assert own_address_line(new, new, "ul0", {new}) == "this node's public IP: 198.18.1.7 on ul0"

@@ -121,6 +121,17 @@ def test_own_lease_with_another_public_ip_or_mac_is_named():
     assert "VtepMAC 02:00:00:00:00:99" in reason
 
 
+def test_a_lease_public_ip_no_longer_on_this_node_is_flagged_with_the_fix():
+    """Issue 13: renumbered under an agent run with --public-ip (it keeps the old address)."""
+    renumbered = frozenset({IPv4Address("198.18.1.7"), IPv4Address("198.19.3.0")})
+    finding = only_failure(healthy(node_addresses=renumbered))
+    assert finding.item == "own lease 198.19.3.0/24"
+    assert "PublicIP 198.18.1.2 is not on this node any more" in finding.reason
+    assert "--public-ip <new>" in finding.fix and "subnet and MAC stay" in finding.fix
+    assert not failures(healthy(node_addresses=renumbered | {OWN.public_ip}))
+    assert not failures(healthy(node_addresses=Unavailable("cannot read this node's addresses")))
+
+
 def test_own_subnet_is_found_from_the_subnet_file_when_the_vtep_is_gone():
     failed = failures(healthy(vtep=Unavailable("no device named vxnet.1"),
                               entries=Unavailable("cannot read the entries of vxnet.1")))

@@ -188,6 +188,20 @@ def test_ensure_vtep_replaces_an_incompatible_device(ns, existing):
     assert (data["id"], data["port"], data["learning"]) == (42, 4789, False)
 
 
+def test_ensure_vtep_moves_the_local_address_in_place_keeping_mac_and_entries(ns):
+    """A renumbered node (issue 13): the same device, MAC and overlay entries, only `local` changes."""
+    index = ns.inside(kernel.ensure_vtep, SPEC)
+    leases = [lease(1), lease(2)]
+    ns.inside(kernel.apply_plan, SPEC.name, plan_changes(desired_entries(leases), OverlayEntries()))
+    ns.ip("addr", "add", "198.18.0.7/24", "dev", SPEC.underlay_ifname)
+    moved = kernel.VtepSpec(**{**SPEC.__dict__, "local_ip": IPv4Address("198.18.0.7")})
+    assert ns.inside(kernel.ensure_vtep, moved) == index
+    link = ns.link(SPEC.name)
+    assert (link["ifindex"], link["address"], link["linkinfo"]["info_data"]["local"]) == (index, SPEC.mac, "198.18.0.7")
+    neigh, fdb, routes = expected_tool_view(leases)
+    assert (ns.neighbours(), ns.fdb(), ns.routes()) == (neigh, fdb, routes)
+
+
 def test_ensure_vtep_without_the_underlay_raises_link_not_found(ns):
     missing = kernel.VtepSpec(**{**SPEC.__dict__, "underlay_ifname": "nosuch0"})
     with pytest.raises(LinkNotFound):

@@ -133,3 +133,16 @@ def test_event_batch_is_summarised_as_its_net_effect():
     book = LeaseBook(CONFIG)
     change = book.apply([RecordEvent("198.19.2.0-24", record()), RecordEvent("198.19.2.0-24", None)])
     assert not change.peers_changed
+
+
+def test_reuse_after_renumbering_keeps_the_remembered_subnet_whose_record_has_our_mac():
+    """Issue 13: the node's address changed while its agent was down; its record still says the old one."""
+    ours = Lease(IPv4Network("198.19.7.0/24"), IPv4Address("198.18.1.2"), MAC_A)
+    renumbered = IPv4Address("198.18.1.7")
+    leases = {ours.subnet: ours}
+    # Hostile first: a remembered subnet held with another MAC and another PublicIP is someone else's.
+    assert reusable_subnet(CONFIG, leases, renumbered, ours.subnet, MAC_B) is None
+    assert reusable_subnet(CONFIG, leases, renumbered, ours.subnet, MAC_A) == ours.subnet
+    # Our MAC on a subnet we do not remember moves us nowhere (anyone can write a record).
+    assert reusable_subnet(CONFIG, leases, renumbered, IPv4Network("198.19.9.0/24"), MAC_A) == \
+        IPv4Network("198.19.9.0/24")

@@ -66,6 +66,29 @@ def test_first_acquire_takes_a_free_subnet_and_a_restart_reuses_it(store):
     assert stored(store, lease.subnet).vtep_mac == "0a:00:00:00:00:02"
 
 
+def test_a_restart_after_renumbering_readopts_the_subnet_and_lease_by_mac(store):
+    """Issue 13: renumbered while the agent was down: same subnet, same etcd lease, record rewritten."""
+    keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    lease = keeper.acquire(remembered=None)
+    stranger = SubnetLeaseKeeper(store, CONFIG, IPv4Address("198.18.1.9"), "0a:00:00:00:00:09", ttl=60)
+    assert stranger.acquire(remembered=lease.subnet).subnet != lease.subnet  # hostile: not by the key alone
+    renumbered = IPv4Address("198.18.1.7")
+    again = SubnetLeaseKeeper(store, CONFIG, renumbered, "0a:00:00:00:00:01", ttl=60)
+    assert again.acquire(remembered=lease.subnet).subnet == lease.subnet
+    assert again.lease_id == keeper.lease_id
+    assert stored(store, lease.subnet).public_ip == renumbered
+
+
+def test_move_to_rewrites_our_record_in_place(store):
+    keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    lease = keeper.acquire(remembered=None)
+    moved = keeper.move_to(IPv4Address("198.18.1.7"))
+    assert (moved.subnet, moved.vtep_mac, keeper.public_ip) == (lease.subnet, lease.vtep_mac, moved.public_ip)
+    assert stored(store, lease.subnet) == moved
+    record = store.list_leases().records[f"{lease.subnet.network_address}-{lease.subnet.prefixlen}"]
+    assert record.lease_id == keeper.lease_id
+
+
 def test_remembered_subnet_is_preferred_when_free(store):
     keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
     assert keeper.acquire(remembered=IPv4Network("198.19.0.12/30")).subnet == IPv4Network("198.19.0.12/30")

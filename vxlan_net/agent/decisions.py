@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from ipaddress import IPv4Address
+from typing import Collection, Optional
 
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.errors import InvalidLease
@@ -54,3 +55,48 @@ def next_resync_delay(interval: float, failures_in_a_row: int) -> float:
     if not failures_in_a_row:
         return interval
     return min(interval, 2.0 ** min(failures_in_a_row, 5))
+
+
+ADDRESS_SETTLE = 2.0
+"""Seconds a new underlay address must stay the one to follow before the agent moves to it: an address
+removed and re-added, or two addresses briefly present, must not make the lease record churn."""
+
+
+def address_to_follow(held: IPv4Address, explicit: bool, present: Collection[IPv4Address],
+                      primary: Optional[IPv4Address]) -> Optional[IPv4Address]:
+    """The public IP this node should use now; None: keep what we hold (nothing better is known).
+
+    `present`: the addresses where `held` may live (the underlay interface's, or every address of the
+    node for an explicit --public-ip); `primary`: the underlay interface's primary address, if any.
+    The held address wins while it is present, so a second address never moves us; an explicit
+    --public-ip is never replaced."""
+    if held in present:
+        return held
+    if explicit:
+        return None
+    return primary
+
+
+@dataclasses.dataclass
+class SettledAddress:
+    """Moves to a new address only once it has been the one to follow for `settle` seconds in a row."""
+
+    settle: float = ADDRESS_SETTLE
+    candidate: Optional[IPv4Address] = None
+    since: float = 0.0
+
+    def observe(self, held: IPv4Address, wanted: Optional[IPv4Address], now: float) -> Optional[IPv4Address]:
+        """The address to move to now, if any; `wanted` is address_to_follow's answer at `now`."""
+        if wanted is None or wanted == held:
+            self.candidate = None
+            return None
+        if wanted != self.candidate:
+            self.candidate, self.since = wanted, now
+        if now - self.since < self.settle:
+            return None
+        self.candidate = None
+        return wanted
+
+    def check_at(self) -> Optional[float]:
+        """When to look again even without news: the moment the candidate would have settled."""
+        return None if self.candidate is None else self.since + self.settle

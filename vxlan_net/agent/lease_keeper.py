@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from ipaddress import IPv4Address, IPv4Network
@@ -63,7 +64,9 @@ class SubnetLeaseKeeper:
         subnet = reusable_subnet(self.config, leases, self.public_ip, remembered, self.vtep_mac, avoid)
         if subnet is not None:
             held = valid.get(subnet)
-            if held and held[0].public_ip == self.public_ip and held[1].lease_id:
+            # Ours by PublicIP, or by VTEP MAC if the node was renumbered while we were down: keep its lease.
+            ours = held is not None and (held[0].public_ip == self.public_ip or held[0].vtep_mac == self.vtep_mac)
+            if ours and held[1].lease_id:
                 if self._readopt(subnet, held[1].lease_id):
                     return self._drop_given_up(previous if given_up else None, valid)
             elif subnet not in taken and self._try_create(subnet):
@@ -118,6 +121,17 @@ class SubnetLeaseKeeper:
                 self.store.revoke(self.lease_id)
             except VxlanNetError as exc:
                 log.debug("could not revoke old lease %x: %s", self.lease_id, exc)
+
+    def move_to(self, public_ip: IPv4Address) -> Lease:
+        """Hold our lease with a new PublicIP (the node was renumbered), then rewrite our record in place:
+        same subnet, same etcd lease, so peers see an attribute change.
+
+        The held value changes first: if etcd cannot be written now, the next listing finds the old
+        record and restores ours. LeaseGone when the key is no longer ours (then: acquire again)."""
+        self.public_ip = public_ip
+        self.lease = dataclasses.replace(self.lease, public_ip=public_ip)
+        self.store.update_lease(self.lease.subnet, self.lease.to_json(), self.lease_id)
+        return self.lease
 
     def restore(self) -> None:
         """Write our record back under our lease after someone else changed or deleted it.

@@ -17,7 +17,8 @@ from cni.config import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 from cni.subnet_file import write as write_subnet_file
 
 from vxlan_net.agent.cni_service import CniService
-from vxlan_net.agent.decisions import KEEP, REFUSE, next_resync_delay, own_record_action, respond_to
+from vxlan_net.agent.decisions import (KEEP, REFUSE, SettledAddress, address_to_follow, next_resync_delay,
+                                       own_record_action, respond_to)
 from vxlan_net.agent.faults import Faults, RetriedStep, in_background, retry_in_background
 from vxlan_net.agent.health import AgentMetrics, HealthServer, Readiness
 from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
@@ -124,6 +125,8 @@ class Agent:
         self._etcd_addresses = self.store.endpoint_addresses()
         self._routes: list = []
         self._addresses: list = []
+        self._address_settle = SettledAddress()
+        self._explicit_ip_missing = False
         self.metrics.lease_expiry.set_function(lambda: max(0.0, self._lease_expires_at - time.monotonic()))
         self.metrics.ready.set_function(lambda: 0.0 if self.readiness.problems() else 1.0)
         self.faults = Faults(self.readiness, self.metrics)
@@ -307,8 +310,11 @@ class Agent:
         route_events = self._watch_underlay()
         while not self.stop.is_set():
             now = time.monotonic()
-            if route_events is not None and self._underlay_changed(route_events):
+            underlay_news = route_events is not None and self._underlay_changed(route_events)
+            if underlay_news and self.config.direct_routing:
                 next_resync = min(next_resync, now + UNDERLAY_SETTLE)
+            if underlay_news or now >= next_resync or now >= (self._address_settle.check_at() or float("inf")):
+                self._follow_own_address(now)
             if watch is None and listing is None and now >= next_relist:
                 listing = in_background(self._open_lease_feed, "etcd-list")
             if listing is not None and listing.done():
@@ -340,7 +346,7 @@ class Agent:
                 # A renewal of a lease replaced meanwhile (re-acquired) says nothing about the new one.
                 next_renew = now + (self._renewed(outcome, renew_backoff) if lease_id == self.keeper.lease_id
                                     else self.keeper.renew_interval)
-            waits = [LOOP_TICK, next_resync - now]
+            waits = [LOOP_TICK, next_resync - now, (self._address_settle.check_at() or now + LOOP_TICK) - now]
             if renewal is None:
                 waits.append(next_renew - now)
             if watch is None and listing is None:
@@ -374,16 +380,57 @@ class Agent:
             listing.result()[1].cancel()
 
     def _watch_underlay(self):
-        """With direct routing, a subscription to the node's route and address changes (a peer's mode
-        depends on them: a link flap must not wait for the next resync); None without it, or when the
-        subscription fails (then the periodic resync still re-decides)."""
-        if not self.config.direct_routing:
-            return None
+        """A subscription to the node's route and address changes: our own address may change (issue 13),
+        and with direct routing a peer's mode depends on them (a link flap must not wait for the next
+        resync); None when the subscription fails (then the periodic resync still checks both)."""
         try:
             return self.kernel.RouteEvents()
         except KernelError as exc:
-            log.warning("cannot watch this node's routes (%s); direct routes follow them at each resync only", exc)
+            log.warning("cannot watch this node's addresses and routes (%s); following them at each resync only",
+                        exc)
             return None
+
+    def _follow_own_address(self, now: float) -> None:
+        """Move to a new underlay address once it has settled (decisions.SettledAddress)."""
+        ifname, held, _ = self.underlay
+        explicit = self.options.public_ip is not None
+        try:
+            present = {a.interface.ip for a in self.kernel.node_addresses() if explicit or a.device == ifname}
+            primary = None if explicit or not present else self.kernel.interface_address(ifname)
+        except VxlanNetError as exc:
+            log.debug("cannot read the addresses of %s: %s", ifname, exc)
+            return
+        if explicit:
+            missing = held not in present
+            if missing and not self._explicit_ip_missing:
+                log.warning("public IP %s (--public-ip) is no longer on this node; keeping it as it is", held)
+            elif self._explicit_ip_missing and not missing:
+                log.info("public IP %s (--public-ip) is on this node again", held)
+            self._explicit_ip_missing = missing
+        new = self._address_settle.observe(held, address_to_follow(held, explicit, present, primary), now)
+        if new is not None:
+            self._renumber(new)
+
+    def _renumber(self, new: IPv4Address) -> None:
+        """Our underlay address changed: VTEP `local`, firewall, our lease record (in place) follow it."""
+        ifname, old, mtu = self.underlay
+        log.warning("underlay address of %s changed: public IP %s -> %s; moving the VTEP and our lease record",
+                    ifname, old, new)
+        self.underlay = (ifname, new, mtu)
+        # Our etcd connections (and the watch) are bound to the old source address, gone now: they would
+        # only time out. Closed, the next request connects afresh and the broken watch is listed again.
+        self.store.close()
+        try:
+            lease = self.keeper.move_to(new)
+        except LeaseGone as exc:
+            log.warning("our lease is gone (%s); acquiring again", exc)
+            self._reacquire()
+        except (StoreUnavailable, StoreConfigError) as exc:
+            log.warning("cannot rewrite our lease record yet (%s); restoring it at the next listing", exc)
+            self._adopt(self.keeper.lease)
+        else:
+            self._adopt(lease)  # the book's identity, the VTEP (same MAC) and the firewall follow
+        self._reconcile(full=True)
 
     @staticmethod
     def _underlay_changed(route_events) -> bool:

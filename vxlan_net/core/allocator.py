@@ -39,15 +39,15 @@ def reusable_subnet(
     """The subnet this node held before, if it may keep it; never one overlapping `avoid`.
 
     First the subnet remembered in the state dir or subnet file when its record carries our
-    PublicIP: a record elsewhere that merely claims our PublicIP (anyone can write one) must not
-    move us. Then a lease carrying our PublicIP and VTEP MAC, then one carrying our PublicIP
+    PublicIP, or our VTEP MAC (we were renumbered while the agent was down, issue 13): a record
+    elsewhere that merely claims our PublicIP (anyone can write one) must not move us. Then a lease carrying our PublicIP and VTEP MAC, then one carrying our PublicIP
     (flannel's rule, for a node that lost its state dir); last the remembered subnet if it is free.
     """
     def usable(subnet: IPv4Network) -> bool:
         return _in_range(config, subnet) and not overlap(subnet, avoid)
 
     holder = leases.get(remembered) if remembered is not None else None
-    if holder is not None and holder.public_ip == public_ip and usable(remembered):
+    if holder is not None and (holder.public_ip == public_ip or holder.vtep_mac == vtep_mac) and usable(remembered):
         return remembered
     ours = [s for s, lease in sorted(leases.items()) if lease.public_ip == public_ip and usable(s)]
     same_mac = [s for s in ours if leases[s].vtep_mac == vtep_mac]

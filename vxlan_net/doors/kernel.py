@@ -787,17 +787,34 @@ def _add_link(ipr: IPRoute, **kwargs) -> None:
         raise
 
 
+def _moved_local(ipr: IPRoute, link, local_ip: IPv4Address):
+    """The link with its VXLAN local address set to `local_ip` in place (RTM_NEWLINK changelink,
+    Linux >= 4.13); the unchanged link when the kernel refuses, so the caller recreates it."""
+    try:
+        ipr.link("set", index=link["index"], kind="vxlan", vxlan_local=str(local_ip))
+    except NetlinkError as exc:
+        if exc.code not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+            raise
+        return link
+    return _need_link(ipr, link.get_attr("IFLA_IFNAME"))
+
+
 @_retry_busy
 def ensure_vtep(spec: VtepSpec, *, netns: Optional[str] = None) -> int:
     """Create or reuse the VXLAN device; return its ifindex.
 
-    A device of that name with another VNI, port, local address or underlay, or
-    with learning on (or of another kind), is deleted and recreated. MAC, MTU and
-    address are fixed in place; every other IPv4 address is removed."""
+    A device whose local address alone differs (the node was renumbered) has it
+    changed in place, keeping its FDB, neighbours and routes; a kernel refusing
+    that, or a device with another VNI, port or underlay, or with learning on (or
+    of another kind), is deleted and recreated. MAC, MTU and address are fixed in
+    place; every other IPv4 address is removed."""
     with _iproute(netns) as ipr, _translated(f"ensuring VXLAN device {spec.name}"):
         underlay = _need_link(ipr, spec.underlay_ifname)["index"]
         link = _find_link(ipr, spec.name)
         wanted = {"vni": spec.vni, "port": spec.port, "local": str(spec.local_ip), "link": underlay, "learning": False}
+        current = _vxlan_attrs(link) if link is not None else None
+        if current is not None and current != wanted and current == {**wanted, "local": current["local"]}:
+            link = _moved_local(ipr, link, spec.local_ip)
         if link is not None and _vxlan_attrs(link) != wanted:
             ipr.link("del", index=link["index"])
             link = None

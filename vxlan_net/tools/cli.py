@@ -242,7 +242,7 @@ def _status(args) -> int:
     from vxlan_net.core.desired import desired_entries
     from vxlan_net.core.lease_book import LeaseBook
     from vxlan_net.core.lease import subnet_key_name
-    from vxlan_net.tools.status import describe_drift, render_lease_table, skipped_lines
+    from vxlan_net.tools.status import describe_drift, own_address_line, render_lease_table, skipped_lines
     from vxlan_net.core.underlay import underlay_addresses
     from vxlan_net.core.direct import DirectReach, mode_of
 
@@ -255,11 +255,12 @@ def _status(args) -> int:
     ttls = {name: record.ttl_remaining for name, record in snapshot.records.items()}
     rows = [(lease, ttls.get(subnet_key_name(lease.subnet))) for lease in book.valid_leases()]
     device = vtep_name(config.vni)
-    own = underlay = reach = None
+    own = underlay = reach = local = None
     if kernel.link_exists(device):
         own_gateway = kernel.interface_address(device)
         own = next((lease for lease in book.valid_leases() if lease.subnet.network_address == own_gateway), None)
-        underlay = (kernel.link_info(device)["vxlan"] or {}).get("underlay")
+        vxlan = kernel.link_info(device)["vxlan"] or {}
+        underlay, local = vxlan.get("underlay"), vxlan.get("local")
     if own is not None:  # skip what this node's agent skips
         book.set_own(own)
         routes = kernel.main_table_routes()
@@ -276,6 +277,8 @@ def _status(args) -> int:
     if own is None:
         print(f"this node: no {device} device here (not a node, or the agent has not started)")
         return 0
+    node_ips = {a.interface.ip for a in kernel.node_addresses()}
+    print(own_address_line(own.public_ip, IPv4Address(local) if local else None, underlay, node_ips))
     peers = book.peers()
     drift = describe_drift(desired_entries(peers, reach.is_direct if reach else None),
                            kernel.read_overlay_entries(device, underlay=underlay))

@@ -109,6 +109,8 @@ class NodeFacts:
     etcd_endpoints: str = ""
     main_routes: Fact[tuple[MainRoute, ...]] = Unavailable("not read")
     """Every IPv4 route of the main table, whoever installed it (to name routes that block ours)."""
+    node_addresses: Fact[frozenset[IPv4Address]] = Unavailable("not read")
+    """Every IPv4 address on this node (is the lease's PublicIP still one of them?)."""
 
 
 def _missing(*facts: Any) -> Optional[str]:
@@ -219,6 +221,12 @@ def check_own_lease(facts: NodeFacts) -> Finding:
             "the agent re-acquires its lease when it is gone; " + AGENT_FIX
         return Finding(False, "own lease", lease.reason, fix)
     item = f"own lease {lease.subnet}"
+    if not isinstance(facts.node_addresses, Unavailable) and lease.public_ip not in facts.node_addresses:
+        return Finding(False, item, f"PublicIP {lease.public_ip} is not on this node any more (renumbered?): "
+                                    "peers send its pods' traffic to an address nobody answers",
+                       "an agent run with --iface only moves to the interface's new address by itself within "
+                       "seconds; one run with --public-ip keeps it: restart it with the node's new address "
+                       "(`--public-ip <new>`, or without --public-ip to follow --iface); the subnet and MAC stay")
     problems = []
     if isinstance(facts.vtep, Unavailable):
         problems.append(f"cannot compare with {facts.vtep_name}: {facts.vtep.reason}")
@@ -805,6 +813,10 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
             store.endpoint_addresses(), kernel.node_addresses(), main_routes, config, device)
     except KernelError as exc:
         main_routes, protected = Unavailable(f"cannot read the main routing table: {exc}"), {}
+    try:
+        node_addresses: Fact[frozenset[IPv4Address]] = frozenset(a.interface.ip for a in kernel.node_addresses())
+    except KernelError as exc:
+        node_addresses = Unavailable(f"cannot read this node's addresses: {exc}")
     leases, invalid, ids = (Unavailable("leases not read: see the config line"), (), {}) \
         if isinstance(config, Unavailable) else _read_leases(store, config, protected)
     vtep = _link(kernel, device)
@@ -823,6 +835,7 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
         subnet_file=_read_text(options.subnet_file), nft=_read_nft(), ip_forward=_read_ip_forward(),
         state=_read_state(state_path), subnet_file_path=str(options.subnet_file), state_path=str(state_path),
         bridge_name=options.bridge, etcd_endpoints=options.etcd_endpoints, main_routes=main_routes,
+        node_addresses=node_addresses,
     )
     lease = own_lease(facts)
     lease_id = ids.get(lease.subnet) if not isinstance(lease, Unavailable) else None

@@ -51,3 +51,15 @@ def describe_drift(desired: OverlayEntries, actual: OverlayEntries) -> list[str]
 
 def _show(entry) -> str:
     return " ".join(f"{k}={v}" for k, v in vars(entry).items())
+
+
+def own_address_line(lease_ip, vtep_local, underlay: Optional[str], node_ips) -> str:
+    """This node's public IP as its VTEP sends from it, and any disagreement with its lease or its
+    interfaces (a renumbered node, issue 13)."""
+    line = f"this node's public IP: {vtep_local} on {underlay or '?'}"
+    problems = []
+    if lease_ip != vtep_local:
+        problems.append(f"its lease says {lease_ip}")
+    if vtep_local not in node_ips:
+        problems.append(f"{vtep_local} is not on this node any more")
+    return line + (f" ({'; '.join(problems)}: run `vxlan-net doctor`)" if problems else "")
