@@ -8,8 +8,10 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import ARP, LLC, Dot3, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
 
@@ -227,3 +229,21 @@ def test_capture_bpf_with_direct_routing_also_lets_plain_pod_to_pod_packets_thro
     assert capture_bpf(parse_filter("icmp"), 8472, net) == f"(udp dst port 8472 or {direct}) and (icmp)"
     assert capture_bpf(parse_filter(f"pod {POD_B}"), 8472, net).endswith(f"or ({direct} and host {POD_B})")
     assert capture_bpf(parse_filter(f"node {NODE_2}"), 8472, net) == f"udp dst port 8472 and host {NODE_2}"
+
+
+def test_an_inner_802_3_frame_is_named_not_a_crash():
+    packet = (Ether() / IP(src=NODE_1, dst=NODE_2) / UDP(sport=40000, dport=8472) / VXLAN(vni=1)
+              / Dot3(src=MAC_A, dst="01:80:c2:00:00:00") / LLC() / Raw(b"x" * 30))  # e.g. a spanning-tree BPDU
+    frame = decode_frame(packet, CONTEXT)
+    assert frame.protocol == "802.3" and frame.inner_src is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefix=st.sampled_from([bytes(Ether(type=0x0800)), bytes(tunnelled(IP(src=POD_A, dst=POD_B) / ICMP()))[:50],
+                               bytes(plain(POD_A, POD_B, ICMP()))[:34]]),
+       tail=st.binary(max_size=120))
+def test_any_captured_bytes_decode_to_a_frame_a_packet_or_nothing(prefix, tail):
+    """Whatever crosses the wire (truncated headers, garbage after a valid prefix), neither decoder raises."""
+    packet = Ether(prefix + tail)
+    decode_frame(packet, CONTEXT)
+    decode_direct(packet, CONTEXT)

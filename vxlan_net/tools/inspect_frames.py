@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import ARP, Dot3, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Packet
 
@@ -189,6 +189,8 @@ def _inner_fields(inner: Optional[Ether]) -> dict[str, Any]:
     elif ARP in inner:
         arp = inner[ARP]
         fields.update(protocol="arp", inner_src=_address_or_none(arp.psrc), inner_dst=_address_or_none(arp.pdst))
+    elif isinstance(inner, Dot3):  # a length where the EtherType would be: 802.3 with LLC, no EtherType
+        fields.update(protocol="802.3")
     else:
         fields.update(protocol=f"ethertype-0x{inner.type:04x}")
     return fields
