@@ -15,10 +15,16 @@ from integration.lab import Lab, Node, Pod
 
 POD_NETWORK = "198.19.0.0/16"
 VTEP = "vxnet.1"
+# Agents lease only below this, so 198.19.200.0/24 .. 198.19.255.0/24 stay free for records
+# a test writes by hand (decoys, hostile records): an agent that drew one of those at random
+# would see its own record overwritten and the test would fail by chance.
+LAB_SUBNET_MAX = "198.19.199.0"
 
 
 def write_config(lab: Lab, *extra: str, network: str = POD_NETWORK) -> None:
     """`vxlan-net config set`, run from the first node against the lab's etcd."""
+    if network == POD_NETWORK and "--subnet-max" not in extra:
+        extra = (*extra, "--subnet-max", LAB_SUBNET_MAX)
     lab.nodes[0].run(lab.agent_exe, "config", "set", "--etcd-endpoints", lab.etcd_url, "--network", network,
                      *extra, check=True)
 

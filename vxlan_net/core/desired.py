@@ -6,24 +6,26 @@ import dataclasses
 from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
+from vxlan_net.core.families import IPAddress, IPNetwork
+
 if TYPE_CHECKING:
     from vxlan_net.core.lease import Lease
 
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Neighbour:
-    """`ip neigh`: the remote VTEP's overlay address resolves to its MAC."""
+    """`ip neigh`: the remote VTEP's overlay address (IPv4 or IPv6: the pod family) resolves to its MAC."""
 
-    ip: IPv4Address
+    ip: IPAddress
     mac: str
 
 
 @dataclasses.dataclass(frozen=True, order=True)
 class FdbEntry:
-    """`bridge fdb`: frames for the remote VTEP's MAC go to its public IP."""
+    """`bridge fdb`: frames for the remote VTEP's MAC go to its public IP (the family of the VTEP's underlay)."""
 
     mac: str
-    dst: IPv4Address
+    dst: IPAddress
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -31,8 +33,8 @@ class Route:
     """`ip route`: the remote pod subnet is reached via its VTEP, onlink (a tunnel route on the VTEP), or
     via its PublicIP on the underlay device (a direct route)."""
 
-    subnet: IPv4Network
-    gateway: IPv4Address
+    subnet: IPNetwork
+    gateway: IPAddress
 
 
 ROUTE_PROTOCOL_NAMES = {2: "kernel", 3: "boot", 4: "static", 11: "zebra", 12: "bird", 16: "dhcp",
