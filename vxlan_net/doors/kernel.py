@@ -536,6 +536,12 @@ _VERSION_OF = {
 _OUR_METRIC = {socket.AF_INET: 0, socket.AF_INET6: 1024}
 
 
+# A create refused because a route holds the prefix: EEXIST (same metric). IPv6 checks an onlink
+# gateway first, so a foreign route for the peer's prefix on another device (any metric) makes it
+# EINVAL ("Nexthop has invalid gateway or device mismatch") instead.
+_IN_THE_WAY = {4: frozenset({errno.EEXIST}), 6: frozenset({errno.EEXIST, errno.EINVAL})}
+
+
 def _route_steps(family: int, ifindex: int, onlink: bool) -> tuple[_Step, _Step, _Step]:
     """(create, replace, delete) of one route class's routes of one family on one device."""
     return tuple(_Step(_route_template(kind, flags, family, ifindex, onlink), _route_values, kind == RTM_DELROUTE)
@@ -618,24 +624,32 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
 def _settle_existing_routes(
     nl: _Rtnl, family: int, replace: _Step, refused: Sequence[ApplyFailure]
 ) -> tuple[int, list[ApplyFailure], list[ApplyFailure]]:
-    """Routes of one family refused with EEXIST: replace those whose existing route is ours (protocol
-    ROUTE_PROTO), report the others as conflicts. Returns (replaced, failures, conflicts).
+    """Routes of one family refused for a route in their way (_IN_THE_WAY): replace those whose
+    existing route is ours (protocol ROUTE_PROTO), report those a foreign route holds as conflicts,
+    the rest as the failures they are. Returns (replaced, failures, conflicts).
 
     The rare path, so it may read the whole main table. (A route someone installs
     between this read and the replace is overwritten: the window is one round trip.)"""
-    holders = {r.dst: r for r in _retry_busy(_read_main_routes)(nl, family) if r.metric == _OUR_METRIC[family]}
-    ours, conflicts = [], []
+    same_metric, any_metric = {}, {}
+    for route in sorted(_retry_busy(_read_main_routes)(nl, family), key=lambda r: -r.metric):
+        any_metric[route.dst] = route  # the lowest metric last: the one in use
+        if route.metric == _OUR_METRIC[family]:
+            same_metric[route.dst] = route
+    ours, failures, conflicts = [], [], []
     for failure in refused:
-        holder = holders.get(failure.entry.subnet)
-        if holder is None or holder.protocol == ROUTE_PROTO:  # gone meanwhile, or ours
-            ours.append(failure.entry)
-        else:
+        subnet = failure.entry.subnet
+        holder = same_metric.get(subnet) if failure.errno == errno.EEXIST else any_metric.get(subnet)
+        if holder is not None and holder.protocol != ROUTE_PROTO:
             conflicts.append(dataclasses.replace(
                 failure, reason=f"route {holder} is not vxlan-net's; delete it: ip route del {holder}"))
+        elif failure.errno == errno.EEXIST:  # ours, or gone meanwhile
+            ours.append(failure.entry)
+        else:
+            failures.append(failure)
     if not ours:
-        return 0, [], conflicts
-    replaced, failures = _apply_step(nl, refused[0].action, replace, ours)
-    return replaced, failures, conflicts
+        return 0, failures, conflicts
+    replaced, refused_again = _apply_step(nl, refused[0].action, replace, ours)
+    return replaced, failures + refused_again, conflicts
 
 
 def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
@@ -644,8 +658,9 @@ def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
 
     A field may hold entries of both IP families: each family's go in one batch with its own
     template. Neighbours and FDB entries are upserted (NLM_F_CREATE|NLM_F_REPLACE). Routes
-    are created exclusively, one message each; only on EEXIST is the existing route read,
-    and replaced if it is ours, else left alone and reported in `conflicts`. Removals
+    are created exclusively, one message each; only when a route is in the way (EEXIST; for
+    IPv6 also EINVAL, see _IN_THE_WAY) is the existing route read, and replaced if it is ours,
+    else left alone and reported in `conflicts`. Removals
     of entries already gone count as applied. Direct routes go on `underlay`, which
     the plan needs when it has any. Raises LinkNotFound if a device is missing and
     KernelError if the netlink socket itself fails."""
@@ -667,7 +682,7 @@ def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
                     steps_by_version[version] = _steps(ifindex, underlay_index, version)
                 steps, replacing = steps_by_version[version]
                 done, refused = _apply_step(nl, field.name, steps[field.name], group)
-                existing = [f for f in refused if field.name in replacing and f.errno == errno.EEXIST]
+                existing = [f for f in refused if field.name in replacing and f.errno in _IN_THE_WAY[version]]
                 if existing:
                     refused = [f for f in refused if f not in existing]
                     replaced, refused_again, foreign = _settle_existing_routes(
