@@ -228,6 +228,16 @@ def test_a_vtep_changing_underlay_family_is_recreated(ns):
     assert link["linkinfo"]["info_data"]["local6"] == str(UNDERLAY6)
 
 
+@pytest.mark.parametrize("vtep", [VTEP4, VTEP6], ids=["vxnet-over-ipv4", "vxnet6-over-ipv6"])
+def test_another_vxlan_device_with_our_vni_port_and_local_address_is_a_clear_error_not_a_retry(ns, vtep):
+    ns.ip("link", "add", "flannel.42", "type", "vxlan", "id", str(VNI), "dstport", "4789", "local", str(vtep.local_ip),
+          "dev", "und0")
+    with pytest.raises(KernelError, match=f"cannot create VXLAN device {vtep.name}: another VXLAN device already "
+                                          f"uses VNI 42, port 4789 and local address {vtep.local_ip}"):
+        ns.inside(kernel.ensure_vtep, vtep)
+    assert [link["ifname"] for link in ns.json("ip", "link", "show", "type", "vxlan")] == ["flannel.42"]
+
+
 # --- dual-stack overlay entries ---
 
 
@@ -373,7 +383,7 @@ def test_refusals_map_to_their_entries_across_chunks_in_a_mixed_family_field(ns)
 # --- the IPv6 underlay: discovery and events ---
 
 
-def test_ipv6_underlay_discovery_skips_link_local_tentative_deprecated_and_temporary_addresses(ns):
+def test_ipv6_underlay_discovery_skips_link_local_tentative_and_deprecated_addresses(ns):
     ns.ip("-6", "route", "add", "default", "via", str(ROUTER6), "dev", "und0")
     ns.ip("link", "add", "und2", "type", "veth", "peer", "name", "und3")
     ns.ip("link", "set", "und2", "up")

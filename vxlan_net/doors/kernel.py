@@ -909,9 +909,20 @@ def _add_link(ipr: IPRoute, **kwargs) -> None:
     try:
         ipr.link("add", **kwargs)
     except NetlinkError as exc:
-        if exc.code == errno.EEXIST:  # someone created it since we looked: look again
-            raise KernelBusy(f"device {kwargs['ifname']} appeared while being created") from None
-        raise
+        if exc.code != errno.EEXIST:
+            raise
+        name = kwargs["ifname"]
+        if _find_link(ipr, name) is not None:  # someone created it since we looked: look again
+            raise KernelBusy(f"device {name} appeared while being created") from None
+        if kwargs.get("kind") != "vxlan":
+            raise
+        # No device of that name: the kernel refuses a VXLAN device whose VNI, port and local
+        # address another one already uses (e.g. a flannel.<VNI> left behind). Retrying cannot help.
+        local = kwargs.get("vxlan_local") or kwargs.get("vxlan_local6")
+        raise KernelError(
+            f"cannot create VXLAN device {name}: another VXLAN device already uses VNI {kwargs['vxlan_id']}, "
+            f"port {kwargs['vxlan_port']} and local address {local} (ip -d link show type vxlan); "
+            "delete it or choose another VNI") from None
 
 
 def _local_attr(local_ip: IPAddress) -> dict:
