@@ -23,7 +23,8 @@ import functools
 import os
 import socket
 import struct
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address, ip_interface
+from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address,
+                       ip_interface)
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import tenacity
@@ -40,8 +41,8 @@ from cni.netlink import (IFF_UP, IFLA_IFNAME, NDA_DST, NDA_IFINDEX, NDA_LLADDR, 
                          RTM_NEWNEIGH, RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, SOL_NETLINK)
 
 from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
-from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.errors import KernelBusy, KernelError, LinkNotFound
+from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.names import ROUTE_PROTO
 from vxlan_net.core.plan import ApplyFailure, ApplyResult, Entry, Plan
 from vxlan_net.core.underlay import NodeAddress
@@ -67,7 +68,6 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, pr
 _NLA = struct.Struct("=HH")
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
-_BE32 = struct.Struct(">I")
 _ERR = struct.Struct("=i")
 
 _TRANSIENT = frozenset({errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR})
