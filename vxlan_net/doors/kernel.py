@@ -303,9 +303,16 @@ def _permanent_neighbours(nl: _Rtnl, family: int, ifindex: int, what: str) -> It
             yield dst, mac
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _address(packed: bytes) -> IPAddress:
+    # From bytes, IPv4Address() costs twice what it does from an int; the same addresses come back
+    # on every resync.
+    return _ADDRESS_TYPE[len(packed)](packed)
+
+
 def _read_neighbours(nl: _Rtnl, ifindex: int) -> frozenset[Neighbour]:
     return frozenset(
-        Neighbour(_ADDRESS_TYPE[len(ip)](ip), mac.hex(":"))
+        Neighbour(_address(ip), mac.hex(":"))
         for family in _FAMILIES
         for ip, mac in _permanent_neighbours(nl, family, ifindex, "reading neighbours")
     )
@@ -313,7 +320,7 @@ def _read_neighbours(nl: _Rtnl, ifindex: int) -> frozenset[Neighbour]:
 
 def _read_fdb(nl: _Rtnl, ifindex: int) -> frozenset[FdbEntry]:
     return frozenset(
-        FdbEntry(mac.hex(":"), _ADDRESS_TYPE[len(dst)](dst))
+        FdbEntry(mac.hex(":"), _address(dst))
         for dst, mac in _permanent_neighbours(nl, socket.AF_BRIDGE, ifindex, "reading FDB")
         if dst not in _ZERO_ADDRESSES and mac != _ZERO_MAC  # the all-zero default entry, or a remote of 0.0.0.0/::
     )
@@ -330,8 +337,9 @@ def _network(address: bytes, prefixlen: int) -> IPNetwork:
 
 
 def forget_cached_subnets() -> None:
-    """Empty the readers' subnet cache, as at start-up (benchmarks time a cold read)."""
+    """Empty the readers' subnet and address caches, as at start-up (benchmarks time a cold read)."""
     _network.cache_clear()
+    _address.cache_clear()
 
 
 def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
@@ -361,7 +369,7 @@ def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
                     table = unpack_u32(data, at + 4)[0]
                 at += (size + 3) & ~3
             if table == RT_TABLE_MAIN and oif == ifindex and gateway is not None:
-                found.add(Route(_network(dst, dst_len), _ADDRESS_TYPE[len(gateway)](gateway)))
+                found.add(Route(_network(dst, dst_len), _address(gateway)))
     return frozenset(found)
 
 
