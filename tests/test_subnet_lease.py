@@ -44,11 +44,11 @@ class RacingStore(EtcdStore):
         self.losses = losses
         self.stolen: list[IPv4Network] = []
 
-    def create_lease(self, subnet, value, ttl):
+    def create_lease(self, key, value, ttl):
         if len(self.stolen) < self.losses:
-            self.stolen.append(subnet)
-            super().create_lease(subnet, Lease(subnet, OTHER, "0a:00:00:00:00:0f").to_json(), ttl)
-        return super().create_lease(subnet, value, ttl)
+            self.stolen.append(key.primary)
+            super().create_lease(key, Lease(key.primary, OTHER, "0a:00:00:00:00:0f").to_json(), ttl)
+        return super().create_lease(key, value, ttl)
 
 
 def stored(store, subnet) -> Lease:

@@ -6,12 +6,12 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable, Optional, Protocol
+from typing import Iterable, Mapping, Optional, Protocol
 
-from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_entries
+from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_by_vtep
 from vxlan_net.core.direct import DirectReach
 from vxlan_net.core.errors import VxlanNetError
+from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.plan import ApplyResult, Plan, plan_changes
 
@@ -40,10 +40,10 @@ class KnownEntries:
     """The kernel's overlay entries as last read or written, indexed for targeted diffs."""
 
     def __init__(self, entries: OverlayEntries):
-        self.neighbours: dict[IPv4Address, set[Neighbour]] = defaultdict(set)
+        self.neighbours: dict[IPAddress, set[Neighbour]] = defaultdict(set)
         self.fdb: dict[str, set[FdbEntry]] = defaultdict(set)
-        self.routes: dict[IPv4Network, set[Route]] = defaultdict(set)
-        self.direct_routes: dict[IPv4Network, set[Route]] = defaultdict(set)
+        self.routes: dict[IPNetwork, set[Route]] = defaultdict(set)
+        self.direct_routes: dict[IPNetwork, set[Route]] = defaultdict(set)
         self.add(entries)
 
     def _slots(self, entries: OverlayEntries):
@@ -61,7 +61,7 @@ class KnownEntries:
         for index, key, entry in self._slots(entries):
             index[key].discard(entry)
 
-    def subset(self, subnets: Iterable[IPv4Network], macs: Iterable[str]) -> OverlayEntries:
+    def subset(self, subnets: Iterable[IPNetwork], macs: Iterable[str]) -> OverlayEntries:
         subnets = list(subnets)
         return OverlayEntries(
             frozenset(n for s in subnets for n in self.neighbours.get(s.network_address, ())),
@@ -72,7 +72,7 @@ class KnownEntries:
 
 
 class Reconciler:
-    """Keeps the VXLAN device's neighbour, FDB and route entries equal to the leases.
+    """Keeps the VXLAN devices' neighbour, FDB and route entries equal to the leases.
 
     Calico's model: a full pass diffs every desired entry against a fresh read of
     the kernel (on start, every resync interval, and after any failure), so
@@ -82,24 +82,31 @@ class Reconciler:
     fresh read of every entry costs ~30 ms at 1,000 peers, which alone would
     eat most of a 100 ms convergence budget. A failed pass is not fatal: it is
     logged once, counted, and forces the next pass to be a full one.
+
+    A node has one VTEP per underlay family (`vteps`: {4: "vxnet.1", 6: "vxnet6.1"}); each pass
+    covers them all, the direct routes (on `underlay`) beside the first one's entries.
     """
 
-    def __init__(self, ifname: str, kernel: OverlayKernel, underlay: Optional[str] = None):
+    def __init__(self, ifname: str, kernel: OverlayKernel, underlay: Optional[str] = None,
+                 vteps: Optional[Mapping[int, str]] = None, pod_families: Iterable[int] = (4,)):
+        self.vteps = dict(sorted((vteps or {4: ifname}).items()))
         self.ifname = ifname
         self.kernel = kernel
         self.underlay = underlay
         """The device direct routes go on; None: no direct routes are read or written."""
+        self.pod_families = tuple(pod_families)
         self._reach: Optional[DirectReach] = None  # None: every peer tunnelled
-        self._peers: dict[IPv4Network, Lease] = {}
-        self._macs: dict[str, dict[IPv4Network, IPv4Address]] = defaultdict(dict)
-        self._dirty_subnets: set[IPv4Network] = set()
+        self._peers: dict[IPNetwork, Lease] = {}  # by the subnet a lease is known by
+        self._macs: dict[str, set[IPNetwork]] = defaultdict(set)  # VTEP MAC -> the peers using it
+        self._dirty_peers: set[IPNetwork] = set()
+        self._dirty_subnets: set[IPNetwork] = set()
         self._dirty_macs: set[str] = set()
-        self._public_ips: dict[IPv4Address, int] = {}  # peers' public IPs -> how many peers have it
-        self._touched_public_ips: set[IPv4Address] = set()
-        self._known: Optional[KnownEntries] = None  # None: a full pass is due
+        self._public_ips: dict[IPAddress, int] = {}  # peers' public IPs -> how many peers have it
+        self._touched_public_ips: set[IPAddress] = set()
+        self._known: Optional[dict[int, KnownEntries]] = None  # None: a full pass is due
         self.failures_in_a_row = 0
         self.peers_programmed = 0
-        self.route_conflicts: dict[IPv4Network, str] = {}
+        self.route_conflicts: dict[IPNetwork, str] = {}
         """Peer subnets whose route someone else holds, with why: warned about once each."""
 
     # -- declaring ---------------------------------------------------------------
@@ -113,46 +120,56 @@ class Reconciler:
             if self._peers.get(lease.subnet) != lease:
                 self._declare(lease)
 
-    def update_peers(self, added_or_updated: Iterable[Lease] = (), removed: Iterable[IPv4Network] = ()) -> None:
+    def update_peers(self, added_or_updated: Iterable[Lease] = (), removed: Iterable[IPNetwork] = ()) -> None:
         """Declare a change to the remote leases (cheap: only the touched ones)."""
         for subnet in removed:
             self._forget(subnet)
         for lease in added_or_updated:
             self._declare(lease)
 
+    @staticmethod
+    def _endpoints(lease: Lease) -> list[tuple[IPAddress, str]]:
+        return [lease.endpoint(f) for f in sorted(lease.underlays)]  # type: ignore[misc]
+
     def _declare(self, lease: Lease) -> None:
         self._forget(lease.subnet)
         self._peers[lease.subnet] = lease
-        self._macs[lease.vtep_mac][lease.subnet] = lease.public_ip
-        self._public_ips[lease.public_ip] = self._public_ips.get(lease.public_ip, 0) + 1
-        self._touched_public_ips.add(lease.public_ip)
-        self._dirty_subnets.add(lease.subnet)
-        self._dirty_macs.add(lease.vtep_mac)
+        self._touch(lease)
+        for address, mac in self._endpoints(lease):
+            self._macs[mac].add(lease.subnet)
+            self._public_ips[address] = self._public_ips.get(address, 0) + 1
 
-    def _forget(self, subnet: IPv4Network) -> None:
+    def _forget(self, subnet: IPNetwork) -> None:
         old = self._peers.pop(subnet, None)
-        self.route_conflicts.pop(subnet, None)
+        for pod_subnet in (old.subnets if old else (subnet,)):
+            self.route_conflicts.pop(pod_subnet, None)
         if old is None:
             return
-        owners = self._macs[old.vtep_mac]
-        owners.pop(subnet, None)
-        if not owners:
-            del self._macs[old.vtep_mac]
-        left = self._public_ips.pop(old.public_ip) - 1
-        if left:
-            self._public_ips[old.public_ip] = left
-        self._touched_public_ips.add(old.public_ip)
-        self._dirty_subnets.add(subnet)
-        self._dirty_macs.add(old.vtep_mac)
+        self._touch(old)
+        for address, mac in self._endpoints(old):
+            owners = self._macs[mac]
+            owners.discard(subnet)
+            if not owners:
+                del self._macs[mac]
+            left = self._public_ips.pop(address) - 1
+            if left:
+                self._public_ips[address] = left
 
-    def peer_public_ips(self) -> frozenset[IPv4Address]:
+    def _touch(self, lease: Lease) -> None:
+        self._dirty_peers.add(lease.subnet)
+        self._dirty_subnets.update(lease.subnets)
+        for address, mac in self._endpoints(lease):
+            self._dirty_macs.add(mac)
+            self._touched_public_ips.add(address)
+
+    def peer_public_ips(self) -> frozenset[IPAddress]:
         return frozenset(self._public_ips)
 
-    def has_public_ip(self, address: IPv4Address) -> bool:
+    def has_public_ip(self, address: IPAddress) -> bool:
         """Whether some peer has this public IP (cheap, unlike peer_public_ips())."""
         return address in self._public_ips
 
-    def take_touched_public_ips(self) -> set[IPv4Address]:
+    def take_touched_public_ips(self) -> set[IPAddress]:
         """The public IPs of the peers declared or forgotten since the last call (whether each is still
         a peer's: has_public_ip): what a filter of peer sources must look at again."""
         touched, self._touched_public_ips = self._touched_public_ips, set()
@@ -166,22 +183,20 @@ class Reconciler:
             self.request_full_pass()
 
     def is_direct(self, lease: Lease) -> bool:
-        return self._reach is not None and self._reach.is_direct(lease.public_ip)
+        """Whether the peer is reached without the tunnel (by its IPv4 endpoint, else its IPv6 one)."""
+        address = lease.public_ip or lease.public_ipv6
+        return self._reach is not None and address is not None and self._reach.is_direct(address)
+
+    def _desired_for(self, leases: Iterable[Lease]) -> dict[int, OverlayEntries]:
+        sets = desired_by_vtep(leases, self.vteps, self.pod_families, self._reach.is_direct if self._reach else None)
+        if self.underlay is None:  # nowhere to put direct routes: none are wanted (direct routing needs it)
+            sets = {f: dataclasses.replace(e, direct_routes=frozenset()) for f, e in sets.items()}
+        return sets
 
     @property
     def desired(self) -> OverlayEntries:
-        return desired_entries(self._peers.values(), self._reach.is_direct if self._reach else None)
-
-    def _desired_subset(self, subnets: Iterable[IPv4Network], macs: Iterable[str]) -> OverlayEntries:
-        leases = [self._peers[s] for s in subnets if s in self._peers]
-        tunnelled = [l for l in leases if not self.is_direct(l)]
-        return OverlayEntries(
-            frozenset(Neighbour(l.subnet.network_address, l.vtep_mac) for l in tunnelled),
-            frozenset(FdbEntry(m, ip) for m in macs for s, ip in self._macs.get(m, {}).items()
-                      if not self.is_direct(self._peers[s])),
-            frozenset(Route(l.subnet, l.subnet.network_address) for l in tunnelled),
-            frozenset(Route(l.subnet, l.public_ip) for l in leases if self.is_direct(l)),
-        )
+        """The first VTEP's desired entries (with the direct routes)."""
+        return self._desired_for(self._peers.values())[next(iter(self.vteps))]
 
     # -- applying ----------------------------------------------------------------
 
@@ -192,33 +207,45 @@ class Reconciler:
     def reconcile(self) -> ReconcileResult:
         started = time.monotonic()
         full = self._known is None
+        changes, done = 0, []
         try:
             if full:
-                desired = self.desired
-                plan = plan_changes(desired, self.kernel.read_overlay_entries(self.ifname, underlay=self.underlay))
+                wanted = self._desired_for(self._peers.values())
             else:
-                subnets, macs = self._dirty_subnets, self._dirty_macs
-                desired = self._desired_subset(subnets, macs)
-                before = self._known.subset(subnets, macs)
+                leases = {s: self._peers[s] for s in self._dirty_peers if s in self._peers}
+                leases.update((s, self._peers[s]) for m in self._dirty_macs for s in self._macs.get(m, ()))
+                wanted = self._desired_for(leases.values())
+                subnets = self._dirty_subnets.union(*(l.subnets for l in leases.values()))
+                macs = self._dirty_macs.union(*(m for l in leases.values() for _, m in self._endpoints(l)))
+            for family, ifname in self.vteps.items():
+                underlay = self.underlay if family == next(iter(self.vteps)) else None
+                desired = wanted[family]
+                if full:
+                    before = self.kernel.read_overlay_entries(ifname, underlay=underlay)
+                else:
+                    before = self._known[family].subset(subnets, macs)
                 plan = plan_changes(desired, before)
-            self._apply(plan)
+                self._apply(ifname, plan, underlay)
+                changes += len(plan)
+                done.append((family, before, desired))
         except VxlanNetError as exc:
             self._known = None
             self._note_failure(exc)
             return ReconcileResult(False, 0, time.monotonic() - started, exc, full)
         if full:
-            self._known = KnownEntries(desired)
+            self._known = {family: KnownEntries(desired) for family, _, desired in done}
         else:
-            self._known.remove(before)
-            self._known.add(desired)
-        self._dirty_subnets, self._dirty_macs = set(), set()
-        self._note_success(len(plan))
-        return ReconcileResult(True, len(plan), time.monotonic() - started, None, full)
+            for family, before, desired in done:
+                self._known[family].remove(before)
+                self._known[family].add(desired)
+        self._dirty_peers, self._dirty_subnets, self._dirty_macs = set(), set(), set()
+        self._note_success(changes)
+        return ReconcileResult(True, changes, time.monotonic() - started, None, full)
 
-    def _apply(self, plan: Plan) -> None:
+    def _apply(self, ifname: str, plan: Plan, underlay: Optional[str]) -> None:
         if plan.empty:
             return
-        result = self.kernel.apply_plan(self.ifname, plan, underlay=self.underlay)
+        result = self.kernel.apply_plan(ifname, plan, underlay=underlay)
         self._note_conflicts(plan, result.conflicts)
         if result.failures:
             raise VxlanNetError(f"{len(result.failures)} of {len(plan)} changes failed, first: {result.failures[0]}")

@@ -3,54 +3,77 @@
 from __future__ import annotations
 
 import random
-from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Union
 
-from vxlan_net.core.config import NetworkConfig
+from vxlan_net.core.config import NetworkConfig, SubnetSpace
 from vxlan_net.core.errors import SubnetsExhausted
+from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.lease import Lease
 
+ENUMERABLE = 1 << 16
+"""Spaces of at most this many subnets are listed whole; larger ones (an IPv6 /32 cut into /64s has
+2^32) are sampled."""
+SAMPLES = 4096
+"""Random tries in a space too large to list: with a tenth of it taken, all miss with chance 10^-4096."""
 
-def candidate_subnets(config: NetworkConfig) -> Iterable[IPv4Network]:
+Space = Union[NetworkConfig, SubnetSpace]
+"""A config stands for its primary space (IPv4 when it has IPv4)."""
+
+
+def _space(space: Space) -> SubnetSpace:
+    return space.primary if isinstance(space, NetworkConfig) else space
+
+
+def candidate_subnets(space: Space) -> Iterable[IPNetwork]:
     """Every subnet between SubnetMin and SubnetMax, in order."""
-    step = 1 << (32 - config.subnet_len)
-    for start in range(int(config.subnet_min), int(config.subnet_max) + 1, step):
-        yield IPv4Network((IPv4Address(start), config.subnet_len))
+    return _space(space).subnets()
 
 
-Avoid = Mapping[IPv4Network, str]
+Avoid = Mapping[IPNetwork, str]
 """Networks a subnet of ours must not overlap, each with what it is ("address 198.19.5.1/24 on eth0"):
 the node's underlay (underlay.underlay_networks)."""
 
 
-def overlap(subnet: IPv4Network, avoid: Optional[Avoid]) -> Optional[str]:
+def overlap(subnet: IPNetwork, avoid: Optional[Avoid]) -> Optional[str]:
     """What in `avoid` the subnet overlaps, if anything."""
-    return next((what for net, what in (avoid or {}).items() if subnet.overlaps(net)), None)
+    return next((what for net, what in (avoid or {}).items()
+                 if net.version == subnet.version and subnet.overlaps(net)), None)  # type: ignore[arg-type]
+
+
+def _ours(lease: Lease, public_ip: IPAddress) -> bool:
+    return public_ip in (lease.public_ip, lease.public_ipv6)
+
+
+def _our_mac(lease: Lease, vtep_mac: Optional[str]) -> bool:
+    return vtep_mac is not None and vtep_mac in (lease.vtep_mac, lease.vtep_mac_v6)
 
 
 def reusable_subnet(
-    config: NetworkConfig,
-    leases: Mapping[IPv4Network, Lease],
-    public_ip: IPv4Address,
-    remembered: Optional[IPv4Network],
+    config: Space,
+    leases: Mapping[IPNetwork, Lease],
+    public_ip: IPAddress,
+    remembered: Optional[IPNetwork],
     vtep_mac: Optional[str] = None,
     avoid: Optional[Avoid] = None,
-) -> Optional[IPv4Network]:
+) -> Optional[IPNetwork]:
     """The subnet this node held before, if it may keep it; never one overlapping `avoid`.
 
     First the subnet remembered in the state dir or subnet file when its record carries our
     PublicIP, or our VTEP MAC (we were renumbered while the agent was down, issue 13): a record
     elsewhere that merely claims our PublicIP (anyone can write one) must not move us. Then a lease carrying our PublicIP and VTEP MAC, then one carrying our PublicIP
     (flannel's rule, for a node that lost its state dir); last the remembered subnet if it is free.
+    `public_ip` and `vtep_mac` are this node's on either underlay family.
     """
-    def usable(subnet: IPv4Network) -> bool:
-        return _in_range(config, subnet) and not overlap(subnet, avoid)
+    space = _space(config)
+
+    def usable(subnet: IPNetwork) -> bool:
+        return space.holds(subnet) and not overlap(subnet, avoid)
 
     holder = leases.get(remembered) if remembered is not None else None
-    if holder is not None and (holder.public_ip == public_ip or holder.vtep_mac == vtep_mac) and usable(remembered):
+    if holder is not None and (_ours(holder, public_ip) or _our_mac(holder, vtep_mac)) and usable(remembered):
         return remembered
-    ours = [s for s, lease in sorted(leases.items()) if lease.public_ip == public_ip and usable(s)]
-    same_mac = [s for s in ours if leases[s].vtep_mac == vtep_mac]
+    ours = [s for s, lease in sorted(leases.items()) if _ours(lease, public_ip) and usable(s)]
+    same_mac = [s for s in ours if _our_mac(leases[s], vtep_mac)]
     if same_mac or ours:
         return (same_mac or ours)[0]
     if remembered is not None and holder is None and usable(remembered):
@@ -59,28 +82,30 @@ def reusable_subnet(
 
 
 def choose_free_subnet(
-    config: NetworkConfig,
-    taken: Iterable[IPv4Network],
+    config: Space,
+    taken: Iterable[IPNetwork],
     rng: Optional[random.Random] = None,
     avoid: Optional[Avoid] = None,
-) -> IPv4Network:
+) -> IPNetwork:
     """A random free subnet that overlaps nothing in `avoid` (random, like flannel, so racing nodes
     rarely collide)."""
+    space = _space(config)
+    rng = rng or random  # type: ignore[assignment]
     taken = set(taken)
-    relevant = {net: what for net, what in (avoid or {}).items() if net.overlaps(config.network)}
-    free = [s for s in candidate_subnets(config) if s not in taken]
+    relevant = {net: what for net, what in (avoid or {}).items()
+                if net.version == space.version and net.overlaps(space.network)}  # type: ignore[arg-type]
+    span = f"/{space.subnet_len} between {space.subnet_min} and {space.subnet_max}"
+    if space.size > ENUMERABLE:
+        for _ in range(SAMPLES):
+            subnet = space.nth(rng.randrange(space.size))  # type: ignore[union-attr]
+            if subnet not in taken and not overlap(subnet, relevant):
+                return subnet
+        raise SubnetsExhausted(f"no free {span} in {space.network} found in {SAMPLES} random tries")
+    free = [s for s in space.subnets() if s not in taken]
     usable = [s for s in free if not overlap(s, relevant)] if relevant else free
     if not usable:
-        span = f"/{config.subnet_len} between {config.subnet_min} and {config.subnet_max}"
         if free:
             blocking = [what for net, what in relevant.items() if any(s.overlaps(net) for s in free)]
             raise SubnetsExhausted(f"every free {span} overlaps this node's underlay: {'; '.join(blocking)}")
-        raise SubnetsExhausted(f"no free {span} in {config.network}")
-    return (rng or random).choice(usable)
-
-
-def _in_range(config: NetworkConfig, subnet: IPv4Network) -> bool:
-    return (
-        subnet.prefixlen == config.subnet_len
-        and config.subnet_min <= subnet.network_address <= config.subnet_max
-    )
+        raise SubnetsExhausted(f"no free {span} in {space.network}")
+    return rng.choice(usable)  # type: ignore[union-attr]

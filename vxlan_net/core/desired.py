@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import IPv4Address, IPv4Network
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Optional
 
 from vxlan_net.core.families import IPAddress, IPNetwork
 
@@ -45,10 +44,10 @@ RT_SCOPE_LINK = 253
 
 @dataclasses.dataclass(frozen=True, order=True)
 class MainRoute:
-    """Any IPv4 route of the main table, whoever installed it: what conflict and underlay checks read."""
+    """Any route of the main table (either family), whoever installed it: what conflict and underlay checks read."""
 
-    dst: IPv4Network
-    gateway: Optional[IPv4Address]
+    dst: IPNetwork
+    gateway: Optional[IPAddress]
     device: Optional[str]
     protocol: int
     scope: int = 0
@@ -85,17 +84,54 @@ class OverlayEntries:
 
 
 def desired_entries(peers: Iterable[Lease],
-                    is_direct: Optional[Callable[[IPv4Address], bool]] = None) -> OverlayEntries:
-    """Three entries per tunnelled lease: a permanent neighbour (its gateway -> its VtepMAC), an FDB entry
-    (its VtepMAC -> its PublicIP) and an onlink route (its subnet via its gateway). One per direct lease
-    (`is_direct(PublicIP)`): a route of its subnet via its PublicIP, and nothing on the VXLAN device."""
-    neighbours, fdb, routes, direct = set(), set(), set(), set()
+                    is_direct: Optional[Callable[[IPAddress], bool]] = None) -> OverlayEntries:
+    """An IPv4 node over an IPv4 underlay: the entries of its one VTEP (see desired_by_vtep)."""
+    return desired_by_vtep(peers, own_underlays=(4,), own_families=(4,), is_direct=is_direct).get(4, OverlayEntries())
+
+
+def tunnel_underlay(peer: Lease, pod_family: int, own_underlays: Collection[int]) -> Optional[int]:
+    """The underlay family whose VTEP carries pod traffic of `pod_family` to `peer`: the same family
+    when both ends have that underlay, else the other one both have (a VXLAN tunnel carries Ethernet,
+    so either family rides either underlay); None when they share no underlay family."""
+    shared = set(own_underlays) & peer.underlays
+    if pod_family in shared:
+        return pod_family
+    return next(iter(shared), None)
+
+
+def desired_by_vtep(peers: Iterable[Lease], own_underlays: Collection[int], own_families: Collection[int],
+                    is_direct: Optional[Callable[[IPAddress], bool]] = None) -> dict[int, OverlayEntries]:
+    """{underlay family: the entries of the VTEP over it}, for a node with VTEPs over `own_underlays` and
+    pod subnets of `own_families`.
+
+    Per peer and pod family both ends have, three entries on the VTEP tunnel_underlay chooses: a
+    permanent neighbour (the peer subnet's network address -> the peer VTEP's MAC), an FDB entry
+    (that MAC -> the peer's public address of the VTEP's family) and an onlink route (the subnet via
+    that network address). A peer whose public address of the pod family is direct
+    (`is_direct`) gets instead one route, the subnet via that address; direct routes are listed with
+    the first VTEP's entries (they live on the underlay device, read and written beside that VTEP's).
+    """
+    underlays = sorted(set(own_underlays))
+    sets = {u: (set(), set(), set()) for u in underlays}
+    direct: set[Route] = set()
     for lease in peers:
-        if is_direct is not None and is_direct(lease.public_ip):
-            direct.add(Route(lease.subnet, lease.public_ip))
-            continue
-        gateway = lease.subnet.network_address
-        neighbours.add(Neighbour(gateway, lease.vtep_mac))
-        fdb.add(FdbEntry(lease.vtep_mac, lease.public_ip))
-        routes.add(Route(lease.subnet, gateway))
-    return OverlayEntries(frozenset(neighbours), frozenset(fdb), frozenset(routes), frozenset(direct))
+        for family in own_families:
+            subnet = lease.subnet_of(family)
+            if subnet is None:
+                continue
+            endpoint = lease.endpoint(family)
+            if is_direct is not None and endpoint is not None and is_direct(endpoint[0]):
+                direct.add(Route(subnet, endpoint[0]))
+                continue
+            underlay = tunnel_underlay(lease, family, underlays)
+            if underlay is None:
+                continue
+            address, mac = lease.endpoint(underlay)  # type: ignore[misc]
+            neighbours, fdb, routes = sets[underlay]
+            gateway = subnet.network_address
+            neighbours.add(Neighbour(gateway, mac))
+            fdb.add(FdbEntry(mac, address))
+            routes.add(Route(subnet, gateway))
+    return {u: OverlayEntries(frozenset(n), frozenset(f), frozenset(r),
+                              frozenset(direct) if u == underlays[0] else frozenset())
+            for u, (n, f, r) in sets.items()}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import IPv4Address
 from typing import Iterable, Optional
 
 from vxlan_net.core.desired import MainRoute
+from vxlan_net.core.families import IPAddress
 from vxlan_net.core.names import ROUTE_PROTO
 
 
@@ -23,32 +23,36 @@ class DirectReach:
     """
 
     underlay: str
-    best: frozenset[tuple[int, int, bool]]
-    """(prefix length, network as int, direct) of each destination's best route."""
-    _tables: tuple[tuple[int, dict[int, bool]], ...] = dataclasses.field(compare=False, repr=False, hash=False)
-    """(netmask as int, {network: direct}) per prefix length, longest first."""
+    best: frozenset[tuple[int, int, int, bool]]
+    """(family, prefix length, network as int, direct) of each destination's best route."""
+    _tables: tuple[tuple[int, int, dict[int, bool]], ...] = dataclasses.field(compare=False, repr=False, hash=False)
+    """(family, netmask as int, {network: direct}) per family and prefix length, longest first."""
 
     @classmethod
     def from_routes(cls, routes: Iterable[MainRoute], underlay: str) -> "DirectReach":
-        chosen: dict[tuple[int, int], MainRoute] = {}
+        chosen: dict[tuple[int, int, int], MainRoute] = {}
         for route in routes:
             if route.protocol == ROUTE_PROTO:
                 continue
-            key = (route.dst.prefixlen, int(route.dst.network_address))
+            key = (route.dst.version, route.dst.prefixlen, int(route.dst.network_address))
             if key not in chosen or route.metric < chosen[key].metric:
                 chosen[key] = route
-        best = frozenset((length, net, r.gateway is None and r.device == underlay)
-                         for (length, net), r in chosen.items())
-        by_len: dict[int, dict[int, bool]] = {}
-        for length, net, direct in best:
-            by_len.setdefault(length, {})[net] = direct
-        tables = tuple(((0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF, by_len[length])
-                       for length in sorted(by_len, reverse=True))
-        return cls(underlay, best, tables)
+        best = frozenset((family, length, net, r.gateway is None and r.device == underlay)
+                         for (family, length, net), r in chosen.items())
+        by_len: dict[tuple[int, int], dict[int, bool]] = {}
+        for family, length, net, direct in best:
+            by_len.setdefault((family, length), {})[net] = direct
+        tables = []
+        for family, length in sorted(by_len, key=lambda k: (k[0], -k[1])):
+            bits = 32 if family == 4 else 128
+            tables.append((family, ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1), by_len[(family, length)]))
+        return cls(underlay, best, tuple(tables))
 
-    def is_direct(self, address: IPv4Address) -> bool:
-        value = int(address)
-        for mask, table in self._tables:
+    def is_direct(self, address: IPAddress) -> bool:
+        value, version = int(address), address.version
+        for family, mask, table in self._tables:
+            if family != version:
+                continue
             found = table.get(value & mask)
             if found is not None:
                 return found
@@ -58,6 +62,6 @@ class DirectReach:
 DIRECT, TUNNELLED = "direct", "tunnelled"
 
 
-def mode_of(reach: Optional[DirectReach], public_ip: IPv4Address) -> str:
+def mode_of(reach: Optional[DirectReach], public_ip: IPAddress) -> str:
     """How this node reaches a peer at `public_ip`: DIRECT or TUNNELLED (always, with direct routing off)."""
     return DIRECT if reach is not None and reach.is_direct(public_ip) else TUNNELLED

@@ -10,12 +10,13 @@ records whose subnet would capture an address it must reach through the underlay
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import IPv4Address, IPv4Network
+import ipaddress
 from typing import Iterable, Mapping, Optional
 
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.errors import InvalidLease
-from vxlan_net.core.lease import Lease, parse_lease_value, parse_subnet_key_name, subnet_key_name
+from vxlan_net.core.families import IPAddress, IPNetwork
+from vxlan_net.core.lease import Lease, parse_lease_value, parse_subnet_key_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,27 +59,29 @@ class _Record:
     create_revision: int
 
     @property
-    def rank(self) -> tuple[int, IPv4Network]:
-        return self.create_revision, self.lease.subnet
+    def rank(self) -> tuple[int, IPNetwork, str]:
+        return self.create_revision, self.lease.subnet, self.lease.key_name
+
+
+Identity = tuple[str, object]
+"""What only one node may hold: ("VtepMAC", mac), ("PublicIP", address), ("subnet", network)."""
 
 
 class LeaseBook:
-    """The valid leases of the network, keyed by subnet; which are peers; which one is ours."""
+    """The valid leases of the network, by key name; which are peers; which one is ours."""
 
-    def __init__(self, config: NetworkConfig, own_subnet: Optional[IPv4Network] = None):
+    def __init__(self, config: NetworkConfig, own_subnet: Optional[IPNetwork] = None):
         self.config = config
         self.own_subnet = own_subnet
-        self._own_mac: Optional[str] = None
-        self._own_ip: Optional[IPv4Address] = None
-        self._protected: dict[IPv4Network, str] = {}
-        self._records: dict[IPv4Network, _Record] = {}
-        self._by_mac: dict[str, set[IPv4Network]] = {}
-        self._by_ip: dict[IPv4Address, set[IPv4Network]] = {}
-        self._peers: dict[IPv4Network, Lease] = {}
+        self._own: Optional[Lease] = None
+        self._protected: dict[IPNetwork, str] = {}
+        self._records: dict[str, _Record] = {}
+        self._holders: dict[Identity, set[str]] = {}
+        self._peers: dict[str, Lease] = {}
         self._invalid: dict[str, str] = {}
         """key name -> why the record is not a valid lease."""
-        self._excluded: dict[IPv4Network, str] = {}
-        """subnet -> why its valid record is not programmed here (a conflict, ours to avoid)."""
+        self._excluded: dict[str, str] = {}
+        """key name -> why its valid record is not programmed here (a conflict, ours to avoid)."""
 
     # -- what the agent reads -------------------------------------------------------------
 
@@ -89,16 +92,16 @@ class LeaseBook:
         """Every valid record, programmed or not (ours included)."""
         return [record.lease for record in self._records.values()]
 
-    def lease_for(self, subnet: IPv4Network) -> Optional[Lease]:
-        """The valid record for `subnet`, programmed or not."""
-        record = self._records.get(subnet)
-        return record.lease if record else None
+    def lease_for(self, subnet: IPNetwork) -> Optional[Lease]:
+        """The valid record holding `subnet` (the first created, if several claim it), programmed or not."""
+        holders = self._holders.get(("subnet", subnet), ())
+        if not holders:
+            return None
+        return min((self._records[k] for k in holders), key=lambda r: r.rank).lease
 
     def skipped(self) -> dict[str, str]:
         """Every record not programmed, by key name, with the reason (status and doctor show these)."""
-        skipped = dict(self._invalid)
-        skipped.update((subnet_key_name(subnet), reason) for subnet, reason in self._excluded.items())
-        return skipped
+        return {**self._invalid, **self._excluded}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -106,17 +109,18 @@ class LeaseBook:
     # -- what changes it ------------------------------------------------------------------
 
     def set_own(self, lease: Lease) -> LeaseChange:
-        """This node's lease: never a peer, and nobody else may claim its MAC or PublicIP."""
-        self.own_subnet, self._own_mac, self._own_ip = lease.subnet, lease.vtep_mac, lease.public_ip
+        """This node's lease: never a peer, and nobody else may claim its subnets, MACs or public IPs."""
+        self.own_subnet, self._own = lease.subnet, lease
         return self._recompute(set(self._records), own_removed=False, own_written=False, rejected={})
 
-    def set_protected(self, addresses: Mapping[IPv4Address, str]) -> LeaseChange:
+    def set_protected(self, addresses: Mapping[IPAddress, str]) -> LeaseChange:
         """Addresses this node reaches through the underlay (what each is, for the warning):
         a peer subnet that contains one is never routed into the tunnel."""
-        protected: dict[IPv4Network, str] = {}
-        for address, what in sorted(addresses.items()):
-            if address in self.config.network:
-                subnet = IPv4Network((address, self.config.subnet_len), strict=False)
+        protected: dict[IPNetwork, str] = {}
+        for address, what in sorted(addresses.items(), key=lambda item: (item[0].version, item[0])):
+            space = self.config.space(address.version)
+            if space is not None and address in space.network:
+                subnet = ipaddress.ip_network((address, space.subnet_len), strict=False)
                 protected.setdefault(subnet, f"{what} {address}")
         if protected == self._protected:
             return LeaseChange()
@@ -127,98 +131,113 @@ class LeaseBook:
         """Take a full listing: everything not in it is gone (diff includes attribute changes)."""
         events = list(events)
         listed = {event.key_name for event in events}
-        known = {subnet_key_name(subnet) for subnet in self._records} | set(self._invalid)
+        known = set(self._records) | set(self._invalid)
         return self.apply(events + [RecordEvent(name, None) for name in sorted(known - listed)])
 
     def apply(self, events: Iterable[RecordEvent]) -> LeaseChange:
         """Apply a batch of events in order and summarise the net effect (cost ~ the batch, not the book)."""
-        touched: set[IPv4Network] = set()
+        touched: set[str] = set()
         rejected: dict[str, str] = {}
         own_removed = own_written = False
         for event in events:
-            previous_reason = self._invalid.pop(event.key_name, None)
+            name = event.key_name
+            previous_reason = self._invalid.pop(name, None)
+            touched |= self._drop(name)
+            lease: Optional[Lease] = None
+            reason: Optional[str] = None
             try:
-                subnet: Optional[IPv4Network] = parse_subnet_key_name(event.key_name)
-            except InvalidLease as exc:
-                subnet, lease, reason = None, None, str(exc)
-            if subnet is not None:
-                if subnet == self.own_subnet:
+                key = parse_subnet_key_name(name)
+                if self._is_own(name, key.primary):
                     own_written, own_removed = True, event.value is None
-                touched |= self._drop(subnet)
-                try:
-                    lease = None if event.value is None else parse_lease_value(subnet, event.value, self.config)
-                    reason = None
-                except InvalidLease as exc:
-                    lease, reason = None, str(exc)
+                if event.value is not None:
+                    lease = parse_lease_value(key, event.value, self.config)
+            except InvalidLease as exc:
+                reason = str(exc)
             if lease is not None:
-                touched |= self._add(_Record(lease, event.create_revision))
+                touched |= self._add(name, _Record(lease, event.create_revision))
             elif reason is not None and event.value is not None:
-                self._invalid[event.key_name] = reason
+                self._invalid[name] = reason
                 if previous_reason != reason:
-                    rejected[event.key_name] = reason
+                    rejected[name] = reason
         return self._recompute(touched, own_removed, own_written, rejected)
 
     # -- internals ------------------------------------------------------------------------
 
-    def _add(self, record: _Record) -> set[IPv4Network]:
-        lease = record.lease
-        self._records[lease.subnet] = record
-        self._by_mac.setdefault(lease.vtep_mac, set()).add(lease.subnet)
-        self._by_ip.setdefault(lease.public_ip, set()).add(lease.subnet)
-        return self._by_mac[lease.vtep_mac] | self._by_ip[lease.public_ip]
+    def _is_own(self, name: str, subnet: IPNetwork) -> bool:
+        """Our own record: by its key once set_own named it, else by the subnet the book was made with."""
+        if self._own is not None:
+            return name == self._own.key_name
+        return self.own_subnet is not None and subnet == self.own_subnet
 
-    def _drop(self, subnet: IPv4Network) -> set[IPv4Network]:
-        """Forget the subnet's record; returns the subnets whose standing may change with it."""
-        record = self._records.pop(subnet, None)
-        if record is None:
-            return {subnet}
-        affected = {subnet}
-        for index, key in ((self._by_mac, record.lease.vtep_mac), (self._by_ip, record.lease.public_ip)):
-            group = index[key]
-            group.discard(subnet)
-            affected |= group
-            if not group:
-                del index[key]
+    def _identities(self, lease: Lease) -> list[Identity]:
+        found: list[Identity] = [("subnet", subnet) for subnet in lease.subnets]
+        for family in sorted(lease.underlays):
+            address, mac = lease.endpoint(family)  # type: ignore[misc]
+            found += [("VtepMAC", mac), ("PublicIP", address)]
+        return found
+
+    def _add(self, name: str, record: _Record) -> set[str]:
+        self._records[name] = record
+        affected = {name}
+        for identity in self._identities(record.lease):
+            holders = self._holders.setdefault(identity, set())
+            holders.add(name)
+            affected |= holders
         return affected
 
-    def _standing(self, subnet: IPv4Network) -> tuple[Optional[Lease], Optional[str]]:
+    def _drop(self, name: str) -> set[str]:
+        """Forget the key's record; returns the keys whose standing may change with it."""
+        record = self._records.pop(name, None)
+        affected = {name}
+        if record is None:
+            return affected
+        for identity in self._identities(record.lease):
+            holders = self._holders[identity]
+            holders.discard(name)
+            affected |= holders
+            if not holders:
+                del self._holders[identity]
+        return affected
+
+    def _standing(self, name: str) -> tuple[Optional[Lease], Optional[str]]:
         """(the lease if it is a peer to program, else None; the reason it is skipped, if any)."""
-        record = self._records.get(subnet)
+        record = self._records.get(name)
         if record is None:
             return None, None
-        if subnet == self.own_subnet:
+        own, lease = self._own, record.lease
+        if self._is_own(name, lease.subnet):
             return None, None  # our own record: never a peer, nothing to warn about
-        lease = record.lease
-        for what, index, key in (("VtepMAC", self._by_mac, lease.vtep_mac),
-                                 ("PublicIP", self._by_ip, lease.public_ip)):
-            winner = min((self._records[s] for s in index[key]), key=lambda r: r.rank)
+        for what, value in self._identities(lease):
+            winner = min((self._records[k] for k in self._holders[(what, value)]), key=lambda r: r.rank)
             if winner is not record:
-                return None, (f"its {what} {key} is also claimed by {winner.lease.subnet}, created first "
+                return None, (f"its {what} {value} is also claimed by {winner.lease.key_name}, created first "
                               f"(revision {winner.create_revision} < {record.create_revision})")
-        if lease.vtep_mac == self._own_mac:
-            return None, f"it claims this node's VtepMAC {lease.vtep_mac}"
-        if lease.public_ip == self._own_ip:
-            return None, f"it claims this node's PublicIP {lease.public_ip}"
-        captured = self._protected.get(subnet)
-        if captured is not None:
-            return None, f"routing {subnet} into the tunnel would capture {captured}"
+        if own is not None:
+            own_ids = set(self._identities(own))
+            for what, value in self._identities(lease):
+                if (what, value) in own_ids:
+                    return None, f"it claims this node's {what} {value}"
+        for subnet in lease.subnets:
+            captured = self._protected.get(subnet)
+            if captured is not None:
+                return None, f"routing {subnet} into the tunnel would capture {captured}"
         return lease, None
 
-    def _recompute(self, touched: set[IPv4Network], own_removed: bool, own_written: bool,
+    def _recompute(self, touched: set[str], own_removed: bool, own_written: bool,
                    rejected: dict[str, str]) -> LeaseChange:
         added, removed, updated = [], [], []
-        for subnet in touched:
-            lease, reason = self._standing(subnet)
+        for name in touched:
+            lease, reason = self._standing(name)
             if reason is None:
-                self._excluded.pop(subnet, None)
-            elif self._excluded.get(subnet) != reason:
-                self._excluded[subnet] = rejected[subnet_key_name(subnet)] = reason
-            old = self._peers.get(subnet)
+                self._excluded.pop(name, None)
+            elif self._excluded.get(name) != reason:
+                self._excluded[name] = rejected[name] = reason
+            old = self._peers.get(name)
             if lease is None:
                 if old is not None:
-                    removed.append(self._peers.pop(subnet))
+                    removed.append(self._peers.pop(name))
             else:
-                self._peers[subnet] = lease
+                self._peers[name] = lease
                 if old is None:
                     added.append(lease)
                 elif old != lease:

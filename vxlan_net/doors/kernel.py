@@ -23,7 +23,8 @@ import functools
 import os
 import socket
 import struct
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address,
+                       ip_interface)
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import tenacity
@@ -41,6 +42,7 @@ from cni.netlink import (IFF_UP, IFLA_IFNAME, NDA_DST, NDA_IFINDEX, NDA_LLADDR, 
 
 from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
 from vxlan_net.core.errors import KernelBusy, KernelError, LinkNotFound
+from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.names import ROUTE_PROTO
 from vxlan_net.core.plan import ApplyFailure, ApplyResult, Entry, Plan
 from vxlan_net.core.underlay import NodeAddress
@@ -66,7 +68,6 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, pr
 _NLA = struct.Struct("=HH")
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
-_BE32 = struct.Struct(">I")
 _ERR = struct.Struct("=i")
 
 _TRANSIENT = frozenset({errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR})
@@ -262,17 +263,27 @@ def _neigh_dump_request(family: int, ifindex: int) -> bytes:
     return _dump_request(RTM_GETNEIGH, _NDMSG.pack(family, 0, 0, 0, 0) + wire.attr_u32(NDA_IFINDEX, ifindex))
 
 
-def _route_dump_request(ifindex: int) -> bytes:
-    header = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO, 0, RTN_UNICAST, 0)
+def _route_dump_request(family: int, ifindex: int) -> bytes:
+    header = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO, 0, RTN_UNICAST, 0)
     return _dump_request(RTM_GETROUTE, header + wire.attr_u32(RTA_TABLE, RT_TABLE_MAIN) + wire.attr_u32(RTA_OIF, ifindex))
 
+
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+"""The pod families whose entries a VTEP carries (an L2 tunnel carries both, whatever its underlay)."""
+_ADDRESS_SIZE = {socket.AF_INET: 4, socket.AF_INET6: 16}
+_ADDRESS_TYPE = {4: IPv4Address, 16: IPv6Address}  # by the packed length
+_ZERO_ADDRESSES = (bytes(4), bytes(16))
+# NDA_DST's attribute length (4-byte header + address) that a dump of each family may carry; an FDB
+# remote is either family (the VTEP's underlay).
+_NEIGH_DST_SIZES = {socket.AF_INET: (8,), socket.AF_INET6: (20,), socket.AF_BRIDGE: (8, 20)}
 
 # The readers walk attributes inline: this is the periodic resync's hot loop.
 
 
-def _permanent_ipv4_neighbours(nl: _Rtnl, family: int, ifindex: int, what: str) -> Iterator[tuple[int, bytes]]:
-    """(IPv4 NDA_DST as int, NDA_LLADDR) of the device's permanent neighbour or FDB entries."""
-    unpack_nla, unpack_be32 = _NLA.unpack_from, _BE32.unpack_from
+def _permanent_neighbours(nl: _Rtnl, family: int, ifindex: int, what: str) -> Iterator[tuple[bytes, bytes]]:
+    """(packed NDA_DST, NDA_LLADDR) of the device's permanent neighbour (AF_INET, AF_INET6) or
+    FDB (AF_BRIDGE: remote of either family) entries."""
+    unpack_nla, dst_sizes = _NLA.unpack_from, _NEIGH_DST_SIZES[family]
     for data, off, length in nl.dump(_neigh_dump_request(family, ifindex), what):
         msg_family, index, state, _flags, _type = _NDMSG.unpack_from(data, off + 16)
         if msg_family != family or index != ifindex or not state & NUD_PERMANENT:
@@ -283,8 +294,8 @@ def _permanent_ipv4_neighbours(nl: _Rtnl, family: int, ifindex: int, what: str) 
             size, kind = unpack_nla(data, at)
             if size < 4:
                 break
-            if kind == NDA_DST and size == 8:  # an IPv6 remote (size 20) is not ours
-                dst = unpack_be32(data, at + 4)[0]
+            if kind == NDA_DST and size in dst_sizes:
+                dst = data[at + 4 : at + size]
             elif kind == NDA_LLADDR and size == 10:
                 mac = data[at + 4 : at + 10]
             at += (size + 3) & ~3
@@ -292,62 +303,78 @@ def _permanent_ipv4_neighbours(nl: _Rtnl, family: int, ifindex: int, what: str) 
             yield dst, mac
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _address(packed: bytes) -> IPAddress:
+    # From bytes, IPv4Address() costs twice what it does from an int; the same addresses come back
+    # on every resync.
+    return _ADDRESS_TYPE[len(packed)](packed)
+
+
 def _read_neighbours(nl: _Rtnl, ifindex: int) -> frozenset[Neighbour]:
     return frozenset(
-        Neighbour(IPv4Address(ip), mac.hex(":"))
-        for ip, mac in _permanent_ipv4_neighbours(nl, socket.AF_INET, ifindex, "reading neighbours")
+        Neighbour(_address(ip), mac.hex(":"))
+        for family in _FAMILIES
+        for ip, mac in _permanent_neighbours(nl, family, ifindex, "reading neighbours")
     )
 
 
 def _read_fdb(nl: _Rtnl, ifindex: int) -> frozenset[FdbEntry]:
     return frozenset(
-        FdbEntry(mac.hex(":"), IPv4Address(dst))
-        for dst, mac in _permanent_ipv4_neighbours(nl, socket.AF_BRIDGE, ifindex, "reading FDB")
-        if dst and mac != _ZERO_MAC  # the all-zero default entry, or a remote of 0.0.0.0
+        FdbEntry(mac.hex(":"), _address(dst))
+        for dst, mac in _permanent_neighbours(nl, socket.AF_BRIDGE, ifindex, "reading FDB")
+        if dst not in _ZERO_ADDRESSES and mac != _ZERO_MAC  # the all-zero default entry, or a remote of 0.0.0.0/::
     )
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _network(address: int, prefixlen: int) -> IPv4Network:
+def _network(address: bytes, prefixlen: int) -> IPNetwork:
     # IPv4Network() costs more than the rest of a route's parsing; the same
-    # subnets come back on every resync.
-    return IPv4Network((address, prefixlen))
+    # subnets come back on every resync. The kernel keeps no host bits in a route's
+    # dst, but a reader must not crash on one: strict=False.
+    if len(address) == 4:
+        return IPv4Network((address, prefixlen))
+    return IPv6Network((address, prefixlen), strict=False)
 
 
 def forget_cached_subnets() -> None:
-    """Empty the readers' subnet cache, as at start-up (benchmarks time a cold read)."""
+    """Empty the readers' subnet and address caches, as at start-up (benchmarks time a cold read)."""
     _network.cache_clear()
+    _address.cache_clear()
 
 
 def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
+    """Our (protocol ROUTE_PROTO) main-table gateway routes of both families through the device."""
     found = set()
-    unpack_nla, unpack_u32, unpack_be32 = _NLA.unpack_from, _U32.unpack_from, _BE32.unpack_from
-    for data, off, length in nl.dump(_route_dump_request(ifindex), "reading routes"):
-        family, dst_len, _src, _tos, table, proto, _scope, rtype, _flags = _RTMSG.unpack_from(data, off + 16)
-        if family != socket.AF_INET or proto != ROUTE_PROTO or rtype != RTN_UNICAST:
-            continue
-        dst, gateway, oif = 0, None, None
-        at, end = off + 28, off + length
-        while at + 4 <= end:
-            size, kind = unpack_nla(data, at)
-            if size < 4:
-                break
-            if kind == RTA_DST:
-                dst = unpack_be32(data, at + 4)[0]
-            elif kind == RTA_GATEWAY:
-                gateway = unpack_be32(data, at + 4)[0]
-            elif kind == RTA_OIF:
-                oif = unpack_u32(data, at + 4)[0]
-            elif kind == RTA_TABLE:
-                table = unpack_u32(data, at + 4)[0]
-            at += (size + 3) & ~3
-        if table == RT_TABLE_MAIN and oif == ifindex and gateway is not None:
-            found.add(Route(_network(dst, dst_len), IPv4Address(gateway)))
+    unpack_nla, unpack_u32 = _NLA.unpack_from, _U32.unpack_from
+    for wanted_family in _FAMILIES:
+        size_wanted = 4 + _ADDRESS_SIZE[wanted_family]
+        zero = bytes(_ADDRESS_SIZE[wanted_family])
+        for data, off, length in nl.dump(_route_dump_request(wanted_family, ifindex), "reading routes"):
+            family, dst_len, _src, _tos, table, proto, _scope, rtype, _flags = _RTMSG.unpack_from(data, off + 16)
+            if family != wanted_family or proto != ROUTE_PROTO or rtype != RTN_UNICAST:
+                continue
+            dst, gateway, oif = zero, None, None
+            at, end = off + 28, off + length
+            while at + 4 <= end:
+                size, kind = unpack_nla(data, at)
+                if size < 4:
+                    break
+                if kind == RTA_DST and size == size_wanted:
+                    dst = data[at + 4 : at + size]
+                elif kind == RTA_GATEWAY and size == size_wanted:
+                    gateway = data[at + 4 : at + size]
+                elif kind == RTA_OIF:
+                    oif = unpack_u32(data, at + 4)[0]
+                elif kind == RTA_TABLE:
+                    table = unpack_u32(data, at + 4)[0]
+                at += (size + 3) & ~3
+            if table == RT_TABLE_MAIN and oif == ifindex and gateway is not None:
+                found.add(Route(_network(dst, dst_len), _address(gateway)))
     return frozenset(found)
 
 
-def _main_table_dump_request() -> bytes:
-    header = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
+def _main_table_dump_request(family: int) -> bytes:
+    header = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
     return _dump_request(RTM_GETROUTE, header + wire.attr_u32(RTA_TABLE, RT_TABLE_MAIN))
 
 
@@ -361,21 +388,22 @@ def _link_names(nl: _Rtnl) -> dict[int, str]:
     return names
 
 
-def _read_main_routes(nl: _Rtnl) -> list[MainRoute]:
-    """Every IPv4 unicast route of the main table, parsed by hand (thousands of peer routes: pyroute2's
-    parser took ~1 s for 5,000); a multipath route is shown by its first hop."""
+def _read_main_routes(nl: _Rtnl, family: int = socket.AF_INET) -> list[MainRoute]:
+    """Every unicast route of the family in the main table, parsed by hand (thousands of peer routes:
+    pyroute2's parser took ~1 s for 5,000); a multipath route is shown by its first hop."""
     names = _link_names(nl)
+    size_wanted = _ADDRESS_SIZE[family]
     found = []
-    for data, off, length in nl.dump(_main_table_dump_request(), "reading the main routing table"):
-        family, dst_len, _src, _tos, table, proto, scope, rtype, _flags = _RTMSG.unpack_from(data, off + 16)
-        if family != socket.AF_INET or rtype != RTN_UNICAST:
+    for data, off, length in nl.dump(_main_table_dump_request(family), "reading the main routing table"):
+        msg_family, dst_len, _src, _tos, table, proto, scope, rtype, _flags = _RTMSG.unpack_from(data, off + 16)
+        if msg_family != family or rtype != RTN_UNICAST:
             continue
-        dst, gateway, oif, metric = 0, None, None, 0
+        dst, gateway, oif, metric = bytes(size_wanted), None, None, 0
         for kind, at, size in wire.attributes(data, off + 28, off + length):
-            if kind == RTA_DST:
-                dst = _BE32.unpack_from(data, at)[0]
-            elif kind == RTA_GATEWAY:
-                gateway = _BE32.unpack_from(data, at)[0]
+            if kind == RTA_DST and size == size_wanted:
+                dst = data[at : at + size]
+            elif kind == RTA_GATEWAY and size == size_wanted:
+                gateway = data[at : at + size]
             elif kind == RTA_OIF:
                 oif = _U32.unpack_from(data, at)[0]
             elif kind == RTA_PRIORITY:
@@ -384,38 +412,50 @@ def _read_main_routes(nl: _Rtnl) -> list[MainRoute]:
                 table = _U32.unpack_from(data, at)[0]
             elif kind == RTA_MULTIPATH and size >= _RTNEXTHOP.size:
                 hop_len, _hop_flags, _hops, oif = _RTNEXTHOP.unpack_from(data, at)
-                for hop_kind, hop_at, _ in wire.attributes(data, at + _RTNEXTHOP.size, at + min(hop_len, size)):
-                    if hop_kind == RTA_GATEWAY:
-                        gateway = _BE32.unpack_from(data, hop_at)[0]
+                for hop_kind, hop_at, hop_size in wire.attributes(data, at + _RTNEXTHOP.size,
+                                                                  at + min(hop_len, size)):
+                    if hop_kind == RTA_GATEWAY and hop_size == size_wanted:
+                        gateway = data[hop_at : hop_at + hop_size]
         if table == RT_TABLE_MAIN:
-            found.append(MainRoute(_network(dst, dst_len), IPv4Address(gateway) if gateway is not None else None,
+            found.append(MainRoute(_network(dst, dst_len),
+                                   _ADDRESS_TYPE[len(gateway)](gateway) if gateway is not None else None,
                                    names.get(oif) if oif is not None else None, proto, scope, metric))
     return found
 
 
-def main_table_routes(*, netns: Optional[str] = None) -> list[MainRoute]:
-    """Every IPv4 unicast route of the main table, whoever installed it (for route conflicts, doctor and
-    the underlay's connected networks); a multipath route is shown by its first hop."""
+def _address_family(family: int) -> int:
+    """AF_INET or AF_INET6 for an IP version (4 or 6); ValueError for anything else."""
+    if family not in (4, 6):
+        raise ValueError(f"IP family must be 4 or 6, not {family!r}")
+    return socket.AF_INET if family == 4 else socket.AF_INET6
+
+
+def main_table_routes(*, family: int = 4, netns: Optional[str] = None) -> list[MainRoute]:
+    """Every unicast route of the main table of that IP family (4 or 6), whoever installed it (for route
+    conflicts, doctor and the underlay's connected networks); a multipath route is shown by its first hop."""
+    af = _address_family(family)
     with _Rtnl(netns) as nl:
-        return _retry_busy(_read_main_routes)(nl)
+        return _retry_busy(_read_main_routes)(nl, af)
 
 
 def walk_overlay_dumps(ifname: str, *, netns: Optional[str] = None) -> int:
     """The dumps read_overlay_entries makes, walked and filtered but built into nothing: how many
-    neighbours, FDB entries and route messages there are (benchmarks split parsing from building)."""
+    neighbours (both families), FDB entries and route messages (both families) there are
+    (benchmarks split parsing from building)."""
     with _Rtnl(netns) as nl:
         ifindex = nl.ifindex(ifname)
-        count = sum(1 for family in (socket.AF_INET, socket.AF_BRIDGE)
-                    for _entry in _permanent_ipv4_neighbours(nl, family, ifindex, "dump"))
-        return count + sum(1 for _msg in nl.dump(_route_dump_request(ifindex), "dump"))
+        count = sum(1 for family in (*_FAMILIES, socket.AF_BRIDGE)
+                    for _entry in _permanent_neighbours(nl, family, ifindex, "dump"))
+        return count + sum(1 for family in _FAMILIES
+                           for _msg in nl.dump(_route_dump_request(family, ifindex), "dump"))
 
 
 def read_overlay_entries(ifname: str, *, underlay: Optional[str] = None,
                          netns: Optional[str] = None) -> OverlayEntries:
-    """A fresh read of what is ours on the device: permanent IPv4 neighbours with a MAC,
-    permanent FDB entries with a remote IPv4 dst, and main-table gateway routes with
-    protocol ROUTE_PROTO; with `underlay`, also our gateway routes on that device (the
-    direct routes). LinkNotFound if a device is missing."""
+    """A fresh read of what is ours on the device, of both pod families: permanent IPv4 and IPv6
+    neighbours with a MAC, permanent FDB entries with a remote dst (IPv4 or IPv6), and main-table
+    gateway routes (IPv4 and IPv6) with protocol ROUTE_PROTO; with `underlay`, also our gateway routes
+    on that device (the direct routes). LinkNotFound if a device is missing."""
     with _Rtnl(netns) as nl:
         ifindex = nl.ifindex(ifname)
         direct = frozenset()
@@ -450,22 +490,24 @@ def _mac_bytes(mac: str) -> bytes:
     return raw
 
 
-_PLACEHOLDERS = {NDA_DST: bytes(4), NDA_LLADDR: bytes(6)}
-
-
-def _neigh_template(msg_type: int, flags: int, family: int, ifindex: int, attrs: Sequence[int]) -> _Template:
-    """A permanent neighbour (AF_INET) or FDB entry (AF_BRIDGE, `self`); `attrs` are patched per entry."""
+def _neigh_template(msg_type: int, flags: int, family: int, ifindex: int, attrs: Sequence[int],
+                    ip_size: int) -> _Template:
+    """A permanent neighbour (AF_INET, AF_INET6) or FDB entry (AF_BRIDGE, `self`) whose NDA_DST holds
+    `ip_size` bytes; `attrs` are patched per entry."""
     header = _NDMSG.pack(family, ifindex, NUD_PERMANENT, NTF_SELF if family == socket.AF_BRIDGE else 0, 0)
-    body = header + b"".join(wire.attr(kind, _PLACEHOLDERS[kind]) for kind in attrs)
+    placeholders = {NDA_DST: bytes(ip_size), NDA_LLADDR: bytes(6)}
+    body = header + b"".join(wire.attr(kind, placeholders[kind]) for kind in attrs)
     return _Template(wire.request(msg_type, flags, 0, body), _NDMSG.size, attrs)
 
 
-def _route_template(msg_type: int, flags: int, ifindex: int, onlink: bool = True) -> _Template:
+def _route_template(msg_type: int, flags: int, family: int, ifindex: int, onlink: bool = True) -> _Template:
     """A tunnel route is onlink (its gateway, the peer's VTEP address, is on no connected network);
     a direct route is not, so the kernel checks that its gateway is on the underlay's segment."""
-    header = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO, 0, RTN_UNICAST,
+    header = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO, 0, RTN_UNICAST,
                          RTNH_F_ONLINK if onlink else 0)
-    body = header + wire.attr(RTA_DST, bytes(4)) + wire.attr(RTA_GATEWAY, bytes(4)) + wire.attr_u32(RTA_OIF, ifindex)
+    size = _ADDRESS_SIZE[family]
+    body = (header + wire.attr(RTA_DST, bytes(size)) + wire.attr(RTA_GATEWAY, bytes(size))
+            + wire.attr_u32(RTA_OIF, ifindex))
     return _Template(wire.request(msg_type, flags, 0, body), _RTMSG.size, ["dst_len", RTA_DST, RTA_GATEWAY])
 
 
@@ -488,35 +530,67 @@ def _fdb_values(f: FdbEntry) -> tuple[bytes, ...]:
     return _mac_bytes(f.mac), f.dst.packed
 
 
-def _route_steps(ifindex: int, onlink: bool) -> tuple[_Step, _Step, _Step]:
-    """(create, replace, delete) of one route class's routes on one device."""
-    return tuple(_Step(_route_template(kind, flags, ifindex, onlink), _route_values, kind == RTM_DELROUTE)
+_VERSION_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+# The address whose IP version picks an entry's template: a Plan field may mix both families.
+_VERSION_OF = {
+    Neighbour: lambda n: n.ip.version,
+    FdbEntry: lambda f: f.dst.version,  # the remote's family, the VTEP's underlay
+    Route: lambda r: r.subnet.version,  # a gateway of the other family does not fit the template: refused
+}
+
+# The metric the kernel gives a route sent without RTA_PRIORITY (IPv6: IP6_RT_PRIO_USER); a create
+# meets EEXIST only from a route of the same prefix and metric.
+_OUR_METRIC = {socket.AF_INET: 0, socket.AF_INET6: 1024}
+
+
+# A create refused because a route holds the prefix: EEXIST (same metric). IPv6 checks an onlink
+# gateway first, so a foreign route for the peer's prefix on another device (any metric) makes it
+# EINVAL ("Nexthop has invalid gateway or device mismatch") instead.
+_IN_THE_WAY = {4: frozenset({errno.EEXIST}), 6: frozenset({errno.EEXIST, errno.EINVAL})}
+
+
+def _route_steps(family: int, ifindex: int, onlink: bool) -> tuple[_Step, _Step, _Step]:
+    """(create, replace, delete) of one route class's routes of one family on one device."""
+    return tuple(_Step(_route_template(kind, flags, family, ifindex, onlink), _route_values, kind == RTM_DELROUTE)
                  for kind, flags in ((RTM_NEWROUTE, _CREATE_ONLY), (RTM_NEWROUTE, _UPSERT), (RTM_DELROUTE, _DELETE)))
 
 
-def _steps(ifindex: int, underlay_index: Optional[int]) -> tuple[dict[str, _Step], dict[str, _Step]]:
-    """How to send each Plan field (apply_plan walks them in the Plan's field order), and how to
-    replace the routes of an upsert field that the kernel refused with EEXIST."""
+def _steps(ifindex: int, underlay_index: Optional[int], version: int) -> tuple[dict[str, _Step], dict[str, _Step]]:
+    """How to send each Plan field's entries of one IP version (apply_plan walks the fields in the
+    Plan's order), and how to replace the routes of an upsert field that the kernel refused with EEXIST."""
+    family = _VERSION_FAMILY[version]
+    size = _ADDRESS_SIZE[family]
     neigh, fdb = [NDA_DST, NDA_LLADDR], [NDA_LLADDR, NDA_DST]
-    inet, bridge = socket.AF_INET, socket.AF_BRIDGE
+    bridge = socket.AF_BRIDGE
     # Deleting with protocol, device and gateway set never touches a route that is not ours,
     # nor the other class's route that replaced ours for the same prefix.
-    create, replace, delete = _route_steps(ifindex, onlink=True)
+    create, replace, delete = _route_steps(family, ifindex, onlink=True)
     steps, replacing = {"upsert_routes": create, "remove_routes": delete}, {"upsert_routes": replace}
     if underlay_index is not None:
-        create, replace, delete = _route_steps(underlay_index, onlink=False)
+        create, replace, delete = _route_steps(family, underlay_index, onlink=False)
         steps.update({"upsert_direct_routes": create, "remove_direct_routes": delete})
         replacing["upsert_direct_routes"] = replace
     return {
         **steps,
-        "upsert_neighbours": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, inet, ifindex, neigh), _neighbour_values, False),
-        "upsert_fdb": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, bridge, ifindex, fdb), _fdb_values, False),
+        "upsert_neighbours": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, family, ifindex, neigh, size),
+                                   _neighbour_values, False),
+        "upsert_fdb": _Step(_neigh_template(RTM_NEWNEIGH, _UPSERT, bridge, ifindex, fdb, size), _fdb_values, False),
         # With a dst, only that remote of the MAC goes.
-        "remove_fdb": _Step(_neigh_template(RTM_DELNEIGH, _DELETE, bridge, ifindex, fdb), _fdb_values, True),
+        "remove_fdb": _Step(_neigh_template(RTM_DELNEIGH, _DELETE, bridge, ifindex, fdb, size), _fdb_values, True),
         "remove_neighbours": _Step(
-            _neigh_template(RTM_DELNEIGH, _DELETE, inet, ifindex, [NDA_DST]), lambda n: (n.ip.packed,), True
+            _neigh_template(RTM_DELNEIGH, _DELETE, family, ifindex, [NDA_DST], size), lambda n: (n.ip.packed,), True
         ),
     }, replacing
+
+
+def _by_version(entries: Sequence[Entry]) -> dict[int, list[Entry]]:
+    """The entries split by the IP version that picks their template, in their order."""
+    groups: dict[int, list[Entry]] = {}
+    version_of = _VERSION_OF[type(entries[0])]
+    for entry in entries:
+        groups.setdefault(version_of(entry), []).append(entry)
+    return groups
 
 
 def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -> tuple[int, list[ApplyFailure]]:
@@ -556,35 +630,45 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
 
 
 def _settle_existing_routes(
-    nl: _Rtnl, replace: _Step, refused: Sequence[ApplyFailure]
+    nl: _Rtnl, family: int, replace: _Step, refused: Sequence[ApplyFailure]
 ) -> tuple[int, list[ApplyFailure], list[ApplyFailure]]:
-    """Routes refused with EEXIST: replace those whose existing route is ours (protocol
-    ROUTE_PROTO), report the others as conflicts. Returns (replaced, failures, conflicts).
+    """Routes of one family refused for a route in their way (_IN_THE_WAY): replace those whose
+    existing route is ours (protocol ROUTE_PROTO), report those a foreign route holds as conflicts,
+    the rest as the failures they are. Returns (replaced, failures, conflicts).
 
     The rare path, so it may read the whole main table. (A route someone installs
     between this read and the replace is overwritten: the window is one round trip.)"""
-    holders = {r.dst: r for r in _retry_busy(_read_main_routes)(nl) if r.metric == 0}
-    ours, conflicts = [], []
+    same_metric, any_metric = {}, {}
+    for route in sorted(_retry_busy(_read_main_routes)(nl, family), key=lambda r: -r.metric):
+        any_metric[route.dst] = route  # the lowest metric last: the one in use
+        if route.metric == _OUR_METRIC[family]:
+            same_metric[route.dst] = route
+    ours, failures, conflicts = [], [], []
     for failure in refused:
-        holder = holders.get(failure.entry.subnet)
-        if holder is None or holder.protocol == ROUTE_PROTO:  # gone meanwhile, or ours
-            ours.append(failure.entry)
-        else:
+        subnet = failure.entry.subnet
+        holder = same_metric.get(subnet) if failure.errno == errno.EEXIST else any_metric.get(subnet)
+        if holder is not None and holder.protocol != ROUTE_PROTO:
             conflicts.append(dataclasses.replace(
                 failure, reason=f"route {holder} is not vxlan-net's; delete it: ip route del {holder}"))
+        elif failure.errno == errno.EEXIST:  # ours, or gone meanwhile
+            ours.append(failure.entry)
+        else:
+            failures.append(failure)
     if not ours:
-        return 0, [], conflicts
-    replaced, failures = _apply_step(nl, refused[0].action, replace, ours)
-    return replaced, failures, conflicts
+        return 0, failures, conflicts
+    replaced, refused_again = _apply_step(nl, refused[0].action, replace, ours)
+    return replaced, failures + refused_again, conflicts
 
 
 def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
                netns: Optional[str] = None) -> ApplyResult:
     """Write a Plan to the device in its field order; refusals are reported, not raised.
 
-    Neighbours and FDB entries are upserted (NLM_F_CREATE|NLM_F_REPLACE). Routes are
-    created exclusively, one message each; only on EEXIST is the existing route read,
-    and replaced if it is ours, else left alone and reported in `conflicts`. Removals
+    A field may hold entries of both IP families: each family's go in one batch with its own
+    template. Neighbours and FDB entries are upserted (NLM_F_CREATE|NLM_F_REPLACE). Routes
+    are created exclusively, one message each; only when a route is in the way (EEXIST; for
+    IPv6 also EINVAL, see _IN_THE_WAY) is the existing route read, and replaced if it is ours,
+    else left alone and reported in `conflicts`. Removals
     of entries already gone count as applied. Direct routes go on `underlay`, which
     the plan needs when it has any. Raises LinkNotFound if a device is missing and
     KernelError if the netlink socket itself fails."""
@@ -596,21 +680,26 @@ def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
     with _Rtnl(netns) as nl:
         ifindex = nl.ifindex(ifname)
         underlay_index = nl.ifindex(underlay) if underlay is not None else None
-        steps, replacing = _steps(ifindex, underlay_index)
+        steps_by_version = {}
         for field in dataclasses.fields(plan):
             entries = getattr(plan, field.name)
             if not entries:
                 continue
-            done, refused = _apply_step(nl, field.name, steps[field.name], entries)
-            existing = [f for f in refused if field.name in replacing and f.errno == errno.EEXIST]
-            if existing:
-                refused = [f for f in refused if f not in existing]
-                replaced, refused_again, foreign = _settle_existing_routes(nl, replacing[field.name], existing)
-                done += replaced
-                refused += refused_again
-                conflicts += foreign
-            applied += done
-            failures.extend(refused)
+            for version, group in _by_version(entries).items():
+                if version not in steps_by_version:
+                    steps_by_version[version] = _steps(ifindex, underlay_index, version)
+                steps, replacing = steps_by_version[version]
+                done, refused = _apply_step(nl, field.name, steps[field.name], group)
+                existing = [f for f in refused if field.name in replacing and f.errno in _IN_THE_WAY[version]]
+                if existing:
+                    refused = [f for f in refused if f not in existing]
+                    replaced, refused_again, foreign = _settle_existing_routes(
+                        nl, _VERSION_FAMILY[version], replacing[field.name], existing)
+                    done += replaced
+                    refused += refused_again
+                    conflicts += foreign
+                applied += done
+                failures.extend(refused)
     return ApplyResult(applied, tuple(failures), tuple(conflicts))
 
 
@@ -618,12 +707,15 @@ def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
 
 _RTMGRP_IPV4_IFADDR = 0x10
 _RTMGRP_IPV4_ROUTE = 0x40
+_RTMGRP_IPV6_IFADDR = 0x100
+_RTMGRP_IPV6_ROUTE = 0x400
 _RTM_DELADDR = 21
 
 
 class RouteEvents:
-    """A netlink subscription to this namespace's IPv4 address and route changes (RTNLGRP_IPV4_IFADDR,
-    RTNLGRP_IPV4_ROUTE), polled without blocking: changed() says whether any came since the last call.
+    """A netlink subscription to this namespace's address and route changes (RTNLGRP_IPV4_IFADDR,
+    RTNLGRP_IPV4_ROUTE, and with `ipv6` RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE), polled without
+    blocking: changed() says whether any came since the last call.
 
     Our own routes (protocol ROUTE_PROTO) are not news: every pass writes some, and
     counting them would make each pass trigger the next. When the kernel drops
@@ -631,7 +723,10 @@ class RouteEvents:
     was lost. Close it when done (or use it as a context manager).
     """
 
-    def __init__(self, *, netns: Optional[str] = None):
+    def __init__(self, *, ipv6: bool = True, netns: Optional[str] = None):
+        groups = _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE
+        if ipv6:
+            groups |= _RTMGRP_IPV6_IFADDR | _RTMGRP_IPV6_ROUTE
         with _translated("subscribing to route and address changes"):
             if netns is None:
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
@@ -640,7 +735,7 @@ class RouteEvents:
                                             NETLINK_ROUTE, flags=0)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-                sock.bind((0, _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE))
+                sock.bind((0, groups))
             except BaseException:
                 sock.close()
                 raise
@@ -684,19 +779,32 @@ class RouteEvents:
 
 @dataclasses.dataclass(frozen=True)
 class VtepSpec:
-    """The node's VXLAN device: `vxnet.<VNI>` on the underlay, learning off, its MAC the lease's VtepMAC,
-    the own subnet's network address /32 on it (the neighbours' gateways point at the peers' ones)."""
+    """The node's VXLAN device over one underlay family: `vxnet.<VNI>` (IPv4 local address) or
+    `vxnet6.<VNI>` (IPv6), learning off, its MAC the lease's VtepMAC (of that family's backend data),
+    and the own subnets' network addresses on it, /32 and /128 (the neighbours' gateways point at the
+    peers' ones). Either address may be absent (a single-stack pod network)."""
 
     name: str
     vni: int
     port: int
-    local_ip: IPv4Address
+    local_ip: IPAddress
+    """The node's public address on the underlay; its family is the tunnel's."""
     underlay_ifname: str
     mac: str
     """Lower-case colon-separated; persisted by the caller, set at creation."""
     mtu: int
-    address: IPv4Interface
-    """The own subnet's network address, /32."""
+    address: Optional[IPv4Interface]
+    """The own IPv4 subnet's network address, /32; None without an IPv4 pod network."""
+    ipv6_address: Optional[IPv6Interface] = None
+    """The own IPv6 subnet's network address, /128; None without an IPv6 pod network."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.local_ip, (IPv4Address, IPv6Address)):
+            raise ValueError(f"VTEP local address {self.local_ip!r} is not an IP address")
+        if self.address is not None and not isinstance(self.address, IPv4Interface):
+            raise ValueError(f"VTEP address {self.address} is not an IPv4 interface address")
+        if self.ipv6_address is not None and not isinstance(self.ipv6_address, IPv6Interface):
+            raise ValueError(f"VTEP ipv6_address {self.ipv6_address} is not an IPv6 interface address")
 
 
 @contextlib.contextmanager
@@ -739,31 +847,58 @@ def _vxlan_attrs(link) -> Optional[dict]:
     return {
         "vni": data.get_attr("IFLA_VXLAN_ID"),
         "port": data.get_attr("IFLA_VXLAN_PORT"),
-        "local": data.get_attr("IFLA_VXLAN_LOCAL"),
+        "local": _canonical_ip(data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")),
         "link": data.get_attr("IFLA_VXLAN_LINK"),
         "learning": bool(data.get_attr("IFLA_VXLAN_LEARNING")),
     }
 
 
-def _ipv4_addresses(ipr: IPRoute, index: int) -> list:
-    return [a for a in ipr.get_addr(family=socket.AF_INET) if a["index"] == index]
+def _canonical_ip(text: Optional[str]) -> Optional[str]:
+    """One spelling per address, so an IPv6 local address compares equal however it was written."""
+    return str(ip_address(text)) if text else None
 
 
-def _interface(addr) -> IPv4Interface:
+def _addresses(ipr: IPRoute, index: int, family: int = socket.AF_INET) -> list:
+    """The device's addresses of the family; IPv6 without link-local ones (fe80::/10, the kernel's own)."""
+    found = [a for a in ipr.get_addr(family=family) if a["index"] == index]
+    if family == socket.AF_INET6:
+        found = [a for a in found if not _interface(a).ip.is_link_local]
+    return found
+
+
+def _interface(addr) -> Union[IPv4Interface, IPv6Interface]:
     local = addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS")
-    return IPv4Interface(f"{local}/{addr['prefixlen']}")
+    return ip_interface(f"{local}/{addr['prefixlen']}")
 
 
-def _ensure_only_address(ipr: IPRoute, index: int, address: IPv4Interface) -> None:
+_IFA_F_NODAD = 0x02
+_IFA_F_DADFAILED = 0x08
+_IFA_F_DEPRECATED = 0x20
+_IFA_F_TENTATIVE = 0x40
+_IFA_F_TEMPORARY = _IFA_F_SECONDARY  # the same bit, named for IPv6 privacy addresses
+_UNUSABLE_IPV6 = _IFA_F_DADFAILED | _IFA_F_DEPRECATED | _IFA_F_TENTATIVE | _IFA_F_TEMPORARY
+
+
+def _address_flags(addr) -> int:
+    """All the address's flags: IFA_FLAGS when present (32 bits), else the header's 8."""
+    flags = addr.get_attr("IFA_FLAGS")
+    return addr["flags"] if flags is None else flags
+
+
+def _ensure_only_address(ipr: IPRoute, index: int, family: int, address) -> None:
+    """Make `address` (None: no address) the device's only address of the family; IPv6 link-local
+    addresses are never touched. An IPv6 address is added without DAD: it is the lease's, unique by
+    construction, and a tentative address could not be a source for a second."""
     present = False
-    for addr in _ipv4_addresses(ipr, index):
+    for addr in _addresses(ipr, index, family):
         current = _interface(addr)
         if current == address:
             present = True
         else:
             ipr.addr("del", index=index, address=str(current.ip), prefixlen=current.network.prefixlen)
-    if not present:
-        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+    if address is not None and not present:
+        flags = {"flags": _IFA_F_NODAD} if family == socket.AF_INET6 else {}
+        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen, **flags)
 
 
 def _ensure_mac_mtu_up(ipr: IPRoute, link, mac: Optional[str], mtu: int) -> None:
@@ -782,16 +917,33 @@ def _add_link(ipr: IPRoute, **kwargs) -> None:
     try:
         ipr.link("add", **kwargs)
     except NetlinkError as exc:
-        if exc.code == errno.EEXIST:  # someone created it since we looked: look again
-            raise KernelBusy(f"device {kwargs['ifname']} appeared while being created") from None
-        raise
+        if exc.code != errno.EEXIST:
+            raise
+        name = kwargs["ifname"]
+        if _find_link(ipr, name) is not None:  # someone created it since we looked: look again
+            raise KernelBusy(f"device {name} appeared while being created") from None
+        if kwargs.get("kind") != "vxlan":
+            raise
+        # No device of that name: the kernel refuses a VXLAN device whose VNI, port and local
+        # address another one already uses (e.g. a flannel.<VNI> left behind). Retrying cannot help.
+        local = kwargs.get("vxlan_local") or kwargs.get("vxlan_local6")
+        raise KernelError(
+            f"cannot create VXLAN device {name}: another VXLAN device already uses VNI {kwargs['vxlan_id']}, "
+            f"port {kwargs['vxlan_port']} and local address {local} (ip -d link show type vxlan); "
+            "delete it or choose another VNI") from None
 
 
-def _moved_local(ipr: IPRoute, link, local_ip: IPv4Address):
+def _local_attr(local_ip: IPAddress) -> dict:
+    """pyroute2's attribute for a VXLAN local address: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6."""
+    return {"vxlan_local" if local_ip.version == 4 else "vxlan_local6": str(local_ip)}
+
+
+def _moved_local(ipr: IPRoute, link, local_ip: IPAddress):
     """The link with its VXLAN local address set to `local_ip` in place (RTM_NEWLINK changelink,
-    Linux >= 4.13); the unchanged link when the kernel refuses, so the caller recreates it."""
+    Linux >= 4.13); the unchanged link when the kernel refuses (as it does for a change of family,
+    EOPNOTSUPP), so the caller recreates it."""
     try:
-        ipr.link("set", index=link["index"], kind="vxlan", vxlan_local=str(local_ip))
+        ipr.link("set", index=link["index"], kind="vxlan", **_local_attr(local_ip))
     except NetlinkError as exc:
         if exc.code not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
             raise
@@ -807,7 +959,7 @@ def ensure_vtep(spec: VtepSpec, *, netns: Optional[str] = None) -> int:
     changed in place, keeping its FDB, neighbours and routes; a kernel refusing
     that, or a device with another VNI, port or underlay, or with learning on (or
     of another kind), is deleted and recreated. MAC, MTU and address are fixed in
-    place; every other IPv4 address is removed."""
+    place; every other IPv4 and global IPv6 address is removed (IPv6 link-local ones stay)."""
     with _iproute(netns) as ipr, _translated(f"ensuring VXLAN device {spec.name}"):
         underlay = _need_link(ipr, spec.underlay_ifname)["index"]
         link = _find_link(ipr, spec.name)
@@ -825,7 +977,7 @@ def ensure_vtep(spec: VtepSpec, *, netns: Optional[str] = None) -> int:
                 kind="vxlan",
                 vxlan_id=spec.vni,
                 vxlan_port=spec.port,
-                vxlan_local=str(spec.local_ip),
+                **_local_attr(spec.local_ip),
                 vxlan_link=underlay,
                 vxlan_learning=0,
                 address=spec.mac,
@@ -833,7 +985,8 @@ def ensure_vtep(spec: VtepSpec, *, netns: Optional[str] = None) -> int:
             )
             link = _need_link(ipr, spec.name)
         _ensure_mac_mtu_up(ipr, link, spec.mac, spec.mtu)
-        _ensure_only_address(ipr, link["index"], spec.address)
+        _ensure_only_address(ipr, link["index"], socket.AF_INET, spec.address)
+        _ensure_only_address(ipr, link["index"], socket.AF_INET6, spec.ipv6_address)
         return link["index"]
 
 
@@ -851,9 +1004,14 @@ def drop_unicast_in_l2_multicast(ifname: str) -> None:
         _switch_on(key)
 
 
-def enable_ip_forwarding() -> None:
-    """Pods' traffic is routed by the node: IPv4 forwarding on in this network namespace."""
+def enable_ip_forwarding(*, ipv6: bool = True) -> None:
+    """Pods' traffic is routed by the node: IPv4 forwarding on in this network namespace, and with
+    `ipv6` (where the kernel has IPv6) net.ipv6.conf.all.forwarding too. Note that the latter makes
+    interfaces with accept_ra=1 ignore router advertisements: an underlay configured by RA needs
+    accept_ra=2 (as on any IPv6 router), so an IPv4-only network should pass ipv6=False."""
     _switch_on("/proc/sys/net/ipv4/ip_forward")
+    if ipv6 and os.path.exists("/proc/sys/net/ipv6/conf/all/forwarding"):
+        _switch_on("/proc/sys/net/ipv6/conf/all/forwarding")
 
 
 def _switch_on(key: str) -> None:
@@ -878,7 +1036,7 @@ def ensure_bridge(name: str, address: IPv4Interface, mtu: int, *, netns: Optiona
             _add_link(ipr, ifname=name, kind="bridge", mtu=mtu)
             link = _need_link(ipr, name)
         _ensure_mac_mtu_up(ipr, link, None, mtu)
-        _ensure_only_address(ipr, link["index"], address)
+        _ensure_only_address(ipr, link["index"], socket.AF_INET, address)
         return link["index"]
 
 
@@ -913,8 +1071,9 @@ def vxlan_link_names(*, netns: Optional[str] = None) -> list[str]:
 
 @_retry_busy
 def link_info(name: str, *, netns: Optional[str] = None) -> dict:
-    """For status/doctor: name, index, kind, mtu, mac, up, IPv4 addresses, and
-    `vxlan` (vni, port, local, link, underlay, learning) or None. LinkNotFound if missing."""
+    """For status/doctor: name, index, kind, mtu, mac, up, IPv4 addresses, IPv6 addresses (link-local
+    ones left out), and `vxlan` (vni, port, local (either family), link, underlay, learning) or None.
+    LinkNotFound if missing."""
     with _iproute(netns) as ipr, _translated(f"looking up device {name}"):
         link = _need_link(ipr, name)
         vxlan = _vxlan_attrs(link)
@@ -928,52 +1087,69 @@ def link_info(name: str, *, netns: Optional[str] = None) -> dict:
             "mtu": link.get_attr("IFLA_MTU"),
             "mac": link.get_attr("IFLA_ADDRESS"),
             "up": bool(link["flags"] & IFF_UP),
-            "addresses": [str(_interface(a)) for a in _ipv4_addresses(ipr, link["index"])],
+            "addresses": [str(_interface(a)) for a in _addresses(ipr, link["index"])],
+            "ipv6_addresses": [str(_interface(a)) for a in _addresses(ipr, link["index"], socket.AF_INET6)],
             "vxlan": vxlan,
         }
 
 
 @_retry_busy
-def underlay_for(public_ip: IPv4Address, *, netns: Optional[str] = None) -> tuple[str, int]:
-    """(ifname, mtu) of the interface carrying `public_ip`; LinkNotFound if none does."""
+def underlay_for(public_ip: IPAddress, *, netns: Optional[str] = None) -> tuple[str, int]:
+    """(ifname, mtu) of the interface carrying `public_ip` (IPv4 or IPv6); LinkNotFound if none does."""
+    family = _address_family(public_ip.version)
     with _iproute(netns) as ipr, _translated(f"looking for the interface of {public_ip}"):
-        for addr in ipr.get_addr(family=socket.AF_INET):
+        for addr in ipr.get_addr(family=family):
             if _interface(addr).ip == public_ip:
                 link = ipr.get_links(addr["index"])[0]
                 return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
     raise LinkNotFound(f"no interface carries {public_ip}")
 
 
-def _primary_address(ipr: IPRoute, index: int, ifname: str) -> IPv4Address:
-    addrs = [a for a in _ipv4_addresses(ipr, index) if not a["flags"] & _IFA_F_SECONDARY]
-    if not addrs:
-        raise KernelError(f"interface {ifname} has no IPv4 address")
-    return _interface(addrs[0]).ip
+def _primary_address(ipr: IPRoute, index: int, ifname: str, family: int = socket.AF_INET) -> IPAddress:
+    """IPv4: the first primary address. IPv6: the first global one that is settled and stable (not
+    tentative, failed, deprecated or a rotating temporary address): what the peers can send to."""
+    if family == socket.AF_INET:
+        addrs = [a for a in _addresses(ipr, index) if not a["flags"] & _IFA_F_SECONDARY]
+        if not addrs:
+            raise KernelError(f"interface {ifname} has no IPv4 address")
+        return _interface(addrs[0]).ip
+    addrs = [a for a in _addresses(ipr, index, family) if a["scope"] == 0]
+    usable = [a for a in addrs if not _address_flags(a) & _UNUSABLE_IPV6]
+    if not usable:
+        why = f" (only {', '.join(str(_interface(a).ip) for a in addrs)}: tentative, failed, deprecated or temporary)"
+        raise KernelError(f"interface {ifname} has no usable global IPv6 address{why if addrs else ''}")
+    return _interface(usable[0]).ip
 
 
 @_retry_busy
-def interface_address(ifname: str, *, netns: Optional[str] = None) -> IPv4Address:
-    """The primary IPv4 address of an interface; KernelError if it has none."""
+def interface_address(ifname: str, *, family: int = 4, netns: Optional[str] = None) -> IPAddress:
+    """The interface's address of that IP family (4 or 6): IPv4 its primary address, IPv6 its first
+    settled global one (never link-local, tentative, deprecated or temporary); KernelError if none."""
+    af = _address_family(family)
     with _iproute(netns) as ipr, _translated(f"reading the address of {ifname}"):
-        return _primary_address(ipr, _need_link(ipr, ifname)["index"], ifname)
+        return _primary_address(ipr, _need_link(ipr, ifname)["index"], ifname, af)
 
 
 @_retry_busy
-def node_addresses(*, netns: Optional[str] = None) -> list[NodeAddress]:
-    """Every IPv4 address on the node's devices, with the device's name and link kind."""
+def node_addresses(*, family: int = 4, netns: Optional[str] = None) -> list[NodeAddress]:
+    """Every address of that IP family (4 or 6) on the node's devices, with the device's name and link
+    kind; IPv6 link-local addresses left out (one per device, never an underlay's nor a pod's)."""
+    af = _address_family(family)
     with _iproute(netns) as ipr, _translated("reading the node's addresses"):
         links = {link["index"]: (link.get_attr("IFLA_IFNAME"), _kind(link)) for link in ipr.get_links()}
-        return [NodeAddress(*links.get(a["index"], (f"if{a['index']}", None)), _interface(a))
-                for a in ipr.get_addr(family=socket.AF_INET)]
+        found = [NodeAddress(*links.get(a["index"], (f"if{a['index']}", None)), _interface(a))
+                 for a in ipr.get_addr(family=af)]
+        return [a for a in found if not a.interface.ip.is_link_local] if family == 6 else found
 
 
 @_retry_busy
-def default_route_source(*, netns: Optional[str] = None) -> tuple[str, IPv4Address]:
-    """(ifname, source address) of the main table's preferred IPv4 default route."""
+def default_route_source(*, family: int = 4, netns: Optional[str] = None) -> tuple[str, IPAddress]:
+    """(ifname, source address) of the main table's preferred default route of that IP family (4 or 6)."""
+    af = _address_family(family)
     with _iproute(netns) as ipr, _translated("reading the default route"):
         defaults = [
             r
-            for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+            for r in ipr.get_routes(family=af, table=RT_TABLE_MAIN)
             if r["dst_len"] == 0 and r["type"] == RTN_UNICAST
         ]
         for route in sorted(defaults, key=lambda r: r.get_attr("RTA_PRIORITY") or 0):
@@ -985,7 +1161,9 @@ def default_route_source(*, netns: Optional[str] = None) -> tuple[str, IPv4Addre
                 continue
             ifname = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
             source = route.get_attr("RTA_PREFSRC")
-            return ifname, IPv4Address(source) if source else _primary_address(ipr, oif, ifname)
+            return ifname, ip_address(source) if source else _primary_address(ipr, oif, ifname, af)
+    if family == 6:
+        raise KernelError("no IPv6 default route: give --public-ipv6 or --iface")
     raise KernelError("no IPv4 default route: give --public-ip or --iface")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ipaddress
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,7 @@ from cni.atomic_file import write_atomically
 from cni.config import format_mac, random_mac
 
 from vxlan_net.core.errors import InvalidLease
+from vxlan_net.core.families import IPNetwork
 from vxlan_net.core.lease import normalize_mac
 
 
@@ -33,28 +35,34 @@ class NodeState:
         doc.update(changes)
         write_atomically(self.path, json.dumps(doc, sort_keys=True) + "\n", mode=0o600)
 
-    def vtep_mac(self) -> str:
-        """The persisted MAC, created (and persisted) on first use.
+    def vtep_mac(self, underlay_family: int = 4) -> str:
+        """The persisted MAC of the VTEP over that underlay family, created (and persisted) on first use.
 
         A MAC change would make every peer's FDB and neighbour entries stale,
         so it is chosen once per node and kept across restarts.
         """
+        field = "VtepMAC" if underlay_family == 4 else "VtepMACv6"
         try:
-            return normalize_mac(self._load().get("VtepMAC"))
+            return normalize_mac(self._load().get(field))
         except InvalidLease:
             mac = format_mac(random_mac())
-            self._store(VtepMAC=mac)
+            self._store(**{field: mac})
             return mac
 
-    def last_subnet(self) -> Optional[IPv4Network]:
+    def last_subnet(self, version: int = 4) -> Optional[IPNetwork]:
+        """The last subnet of that family held (an IPv6-only node's is its IPv6 one)."""
         try:
-            return IPv4Network(self._load()["Subnet"])
+            subnet = ipaddress.ip_network(self._load()["Subnet" if version == 4 else "IPv6Subnet"])
         except (KeyError, TypeError, ValueError):
             return None
+        return subnet if subnet.version == version else None
 
-    def remember_subnet(self, subnet: IPv4Network) -> None:
-        if self.last_subnet() != subnet:
-            self._store(Subnet=str(subnet))
+    def remember_subnet(self, *subnets: IPNetwork) -> None:
+        """Remember the subnets held (one per family)."""
+        wanted = {("Subnet" if s.version == 4 else "IPv6Subnet"): str(s) for s in subnets}
+        doc = self._load()
+        if any(doc.get(k) != v for k, v in wanted.items()):
+            self._store(**wanted)
 
 
 def remembered_subnet(path: Path) -> Optional[IPv4Network]:

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypeVar
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from vxlan_net.core.errors import LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted, WatchLost
-from vxlan_net.core.lease import subnet_key_name
+from vxlan_net.core.families import IPNetwork
+from vxlan_net.core.lease import SubnetKey, subnet_key_name
 from vxlan_net.core.lease_book import RecordEvent
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ class EtcdStore:
     def config_key(self) -> bytes:
         return f"{self.prefix}/config".encode()
 
-    def subnet_key(self, subnet: IPv4Network) -> bytes:
+    def subnet_key(self, subnet: "SubnetKey | IPNetwork") -> bytes:
         return self._subnets_prefix + subnet_key_name(subnet).encode()
 
     def _key_name(self, key: bytes) -> str:
@@ -335,7 +336,7 @@ class EtcdStore:
             }
         return LeaseSnapshot(revision, records)
 
-    def create_lease(self, subnet: IPv4Network, value: str, ttl: int) -> int:
+    def create_lease(self, subnet: "SubnetKey | IPNetwork", value: str, ttl: int) -> int:
         """Claim `subnet`: grant an etcd lease of `ttl` seconds and create the key under it.
 
         Raises SubnetTaken when the key already exists (the granted lease is revoked again).
@@ -363,7 +364,7 @@ class EtcdStore:
         self._revoke_quietly(lease_id)
         raise SubnetTaken(f"subnet {subnet} is already leased in etcd")
 
-    def restore_lease(self, subnet: IPv4Network, value: str, lease_id: int) -> None:
+    def restore_lease(self, subnet: "SubnetKey | IPNetwork", value: str, lease_id: int) -> None:
         """Write our record again under our lease, whoever overwrote or detached it.
 
         LeaseGone when our etcd lease itself expired or was revoked: only then is the subnet lost.
@@ -374,7 +375,7 @@ class EtcdStore:
         except _LeaseNotFound:
             raise LeaseGone(f"lease {lease_id:x} for subnet {subnet} no longer exists") from None
 
-    def update_lease(self, subnet: IPv4Network, value: str, lease_id: int) -> None:
+    def update_lease(self, subnet: "SubnetKey | IPNetwork", value: str, lease_id: int) -> None:
         """Rewrite our own record (e.g. a new VTEP MAC); LeaseGone if the key is no longer ours."""
         key = self.subnet_key(subnet)
         request = rpc.TxnRequest(
@@ -416,7 +417,7 @@ class EtcdStore:
         except (StoreUnavailable, StoreConfigError) as exc:
             log.warning("could not revoke unused lease %x (it expires on its own): %s", lease_id, exc)
 
-    def delete_lease(self, subnet: IPv4Network) -> bool:
+    def delete_lease(self, subnet: "SubnetKey | IPNetwork") -> bool:
         """Delete the subnet's record whatever lease holds it; True if there was one."""
         request = rpc.DeleteRangeRequest(key=self.subnet_key(subnet))
         return self._call(f"delete lease {subnet}", lambda c: c.kvstub.DeleteRange(request, self.timeout)).deleted > 0
