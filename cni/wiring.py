@@ -1,4 +1,10 @@
-"""The plugin's kernel steps: bridge, veth pair, pod address and routes; and their inverse and inspection.
+"""The plugin's kernel steps: bridge, veth pair, pod addresses and routes; and their inverse and inspection.
+
+Per address family the pod gets: the family's gateway on the bridge, the pod's address on its
+interface, its routes via that gateway. IPv6 addresses go on with IFA_F_NODAD on both sides, as the
+reference bridge plugin turns DAD off for pod addresses (IPAM made them unique). IPv6 forwarding in the
+node's namespace is the agent's to turn on; the plugin works without it (pods on one bridge reach each
+other and the gateway).
 
 `Wiring` is the real kernel (raw netlink, `cni.netlink`); tests pass a fake with
 the same four methods to the dispatcher. `attach` is all-or-nothing: once the
@@ -11,7 +17,7 @@ import posix
 from . import errors as E
 from . import netlink as nl
 from .agent_socket import LOCK_SUFFIX, NameLock, ask_agent_to_delete
-from .config import Record, int_to_ip, random_mac
+from .config import Record, addr_text, random_mac
 from .errors import CniError
 
 
@@ -71,19 +77,19 @@ class Wiring:
             raise CniError(E.KERNEL, f"{name} exists and is a {link.kind or 'non-bridge'} device, not a bridge")
         return link
 
-    def attach(self, *, bridge: str, gateway: int, prefix: int, mtu: int, hairpin: bool, host_veth: str,
-               netns_fd: int, ifname: str, mac: bytes, ip: int, routes) -> Attachment:
+    def attach(self, *, bridge: str, addresses, mtu: int, hairpin: bool, host_veth: str, netns_fd: int,
+               ifname: str, mac: bytes, routes) -> Attachment:
+        """`addresses`: (pod address, prefix, gateway) per family, ints tagged for IPv6 (config.IPV6)."""
         enable_ip_forward()
         try:
             with self._name_lock(host_veth), nl.Netlink() as sock:
-                return self._attach(sock, bridge, gateway, prefix, mtu, hairpin, host_veth, netns_fd, ifname,
-                                    mac, ip, routes)
+                return self._attach(sock, bridge, addresses, mtu, hairpin, host_veth, netns_fd, ifname, mac, routes)
         except OSError as exc:
             raise _kernel_error("netlink", exc) from None
 
-    def _attach(self, sock, bridge, gateway, prefix, mtu, hairpin, host_veth, netns_fd, ifname, mac, ip, routes):
+    def _attach(self, sock, bridge, addresses, mtu, hairpin, host_veth, netns_fd, ifname, mac, routes):
         br = self._ensure_bridge(sock, bridge, mtu)
-        head = [nl.new_address(br.index, gateway, prefix)]
+        head = [nl.new_address(br.index, gateway, prefix) for _, prefix, gateway in addresses]
         if not br.flags & nl.IFF_UP:
             head.append(nl.set_up(br.index))
         pair = [nl.new_veth(host_veth, ifname, mtu, br.index, mac, netns_fd)]
@@ -91,9 +97,10 @@ class Wiring:
             pair.append(nl.set_hairpin(host_veth))
         pair.append(nl.get_link(host_veth))
         results = sock.batch(head + pair)
-        _raise_if(results[0][0], f"cannot add {int_to_ip(gateway)}/{prefix} to bridge {bridge}", ok=(nl.EEXIST,))
-        if len(head) > 1:
-            _raise_if(results[1][0], f"cannot set bridge {bridge} up")
+        for (_, prefix, gateway), (err, _) in zip(addresses, results):
+            _raise_if(err, f"cannot add {addr_text(gateway)}/{prefix} to bridge {bridge}", ok=(nl.EEXIST,))
+        if len(head) > len(addresses):
+            _raise_if(results[len(addresses)][0], f"cannot set bridge {bridge} up")
         results = results[len(head):]
         if results[0][0] == nl.EEXIST:
             stale = sock.get_link(host_veth)
@@ -118,13 +125,15 @@ class Wiring:
             _raise_if(err, f"cannot read back {host_veth}")
             host = links[0]
             with _netlink_in(netns_fd) as inside:
-                requests = [nl.set_up(host.peer_index), nl.new_address(host.peer_index, ip, prefix)]
+                requests = [nl.set_up(host.peer_index)]
+                requests += [nl.new_address(host.peer_index, ip, prefix) for ip, prefix, _ in addresses]
                 requests += [nl.new_route(r.dst, r.prefix, r.gw, host.peer_index) for r in routes]
                 replies = inside.batch(requests)
             _raise_if(replies[0][0], f"cannot set {ifname} up")
-            _raise_if(replies[1][0], f"cannot add {int_to_ip(ip)}/{prefix} to {ifname}")
-            for route, (err, _) in zip(routes, replies[2:]):
-                _raise_if(err, f"cannot add route {int_to_ip(route.dst)}/{route.prefix} via {int_to_ip(route.gw)} "
+            for (ip, prefix, _), (err, _) in zip(addresses, replies[1:]):
+                _raise_if(err, f"cannot add {addr_text(ip)}/{prefix} to {ifname}")
+            for route, (err, _) in zip(routes, replies[1 + len(addresses):]):
+                _raise_if(err, f"cannot add route {addr_text(route.dst)}/{route.prefix} via {addr_text(route.gw)} "
                                f"in the container")
             return Attachment(br.mac, host.mac, mac)
         except BaseException:
@@ -161,19 +170,20 @@ class Wiring:
                 if index and link.master == index and link.kind == "veth" and link.name.startswith(prefix)]
 
     def inspect(self, netns_fd: int, ifname: str, host_veth: str, bridge: str) -> dict:
-        """Facts for CHECK: the pod link, its IPv4 addresses and routes, the host end, the bridge and its addresses."""
+        """Facts for CHECK: the pod link, its addresses and routes (both families), the host end, the bridge
+        and its addresses."""
         try:
             # Three round trips, not six: the gets and one dump (last) per batch.
             with nl.Netlink() as sock:
                 host, br, bridge_addresses = sock.batch([nl.get_link(host_veth), nl.get_link(bridge),
-                                                         nl.dump_addresses()])
+                                                         nl.dump_addresses(nl.AF_UNSPEC)])
                 host, br = nl.found_link(host), nl.found_link(br)
                 bridge_addresses = nl.dumped(bridge_addresses) if br else []
             with _netlink_in(netns_fd) as inside:
-                link, addresses = inside.batch([nl.get_link(ifname), nl.dump_addresses()])
+                link, addresses = inside.batch([nl.get_link(ifname), nl.dump_addresses(nl.AF_UNSPEC)])
                 link = nl.found_link(link)
                 addresses = nl.dumped(addresses) if link else []
-                routes = inside.routes() if link else []
+                routes = inside.routes(nl.AF_UNSPEC) if link else []
         except OSError as exc:
             raise _kernel_error("cannot inspect the pod's interfaces", exc) from None
         return {
