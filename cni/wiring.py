@@ -2,7 +2,8 @@
 
 Per address family the pod gets: the family's gateway on the bridge, the pod's address on its
 interface, its routes via that gateway. IPv6 addresses go on with IFA_F_NODAD on both sides, as the
-reference bridge plugin turns DAD off for pod addresses (IPAM made them unique). IPv6 forwarding in the
+reference bridge plugin turns DAD off for pod addresses (IPAM made them unique), on devices with IPv6
+enabled (`enable_ipv6_on`: a namespace's `all`/`default` may say disabled). IPv6 forwarding in the
 node's namespace is the agent's to turn on; the plugin works without it (pods on one bridge reach each
 other and the gateway).
 
@@ -17,7 +18,7 @@ import posix
 from . import errors as E
 from . import netlink as nl
 from .agent_socket import LOCK_SUFFIX, NameLock, ask_agent_to_delete
-from .config import Record, addr_text, random_mac
+from .config import Record, addr_text, is_ipv6, random_mac
 from .errors import CniError
 
 
@@ -42,11 +43,31 @@ def enable_ip_forward() -> None:
         raise _kernel_error(f"cannot enable {path}", exc) from None
 
 
-def _netlink_in(netns_fd: int) -> nl.Netlink:
-    """A netlink socket bound to the netns of netns_fd (it stays there; we return to ours at once)."""
+def enable_ipv6_on(ifname: str) -> None:
+    """IPv6 on one device of ours (the bridge, the pod's interface) in the current namespace, as the
+    reference plugins' ConfigureIface does: a namespace made with `disable_ipv6=1` for all and default
+    devices refuses IPv6 addresses (EACCES) until the device's own switch is 0."""
+    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
+    try:
+        with open(path, "r+") as fh:
+            if fh.read(4).strip() != "0":
+                fh.seek(0)
+                fh.write("0")
+    except FileNotFoundError:
+        raise CniError(E.KERNEL, f"cannot enable IPv6 on {ifname}: {path} does not exist (is IPv6 disabled in "
+                       "the kernel, ipv6.disable=1?); the node subnet has IPv6") from None
+    except OSError as exc:
+        raise _kernel_error(f"cannot enable IPv6 on {ifname} ({path})", exc) from None
+
+
+def _netlink_in(netns_fd: int, enable_ipv6=None) -> nl.Netlink:
+    """A netlink socket bound to the netns of netns_fd (it stays there; we return to ours at once);
+    IPv6 enabled on the device named `enable_ipv6` there first."""
     from .netns import Entered  # here, not at the top: DEL never enters a netns (_ctypes)
 
     with Entered(netns_fd):
+        if enable_ipv6 is not None:
+            enable_ipv6_on(enable_ipv6)
         return nl.Netlink()
 
 
@@ -89,6 +110,9 @@ class Wiring:
 
     def _attach(self, sock, bridge, addresses, mtu, hairpin, host_veth, netns_fd, ifname, mac, routes):
         br = self._ensure_bridge(sock, bridge, mtu)
+        ipv6 = any(is_ipv6(gateway) for _, _, gateway in addresses)
+        if ipv6:
+            enable_ipv6_on(bridge)
         head = [nl.new_address(br.index, gateway, prefix) for _, prefix, gateway in addresses]
         if not br.flags & nl.IFF_UP:
             head.append(nl.set_up(br.index))
@@ -124,7 +148,7 @@ class Wiring:
             err, links = results[-1]
             _raise_if(err, f"cannot read back {host_veth}")
             host = links[0]
-            with _netlink_in(netns_fd) as inside:
+            with _netlink_in(netns_fd, ifname if ipv6 else None) as inside:
                 requests = [nl.set_up(host.peer_index)]
                 requests += [nl.new_address(host.peer_index, ip, prefix) for ip, prefix, _ in addresses]
                 requests += [nl.new_route(r.dst, r.prefix, r.gw, host.peer_index) for r in routes]

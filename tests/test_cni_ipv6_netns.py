@@ -87,6 +87,20 @@ def test_dual_stack_add_check_del(dual):
     assert result["interfaces"][1]["name"] not in dual.links()
 
 
+def test_namespaces_with_ipv6_disabled_for_all_devices_still_get_ipv6_on_ours(dual):
+    # As the lab and some hosts make them: all and default devices with disable_ipv6=1.
+    off = ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+    sh("sysctl", "-q", "-w", *off, netns=dual.host.name)
+    ns = dual.netns()
+    sh("sysctl", "-q", "-w", *off, netns=ns.name)
+    rc, result, err = dual.run("ADD", netns=ns)
+    assert rc == 0, (result, err)
+    assert dual.addresses(dual.host, "cni0", "inet6") == [("fd19:0:0:3::1", 64)]
+    assert dual.addresses(ns, "eth0", "inet6") == [("fd19:0:0:3::2", 64)]
+    assert sh("sysctl", "-n", "net.ipv6.conf.all.disable_ipv6", netns=ns.name).stdout.strip() == "1"
+    assert sh("ping", "-6", "-c1", "-W2", "fd19:0:0:3::1", netns=ns.name).returncode == 0
+
+
 def test_dual_stack_pods_on_one_bridge_ping_each_other_over_both_families(dual):
     ns1, r1 = add(dual, cid="a")
     ns2, r2 = add(dual, cid="b")
