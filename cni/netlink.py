@@ -345,7 +345,8 @@ def new_address(index: int, ip: int, prefix: int):
         body = (pack("=BBBBi", AF_INET6, prefix, IFA_F_NODAD, RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, raw)
                 + attr(IFA_ADDRESS, raw) + attr_u32(IFA_FLAGS, IFA_F_NODAD))
     else:
-        body = pack("=BBBBi", AF_INET, prefix, 0, RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, raw) + attr(IFA_ADDRESS, raw)
+        body = (pack("=BBBBi", AF_INET, prefix, 0, RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, raw)
+                + attr(IFA_ADDRESS, raw))
     return RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body
 
 

@@ -131,7 +131,8 @@ def test_podman_drives_a_dual_stack_conflist_and_removal_releases_both_addresses
         for i in range(2):
             pm.run("run", "-d", "--name", f"d{i}", "--network", "podnet", "--cap-add", "NET_RAW", "--runtime",
                    "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", IMAGE, "sleep", "600")
-            fmt = "{{.NetworkSettings.Networks.podnet.IPAddress}} {{.NetworkSettings.Networks.podnet.GlobalIPv6Address}}"
+            net = "{{.NetworkSettings.Networks.podnet"
+            fmt = f"{net}.IPAddress}}}} {net}.GlobalIPv6Address}}}}"
             v4, v6 = pm.run("inspect", "-f", fmt, f"d{i}").stdout.split()
             assert (v4, v6) == (f"198.19.7.{i + 2}", f"fd19:0:0:7::{i + 2}")
             inside = pm.run("exec", f"d{i}", "ip", "-6", "route", "show", "default").stdout

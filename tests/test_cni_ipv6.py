@@ -10,12 +10,13 @@ import pytest
 
 from cni import config as C
 from cni.errors import CniError
-from cni.ipam import DiskStore, MemoryStore, allocate, allocate_all, pick_address, release_owner
+from cni.ipam import DiskStore, MemoryStore, allocate_all, pick_address, release_owner
 from cni.plugin import run
 from cni.subnet_file import BadSubnetFile, NotASubnetFile, parse, parse_subnet_file, render, write
 from test_cni_hostile import SECRET, run_binary
 from test_cni_hostile import conf as binary_conf
-from test_cni_parser import DUAL_FILE, IPV6_FILE, IPV6_PAIR, NODE_FILE, TAIL, FakeKernel, MemoryStores, assert_spec_error, env, ip
+from test_cni_parser import (DUAL_FILE, IPV6_FILE, IPV6_PAIR, NODE_FILE, TAIL, FakeKernel, MemoryStores,
+                             assert_spec_error, env, ip)
 
 ip6 = C.ip6_to_int
 
