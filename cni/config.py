@@ -62,6 +62,7 @@ def netmask(prefix: int) -> int:
 # collide as keys of one dict (the IPAM store holds both), and IPv4 code keeps its plain ints.
 IPV6 = 1 << 128
 _ALL6 = IPV6 - 1
+IPV6_MIN_MTU = 1280  # RFC 8200; the kernel drops IPv6 from a device with a smaller MTU
 
 
 def is_ipv6(value: int) -> bool:
@@ -591,4 +592,8 @@ def plan_addresses(conf: NetConf, node) -> AddressPlan:  # node: a subnet_file.N
             default_routes.append(Route(network, network_prefix, gateway))
     routes = default_routes + [r if r.gw is not None else Route(r.dst, r.prefix, gateways[is_ipv6(r.dst)])
                                for r in routes]
-    return AddressPlan(plans, conf.mtu or node.mtu, routes)
+    mtu = conf.mtu or node.mtu
+    if mtu < IPV6_MIN_MTU and any(is_ipv6(f.gateway) for f in plans):
+        raise CniError(E.INVALID_CONFIG, f"mtu {mtu} is below {IPV6_MIN_MTU}, the least IPv6 needs, and the pod "
+                       "gets an IPv6 address")
+    return AddressPlan(plans, mtu, routes)

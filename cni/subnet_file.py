@@ -14,7 +14,7 @@ import posix  # not os or stat: the plugin's start-up budget
 from _stat import S_ISREG
 
 from . import errors as E
-from .config import IPV6, Record, addr_text, ip6_to_int, netmask, network_of, parse_any_cidr, parse_cidr
+from .config import IPV6, IPV6_MIN_MTU, Record, addr_text, ip6_to_int, netmask, network_of, parse_any_cidr, parse_cidr
 from .errors import CniError
 
 KEYS = ("VXLAN_NET_NETWORK", "VXLAN_NET_SUBNET", "VXLAN_NET_MTU", "VXLAN_NET_IPMASQ")
@@ -114,6 +114,8 @@ def parse(text: str) -> NodeSubnet:
         node.network, node.network_prefix, node.gateway, node.prefix = _ipv4_pair(values)
     if has_ipv6:
         node.ipv6_network, node.ipv6_network_prefix, node.ipv6_gateway, node.ipv6_prefix = _ipv6_pair(values)
+        if node.mtu < IPV6_MIN_MTU:
+            raise BadSubnetFile(f"VXLAN_NET_MTU is below {IPV6_MIN_MTU}, the least IPv6 needs, and the file has IPv6")
     return node
 
 

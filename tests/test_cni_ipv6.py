@@ -81,6 +81,17 @@ def test_one_ipv6_key_without_the_other_is_refused(present):
         assert str(info.value) == f"{absent} missing"
 
 
+def test_an_mtu_below_ipv6s_minimum_is_refused_only_with_ipv6():
+    with pytest.raises(BadSubnetFile) as info:
+        parse(DUAL_FILE.replace("=1450", "=1279"))
+    assert str(info.value).startswith("VXLAN_NET_MTU is below 1280")
+    assert parse(NODE_FILE.replace("=1450", "=1279")).mtu == 1279
+    with pytest.raises(CniError) as info:
+        plan(DUAL_FILE, mtu=1200)
+    assert info.value.code == 7 and "mtu 1200 is below 1280" in info.value.msg
+    assert plan(DUAL_FILE, mtu=1280).mtu == 1280 and plan(NODE_FILE, mtu=1200).mtu == 1200
+
+
 def test_an_ipv6_file_with_half_an_ipv4_pair_is_refused():
     with pytest.raises(BadSubnetFile) as info:
         parse("VXLAN_NET_NETWORK=198.19.0.0/16\n" + IPV6_FILE)
