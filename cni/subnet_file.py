@@ -62,11 +62,14 @@ def _gateway_cidr(subnet: str, ipv6: bool) -> str:
 
 def render(network, subnet, mtu: int, ip_masq: bool, *, ipv6_network=None, ipv6_subnet=None) -> str:
     """The file's text for the networks and subnets (CIDR strings; a family's pair both None when the
-    network has no such family); each subnet is written as its gateway. ValueError for no family."""
+    network has no such family); each subnet is written as its gateway. ValueError for no family, half
+    a pair, a subnet of the wrong family, or an MTU below 1280 with IPv6: what parse() would refuse."""
     if (network is None) != (subnet is None) or (ipv6_network is None) != (ipv6_subnet is None):
         raise ValueError("a family needs both its network and its subnet")
     if network is None and ipv6_network is None:
         raise ValueError("a subnet file needs an IPv4 or an IPv6 network")
+    if ipv6_network is not None and mtu < IPV6_MIN_MTU:  # parse() would refuse the file
+        raise ValueError(f"pod MTU {mtu} is below {IPV6_MIN_MTU}, the least IPv6 needs")
     lines = []
     if network is not None:
         lines += [f"VXLAN_NET_NETWORK={network}\n", f"VXLAN_NET_SUBNET={_gateway_cidr(str(subnet), False)}\n"]

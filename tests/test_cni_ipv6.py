@@ -143,7 +143,8 @@ def test_render_and_write_keep_the_ipv4_api_and_round_trip_both_families(tmp_pat
                          (("198.19.0.0/16", None, 1450, False), {}),               # half a pair
                          ((None, None, 1450, False), {"ipv6_network": "fd19::/56"}),
                          ((None, None, 1450, False), {"ipv6_network": "fd19::/56", "ipv6_subnet": "198.19.3.0/24"}),
-                         (("198.19.0.0/16", "fd19::/64", 1450, False), {})]:
+                         (("198.19.0.0/16", "fd19::/64", 1450, False), {}),
+                         ((None, None, 1279, False), {"ipv6_network": "fd19::/56", "ipv6_subnet": "fd19::/64"})]:
         with pytest.raises(ValueError):
             render(*args, **kwargs)
 
