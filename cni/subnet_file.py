@@ -14,7 +14,8 @@ import posix  # not os or stat: the plugin's start-up budget
 from _stat import S_ISREG
 
 from . import errors as E
-from .config import IPV6, IPV6_MIN_MTU, Record, addr_text, ip6_to_int, netmask, network_of, parse_any_cidr, parse_cidr
+from .config import (IPV6, IPV6_MIN_MTU, Record, addr_text, host_mask, ip6_to_int, netmask, network_of, parse_any_cidr,
+                     parse_cidr)
 from .errors import CniError
 
 KEYS = ("VXLAN_NET_NETWORK", "VXLAN_NET_SUBNET", "VXLAN_NET_MTU", "VXLAN_NET_IPMASQ")
@@ -49,7 +50,7 @@ class NodeSubnet(Record):
 
     @property
     def ipv6_subnet(self):
-        return None if self.ipv6_gateway is None else self.ipv6_gateway & ~((IPV6 - 1) >> self.ipv6_prefix)
+        return None if self.ipv6_gateway is None else network_of(self.ipv6_gateway, self.ipv6_prefix)
 
 
 def _gateway_cidr(subnet: str, ipv6: bool) -> str:
@@ -153,16 +154,17 @@ def _ipv6_pair(values: dict):
 
     network, network_prefix = cidr("VXLAN_NET_IPV6_NETWORK")
     gateway, prefix = cidr("VXLAN_NET_IPV6_SUBNET")
-    hosts = (IPV6 - 1) >> network_prefix
     for special, length in _NOT_POD_IPV6:
-        if network_prefix >= length and (network & ~((IPV6 - 1) >> length)) == special:
+        if network_prefix >= length and network_of(network, length) == special:
             raise BadSubnetFile("VXLAN_NET_IPV6_NETWORK is a multicast, link-local or IPv4-mapped range")
-    if prefix > MAX_IPV6_SUBNET_PREFIX or prefix < network_prefix or (gateway & ~hosts) != (network & ~hosts):
+    network = network_of(network, network_prefix)
+    if (prefix > MAX_IPV6_SUBNET_PREFIX or prefix < network_prefix
+            or network_of(gateway, network_prefix) != network):
         raise BadSubnetFile(f"VXLAN_NET_IPV6_SUBNET is not a /{MAX_IPV6_SUBNET_PREFIX}-or-larger part of "
                             "VXLAN_NET_IPV6_NETWORK")
-    if gateway & ((IPV6 - 1) >> prefix) == 0:
+    if gateway & host_mask(gateway, prefix) == 0:
         raise BadSubnetFile("VXLAN_NET_IPV6_SUBNET must name the gateway address, not the network address")
-    return network & ~hosts, network_prefix, gateway, prefix
+    return network, network_prefix, gateway, prefix
 
 
 def not_a_subnet_file(path: str) -> CniError:
