@@ -209,3 +209,25 @@ def test_the_ipv6_underlay_vtep_gets_its_own_overlay_rule_in_both_families(dual)
                    if "rule" in i and "overlay to pods" in i["rule"]["comment"]]
         assert [[e["match"]["right"] for e in expr if "match" in e] for expr in overlay] == \
             [[VTEP, BRIDGE], [VTEP6, BRIDGE]], family
+
+
+def test_an_agent_with_a_dual_stack_config_installs_both_tables(lab):
+    """The agent wiring: config.ipv4_network to the ip table, config.ipv6_network to the ip6 one, and the
+    same FORWARD rules in ip6 filter FORWARD (drop policy there before the agent starts)."""
+    from integration.cluster import LAB_SUBNET_MAX, start_agents
+    from vxlan_net.core.config import build_config
+
+    cluster = lab(nodes=1)
+    node = cluster.nodes[0]
+    node.run("nft", "-f", "-", input=DROP_POLICY6, check=True)
+    config = build_config("198.19.0.0/16", subnet_max=LAB_SUBNET_MAX, ipv6_network=POD6)
+    cluster.etcdctl("put", "/vxlan-net/config", config.to_json())
+    start_agents(cluster, [node], "--ip-masq")
+
+    cluster.wait_for(lambda: table(node, "ip6") is not None, timeout=10, message="no table ip6 vxlan-net")
+    masq = json.dumps(rules(table(node, "ip6"))["postrouting"])
+    assert '"fd19::"' in masq and '"len": 56' in masq and '"ff00::"' in masq
+    assert "fd19" not in json.dumps(table(node, "ip")), "the IPv4 table holds the IPv4 network only"
+    assert '"198.19.0.0"' in json.dumps(rules(table(node, "ip"))["postrouting"])
+    forward = json.loads(node.run("nft", "-j", "list", "chain", "ip6", "filter", "FORWARD", check=True).stdout)
+    assert sum("vxlan-net" in i["rule"].get("comment", "") for i in forward["nftables"] if "rule" in i) == 4

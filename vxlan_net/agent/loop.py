@@ -274,8 +274,9 @@ class Agent:
     def _apply_firewall(self) -> None:
         """Our nft table, with the peers known now allowed (the next reconcile trims the set)."""
         filtered = self.options.vxlan_ingress_filter
-        self.firewall.apply_rules(self.config.network, self.options.ip_masq, self.config.port, self._forward_devices(),
-                             self.reconciler.peer_public_ips() if filtered else (), ingress_filter=filtered)
+        self.firewall.apply_rules(self.config.ipv4_network, self.options.ip_masq, self.config.port,
+                                  self._forward_devices(), self.reconciler.peer_public_ips() if filtered else (),
+                                  ingress_filter=filtered, ipv6_network=self.config.ipv6_network)
         self._filtered_peers = None
 
     def _retry_steps(self) -> None:
@@ -557,7 +558,8 @@ class Agent:
             if full or filtered is None:
                 sources = self.reconciler.peer_public_ips()
                 if sources != filtered:
-                    self.firewall.update_peers(sources)
+                    # ipv6: the ip6 table exists, so its set is emptied too when the last IPv6 peer leaves
+                    self.firewall.update_peers(sources, ipv6=self.config.ipv6_network is not None)
                     self._filtered_peers = set(sources)
                 return
             allowed = {ip for ip in touched if self.reconciler.has_public_ip(ip)}
@@ -572,10 +574,12 @@ class Agent:
             self._firewall_step.failed(exc)
 
     def _forward_devices(self) -> firewall.ForwardDevices:
+        # IPv6 pods: the same rules in ip6 filter FORWARD (and there the direct-routing one matches ip6 saddr)
+        ipv6 = {"pod_network6": self.config.ipv6_network} if self.config.ipv6_network is not None else {}
         if not self.config.direct_routing:
-            return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni))
+            return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni), **ipv6)
         return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni), self.underlay[0],
-                                       self.config.network)
+                                       self.config.ipv4_network, **ipv6)
 
     def _recheck_forward_rules(self) -> None:
         """Someone (a firewall reload, an operator) may have removed or edited our FORWARD rules."""
