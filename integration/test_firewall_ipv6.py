@@ -231,3 +231,29 @@ def test_an_agent_with_a_dual_stack_config_installs_both_tables(lab):
     assert '"198.19.0.0"' in json.dumps(rules(table(node, "ip"))["postrouting"])
     forward = json.loads(node.run("nft", "-j", "list", "chain", "ip6", "filter", "FORWARD", check=True).stdout)
     assert sum("vxlan-net" in i["rule"].get("comment", "") for i in forward["nftables"] if "rule" in i) == 4
+
+
+SEND_UDP6 = """
+import socket, sys
+with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+    for _ in range(3):
+        sock.sendto(b"laundered?", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_an_ipv6_pod_cannot_launder_udp_to_the_vxlan_port_through_masquerade(dual):
+    node = dual.nodes[0]
+    pod = dual.add_pod(node, "p6", None, None, ipv6="fd19:0:0:1::2/64", gateway6="fd19:0:0:1::1")
+    apply(node)
+
+    def arrives(port: int) -> list:
+        capture = dual.capture(dual.outside, iface="ul0", bpf=f"udp dst port {port}", count=1, timeout=3)
+        pod.run(sys.executable, "-c", SEND_UDP6, dual.outside.public_ipv6, port, check=True)
+        return capture.wait().packets()
+
+    assert arrives(PORT) == []
+    [drop] = [i["rule"] for i in table(node, "ip6")
+              if "rule" in i and i["rule"].get("comment") == "vxlan-net: pod traffic to the VXLAN port"]
+    assert next(e["counter"]["packets"] for e in drop["expr"] if "counter" in e) >= 1
+    control = arrives(PORT + 1)
+    assert [p["IPv6"].src for p in control] == [node.underlay_ipv6], "another port: masqueraded and delivered"

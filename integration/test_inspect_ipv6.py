@@ -39,12 +39,17 @@ def _pcap(path) -> None:
                        Ether() / IPv6(src=POD_A, dst=POD_B) / ICMPv6EchoRequest()])  # direct-routed
 
 
-def test_inspect_reads_ipv6_frames_with_nodes_from_etcd_over_ipv6(lab, tmp_path):
-    cluster = lab(nodes=1, underlay="v6")
-    node = cluster.nodes[0]
+def _records(cluster) -> None:
+    """The dual-stack config and the two nodes' leases, in the lab's etcd (reached over IPv6)."""
     cluster.etcdctl("put", "/vxlan-net/config", build_config("198.19.0.0/16", ipv6_network="fd19::/56").to_json())
     for lease in LEASES:
         cluster.etcdctl("put", f"/vxlan-net/subnets/{subnet_key_name(lease.key)}", lease.to_json())
+
+
+def test_inspect_reads_ipv6_frames_with_nodes_from_etcd_over_ipv6(lab, tmp_path):
+    cluster = lab(nodes=1, underlay="v6")
+    node = cluster.nodes[0]
+    _records(cluster)
     pcap = tmp_path / "v6.pcap"
     _pcap(pcap)
 
@@ -72,3 +77,29 @@ def test_inspect_reads_ipv6_frames_with_nodes_from_etcd_over_ipv6(lab, tmp_path)
     bad = node.run(cluster.agent_exe, "inspect", "--read", pcap, "--filter", "pod fd19::zz",
                    "--etcd-endpoints", cluster.etcd_url)
     assert bad.returncode == 2 and "one IPv4 or IPv6 address" in bad.stderr and bad.stdout == ""
+
+
+def test_inspect_decodes_live_frames_the_kernel_sends_over_an_ipv6_underlay(lab, tmp_path):
+    """Two hand-made VXLAN devices over IPv6 (the agent's IPv6 underlay is not needed to make real frames)."""
+    from integration.test_inspect import Inspect
+
+    cluster = lab(nodes=2, underlay="v6")
+    n1, n2 = cluster.nodes
+    _records(cluster)
+    for node, peer, pod in ((n1, n2, POD_A), (n2, n1, POD_B)):
+        node.ip_batch([f"link add vx6 type vxlan id 1 local {node.underlay_ipv6} remote {peer.underlay_ipv6} "
+                       "dstport 8472", f"addr add {pod}/56 dev vx6 nodad", "link set vx6 up"])
+    assert (n1.underlay_ipv6, n2.underlay_ipv6) == (NODE_1, NODE_2)
+
+    inspect = Inspect(cluster, n1, tmp_path, "--iface", "ul0", "--count", 4, "--timeout", 15, "--json",
+                      "--filter", f"pod {POD_B}", "--etcd-endpoints", cluster.etcd_url)
+    reply = n1.ping6(POD_B, count=3, timeout=3)
+    assert reply, reply.output
+    frames = [json.loads(line) for line in inspect.lines()]
+    assert len(frames) == 4, inspect.stderr()
+    echoes = [f for f in frames if f["icmp_type"] in (128, 129)]
+    assert {(f["outer_src"], f["outer_dst"], f["inner_src"], f["inner_dst"], f["icmp_type"]) for f in echoes} >= {
+        (NODE_1, NODE_2, POD_A, POD_B, 128), (NODE_2, NODE_1, POD_B, POD_A, 129)}
+    assert all(f["protocol"] == "icmp6" and f["vni"] == 1 and f["anomalies"] == [] for f in frames), frames
+    assert {(f["outer_src"], f["outer_src_subnet"]) for f in frames} <= {(NODE_1, "198.19.5.0/24"),
+                                                                          (NODE_2, "198.19.9.0/24")}
