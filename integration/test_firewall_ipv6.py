@@ -151,22 +151,41 @@ def test_ipv6_going_away_deletes_the_ip6_table_and_its_peers(dual):
     assert "elem" not in peer_set(node, "ip6"), "no IPv6 peer yet: VXLAN over IPv6 dropped from everyone"
 
 
+def _arrives(lab, node, sender) -> bool:
+    """Whether VXLAN over IPv6 that `sender` sends to `node`'s VXLAN port comes out of its VTEP6."""
+    mac = node.ip_json("link", "show", "dev", VTEP6)[0]["address"]
+    capture = lab.capture(node, iface=VTEP6, bpf="icmp and icmp[4:2] == 0x6161", count=1, timeout=3)
+    sender.run(sys.executable, "-c", INJECT6, node.underlay_ipv6, mac, check=True)
+    return bool(capture.wait().packets())
+
+
 def test_vxlan_over_ipv6_from_a_non_peer_is_dropped_and_from_a_peer_reaches_the_vtep(dual):
     node, peer = dual.nodes
     node.ip_batch([f"link add {VTEP6} type vxlan id 1 local {node.underlay_ipv6} dstport {PORT} nolearning",
                    f"link set {VTEP6} up"])
-    mac = node.ip_json("link", "show", "dev", VTEP6)[0]["address"]
     apply(node, peers=f"['{peer.underlay_ipv6}']", underlay6=True)
 
-    def arrives(sender) -> bool:
-        capture = dual.capture(node, iface=VTEP6, bpf="icmp and icmp[4:2] == 0x6161", count=1, timeout=3)
-        sender.run(sys.executable, "-c", INJECT6, node.underlay_ipv6, mac, check=True)
-        return bool(capture.wait().packets())
+    assert not _arrives(dual, node, dual.outside)
+    assert drop_counter(node) == 3
+    assert _arrives(dual, node, peer)
+    assert drop_counter(node) == 3
 
-    assert not arrives(dual.outside)
+
+def test_agents_of_an_ipv6_only_cluster_filter_vxlan_over_ipv6_by_their_peers(lab):
+    from vxlan_net.core.config import build_config
+
+    cluster = lab(nodes=2, underlay="v6")
+    node, peer = cluster.nodes
+    cluster.etcdctl("put", "/vxlan-net/config", build_config(None, ipv6_network=POD6).to_json())
+    for one in cluster.nodes:
+        cluster.start_agent(one)
+    cluster.wait_for(lambda: table(node, "ip6") is not None and peer_set(node, "ip6").get("elem") == [
+        peer.underlay_ipv6], timeout=15, message="the peer's IPv6 address never reached the ip6 set")
+    assert "elem" not in peer_set(node, "ip"), "no IPv4 peers in an IPv6-only cluster"
+
+    assert not _arrives(cluster, node, cluster.outside)
     assert drop_counter(node) == 3
-    assert arrives(peer)
-    assert drop_counter(node) == 3
+    assert _arrives(cluster, node, peer)
 
 
 def test_an_ipv6_pod_is_masqueraded_and_forwarded_under_a_drop_policy(dual):
