@@ -144,7 +144,7 @@ class SubnetLeaseKeeper:
             if not self._try_create(subnet):
                 self.lease_id = None
                 return False
-            log.info("lease key %s replaced by %s", held.key_name, lease.key_name)
+            log.info("lease key %s replaced by %s", held.key_name, lease.key_name)  # keys: what etcdctl shows
             return True
         try:
             self.store.refresh(lease_id)
@@ -153,7 +153,7 @@ class SubnetLeaseKeeper:
             log.info("previous lease on %s is gone (%s); creating a new one", subnet, exc)
             return self._try_create(subnet)
         self.lease, self.lease_id = lease, lease_id
-        log.info("reusing subnet %s (lease %x)", lease.key_name, lease_id)
+        log.info("reusing subnet %s (lease %x)", lease.label, lease_id)
         return True
 
     def _try_create(self, subnet: IPNetwork) -> bool:
@@ -161,11 +161,11 @@ class SubnetLeaseKeeper:
         try:
             lease_id = self.store.create_lease(lease.key, lease.to_json(), self.ttl)
         except SubnetTaken:
-            log.info("subnet %s was taken by another node first; trying another", lease.key_name)
+            log.info("subnet %s was taken by another node first; trying another", lease.label)
             return False
         self._forget_previous(lease_id)
         self.lease, self.lease_id = lease, lease_id
-        log.info("acquired subnet %s (lease %x, ttl %ss)", lease.key_name, lease_id, self.ttl)
+        log.info("acquired subnet %s (lease %x, ttl %ss)", lease.label, lease_id, self.ttl)
         return True
 
     def _forget_previous(self, new_lease_id: int) -> None:

@@ -319,7 +319,7 @@ class Agent:
         self._lease_expires_at = time.monotonic() + self.keeper.ttl
         if self.book is not None:
             self._note_skipped(self.book.set_own(lease))
-        log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.key_name.replace("&", " and "),
+        log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.label,
                  " and ".join(spec.name for spec in specs), mtu, " and ".join(spec.mac for spec in specs))
         for step in self._adoption_steps:
             step.request()

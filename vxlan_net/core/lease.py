@@ -71,6 +71,11 @@ class Lease:
         """Its pod subnets, IPv4 first."""
         return tuple(s for s in self.key if s is not None)
 
+    @property
+    def label(self) -> str:
+        """How logs name it: `198.19.5.0/24`, or `198.19.5.0/24 and fd19:0:0:5::/64`."""
+        return key_label(self.key)
+
     def subnet_of(self, version: int) -> Optional[IPNetwork]:
         return self.key.ipv4 if version == 4 else self.key.ipv6
 
@@ -103,6 +108,11 @@ def subnet_key_name(key: "SubnetKey | IPNetwork") -> str:
         key = SubnetKey(key, None) if key.version == 4 else SubnetKey(None, key)  # type: ignore[arg-type]
     parts = [f"{s.network_address}-{s.prefixlen}" for s in key if s is not None]
     return "&".join(parts)
+
+
+def key_label(key: SubnetKey) -> str:
+    """A key's subnets as logs and messages name them, `198.19.5.0/24 and fd19:0:0:5::/64`."""
+    return " and ".join(str(s) for s in key if s is not None)
 
 
 def parse_subnet_key_name(name: str) -> SubnetKey:
@@ -154,7 +164,7 @@ def parse_lease_value(key: "SubnetKey | IPNetwork", raw: bytes | str, config: Ne
     network does not have is ignored."""
     if not isinstance(key, SubnetKey):
         key = parse_subnet_key_name(subnet_key_name(key))
-    name = " and ".join(str(s) for s in key if s is not None)  # how messages name the lease
+    name = key_label(key)
     if config.ipv4 is not None:
         _check_subnet(name, key.ipv4, config.ipv4)
         ipv6_subnet = key.ipv6 if config.ipv6 is not None else None
