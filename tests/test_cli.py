@@ -155,3 +155,73 @@ def test_status_own_address_line_names_a_renumbered_node():
     assert own_address_line(old, new, "ul0", {new}) == (
         "this node's public IP: 198.18.1.7 on ul0 (its lease says 198.18.1.2: run `vxlan-net doctor`)")
     assert own_address_line(new, new, "ul0", {new}) == "this node's public IP: 198.18.1.7 on ul0"
+
+
+# --- IPv6 (issue 11) ---
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--no-ipv4"], "--no-ipv4 needs --ipv6-network"),
+    (["--no-ipv4", "--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56"],
+     "--no-ipv4 and --network contradict each other"),
+    (["--ipv6-network", "fd19::/56"], "--network is required (or --no-ipv4 with --ipv6-network"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::1/56"], "has host bits set"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "198.19.0.0/16"], "is not a valid IPv6 CIDR"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-len", "121"],
+     "IPv6SubnetLen 121 must be longer than the network's /56 and at most /120"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-len", "56"],
+     "IPv6SubnetLen 56 must be longer"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-min", "fd19:0:1::"],
+     "IPv6SubnetMin fd19:0:1:: is outside the network fd19::/56"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-min", "fd19:0:0:5::1"],
+     "IPv6SubnetMin fd19:0:0:5::1 is not aligned to a /64 subnet"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-min", "fd19:0:0:9::",
+      "--ipv6-subnet-max", "fd19:0:0:5::"], "IPv6SubnetMin fd19:0:0:9:: is above IPv6SubnetMax fd19:0:0:5::"),
+    (["--network", "198.19.0.0/16", "--ipv6-subnet-len", "64"], "IPv6SubnetLen, IPv6SubnetMin and IPv6SubnetMax need"),
+    (["--no-ipv4", "--ipv6-network", "fd19::/56", "--subnet-len", "24"], "SubnetLen, SubnetMin and SubnetMax need"),
+    (["--no-ipv4", "--ipv6-network", "fe80::/64"], "overlaps link-local fe80::/10"),
+    (["--no-ipv4", "--ipv6-network", "ff02::/64"], "overlaps multicast ff00::/8"),
+    (["--no-ipv4", "--ipv6-network", "::/0"], "overlaps reserved ::/8"),
+    (["--no-ipv4", "--ipv6-network", "::ffff:0:0/96"], "overlaps reserved ::/8"),
+    (["--no-ipv4", "--ipv6-network", "fd19::/120"], "IPv6Network fd19::/120 is too small"),
+])
+def test_invalid_ipv6_config_exits_2_with_one_line_and_writes_nothing(etcd, prefix, flags, reason):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix, *flags)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("vxlan-net: error: ") and reason in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert etcd_get(etcd, f"{prefix}/config") == ""
+
+
+def test_no_ipv4_from_the_environment_must_be_a_boolean(etcd, prefix):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                       "--ipv6-network", "fd19::/56", env={"VXLAN_NET_NO_IPV4": "perhaps"})
+    assert result.returncode == 2 and "VXLAN_NET_NO_IPV4='perhaps' is not a boolean" in result.stderr
+    assert etcd_get(etcd, f"{prefix}/config") == ""
+
+
+def test_config_set_dual_stack_writes_flannels_ipv6_keys_and_get_prints_them(etcd, prefix):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                       "--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-min", "fd19:0:0:4::",
+                       "--ipv6-subnet-max", "fd19:0:0:f0::")
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(etcd_get(etcd, f"{prefix}/config"))
+    assert stored == {"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.1.0",
+                      "SubnetMax": "198.19.255.0", "EnableIPv6": True, "IPv6Network": "fd19::/56",
+                      "IPv6SubnetLen": 64, "IPv6SubnetMin": "fd19:0:0:4::", "IPv6SubnetMax": "fd19:0:0:f0::",
+                      "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
+    shown = vxlan_net("config", "get", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix)
+    assert json.loads(shown.stdout) == stored
+
+
+def test_config_set_no_ipv4_writes_an_ipv6_only_network(etcd, prefix):
+    env = {"VXLAN_NET_ETCD_ENDPOINTS": etcd.client_url, "VXLAN_NET_ETCD_PREFIX": prefix,
+           "VXLAN_NET_IPV6_NETWORK": "fd19::/60", "VXLAN_NET_IPV6_SUBNET_LEN": "72"}
+    result = vxlan_net("config", "set", "--no-ipv4", env=env)
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(etcd_get(etcd, f"{prefix}/config"))
+    assert stored == {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd19::/60", "IPv6SubnetLen": 72,
+                      "IPv6SubnetMin": "fd19::100:0:0:0", "IPv6SubnetMax": "fd19:0:0:f:ff00::",
+                      "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
+    assert vxlan_net("config", "set", env={**env, "VXLAN_NET_NO_IPV4": "true"}).returncode == 0
+    assert "Network" not in json.loads(etcd_get(etcd, f"{prefix}/config"))

@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_set.add_argument("--mtu", type=int, default=_int_env("mtu", None))
     config_set.add_argument("--direct-routing", action="store_true", default=False,
                             help="route to nodes on this node's L2 segment without the tunnel (Backend.DirectRouting)")
+    config_set.add_argument("--ipv6-network", default=env_default("ipv6-network"),
+                            help="IPv6 pod network CIDR (EnableIPv6, IPv6Network), e.g. fd19::/56")
+    config_set.add_argument("--ipv6-subnet-len", type=int, default=_int_env("ipv6-subnet-len", None))
+    config_set.add_argument("--ipv6-subnet-min", default=env_default("ipv6-subnet-min"))
+    config_set.add_argument("--ipv6-subnet-max", default=env_default("ipv6-subnet-max"))
+    config_set.add_argument("--no-ipv4", action="store_true", default=None,
+                            help="an IPv6-only network (EnableIPv4 false): needs --ipv6-network, refuses --network "
+                                 "(env VXLAN_NET_NO_IPV4=true)")
     config_get = config_cmds.add_parser("get", help="print <prefix>/config")
     _add_etcd_flags(config_get)
 
@@ -159,10 +167,18 @@ def _store(args, **options):
 def _config_set(args) -> int:
     from vxlan_net.core.config import build_config
 
-    if not args.network:
-        raise UsageError("--network is required")
-    config = build_config(args.network, args.subnet_len, args.subnet_min, args.subnet_max, args.vni, args.port,
-                          args.mtu, args.direct_routing)
+    no_ipv4 = args.no_ipv4 if args.no_ipv4 is not None else env_bool("no-ipv4")
+    if no_ipv4:
+        if not args.ipv6_network:
+            raise UsageError("--no-ipv4 needs --ipv6-network: a network without IPv4 is IPv6-only")
+        if args.network:  # two flags that contradict each other: refuse rather than pick one
+            raise UsageError("--no-ipv4 and --network contradict each other: drop one")
+    elif not args.network:
+        raise UsageError("--network is required (or --no-ipv4 with --ipv6-network for an IPv6-only network)")
+    config = build_config(None if no_ipv4 else args.network, args.subnet_len, args.subnet_min, args.subnet_max,
+                          args.vni, args.port, args.mtu, args.direct_routing,
+                          ipv6_network=args.ipv6_network or None, ipv6_subnet_len=args.ipv6_subnet_len,
+                          ipv6_subnet_min=args.ipv6_subnet_min or None, ipv6_subnet_max=args.ipv6_subnet_max or None)
     with _store(args) as store:
         store.put_config(config.to_json())
     print(config.to_json())
