@@ -26,7 +26,8 @@ class EtcdServerError(RuntimeError):
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (the kernel picks; a race with others is unlikely)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -82,11 +83,16 @@ class EtcdServer:
     @property
     def client_url(self) -> str:
         scheme = "https" if self.cert_file else "http"
-        return f"{scheme}://{self.host}:{self.client_port}"
+        return f"{scheme}://{self._url_host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"http://{self._url_host}:{self.peer_port}"
+
+    @property
+    def _url_host(self) -> str:
+        """The host as a URL names it: an IPv6 address in brackets."""
+        return f"[{self.host}]" if ":" in self.host else self.host
 
     @property
     def pid(self) -> Optional[int]:

@@ -31,11 +31,15 @@ DEFAULT_AGENT_EXE = os.environ.get("VXLAN_NET_AGENT_EXE", str(REPO / ".venv" / "
 
 # Address plan (all inside 198.18.0.0/15): 198.18.0.0/24 etcd segment, 198.18.<i>.0/24 node i
 # (1..199), 198.18.200.0/24 the outside host. The router is .1 on every segment, the host .2.
+# An IPv6 underlay (``underlay="dual"`` or ``"v6"``) adds fd18:0:0:<i>::/64 per segment, the same
+# <i> written as the group's digits (router ::1, host ::2); IPv6 pods live in fd19::/16.
 UNDERLAY_MTU = 1500
 UNDERLAY_IFNAME = "ul0"
 ETCD_SEGMENT = 0
 OUTSIDE_SEGMENT = 200
 MAX_NODES = OUTSIDE_SEGMENT - 1
+UNDERLAYS = ("v4", "dual", "v6")
+POD_RANGE6 = ipaddress.IPv6Network("fd19::/16")
 RUN_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 _POD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,24}$")
@@ -47,6 +51,18 @@ def _segment(index: int) -> ipaddress.IPv4Network:
 
 def _host(index: int, host: int) -> str:
     return str(_segment(index).network_address + host)
+
+
+def _segment6(index: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(f"fd18:0:0:{index}::/64")
+
+
+def _host6(index: int, host: int) -> str:
+    return str(_segment6(index).network_address + host)
+
+
+def _is_ipv6(ip: str) -> bool:
+    return ipaddress.ip_address(ip).version == 6
 
 
 def _sh(cmd: Sequence[str], *, timeout: float = RUN_TIMEOUT, check: bool = True,
@@ -139,10 +155,12 @@ class Netns:
 
     def ping(self, ip: str, count: int = 1, timeout: float = 2.0, *, size: int | None = None,
              dont_fragment: bool = False, interval: float = 0.2) -> PingResult:
-        """``ping`` from this namespace, bounded by ``count`` and ``timeout`` (seconds)."""
+        """``ping`` from this namespace, bounded by ``count`` and ``timeout`` (seconds); an IPv6
+        address is pinged with ``ping -6`` (the reply's hop limit is reported as ``ttl``)."""
         # -c with -W (not -w): exactly ``count`` requests, also when no reply comes.
         deadline = timeout + interval * (count - 1)
-        cmd = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(timeout)]
+        family = ["-6"] if _is_ipv6(str(ip)) else []
+        cmd = ["ping", *family, "-n", "-c", str(count), "-i", str(interval), "-W", str(timeout)]
         if size is not None:
             cmd += ["-s", str(size)]
         if dont_fragment:
@@ -156,12 +174,21 @@ class Netns:
             output=proc.stdout + proc.stderr,
         )
 
+    def ping6(self, ip: str, count: int = 1, timeout: float = 2.0, **kwargs: Any) -> PingResult:
+        """``ping -6``; refuses an IPv4 address rather than silently pinging over IPv4."""
+        if not _is_ipv6(str(ip)):
+            raise ValueError(f"ping6: {ip} is not an IPv6 address")
+        return self.ping(ip, count, timeout, **kwargs)
+
 
 class Router(Netns):
     """Forwards between every segment; the only path between nodes, etcd and outside."""
 
     def ip_on(self, segment: int) -> str:
         return _host(segment, 1)
+
+    def ip6_on(self, segment: int) -> str:
+        return _host6(segment, 1)
 
 
 class Host(Netns):
@@ -171,9 +198,14 @@ class Host(Netns):
     def __init__(self, lab: "Lab", name: str, segment: int, host: int = 2):
         super().__init__(lab, name)
         self.segment = segment
-        self.subnet = _segment(segment)
-        self.public_ip = _host(segment, host)
-        self.gateway = _host(segment, 1)
+        # None for a family the lab's underlay does not have (no IPv4 with "v6", no IPv6 with "v4").
+        has4, has6 = lab.underlay != "v6", lab.underlay != "v4"
+        self.subnet = _segment(segment) if has4 else None
+        self.public_ip = _host(segment, host) if has4 else None
+        self.gateway = _host(segment, 1) if has4 else None
+        self.subnet6 = _segment6(segment) if has6 else None
+        self.public_ipv6 = _host6(segment, host) if has6 else None
+        self.gateway6 = _host6(segment, 1) if has6 else None
         self.underlay_ifname = UNDERLAY_IFNAME
         # The router's end of this host's link (capture there to see this host's traffic).
         self.router_ifname = {ETCD_SEGMENT: "to-etcd", OUTSIDE_SEGMENT: "to-out"}.get(
@@ -194,6 +226,11 @@ class Node(Host):
         self.agent_log = workdir / "agent.log"
         self.agent: Agent | None = None
 
+    @property
+    def underlay_ipv6(self) -> str | None:
+        """The node's fd18 underlay address (None in an IPv4-only lab)."""
+        return self.public_ipv6
+
     def subnet_env(self) -> dict[str, str]:
         """The agent's subnet file (``VXLAN_NET_SUBNET=...`` lines) as a dict; {} if absent."""
         try:
@@ -207,13 +244,17 @@ class Pod(Netns):
     """A pod namespace whose ``eth0`` is a veth into the node's ``cni0`` bridge."""
 
     def __init__(self, lab: "Lab", name: str, node: Node, pod_name: str,
-                 interface: ipaddress.IPv4Interface, gateway: str, host_ifname: str):
+                 interface: ipaddress.IPv4Interface | None, gateway: str | None, host_ifname: str,
+                 interface6: ipaddress.IPv6Interface | None = None, gateway6: str | None = None):
         super().__init__(lab, name)
         self.node = node
         self.pod_name = pod_name
         self.interface = interface
-        self.ip = str(interface.ip)
+        self.ip = str(interface.ip) if interface is not None else None
         self.gateway = gateway
+        self.interface6 = interface6
+        self.ip6 = str(interface6.ip) if interface6 is not None else None
+        self.gateway6 = gateway6
         self.ifname = "eth0"
         self.host_ifname = host_ifname
 
@@ -259,9 +300,10 @@ EtcdFactory = Callable[["Lab"], Any]
 
 
 def lab_etcd(lab: "Lab") -> EtcdServer:
-    """The default etcd: started in the lab's etcd namespace, listening on its lab address."""
+    """The default etcd: started in the lab's etcd namespace, listening on its lab address
+    (its IPv6 one in an IPv6-only lab)."""
     etcd_dir = lab.workdir / "etcd"
-    return EtcdServer(host=lab.etcd_host.public_ip, netns=lab.etcd_host.name,
+    return EtcdServer(host=lab.etcd_host.public_ip or lab.etcd_host.public_ipv6, netns=lab.etcd_host.name,
                       data_dir=etcd_dir / "data", log_path=etcd_dir / "etcd.log").start()
 
 
@@ -326,6 +368,7 @@ class Capture:
         self.stop()
         # Slow imports, only when asked for; the layer modules register the link types.
         import scapy.layers.inet  # noqa: F401
+        import scapy.layers.inet6  # noqa: F401
         import scapy.layers.l2  # noqa: F401
         import scapy.layers.vxlan  # noqa: F401
         from scapy.utils import rdpcap
@@ -344,13 +387,23 @@ class Lab:
     except nodes put on one L2 segment with ``shared_segments=[(1, 2)]``: those share the first
     one's 198.18.<first>.0/24 (.2, .3, ... in the order given), on a bridge ``sw<first>`` in the
     router's namespace that holds the router's .1.
+
+    ``underlay``: "v4" (the above), "dual" (every segment also gets fd18:0:0:<i>::/64, router
+    ::1, hosts ::2, ::3 ...; IPv6 default routes via ::1; the router forwards IPv6) or "v6"
+    (only the IPv6 addresses; etcd listens on its IPv6 one). Addresses are added ``nodad``
+    and DAD is off, so nothing waits for it. ``pod_network6`` (e.g. "fd19::/56") gives the
+    helper pods an IPv6 address too; ``pod_network=None`` leaves them without IPv4.
     """
 
     def __init__(self, nodes: int = 3, pods_per_node: int = 0, tag: str | None = None,
                  etcd: bool | EtcdFactory = True, *, agent_exe: str | None = None,
-                 pod_network: str = "198.19.0.0/16", pod_mtu: int = 1450,
+                 pod_network: str | None = "198.19.0.0/16", pod_mtu: int = 1450,
                  workdir_root: str | None = None, keep_workdir: bool | None = None,
-                 shared_segments: Sequence[Sequence[int]] = ()):
+                 shared_segments: Sequence[Sequence[int]] = (), underlay: str = "v4",
+                 pod_network6: str | None = None):
+        if underlay not in UNDERLAYS:
+            raise ValueError(f"underlay: one of {', '.join(UNDERLAYS)}")
+        self.underlay = underlay
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"nodes must be 1..{MAX_NODES}")
         grouped = [i for group in shared_segments for i in group]
@@ -367,7 +420,12 @@ class Lab:
         self.etcd_factory: EtcdFactory | None = (
             lab_etcd if etcd is True else (etcd or None))
         self.agent_exe = agent_exe or DEFAULT_AGENT_EXE
-        self.pod_network = ipaddress.IPv4Network(pod_network)
+        self.pod_network = ipaddress.IPv4Network(pod_network) if pod_network is not None else None
+        self.pod_network6 = ipaddress.IPv6Network(pod_network6) if pod_network6 is not None else None
+        if self.pod_network is None and self.pod_network6 is None:
+            raise ValueError("pod_network and pod_network6: at least one")
+        if self.pod_network6 is not None and not self.pod_network6.subnet_of(POD_RANGE6):
+            raise ValueError(f"pod_network6: inside {POD_RANGE6}")
         self.pod_mtu = pod_mtu
         self._workdir_root = workdir_root
         self.keep_workdir = (os.environ.get("VXLAN_LAB_KEEP") == "1"
@@ -432,40 +490,56 @@ class Lab:
             self._add_netns(ns.name)
         self.router.ip_batch(["link set lo up"])
         self.router.sysctl("net.ipv4.ip_forward", 1)
+        if self.underlay != "v4":
+            self.router.sysctl("net.ipv6.conf.all.forwarding", 1)
         self._wire(hosts)
 
         if self.etcd_factory is not None:
             self.etcd = self.etcd_factory(self)
         for node in self.nodes:
             for j in range(self.pods_per_node):
-                self.add_pod(node, f"n{node.index}p{j + 1}",
-                             *self.pod_address(node, j + 1), mtu=self.pod_mtu)
+                v4 = self.pod_address(node, j + 1) if self.pod_network is not None else (None, None)
+                v6 = self.pod_address6(node, j + 1) if self.pod_network6 is not None else (None, None)
+                self.add_pod(node, f"n{node.index}p{j + 1}", *v4, mtu=self.pod_mtu,
+                             ipv6=v6[0], gateway6=v6[1])
+
+    def _router_addrs(self, segment: int) -> list[str]:
+        """The router's address(es) on a segment, per the lab's underlay families."""
+        return ([f"{_host(segment, 1)}/24"] if self.underlay != "v6" else []) + \
+            ([f"{_host6(segment, 1)}/64 nodad"] if self.underlay != "v4" else [])
 
     def _wire(self, hosts: Sequence[Host]) -> None:
-        """A veth from the router to each host, .1 on the router's end, .2 and a default route on the host's;
-        the router's ends of hosts sharing a segment are ports of one bridge, which holds the .1."""
+        """A veth from the router to each host, .1 (::1) on the router's end, .2 (::2) and a default route
+        per family on the host's; the router's ends of hosts sharing a segment are ports of one bridge,
+        which holds the .1 (::1)."""
         router_cmds = []
         shared = {h.segment for h in hosts if sum(o.segment == h.segment for o in hosts) > 1}
         for segment in sorted(shared):
             router_cmds += [f"link add sw{segment} mtu {UNDERLAY_MTU} type bridge",
-                            f"addr add {_host(segment, 1)}/24 dev sw{segment}", f"link set sw{segment} up"]
+                            *(f"addr add {a} dev sw{segment}" for a in self._router_addrs(segment)),
+                            f"link set sw{segment} up"]
         for host in hosts:
             r_if = host.router_ifname
             router_cmds += [
                 f"link add {r_if} mtu {UNDERLAY_MTU} type veth peer name {host.underlay_ifname}"
                 f" mtu {UNDERLAY_MTU} netns {host.name}",
-                f"link set {r_if} master sw{host.segment}" if host.segment in shared
-                else f"addr add {host.gateway}/24 dev {r_if}",
+                *([f"link set {r_if} master sw{host.segment}"] if host.segment in shared
+                  else [f"addr add {a} dev {r_if}" for a in self._router_addrs(host.segment)]),
                 f"link set {r_if} up",
             ]
         self.router.ip_batch(router_cmds)
         for host in hosts:
-            host.ip_batch([
-                "link set lo up",
-                f"addr add {host.public_ip}/24 dev {host.underlay_ifname}",
-                f"link set {host.underlay_ifname} up",
-                f"route add default via {host.gateway}",
-            ])
+            cmds = ["link set lo up"]
+            if host.public_ip is not None:
+                cmds.append(f"addr add {host.public_ip}/24 dev {host.underlay_ifname}")
+            if host.public_ipv6 is not None:
+                cmds.append(f"addr add {host.public_ipv6}/64 dev {host.underlay_ifname} nodad")
+            cmds.append(f"link set {host.underlay_ifname} up")
+            if host.gateway is not None:
+                cmds.append(f"route add default via {host.gateway}")
+            if host.gateway6 is not None:
+                cmds.append(f"route add default via {host.gateway6} dev {host.underlay_ifname}")
+            host.ip_batch(cmds)
 
     def add_host(self, suffix: str, segment: int) -> Host:
         """One more host (e.g. another etcd member) at 198.18.<segment>.2 on a segment of its own
@@ -480,13 +554,17 @@ class Lab:
         self._wire([host])
         return host
 
-    def _add_netns(self, name: str) -> None:
+    def _add_netns(self, name: str, ipv6: bool | None = None) -> None:
+        """``ipv6``: IPv6 on in the namespace (default: when the lab has an IPv6 underlay)."""
         # Recorded first, so a half-made namespace is still deleted.
         self._namespaces.append(name)
         _sh(["ip", "netns", "add", name])
-        # IPv4 only: no router solicitations or MLD reports in the captures.
-        _sh(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
-             "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+        if ipv6 or (ipv6 is None and self.underlay != "v4"):
+            _enable_ipv6(name)
+        else:
+            # IPv4 only: no router solicitations or MLD reports in the captures.
+            _sh(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+                 "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
 
     def close(self) -> None:
         """Stops every process the lab started and deletes every namespace it made."""
@@ -558,9 +636,15 @@ class Lab:
     # -- agents -----------------------------------------------------------------------------
 
     def agent_argv(self, node: Node, *extra_args: str, public_ip: bool = True) -> list[str]:
-        """`public_ip=False`: no --public-ip, the agent follows its --iface's address."""
+        """`public_ip=False`: no --public-ip/--public-ipv6, the agent follows its --iface's addresses.
+        With an IPv6 underlay the node's fd18 address goes in as --public-ipv6 (issue 11's flag)."""
+        public = []
+        if public_ip and node.public_ip is not None:
+            public += ["--public-ip", node.public_ip]
+        if public_ip and node.public_ipv6 is not None:
+            public += ["--public-ipv6", node.public_ipv6]
         argv = [self.agent_exe, "agent", "--iface", node.underlay_ifname,
-                *(["--public-ip", node.public_ip] if public_ip else []), "--subnet-file", str(node.subnet_file),
+                *public, "--subnet-file", str(node.subnet_file),
                 "--state-dir", str(node.state_dir)]
         if self.etcd_url is not None:
             argv[2:2] = ["--etcd-endpoints", self.etcd_url]
@@ -593,35 +677,64 @@ class Lab:
         subnet = subnets[node.index]
         return f"{subnet.network_address + n + 1}/24", str(subnet.network_address + 1)
 
-    def add_pod(self, node: Node, name: str, ip_cidr: str, gateway: str,
-                mtu: int | None = None, bridge: str = "cni0") -> Pod:
+    def pod_address6(self, node: Node, n: int) -> tuple[str, str]:
+        """The IPv6 twin of ``pod_address``: (``<node's /64>::<n+1>/64``, gateway ``::1``), the
+        node's /64 being the ``node.index``-th /64 of ``pod_network6`` (fd19:0:0:<index hex>::/64)."""
+        if self.pod_network6 is None:
+            raise LabError("this lab has no pod_network6")
+        subnet = ipaddress.IPv6Network((int(self.pod_network6.network_address) + (node.index << 64), 64))
+        if not subnet.subnet_of(self.pod_network6):
+            raise LabError(f"node {node.index}: no /64 left in {self.pod_network6}")
+        return f"{subnet.network_address + n + 1}/64", str(subnet.network_address + 1)
+
+    def add_pod(self, node: Node, name: str, ip_cidr: str | None, gateway: str | None,
+                mtu: int | None = None, bridge: str = "cni0", *, ipv6: str | None = None,
+                gateway6: str | None = None) -> Pod:
         """A pod as the CNI bridge plugin would make it: veth ``eth0`` in the pod namespace,
-        host end on ``bridge`` (created with ``gateway`` if missing), default route via it.
-        Like the reference plugin, it turns on IPv4 forwarding in the node namespace."""
+        host end on ``bridge`` (created with the gateways if missing), a default route per family.
+        ``ipv6``/``gateway6`` (e.g. "fd19:0:0:1::2/64", "fd19:0:0:1::1") give it an IPv6 address
+        too (``ip_cidr``/``gateway`` None: IPv6 only); DAD is off as the bridge plugin does. Like the
+        reference plugin, it turns on forwarding (per family the pod has) in the node namespace."""
         if not _POD_NAME.match(name):
             raise ValueError(f"pod name {name!r}: 1-24 of [A-Za-z0-9_-]")
         if name in self.pods:
             raise LabError(f"pod {name} exists")
+        if (ip_cidr is None) != (gateway is None) or (ipv6 is None) != (gateway6 is None):
+            raise ValueError("add_pod: an address and its gateway go together")
+        if ip_cidr is None and ipv6 is None:
+            raise ValueError("add_pod: an IPv4 or an IPv6 address (or both)")
         mtu = mtu or self.pod_mtu
-        iface = ipaddress.IPv4Interface(ip_cidr)
+        iface = ipaddress.IPv4Interface(ip_cidr) if ip_cidr is not None else None
+        iface6 = ipaddress.IPv6Interface(ipv6) if ipv6 is not None else None
+        if iface6 is not None and not (iface6.network.subnet_of(POD_RANGE6)
+                                       and ipaddress.IPv6Address(gateway6) in POD_RANGE6):
+            raise ValueError(f"add_pod: IPv6 pod addresses must be inside {POD_RANGE6}")
         host_if = "vh" + hashlib.sha1(f"{node.name}/{name}".encode()).hexdigest()[:10]
-        pod = Pod(self, f"{self.prefix}p-{name}", node, name, iface, gateway, host_if)
-        self._add_netns(pod.name)
+        pod = Pod(self, f"{self.prefix}p-{name}", node, name, iface, gateway, host_if, iface6, gateway6)
+        self._add_netns(pod.name, ipv6=iface6 is not None or None)
         self.pods[name] = pod
+        if iface6 is not None:
+            _enable_ipv6(node.name)
         if not node.has_link(bridge):
             node.ip_batch([f"link add {bridge} type bridge", f"link set {bridge} up"])
         node.ip_batch([
-            f"addr replace {gateway}/{iface.network.prefixlen} dev {bridge}",
+            *([f"addr replace {gateway}/{iface.network.prefixlen} dev {bridge}"] if iface else []),
+            *([f"addr replace {gateway6}/{iface6.network.prefixlen} dev {bridge} nodad"] if iface6 else []),
             f"link add {host_if} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {pod.name}",
             f"link set {host_if} master {bridge}",
             f"link set {host_if} up",
         ])
-        node.sysctl("net.ipv4.ip_forward", 1)
+        if iface is not None:
+            node.sysctl("net.ipv4.ip_forward", 1)
+        if iface6 is not None:
+            node.sysctl("net.ipv6.conf.all.forwarding", 1)
         pod.ip_batch([
             "link set lo up",
-            f"addr add {iface} dev eth0",
+            *([f"addr add {iface} dev eth0"] if iface else []),
+            *([f"addr add {iface6} dev eth0 nodad"] if iface6 else []),
             "link set eth0 up",
-            f"route add default via {gateway} dev eth0",
+            *([f"route add default via {gateway} dev eth0"] if iface else []),
+            *([f"route add default via {gateway6} dev eth0"] if iface6 else []),
         ])
         return pod
 
@@ -629,21 +742,39 @@ class Lab:
         """A pod addressed from the subnet the agent wrote to ``node.subnet_file`` (gateway
         and MTU from the file, the next free host address), as the CNI plugin would do."""
         env = node.subnet_env()
-        if "VXLAN_NET_SUBNET" not in env:
-            raise LabError(f"{node.subnet_file}: no VXLAN_NET_SUBNET yet")
-        gateway = ipaddress.IPv4Interface(env["VXLAN_NET_SUBNET"])
-        taken = {p.interface.ip for p in self.pods.values() if p.node is node}
-        free = (h for h in gateway.network.hosts() if h != gateway.ip and h not in taken)
-        address = next(free, None)
-        if address is None:
-            raise LabError(f"no free address left in {gateway.network}")
-        return self.add_pod(node, name, f"{address}/{gateway.network.prefixlen}",
-                            str(gateway.ip), mtu=int(env.get("VXLAN_NET_MTU", self.pod_mtu)))
+        if "VXLAN_NET_SUBNET" not in env and "VXLAN_NET_IPV6_SUBNET" not in env:
+            raise LabError(f"{node.subnet_file}: no VXLAN_NET_SUBNET or VXLAN_NET_IPV6_SUBNET yet")
+        picked: dict[str, tuple[str | None, str | None]] = {}
+        for key, attr in (("VXLAN_NET_SUBNET", "interface"), ("VXLAN_NET_IPV6_SUBNET", "interface6")):
+            if key not in env:
+                picked[key] = (None, None)
+                continue
+            gateway = ipaddress.ip_interface(env[key])
+            taken = {getattr(p, attr).ip for p in self.pods.values()
+                     if p.node is node and getattr(p, attr) is not None}
+            free = (h for _, h in zip(range(len(taken) + 2), gateway.network.hosts())
+                    if h != gateway.ip and h not in taken)
+            address = next(free, None)
+            if address is None:
+                raise LabError(f"no free address left in {gateway.network}")
+            picked[key] = (f"{address}/{gateway.network.prefixlen}", str(gateway.ip))
+        v6 = picked["VXLAN_NET_IPV6_SUBNET"]
+        return self.add_pod(node, name, *picked["VXLAN_NET_SUBNET"],
+                            mtu=int(env.get("VXLAN_NET_MTU", self.pod_mtu)), ipv6=v6[0], gateway6=v6[1])
 
     def remove_pod(self, pod: Pod) -> None:
         """Deletes the pod namespace (its veth pair goes with it)."""
         _sh(["ip", "netns", "del", pod.name], check=False)
         self.pods.pop(pod.pod_name, None)
+
+
+def _enable_ipv6(netns: str) -> None:
+    """IPv6 on in a lab namespace without DAD, router advertisements or solicitations, so an
+    address is usable at once and no autoconfiguration adds anything the lab did not ask for."""
+    settings = [f"net.ipv6.conf.{scope}.{key}={value}" for scope in ("all", "default")
+                for key, value in (("accept_dad", 0), ("accept_ra", 0), ("router_solicitations", 0),
+                                   ("disable_ipv6", 0))]
+    _sh(["ip", "netns", "exec", netns, "sysctl", "-q", "-w", *settings])
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

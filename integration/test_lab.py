@@ -232,3 +232,129 @@ def test_pods_from_the_subnet_file_take_gateway_mtu_and_free_addresses(lab):
     assert _inet(b, "eth0") == [ipaddress.IPv4Interface("198.19.7.3/24")]
     assert b.ip_json("link", "show", "dev", "eth0")[0]["mtu"] == 1400
     assert b.ping(a.ip) and b.ping("198.19.7.1")
+
+
+# -- IPv6 underlay (issue 11) -------------------------------------------------------------------
+
+LAB_RANGE6 = ipaddress.IPv6Network("fd18::/16")
+
+
+def _inet6(ns, ifname: str) -> list[ipaddress.IPv6Interface]:
+    link = ns.ip_json("addr", "show", "dev", ifname)[0]
+    return [ipaddress.IPv6Interface(f"{a['local']}/{a['prefixlen']}")
+            for a in link["addr_info"] if a["family"] == "inet6" and a.get("scope") == "global"]
+
+
+@pytest.mark.parametrize("underlay", ["", "v5", "V6", None])
+def test_an_unknown_underlay_is_refused(underlay):
+    with pytest.raises(ValueError, match="underlay"):
+        Lab(nodes=1, underlay=underlay)
+
+
+@pytest.mark.parametrize("pod6", ["fd18::/56", "2001:db8::/56", "fd19::/56 x"])
+def test_an_ipv6_pod_network_outside_fd19_is_refused(pod6):
+    with pytest.raises(ValueError):
+        Lab(nodes=1, pod_network6=pod6)
+
+
+def test_a_dual_underlay_gives_each_node_both_families_and_routes_ipv6_through_the_router(lab):
+    cluster = lab(nodes=3, etcd=False, underlay="dual", shared_segments=[(1, 2)])
+    n1, n2, n3 = cluster.nodes
+
+    assert (n1.underlay_ipv6, n2.underlay_ipv6, n3.underlay_ipv6) == (
+        "fd18:0:0:1::2", "fd18:0:0:1::3", "fd18:0:0:3::2")
+    for node in cluster.nodes:
+        [addr6] = _inet6(node, node.underlay_ifname)
+        assert str(addr6.ip) == node.underlay_ipv6 and addr6.network.prefixlen == 64
+        assert addr6.network.subnet_of(LAB_RANGE6)
+        assert [str(a.ip) for a in _inet(node, node.underlay_ifname)] == [node.public_ip]
+        [default6] = node.ip_json("-6", "route", "show", "default")
+        assert default6["gateway"] == cluster.router.ip6_on(node.segment)
+        flags = node.ip_json("-6", "addr", "show", "dev", node.underlay_ifname)[0]["addr_info"]
+        assert not any(a.get("tentative") for a in flags), "nodad: usable at once"
+
+    routed = n1.ping(n3.underlay_ipv6)
+    assert routed, routed.output
+    assert routed.ttl == 63, "one routed hop decrements the hop limit once"
+    assert n2.ping6(n1.underlay_ipv6).ttl == 64, "a shared segment is one L2 hop"
+    assert n3.ping(n1.public_ip), "IPv4 keeps working beside IPv6"
+
+    cluster.router.sysctl("net.ipv6.conf.all.forwarding", 0)
+    cut = n1.ping6(n3.underlay_ipv6, timeout=1)
+    assert not cut and "1 packets transmitted, 0 received" in cut.output
+    cluster.router.sysctl("net.ipv6.conf.all.forwarding", 1)
+    assert n1.ping6(n3.underlay_ipv6)
+
+
+def test_ping6_refuses_an_ipv4_address(lab):
+    cluster = lab(nodes=1, etcd=False, underlay="dual")
+    with pytest.raises(ValueError, match="not an IPv6"):
+        cluster.nodes[0].ping6(cluster.outside.public_ip)
+
+
+def test_a_v6_underlay_has_no_ipv4_and_etcd_answers_on_its_ipv6_address(lab):
+    cluster = lab(nodes=2, underlay="v6")
+    one, two = cluster.nodes
+
+    assert cluster.etcd_url == f"http://[{cluster.etcd_host.public_ipv6}]:2379" == "http://[fd18::2]:2379"
+    for host in [one, two, cluster.etcd_host, cluster.outside]:
+        assert host.public_ip is None and _inet(host, host.underlay_ifname) == []
+        assert host.ip_json("-4", "route", "show") == []
+    assert cluster.router.ip_json("-4", "addr", "show", "dev", one.router_ifname) == []
+
+    one.run("etcdctl", "--endpoints", cluster.etcd_url, "put", "/lab/v6", "over-ipv6", check=True)
+    got = two.run("etcdctl", "--endpoints", cluster.etcd_url, "get", "--print-value-only", "/lab/v6",
+                  check=True)
+    assert got.stdout.strip() == "over-ipv6"
+    reply = one.ping(two.underlay_ipv6)
+    assert reply and reply.ttl == 63
+    assert one.ping(cluster.outside.public_ipv6)
+
+
+def test_dual_stack_pods_get_both_families_and_reach_each_other_and_their_gateway(lab):
+    cluster = lab(nodes=1, etcd=False, pods_per_node=2, pod_network6="fd19::/56")
+    node = cluster.nodes[0]
+    a, b = cluster.pods["n1p1"], cluster.pods["n1p2"]
+
+    assert (str(a.interface6), a.gateway6) == ("fd19:0:0:1::2/64", "fd19:0:0:1::1")
+    assert (b.ip, b.ip6) == ("198.19.1.3", "fd19:0:0:1::3")
+    assert _inet6(b, "eth0") == [ipaddress.IPv6Interface("fd19:0:0:1::3/64")]
+    assert _inet(b, "eth0") == [ipaddress.IPv4Interface("198.19.1.3/24")]
+    assert b.ip_json("-6", "route", "show", "default")[0]["gateway"] == "fd19:0:0:1::1"
+    assert _inet6(node, "cni0") == [ipaddress.IPv6Interface("fd19:0:0:1::1/64")]
+    assert node.underlay_ipv6 is None, "the underlay stays IPv4 only"
+
+    with cluster.capture(node, iface=b.host_ifname, bpf="icmp6 and ip6[40] == 128", count=1,
+                         timeout=5) as cap:
+        reply = a.ping(b.ip6)
+        cap.wait()
+    assert reply and reply.ttl == 64, "bridged, not routed"
+    assert any(f"{a.ip6} > {b.ip6}: ICMP6, echo request" in line for line in cap.lines()), cap.lines()
+    assert a.ping6("fd19:0:0:1::1") and a.ping(b.ip)
+
+
+def test_ipv6_only_pods_from_the_subnet_file(lab):
+    cluster = lab(nodes=1, etcd=False, underlay="v6")
+    node = cluster.nodes[0]
+    node.subnet_file.write_text("VXLAN_NET_IPV6_NETWORK=fd19::/56\nVXLAN_NET_IPV6_SUBNET=fd19:0:0:5::1/64\n"
+                                "VXLAN_NET_MTU=1380\n")
+
+    a = cluster.add_pod_from_subnet_file(node, "a")
+    b = cluster.add_pod_from_subnet_file(node, "b")
+
+    assert (a.interface, a.ip) == (None, None)
+    assert (str(a.interface6), str(b.interface6)) == ("fd19:0:0:5::2/64", "fd19:0:0:5::3/64")
+    assert _inet(b, "eth0") == [] and b.ip_json("-4", "route", "show") == []
+    assert b.ip_json("link", "show", "dev", "eth0")[0]["mtu"] == 1380
+    assert b.ping6(a.ip6) and b.ping6("fd19:0:0:5::1")
+
+
+@pytest.mark.parametrize("kwargs", [dict(ip_cidr=None, gateway=None),
+                                    dict(ip_cidr=None, gateway=None, ipv6="fd19:0:0:1::2/64"),
+                                    dict(ip_cidr=None, gateway=None, ipv6="2001:db8::2/64",
+                                         gateway6="2001:db8::1")])
+def test_a_pod_without_an_address_or_outside_fd19_is_refused(lab, kwargs):
+    cluster = lab(nodes=1, etcd=False)
+    with pytest.raises(ValueError, match="add_pod"):
+        cluster.add_pod(cluster.nodes[0], "bad", **kwargs)
+    assert cluster.pods == {}

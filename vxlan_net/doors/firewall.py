@@ -1,5 +1,6 @@
-"""The nftables door: our own table (ingress filter of VXLAN to node IPs, the pod-to-VXLAN-port drop, optional
-masquerade) and the tagged FORWARD rules in iptables-nft's filter table that let pod traffic through."""
+"""The nftables door: our own tables (ingress filter of VXLAN to node IPs, the pod-to-VXLAN-port drop, optional
+masquerade; `table ip vxlan-net` for IPv4, `table ip6 vxlan-net` for IPv6) and the tagged FORWARD rules in
+iptables-nft's filter tables (`ip filter`, `ip6 filter`) that let pod traffic through."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import logging
 import shutil
 import subprocess
-from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable, Optional
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Iterable, Optional, Union
 
 from vxlan_net.core.errors import KernelError
 from vxlan_net.core.names import NFT_TABLE
@@ -20,6 +21,7 @@ TABLE = NFT_TABLE
 # iptables-nft keeps the FORWARD chain (and its policy) in `ip filter`; an accept in
 # our own table cannot override a drop there, so we append tagged rules to it when it exists.
 IPTABLES_FORWARD = ("ip", "filter", "FORWARD")
+IP6TABLES_FORWARD = ("ip6", "filter", "FORWARD")
 # Ours are the FORWARD rules whose comment starts with this (also the one-rule-per-direction
 # "vxlan-net pod network" of earlier versions, which an upgrade replaces).
 FORWARD_TAG = "vxlan-net"
@@ -32,6 +34,11 @@ NFT_TIMEOUT = 5.0
 NOT_A_NODE = "vxlan-net: VXLAN from a non-node"
 POD_TO_VXLAN_PORT = "vxlan-net: pod traffic to the VXLAN port"
 
+IPAddress = Union[IPv4Address, IPv6Address]
+# Per nft family: the address type of the peer set and the multicast range masquerade leaves alone
+# (flannel's MasqRules / MasqIP6Rules).
+_FAMILY = {"ip": ("ipv4_addr", "224.0.0.0/4"), "ip6": ("ipv6_addr", "ff00::/8")}
+
 
 @dataclasses.dataclass(frozen=True)
 class ForwardDevices:
@@ -43,16 +50,22 @@ class ForwardDevices:
     underlay: Optional[str] = None
     """Set with direct routing (then `pod_network` too)."""
     pod_network: Optional[IPv4Network] = None
+    vtep6: Optional[str] = None
+    """The VTEP over the IPv6 underlay (`vxnet6.<VNI>`), when the node has one: pods' traffic of
+    either family arrives on it."""
+    pod_network6: Optional[IPv6Network] = None
+    """The IPv6 pod network: set when pods have IPv6, which gets the same rules in `ip6 filter FORWARD`."""
 
 
-def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: int,
-                   peer_ips: Iterable[IPv4Address] = (), ingress_filter: bool = True) -> str:
-    """Our whole table, replaced atomically by one `nft -f` transaction.
+def render_ruleset(network: Optional[IPv4Network], ip_masq: bool, vxlan_port: int,
+                   peer_ips: Iterable[IPAddress] = (), ingress_filter: bool = True,
+                   ipv6_network: Optional[IPv6Network] = None, ipv6_underlay: bool = False) -> str:
+    """Our whole tables, replaced atomically by one `nft -f` transaction.
 
     No forward chain of our own: an accept there cannot override a drop in
     another table, and every base chain costs each forwarded packet (measured:
     ~10 us of pod-to-pod RTT); forwarding under a drop policy is handled by the
-    tagged rules in iptables-nft's FORWARD chain instead.
+    tagged rules in iptables-nft's FORWARD chains instead.
 
     With `ingress_filter`, UDP to `vxlan_port` is accepted only from the nodes'
     public IPs (the set `vxlan_peers`); anyone else could inject frames that look
@@ -65,111 +78,188 @@ def render_ruleset(network: IPv4Network, ip_masq: bool, vxlan_port: int,
     established pod traffic pays nothing for it (a forward chain would cost every
     packet); a dropped first packet leaves no connection, so every later one is
     first again and dropped too.
+
+    IPv6 gets the same in `table ip6 vxlan-net`, which exists only when there is
+    something IPv6 to guard: an IPv6 pod network (`ipv6_network`: its own
+    anti-laundering drop and masquerade), an IPv6 underlay (`ipv6_underlay`: the
+    ingress filter, an empty set dropping all VXLAN over IPv6 until the first
+    IPv6 peer) or IPv6 peers. Without them the text is exactly the IPv4 table.
+    `peer_ips` may hold both families; each goes to its table's set.
     """
+    peers4, peers6 = _by_family(peer_ips)
+    text = _render_table("ip", network, ip_masq, vxlan_port, peers4, ingress_filter)
+    if ipv6_network is not None or ipv6_underlay or peers6:
+        text += _render_table("ip6", ipv6_network, ip_masq, vxlan_port, peers6, ingress_filter)
+    return text
+
+
+def _render_table(family: str, network: Optional[IPv4Network | IPv6Network], ip_masq: bool, vxlan_port: int,
+                  peer_ips: Iterable[IPAddress], ingress_filter: bool) -> str:
+    """One family's table (see render_ruleset); `network` None: no pod network of this family."""
+    address_type, multicast = _FAMILY[family]
     ingress = ""
     if ingress_filter:
         elements = _elements(peer_ips)
         ingress = f"""
     set {PEER_SET} {{
-        type ipv4_addr;{f"{chr(10)}        elements = {{ {elements} }}" if elements else ""}
+        type {address_type};{f"{chr(10)}        elements = {{ {elements} }}" if elements else ""}
     }}
     chain input {{
         type filter hook input priority filter; policy accept;
-        udp dport {vxlan_port} ip saddr != @{PEER_SET} counter drop comment "{NOT_A_NODE}"
+        udp dport {vxlan_port} {family} saddr != @{PEER_SET} counter drop comment "{NOT_A_NODE}"
     }}"""
-    no_laundering = f"""
+    no_laundering = ""
+    if network is not None:
+        no_laundering = f"""
     chain pod_to_vxlan_port {{
         type nat hook postrouting priority srcnat - 10; policy accept;
-        ip saddr {network} udp dport {vxlan_port} counter drop comment "{POD_TO_VXLAN_PORT}"
+        {family} saddr {network} udp dport {vxlan_port} counter drop comment "{POD_TO_VXLAN_PORT}"
     }}"""
     masquerade = ""
-    if ip_masq:
+    if ip_masq and network is not None:
         masquerade = f"""
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        ip saddr {network} ip daddr {network} return
-        ip saddr {network} ip daddr 224.0.0.0/4 return
-        ip saddr {network} masquerade fully-random
+        {family} saddr {network} {family} daddr {network} return
+        {family} saddr {network} {family} daddr {multicast} return
+        {family} saddr {network} masquerade fully-random
     }}"""
-    return f"""table ip {TABLE}
-delete table ip {TABLE}
-table ip {TABLE} {{{no_laundering}{masquerade}{ingress}
+    return f"""table {family} {TABLE}
+delete table {family} {TABLE}
+table {family} {TABLE} {{{no_laundering}{masquerade}{ingress}
 }}
 """
 
 
-def render_peer_update(peer_ips: Iterable[IPv4Address]) -> str:
-    """Replace the set's elements in one transaction (counters and rules untouched)."""
-    elements = _elements(peer_ips)
-    text = f"flush set ip {TABLE} {PEER_SET}\n"
-    return text + (f"add element ip {TABLE} {PEER_SET} {{ {elements} }}\n" if elements else "")
+def render_peer_update(peer_ips: Iterable[IPAddress], ipv6: bool = False) -> str:
+    """Replace the sets' elements in one transaction (counters and rules untouched). The IPv6 set is
+    rewritten when there are IPv6 peers or `ipv6` says the node keeps an ip6 table (then emptied when
+    no IPv6 peer is left); otherwise the text is exactly the IPv4 set's update."""
+    peers4, peers6 = _by_family(peer_ips)
+    text = ""
+    for family, peers in (("ip", peers4), ("ip6", peers6)):
+        if family == "ip6" and not (peers or ipv6):
+            continue
+        elements = _elements(peers)
+        text += f"flush set {family} {TABLE} {PEER_SET}\n"
+        text += f"add element {family} {TABLE} {PEER_SET} {{ {elements} }}\n" if elements else ""
+    return text
 
 
-def render_peer_changes(added: Iterable[IPv4Address], removed: Iterable[IPv4Address]) -> str:
-    """Add and delete just these elements, in one transaction (the rest of the set untouched).
+def render_peer_changes(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> str:
+    """Add and delete just these elements, in one transaction (the rest of the sets untouched); each
+    address goes to its family's set.
 
     Deletions go first, so an address both removed and added (never both from one caller)
     ends up present. nft refuses to delete an element that is not there, which fails
     the whole transaction: the caller then knows the set is not what it thought."""
+    added4, added6 = _by_family(added)
+    removed4, removed6 = _by_family(removed)
     text = ""
-    for verb, ips in (("delete", removed), ("add", added)):
+    for verb, family, ips in (("delete", "ip", removed4), ("delete", "ip6", removed6),
+                              ("add", "ip", added4), ("add", "ip6", added6)):
         elements = _elements(ips)
         if elements:
-            text += f"{verb} element ip {TABLE} {PEER_SET} {{ {elements} }}\n"
+            text += f"{verb} element {family} {TABLE} {PEER_SET} {{ {elements} }}\n"
     return text
 
 
-def _elements(peer_ips: Iterable[IPv4Address]) -> str:
+def _by_family(ips: Iterable[IPAddress | str]) -> tuple[set[IPv4Address], set[IPv6Address]]:
+    """The addresses split into (IPv4, IPv6); strings are parsed (a bad one raises ValueError)."""
+    v4: set[IPv4Address] = set()
+    v6: set[IPv6Address] = set()
+    for ip in ips:
+        if not isinstance(ip, (IPv4Address, IPv6Address)):
+            ip = ip_address(ip)
+        (v4 if ip.version == 4 else v6).add(ip)
+    return v4, v6
+
+
+def _elements(peer_ips: Iterable[IPAddress]) -> str:
     # Sorted as addresses, none parsed again: a key function parsing 5,000 strings took ~20 ms.
-    addresses = {ip if isinstance(ip, IPv4Address) else IPv4Address(ip) for ip in peer_ips}
-    return ", ".join(map(str, sorted(addresses, key=int)))
+    # One family per call (the callers split them).
+    return ", ".join(map(str, sorted(peer_ips, key=int)))
 
 
-def apply_rules(network: IPv4Network, ip_masq: bool, vxlan_port: int, devices: ForwardDevices,
-                peer_ips: Iterable[IPv4Address] = (), ingress_filter: bool = True) -> None:
+def apply_rules(network: Optional[IPv4Network], ip_masq: bool, vxlan_port: int, devices: ForwardDevices,
+                peer_ips: Iterable[IPAddress] = (), ingress_filter: bool = True,
+                ipv6_network: Optional[IPv6Network] = None, ipv6_underlay: bool = False) -> None:
     """Install (or replace) our rules; idempotent.
 
-    Peers already in the set are kept until the next update_peers(), so that
-    re-applying the rules (an agent restart) never drops tunnel traffic.
+    Peers already in the sets are kept until the next update_peers(), so that
+    re-applying the rules (an agent restart) never drops tunnel traffic. When
+    nothing IPv6 is asked for any more (no IPv6 network, underlay or peer), an
+    ip6 table left from before is deleted in the same transaction, with its peers.
     """
-    peers = set(peer_ips) | set(current_peers())
-    _nft(["-f", "-"], render_ruleset(network, ip_masq, vxlan_port, peers, ingress_filter))
-    ensure_forward_rules(devices)
+    given4, given6 = _by_family(peer_ips)
+    old4, old6, ip6_table = _current_sets()
+    wants_ip6 = ipv6_network is not None or ipv6_underlay or bool(given6)
+    peers = given4 | old4 | (given6 | old6 if wants_ip6 else set())
+    text = render_ruleset(network, ip_masq, vxlan_port, peers, ingress_filter, ipv6_network, ipv6_underlay)
+    if ip6_table and not wants_ip6:
+        text += f"delete table ip6 {TABLE}\n"
+    _nft(["-f", "-"], text)
+    ensure_forward_rules(devices, ipv6=True)
 
 
-def update_peers(peer_ips: Iterable[IPv4Address]) -> None:
-    """Set the public IPs allowed to send us VXLAN frames."""
-    _nft(["-f", "-"], render_peer_update(peer_ips))
+def update_peers(peer_ips: Iterable[IPAddress], ipv6: bool = False) -> None:
+    """Set the public IPs (both families) allowed to send us VXLAN frames. `ipv6`: the node keeps an
+    ip6 table (IPv6 network or underlay), whose set is then rewritten even with no IPv6 peer."""
+    _nft(["-f", "-"], render_peer_update(peer_ips, ipv6))
 
 
-def change_peers(added: Iterable[IPv4Address], removed: Iterable[IPv4Address]) -> None:
+def change_peers(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> None:
     """Allow `added` and stop allowing `removed`, leaving every other element as it is: a join or a
     leave costs one small `nft` run, however many peers there are. Fails (KernelError) when an
-    address to remove is not in the set."""
+    address to remove is not in its set, or an IPv6 one is given and there is no ip6 table."""
     text = render_peer_changes(added, removed)
     if text:
         _nft(["-f", "-"], text)
 
 
-def current_peers() -> list[IPv4Address]:
-    """The set's elements now; empty when the table or the set does not exist."""
-    proc = _run(["-j", "list", "set", "ip", TABLE, PEER_SET], check=False)
+def current_peers() -> list[IPAddress]:
+    """The sets' elements now (IPv4 first, then IPv6); empty when the tables or sets do not exist."""
+    v4, v6, _ = _current_sets()
+    return sorted(v4, key=int) + sorted(v6, key=int)
+
+
+def _current_sets() -> tuple[set[IPv4Address], set[IPv6Address], bool]:
+    """(IPv4 set elements, IPv6 set elements, whether `table ip6 vxlan-net` exists)."""
+    v4 = set(_listed_elements(["-j", "list", "set", "ip", TABLE, PEER_SET], IPv4Address))
+    # The whole ip6 table is listed: one run tells whether it exists (a table without the set, ingress
+    # filter off, must still be found to be deleted) and what its set holds.
+    proc = _run(["-j", "list", "table", "ip6", TABLE], check=False)
     if proc.returncode != 0:
-        return []
-    for item in json.loads(proc.stdout).get("nftables", []):
-        if "set" in item:
-            return [IPv4Address(e) for e in item["set"].get("elem", []) if isinstance(e, str)]
+        return v4, set(), False
+    return v4, set(_parse_elements(proc.stdout, IPv6Address)), True
+
+
+def _listed_elements(args: list[str], kind: type) -> list:
+    proc = _run(args, check=False)
+    return _parse_elements(proc.stdout, kind) if proc.returncode == 0 else []
+
+
+def _parse_elements(listing: str, kind: type) -> list:
+    """The peer set's plain address elements in an `nft -j` listing."""
+    try:
+        items = json.loads(listing).get("nftables", [])
+    except (ValueError, AttributeError):
+        raise KernelError("nft -j list printed something that is not an nft JSON listing") from None
+    for item in items:
+        if isinstance(item, dict) and "set" in item and item["set"].get("name") == PEER_SET:
+            return [kind(e) for e in item["set"].get("elem", []) if isinstance(e, str)]
     return []
 
 
-def forward_rules(devices: ForwardDevices) -> list[tuple[str, list[dict]]]:
-    """(comment, nft JSON expressions) of our FORWARD rules, in chain order.
+def forward_rules(devices: ForwardDevices, family: str = "ip") -> list[tuple[str, list[dict]]]:
+    """(comment, nft JSON expressions) of our FORWARD rules in `family`'s filter table, in chain order.
 
-    Only our two devices are matched, never the pod network's addresses: an
+    Only our devices are matched, never the pod network's addresses: an
     address match would also accept spoofed traffic arriving on any interface.
     New connections into pods are accepted only from the overlay or when port-
     mapped (DNAT, e.g. the portmap plugin's hostPorts); anything else reaches
-    pods only as replies.
+    pods only as replies. `ip6` gets the same rules when pods have IPv6
+    (`devices.pod_network6`), none otherwise.
     """
     def name(key: str, value: str) -> dict:
         return {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": value}}
@@ -177,20 +267,27 @@ def forward_rules(devices: ForwardDevices) -> list[tuple[str, list[dict]]]:
     def conntrack(key: str, value) -> dict:
         return {"match": {"op": "in", "left": {"ct": {"key": key}}, "right": value}}
 
+    network = devices.pod_network if family == "ip" else devices.pod_network6
+    if family == "ip6" and network is None:
+        return []
     accept = [{"counter": None}, {"accept": None}]
     bridge, vtep = devices.bridge, devices.vtep
     direct = []
-    if devices.underlay is not None and devices.pod_network is not None:
+    if devices.underlay is not None and network is not None:
         # Direct peers' pods arrive on the underlay with their own addresses. Here the source
         # must be matched (the underlay also carries everything else), and strict rp_filter
         # backs it: a pod source is accepted on the underlay only where its subnet routes there.
-        network = devices.pod_network
-        from_pods = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+        from_pods = {"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "saddr"}},
                                "right": {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}}}
         direct = [(f"{FORWARD_TAG}: direct peers' pods to pods",
                    [name("iifname", devices.underlay), name("oifname", bridge), from_pods, *accept])]
+    overlay6 = []
+    if devices.vtep6 is not None:
+        overlay6 = [(f"{FORWARD_TAG}: IPv6 underlay's overlay to pods",
+                     [name("iifname", devices.vtep6), name("oifname", bridge), *accept])]
     return [
         (f"{FORWARD_TAG}: overlay to pods", [name("iifname", vtep), name("oifname", bridge), *accept]),
+        *overlay6,
         *direct,
         (f"{FORWARD_TAG}: pods to the overlay and out", [name("iifname", bridge), *accept]),
         (f"{FORWARD_TAG}: replies to pods", [name("oifname", bridge),
@@ -199,25 +296,35 @@ def forward_rules(devices: ForwardDevices) -> list[tuple[str, list[dict]]]:
     ]
 
 
-def ensure_forward_rules(devices: ForwardDevices) -> bool:
-    """Make our rules in iptables-nft's FORWARD chain exactly `forward_rules()`; True if it had to.
+def ensure_forward_rules(devices: ForwardDevices, ipv6: Optional[bool] = None) -> bool:
+    """Make our rules in iptables-nft's FORWARD chains exactly `forward_rules()`; True if it had to.
 
-    Cheap when nothing changed: one `nft -j list chain`. Otherwise our old rules
-    go and the new ones are appended (after other tools' rules, which keep
-    deciding first) in one `nft -f` transaction, so there is no moment without
-    them. Nothing is done when the chain does not exist (no iptables-nft here).
+    Cheap when nothing changed: one `nft -j list chain` per family looked at. Otherwise our old
+    rules go and the new ones are appended (after other tools' rules, which keep deciding first)
+    in one `nft -f` transaction for both families, so there is no moment without them. Nothing
+    is done to a chain that does not exist (no iptables-nft here).
+
+    `ip6 filter FORWARD` is looked at when pods have IPv6 (`devices.pod_network6`) or `ipv6` is
+    True (apply_rules: removes our rules there once IPv6 is gone); so an IPv4-only node's
+    periodic check stays one listing.
     """
-    proc = _run(["-j", "list", "chain", *IPTABLES_FORWARD], check=False)
-    if proc.returncode != 0:
+    chains = [IPTABLES_FORWARD]
+    if ipv6 or (ipv6 is None and devices.pod_network6 is not None):
+        chains.append(IP6TABLES_FORWARD)
+    commands: list[dict] = []
+    for family, table, chain in chains:
+        proc = _run(["-j", "list", "chain", family, table, chain], check=False)
+        if proc.returncode != 0:
+            continue
+        found, handles = _tagged_rules(proc.stdout)
+        wanted = forward_rules(devices, family)
+        if found == wanted:
+            continue
+        where = {"family": family, "table": table, "chain": chain}
+        commands += [{"delete": {"rule": {**where, "handle": handle}}} for handle in handles]
+        commands += [{"add": {"rule": {**where, "expr": expr, "comment": comment}}} for comment, expr in wanted]
+    if not commands:
         return False
-    found, handles = _tagged_rules(proc.stdout)
-    wanted = forward_rules(devices)
-    if found == wanted:
-        return False
-    family, table, chain = IPTABLES_FORWARD
-    where = {"family": family, "table": table, "chain": chain}
-    commands = [{"delete": {"rule": {**where, "handle": handle}}} for handle in handles]
-    commands += [{"add": {"rule": {**where, "expr": expr, "comment": comment}}} for comment, expr in wanted]
     _nft(["-j", "-f", "-"], json.dumps({"nftables": commands}))
     return True
 

@@ -1,0 +1,211 @@
+"""The firewall door's IPv6 half in a dual-underlay lab: `table ip6 vxlan-net` (ingress filter of VXLAN over
+IPv6, the pod-to-VXLAN-port drop, masquerade) and our rules in `ip6 filter FORWARD`, read back with `nft -j`
+and proved with packets: VXLAN over IPv6 crafted with scapy, ping -6 from an IPv6 pod."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+PORT = 8472
+POD6 = "fd19::/56"
+BRIDGE, VTEP, VTEP6 = "cni0", "vxnet.1", "vxnet6.1"
+# Runs one call of vxlan_net.doors.firewall inside a node: argv[1] is a Python expression over the
+# module (`fw`) and the ipaddress names, so each test states exactly the call it makes.
+CALL = """
+import json, sys
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from vxlan_net.doors import firewall as fw
+result = eval(sys.argv[1])
+print(json.dumps(result if isinstance(result, (bool, type(None))) else [str(x) for x in result]))
+"""
+# VXLAN over IPv6 (VNI 1) to <dst>:8472 carrying an ICMP echo of id 0x6161, three times.
+INJECT6 = """
+import sys
+from scapy.all import ICMP, IP, IPv6, UDP, Ether, send
+from scapy.layers.vxlan import VXLAN
+dst, inner_mac = sys.argv[1:3]
+frame = (IPv6(dst=dst) / UDP(sport=40000, dport=8472) / VXLAN(vni=1, flags=0x08)
+         / Ether(src="0a:00:00:00:00:66", dst=inner_mac) / IP(src="198.19.9.9", dst="198.19.1.2") / ICMP(id=0x6161))
+send(frame, count=3, inter=0.05, verbose=False)
+"""
+DROP_POLICY6 = """
+add table ip6 filter
+add chain ip6 filter FORWARD { type filter hook forward priority filter; policy drop; }
+add rule ip6 filter FORWARD ct state invalid counter drop comment "docker: invalid"
+"""
+
+
+def call(node, expression: str):
+    out = node.run(sys.executable, "-c", CALL, expression, check=True).stdout
+    return json.loads(out)
+
+
+def apply(node, peers: str = "[]", network6: str | None = f"IPv6Network('{POD6}')", masq: bool = True,
+          underlay6: bool = False, devices: str = f"fw.ForwardDevices('{BRIDGE}', '{VTEP}')") -> None:
+    call(node, f"fw.apply_rules(IPv4Network('198.19.0.0/16'), {masq}, {PORT}, {devices}, {peers}, True, "
+               f"ipv6_network={network6}, ipv6_underlay={underlay6})")
+
+
+def table(node, family: str) -> list[dict] | None:
+    """`nft -j list table <family> vxlan-net` items; None when the table does not exist."""
+    proc = node.run("nft", "-j", "list", "table", family, "vxlan-net")
+    return json.loads(proc.stdout)["nftables"] if proc.returncode == 0 else None
+
+
+def peer_set(node, family: str) -> dict:
+    [found] = [i["set"] for i in table(node, family) if "set" in i]
+    return found
+
+
+def rules(items: list[dict]) -> dict[str, list[dict]]:
+    """chain -> its rules' expressions."""
+    out: dict[str, list] = {}
+    for item in items:
+        if "rule" in item:
+            out.setdefault(item["rule"]["chain"], []).append(item["rule"]["expr"])
+    return out
+
+
+def drop_counter(node) -> int:
+    for item in table(node, "ip6"):
+        rule = item.get("rule", {})
+        if rule.get("comment") == "vxlan-net: VXLAN from a non-node":
+            return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+    raise AssertionError("no ingress drop rule in table ip6 vxlan-net")
+
+
+@pytest.fixture
+def dual(lab):
+    return lab(nodes=2, etcd=False, underlay="dual")
+
+
+def test_ipv4_only_rules_make_no_ip6_table_and_a_bad_peer_changes_nothing(dual):
+    node, peer = dual.nodes
+    apply(node, peers=f"['{peer.public_ip}']", network6="None")
+    assert table(node, "ip6") is None
+    assert peer_set(node, "ip")["elem"] == [peer.public_ip]
+
+    bad = node.run(sys.executable, "-c", CALL, "fw.apply_rules(IPv4Network('198.19.0.0/16'), True, 8472, "
+                   "fw.ForwardDevices('cni0', 'vxnet.1'), ['fd18::2', 'fd18::zz'], ipv6_underlay=True)")
+    assert bad.returncode != 0 and "fd18::zz" in bad.stderr
+    assert table(node, "ip6") is None and peer_set(node, "ip")["elem"] == [peer.public_ip]
+
+
+def test_the_ip6_table_masquerades_drops_laundering_and_filters_vxlan_by_peer(dual):
+    node, peer = dual.nodes
+    apply(node, peers=f"['{peer.public_ip}', '{peer.underlay_ipv6}']")
+
+    assert peer_set(node, "ip")["elem"] == [peer.public_ip], "each address in its family's set"
+    six = peer_set(node, "ip6")
+    assert (six["type"], six["elem"]) == ("ipv6_addr", [peer.underlay_ipv6])
+    chains = rules(table(node, "ip6"))
+    masq = json.dumps(chains["postrouting"])
+    assert '"ff00::"' in masq and '"len": 8' in masq and '"masquerade"' in masq
+    assert [next(iter(e[-1])) for e in chains["postrouting"]] == ["return", "return", "masquerade"]
+    assert '"dport"' in json.dumps(chains["pod_to_vxlan_port"]) and '"drop"' in json.dumps(chains["pod_to_vxlan_port"])
+    [ingress] = chains["input"]
+    assert {"match": {"op": "!=", "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+                      "right": "@vxlan_peers"}} in ingress
+    assert '"ip6"' not in json.dumps(table(node, "ip")), "IPv6 stays out of the IPv4 table"
+
+
+def test_peers_change_one_element_at_a_time_per_family_and_a_full_rewrite_empties_the_ipv6_set(dual):
+    node, peer = dual.nodes
+    apply(node, peers=f"['{peer.public_ip}', '{peer.underlay_ipv6}']")
+    third6 = "fd18:0:0:3::2"
+
+    call(node, f"fw.change_peers(['{third6}', '198.18.3.2'], ['{peer.underlay_ipv6}'])")
+    assert peer_set(node, "ip6")["elem"] == [third6]
+    assert sorted(peer_set(node, "ip")["elem"]) == sorted([peer.public_ip, "198.18.3.2"])
+
+    # Hostile: an IPv6 element removed by hand, then "removed" again: nft refuses, nothing changes.
+    node.run("nft", "delete", "element", "ip6", "vxlan-net", "vxlan_peers", f"{{ {third6} }}", check=True)
+    refused = node.run(sys.executable, "-c", CALL, f"fw.change_peers(['fd18:0:0:4::2'], ['{third6}'])")
+    assert refused.returncode != 0 and "KernelError" in refused.stderr
+    assert "elem" not in peer_set(node, "ip6"), "the failed transaction added nothing"
+
+    call(node, f"fw.update_peers(['{peer.underlay_ipv6}', '{peer.public_ip}'])")
+    assert (peer_set(node, "ip6")["elem"], peer_set(node, "ip")["elem"]) == ([peer.underlay_ipv6], [peer.public_ip])
+    call(node, f"fw.update_peers(['{peer.public_ip}'], ipv6=True)")
+    assert "elem" not in peer_set(node, "ip6"), "the last IPv6 peer left: the set is empty"
+    assert sorted(call(node, "fw.current_peers()")) == [peer.public_ip]
+
+
+def test_ipv6_going_away_deletes_the_ip6_table_and_its_peers(dual):
+    node, peer = dual.nodes
+    apply(node, peers=f"['{peer.underlay_ipv6}']", underlay6=True)
+    assert table(node, "ip6") is not None
+
+    apply(node, network6="None")  # the kept peers are IPv6 ones: they go with the table
+    assert table(node, "ip6") is None
+    assert "elem" not in peer_set(node, "ip")
+
+    apply(node, network6="None", underlay6=True)
+    chains = rules(table(node, "ip6"))
+    assert set(chains) == {"input"}, "an IPv6 underlay alone: only the ingress filter"
+    assert "elem" not in peer_set(node, "ip6"), "no IPv6 peer yet: VXLAN over IPv6 dropped from everyone"
+
+
+def test_vxlan_over_ipv6_from_a_non_peer_is_dropped_and_from_a_peer_reaches_the_vtep(dual):
+    node, peer = dual.nodes
+    node.ip_batch([f"link add {VTEP6} type vxlan id 1 local {node.underlay_ipv6} dstport {PORT} nolearning",
+                   f"link set {VTEP6} up"])
+    mac = node.ip_json("link", "show", "dev", VTEP6)[0]["address"]
+    apply(node, peers=f"['{peer.underlay_ipv6}']", underlay6=True)
+
+    def arrives(sender) -> bool:
+        capture = dual.capture(node, iface=VTEP6, bpf="icmp and icmp[4:2] == 0x6161", count=1, timeout=3)
+        sender.run(sys.executable, "-c", INJECT6, node.underlay_ipv6, mac, check=True)
+        return bool(capture.wait().packets())
+
+    assert not arrives(dual.outside)
+    assert drop_counter(node) == 3
+    assert arrives(peer)
+    assert drop_counter(node) == 3
+
+
+def test_an_ipv6_pod_is_masqueraded_and_forwarded_under_a_drop_policy(dual):
+    node = dual.nodes[0]
+    pod = dual.add_pod(node, "p6", None, None, ipv6="fd19:0:0:1::2/64", gateway6="fd19:0:0:1::1")
+    node.run("nft", "-f", "-", input=DROP_POLICY6, check=True)
+    devices = f"fw.ForwardDevices('{BRIDGE}', '{VTEP}', pod_network6=IPv6Network('{POD6}'))"
+
+    apply(node, devices=f"fw.ForwardDevices('{BRIDGE}', '{VTEP}')")  # IPv4 pods only: ip6 FORWARD untouched
+    assert not pod.ping6(dual.outside.public_ipv6, timeout=1), "the drop policy does not apply?"
+
+    apply(node, devices=devices)
+    capture = dual.capture(dual.outside, iface="ul0", bpf="icmp6 and ip6[40] == 128", count=1, timeout=5)
+    reply = pod.ping6(dual.outside.public_ipv6, timeout=3)
+    packets = capture.wait().packets()
+    assert reply, reply.output
+    assert [p["IPv6"].src for p in packets] == [node.underlay_ipv6], "not masqueraded to the node's address"
+    forward = json.loads(node.run("nft", "-j", "list", "chain", "ip6", "filter", "FORWARD", check=True).stdout)
+    ours = [i["rule"]["comment"] for i in forward["nftables"] if "rule" in i and "vxlan-net" in i["rule"]["comment"]]
+    assert ours == ["vxlan-net: overlay to pods", "vxlan-net: pods to the overlay and out",
+                    "vxlan-net: replies to pods", "vxlan-net: port-mapped to pods"]
+
+    assert call(node, f"fw.ensure_forward_rules({devices})") is False, "intact: nothing to write"
+    apply(node, network6="None", devices=f"fw.ForwardDevices('{BRIDGE}', '{VTEP}')")
+    forward = json.loads(node.run("nft", "-j", "list", "chain", "ip6", "filter", "FORWARD", check=True).stdout)
+    assert [i["rule"]["comment"] for i in forward["nftables"] if "rule" in i] == ["docker: invalid"], \
+        "IPv6 gone: our ip6 FORWARD rules go too, other tools' stay"
+    assert not pod.ping6(dual.outside.public_ipv6, timeout=1)
+
+
+def test_the_ipv6_underlay_vtep_gets_its_own_overlay_rule_in_both_families(dual):
+    node = dual.nodes[0]
+    node.run("nft", "-f", "-", input=DROP_POLICY6.replace("ip6", "ip"), check=True)
+    node.run("nft", "-f", "-", input=DROP_POLICY6, check=True)
+    call(node, f"fw.ensure_forward_rules(fw.ForwardDevices('{BRIDGE}', '{VTEP}', vtep6='{VTEP6}', "
+               f"pod_network6=IPv6Network('{POD6}')))")
+    for family in ("ip", "ip6"):
+        chain = json.loads(node.run("nft", "-j", "list", "chain", family, "filter", "FORWARD", check=True).stdout)
+        overlay = [i["rule"]["expr"] for i in chain["nftables"]
+                   if "rule" in i and "overlay to pods" in i["rule"]["comment"]]
+        assert [[e["match"]["right"] for e in expr if "match" in e] for expr in overlay] == \
+            [[VTEP, BRIDGE], [VTEP6, BRIDGE]], family
