@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, TypeVar
 
 from vxlan_net.core.desired import OverlayEntries
 from vxlan_net.core.direct import TUNNELLED, mode_of
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.untrusted import shown
+
+T = TypeVar("T")
 
 
 def format_expiry(seconds: Optional[int]) -> str:
@@ -71,14 +73,22 @@ def skipped_lines(skipped: Mapping[str, str]) -> list[str]:
     return [f"record skipped: {shown(key)}: {reason}" for key, reason in sorted(skipped.items())]
 
 
+def in_order(entries: Iterable[T]) -> list[T]:
+    """Kernel entries (Neighbour, FdbEntry, Route) sorted IPv4 before IPv6: addresses of two families do not
+    compare, so a dual-stack set cannot go to sorted() as it is."""
+    def key(entry):
+        return tuple((value.version, value) if hasattr(value, "version") else (0, value) for value in vars(entry).values())
+    return sorted(entries, key=key)
+
+
 def describe_drift(desired: OverlayEntries, actual: OverlayEntries) -> list[str]:
     """Human lines for entries missing from or extra in the kernel; empty when in sync."""
     lines = []
     names = {"neighbours": "neighbour", "fdb": "fdb entry", "routes": "route", "direct_routes": "direct route"}
     for kind, name in names.items():
         want, have = getattr(desired, kind), getattr(actual, kind)
-        lines += [f"missing {name}: {_show(e)}" for e in sorted(want - have)]
-        lines += [f"unexpected {name}: {_show(e)}" for e in sorted(have - want)]
+        lines += [f"missing {name}: {_show(e)}" for e in in_order(want - have)]
+        lines += [f"unexpected {name}: {_show(e)}" for e in in_order(have - want)]
     return lines
 
 
