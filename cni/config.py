@@ -1,7 +1,7 @@
 """Pure parsing and validation of what the runtime hands the plugin: env and network config, and the
 address plan of an ADD from the node's subnet (the subnet file itself: subnet_file.py).
 
-Addresses are kept as ints and validated with `inet_pton` instead of
+Addresses are kept as ints (IPv6 ones tagged with the `IPV6` bit, see below) and validated with `inet_pton` instead of
 `ipaddress`/`dataclasses`: both import `re` and cost more start-up time than
 the whole Go reference spends on an ADD (benchmarks/bench_cni.py measures it). Every failure is a
 `CniError` with the spec's code; nothing here touches the kernel or the disk (`random_mac` reads
@@ -9,7 +9,7 @@ posix.urandom).
 """
 
 import posix
-from _socket import AF_INET, inet_ntop, inet_pton
+from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
 from . import errors as E
 from .errors import CniError, shown
@@ -56,6 +56,72 @@ def parse_cidr(text):
 
 def netmask(prefix: int) -> int:
     return (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+
+
+# An IPv6 address is its 128-bit value with bit 128 set: one int says its family, the two families never
+# collide as keys of one dict (the IPAM store holds both), and IPv4 code keeps its plain ints.
+IPV6 = 1 << 128
+_ALL6 = IPV6 - 1
+IPV6_MIN_MTU = 1280  # RFC 8200; the kernel drops IPv6 from a device with a smaller MTU
+
+
+def is_ipv6(value: int) -> bool:
+    return value >= IPV6
+
+
+def ip6_to_int(text) -> int:
+    """Strict IPv6 text (no zone, no prefix) to its tagged int; ValueError otherwise."""
+    if not isinstance(text, str) or not 2 <= len(text) <= 45 or ":" not in text:
+        raise ValueError(f"not an IPv6 address: {shown(text)}")
+    try:
+        return IPV6 | int.from_bytes(inet_pton(AF_INET6, text), "big")
+    except (OSError, UnicodeError):
+        raise ValueError(f"not an IPv6 address: {shown(text)}") from None
+
+
+def int_to_ip6(value: int) -> str:
+    return inet_ntop(AF_INET6, (value & _ALL6).to_bytes(16, "big"))
+
+
+def any_ip_to_int(text) -> int:
+    """An address of either family: ip_to_int or ip6_to_int (the tagged int)."""
+    return ip6_to_int(text) if isinstance(text, str) and ":" in text else ip_to_int(text)
+
+
+def addr_text(value: int) -> str:
+    """int_to_ip or int_to_ip6, by the tag."""
+    return int_to_ip6(value) if value >= IPV6 else int_to_ip(value)
+
+
+def parse_any_cidr(text):
+    """`a.b.c.d/n` or `x::y/n` to (address int, tagged for IPv6, prefix length); ValueError otherwise."""
+    if not isinstance(text, str) or ":" not in text:
+        return parse_cidr(text)
+    if text.count("/") != 1:
+        raise ValueError(f"not an IPv6 CIDR: {shown(text)}")
+    addr, _, plen = text.partition("/")
+    if not (plen.isdigit() and plen.isascii() and len(plen) <= 3 and int(plen) <= 128):
+        raise ValueError(f"bad prefix length in {shown(text)}")
+    return ip6_to_int(addr), int(plen)
+
+
+def host_mask(value: int, prefix: int) -> int:
+    """The host bits of a /prefix in the family of `value` (a tagged int for IPv6)."""
+    return (_ALL6 >> prefix) if value >= IPV6 else (0xFFFFFFFF >> prefix)
+
+
+def network_of(value: int, prefix: int) -> int:
+    """The network address of value/prefix, in value's family (the tag kept)."""
+    return value & ~host_mask(value, prefix)
+
+
+def last_of(value: int, prefix: int) -> int:
+    """The last address of value/prefix (IPv4's broadcast), in value's family."""
+    return value | host_mask(value, prefix)
+
+
+def family_name(value: int) -> str:
+    return "IPv6" if value >= IPV6 else "IPv4"
 
 
 def parse_mac(text) -> bytes:
@@ -203,21 +269,31 @@ def parse_env(environ) -> Env:
 # -- network config --------------------------------------------------------------
 
 class Route(Record):
+    """A pod route of either family (dst and gw tagged ints for IPv6)."""
+
     __slots__ = ("dst", "prefix", "gw")
 
     def to_dict(self) -> dict:
-        out = {"dst": f"{int_to_ip(self.dst)}/{self.prefix}"}
+        out = {"dst": f"{addr_text(self.dst)}/{self.prefix}"}
         if self.gw is not None:
-            out["gw"] = int_to_ip(self.gw)
+            out["gw"] = addr_text(self.gw)
         return out
+
+
+class RangeConf(Record):
+    """One range set of ipam.ranges (one range in it), as configured: each field None when not given.
+
+    `subnet` is (address, prefix); `family` 4 or 6 from the fields given, None when none is.
+    """
+
+    __slots__ = ("subnet", "start", "end", "gateway", "family")
 
 
 class NetConf(Record):
     """One network configuration as our plugin reads it (see `parse_netconf`)."""
 
     __slots__ = ("cni_version", "name", "subnet_file", "data_dir", "bridge", "mtu",
-                 "is_default_gateway", "hairpin", "range_start", "range_end", "range_subnet",
-                 "range_gateway", "routes", "requested_ips", "requested_mac", "prev_result",
+                 "is_default_gateway", "hairpin", "ranges", "routes", "requested_ips", "requested_mac", "prev_result",
                  "valid_attachments")
 
 
@@ -258,9 +334,9 @@ def _ip_field(obj: dict, key: str, where: str):
     if value is None or value == "":
         return None
     try:
-        return ip_to_int(value)
+        return any_ip_to_int(value)
     except ValueError:
-        raise CniError(E.INVALID_CONFIG, f"{where}{key} {shown(value)} is not an IPv4 address") from None
+        raise CniError(E.INVALID_CONFIG, f"{where}{key} {shown(value)} is not an IP address") from None
 
 
 def _routes(ipam: dict) -> list:
@@ -274,35 +350,56 @@ def _routes(ipam: dict) -> list:
         if not isinstance(entry, dict):
             raise CniError(E.INVALID_CONFIG, f"ipam.routes entry {shown(entry)} must be an object")
         try:
-            dst, prefix = parse_cidr(entry.get("dst"))
+            dst, prefix = parse_any_cidr(entry.get("dst"))
         except ValueError as exc:
             raise CniError(E.INVALID_CONFIG, f"ipam.routes dst: {exc}") from None
-        if dst & ~netmask(prefix) & 0xFFFFFFFF:
+        if dst & host_mask(dst, prefix):
             raise CniError(E.INVALID_CONFIG, f"ipam.routes dst {shown(entry.get('dst'))} has host bits set")
-        routes.append(Route(dst, prefix, _ip_field(entry, "gw", "ipam.routes ")))
+        gw = _ip_field(entry, "gw", "ipam.routes ")
+        if gw is not None and is_ipv6(gw) != is_ipv6(dst):
+            raise CniError(E.INVALID_CONFIG, f"ipam.routes dst {shown(entry.get('dst'))} and its gw are "
+                           "of different families")
+        routes.append(Route(dst, prefix, gw))
     return routes
 
 
-def _range(ipam: dict):
-    """(subnet, rangeStart, rangeEnd, gateway) from ipam or its single `ranges` entry."""
-    ranges = ipam.get("ranges")
-    source, where = ipam, "ipam."
-    if ranges is not None:
-        if (not isinstance(ranges, list) or len(ranges) != 1 or not isinstance(ranges[0], list)
-                or len(ranges[0]) != 1 or not isinstance(ranges[0][0], dict)):
-            raise CniError(E.UNSUPPORTED_FIELD, "ipam.ranges: exactly one range set with one range "
-                           "(inside the node subnet) is supported")
-        source, where = ranges[0][0], "ipam.ranges[0][0]."
+def _ranges(ipam: dict):
+    """The configured range sets: host-local's `ranges` (one range per set, at most one set per family),
+    or its legacy top-level subnet/rangeStart/rangeEnd/gateway as one set; None when neither is given
+    (the node's families, from the subnet file)."""
+    raw = ipam.get("ranges")
+    if raw is None:
+        if not any(ipam.get(key) not in (None, "") for key in ("subnet", "rangeStart", "rangeEnd", "gateway")):
+            return None
+        return [_range(ipam, "ipam.")]
+    if (not isinstance(raw, list) or not 1 <= len(raw) <= 2
+            or not all(isinstance(rs, list) and len(rs) == 1 and isinstance(rs[0], dict) for rs in raw)):
+        raise CniError(E.UNSUPPORTED_FIELD, "ipam.ranges: one or two range sets (one per address family) "
+                       "with one range each (inside the node subnet) are supported")
+    ranges = [_range(rs[0], f"ipam.ranges[{i}][0].") for i, rs in enumerate(raw)]
+    families = [r.family for r in ranges if r.family is not None]
+    if len(set(families)) != len(families):
+        raise CniError(E.INVALID_CONFIG, f"ipam.ranges: two range sets for IPv{families[0]}; "
+                       "one address per family is assigned")
+    return ranges
+
+
+def _range(source: dict, where: str) -> RangeConf:
     subnet = source.get("subnet")
     if subnet is not None and subnet != "":
         try:
-            subnet = parse_cidr(subnet)
+            subnet = parse_any_cidr(subnet)
         except ValueError as exc:
             raise CniError(E.INVALID_CONFIG, f"{where}subnet: {exc}") from None
     else:
         subnet = None
-    return (subnet, _ip_field(source, "rangeStart", where), _ip_field(source, "rangeEnd", where),
-            _ip_field(source, "gateway", where))
+    fields = {key: _ip_field(source, key, where) for key in ("rangeStart", "rangeEnd", "gateway")}
+    given = ([subnet[0]] if subnet else []) + [v for v in fields.values() if v is not None]
+    families = {6 if is_ipv6(v) else 4 for v in given}
+    if len(families) > 1:
+        raise CniError(E.INVALID_CONFIG, f"{where[:-1]} mixes IPv4 and IPv6 addresses")
+    return RangeConf(subnet, fields["rangeStart"], fields["rangeEnd"], fields["gateway"],
+                     families.pop() if families else None)
 
 
 def _requested_ips(conf: dict, args: dict) -> list:
@@ -322,14 +419,15 @@ def _requested_ips(conf: dict, args: dict) -> list:
     for item in raw:
         text = item.partition("/")[0] if isinstance(item, str) else item
         try:
-            value = ip_to_int(text)
+            value = any_ip_to_int(text)
         except ValueError:
-            raise CniError(E.INVALID_CONFIG, f"requested IP {shown(item)} is not an IPv4 address") from None
+            raise CniError(E.INVALID_CONFIG, f"requested IP {shown(item)} is not an IP address") from None
         if value not in ips:
             ips.append(value)
-    if len(ips) > 1:
-        raise CniError(E.INVALID_CONFIG, "more than one IPv4 address requested; "
-                       "vxlan-net-cni assigns one per interface")
+    for family in ("IPv4", "IPv6"):
+        if sum(family_name(v) == family for v in ips) > 1:
+            raise CniError(E.INVALID_CONFIG, f"more than one {family} address requested; "
+                           "vxlan-net-cni assigns one per family and interface")
     return ips
 
 
@@ -386,7 +484,7 @@ def parse_netconf(conf: dict, env: Env) -> NetConf:
     if ipam.get("type") not in (None, "", "host-local", "vxlan-net", "vxlan-net-cni"):
         raise CniError(E.UNSUPPORTED_FIELD, f"ipam.type {shown(ipam.get('type'))} is not supported: "
                        "vxlan-net-cni allocates from the node subnet itself")
-    subnet, start, end, gateway = _range(ipam)
+    ranges = _ranges(ipam)
     prev = conf.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise CniError(E.INVALID_CONFIG, "prevResult must be an object")
@@ -397,7 +495,7 @@ def parse_netconf(conf: dict, env: Env) -> NetConf:
         bridge=bridge, mtu=mtu,
         is_default_gateway=_bool(conf, "isDefaultGateway", True),
         hairpin=_bool(conf, "hairpinMode", True),
-        range_subnet=subnet, range_start=start, range_end=end, range_gateway=gateway,
+        ranges=ranges,
         routes=_routes(ipam),
         requested_ips=_requested_ips(conf, env.args) if env.command == "ADD" else [],
         requested_mac=_requested_mac(conf, env.args) if env.command == "ADD" else None,
@@ -408,35 +506,94 @@ def parse_netconf(conf: dict, env: Env) -> NetConf:
 
 # -- the address plan for one ADD ------------------------------------------------------
 
-class AddressPlan(Record):
-    """Range, gateway, prefix, MTU and routes for the pod, from the node subnet plus overrides."""
+class FamilyPlan(Record):
+    """One address to assign: range set `index` (host-local's last_reserved_ip.<index>), its range
+    start..end, the gateway and the prefix. Tagged ints for IPv6."""
 
-    __slots__ = ("start", "end", "gateway", "prefix", "mtu", "routes")
+    __slots__ = ("index", "start", "end", "gateway", "prefix")
+
+    @property
+    def size(self) -> int:
+        """Addresses the range can give (the gateway is never given)."""
+        return self.end - self.start + 1 - (self.start <= self.gateway <= self.end)
+
+
+class AddressPlan(Record):
+    """One FamilyPlan per address family the pod gets (IPv4 first), the MTU and the routes of both."""
+
+    __slots__ = ("families", "mtu", "routes")
+
+
+def _node_families(node) -> list:
+    """(gateway, prefix, network, network prefix) of each family the node subnet has, IPv4 first."""
+    out = []
+    if node.gateway is not None:
+        out.append((node.gateway, node.prefix, node.network, node.network_prefix))
+    if node.ipv6_gateway is not None:
+        out.append((node.ipv6_gateway, node.ipv6_prefix, node.ipv6_network, node.ipv6_network_prefix))
+    return out
+
+
+def _family_plan(index: int, conf_range, gateway: int, prefix: int) -> FamilyPlan:
+    subnet, last = network_of(gateway, prefix), last_of(gateway, prefix)
+    node_text = f"{addr_text(subnet)}/{prefix}"
+    if conf_range.subnet is not None and conf_range.subnet != (subnet, prefix):
+        raise CniError(E.INVALID_CONFIG, f"ipam subnet {addr_text(conf_range.subnet[0])}/{conf_range.subnet[1]} "
+                       f"is not the node subnet {node_text}")
+    if conf_range.gateway is not None and conf_range.gateway != gateway:
+        raise CniError(E.INVALID_CONFIG, f"ipam gateway {addr_text(conf_range.gateway)} is not the node "
+                       f"gateway {addr_text(gateway)}")
+    # host-local's defaults: IPv4 ends before the broadcast address, IPv6 at the subnet's last address.
+    highest = last if is_ipv6(gateway) else last - 1
+    start = conf_range.start if conf_range.start is not None else subnet + 1
+    end = conf_range.end if conf_range.end is not None else highest
+    for value, key in ((start, "rangeStart"), (end, "rangeEnd")):
+        if not subnet < value <= highest:
+            raise CniError(E.INVALID_CONFIG, f"ipam {key} {addr_text(value)} is outside the node subnet {node_text}")
+    if start > end:
+        raise CniError(E.INVALID_CONFIG, f"ipam rangeStart {addr_text(start)} is after rangeEnd {addr_text(end)}")
+    return FamilyPlan(index, start, end, gateway, prefix)
 
 
 def plan_addresses(conf: NetConf, node) -> AddressPlan:  # node: a subnet_file.NodeSubnet
-    mask = netmask(node.prefix)
-    subnet = node.subnet
-    broadcast = subnet | (~mask & 0xFFFFFFFF)
-    if conf.range_subnet is not None and conf.range_subnet != (subnet, node.prefix):
-        raise CniError(E.INVALID_CONFIG, f"ipam subnet {int_to_ip(conf.range_subnet[0])}/{conf.range_subnet[1]} "
-                       f"is not the node subnet {int_to_ip(subnet)}/{node.prefix}")
-    if conf.range_gateway is not None and conf.range_gateway != node.gateway:
-        raise CniError(E.INVALID_CONFIG, f"ipam gateway {int_to_ip(conf.range_gateway)} is not the node "
-                       f"gateway {int_to_ip(node.gateway)}")
-    start = conf.range_start if conf.range_start is not None else subnet + 1
-    end = conf.range_end if conf.range_end is not None else broadcast - 1
-    for value, key in ((start, "rangeStart"), (end, "rangeEnd")):
-        if not subnet < value < broadcast:
-            raise CniError(E.INVALID_CONFIG, f"ipam {key} {int_to_ip(value)} is outside the node subnet "
-                           f"{int_to_ip(subnet)}/{node.prefix}")
-    if start > end:
-        raise CniError(E.INVALID_CONFIG, f"ipam rangeStart {int_to_ip(start)} is after rangeEnd {int_to_ip(end)}")
+    """The node's families, or the configured range sets matched to them by family (a set that names
+    no address takes the node's first family no other set names)."""
+    by_family = {("IPv6" if is_ipv6(f[0]) else "IPv4"): f for f in _node_families(node)}
+    ranges = conf.ranges if conf.ranges is not None else [RangeConf() for _ in by_family]
+    named = {f"IPv{r.family}" for r in ranges if r.family is not None}
+    unnamed = [family for family in by_family if family not in named]
+    families, plans = [], []
+    for index, conf_range in enumerate(ranges):
+        if conf_range.family is not None:
+            family = f"IPv{conf_range.family}"
+        elif unnamed:
+            family = unnamed.pop(0)
+        else:
+            raise CniError(E.INVALID_CONFIG, f"ipam range set {index} names no address and the node subnet "
+                           "has no family left for it")
+        if family not in by_family:
+            raise CniError(E.INVALID_CONFIG, f"ipam range set {index} is {family}, and the node subnet has no "
+                           f"{family} subnet")
+        families.append(by_family[family])
+        plans.append(_family_plan(index, conf_range, *by_family[family][:2]))
+    gateways = {is_ipv6(gw): gw for gw, *_ in families}
     routes = list(conf.routes)
-    if conf.is_default_gateway:
-        if not any(r.prefix == 0 for r in routes):
-            routes.insert(0, Route(0, 0, node.gateway))
-    elif not any((r.dst, r.prefix) == (node.network, node.network_prefix) for r in routes):
-        routes.insert(0, Route(node.network, node.network_prefix, node.gateway))
-    routes = [r if r.gw is not None else Route(r.dst, r.prefix, node.gateway) for r in routes]
-    return AddressPlan(start, end, node.gateway, node.prefix, conf.mtu or node.mtu, routes)
+    for route in routes:
+        if is_ipv6(route.dst) not in gateways:
+            raise CniError(E.INVALID_CONFIG, f"ipam.routes dst {addr_text(route.dst)}/{route.prefix}: the pod "
+                           f"gets no {family_name(route.dst)} address")
+    default_routes = []
+    for gateway, _prefix, network, network_prefix in families:
+        same = [r for r in routes if is_ipv6(r.dst) == is_ipv6(gateway)]
+        if conf.is_default_gateway:
+            if not any(r.prefix == 0 for r in same):
+                default_routes.append(Route(network_of(gateway, 0), 0, gateway))
+        elif not any((r.dst, r.prefix) == (network, network_prefix) for r in same):
+            default_routes.append(Route(network, network_prefix, gateway))
+    routes = default_routes + [r if r.gw is not None else Route(r.dst, r.prefix, gateways[is_ipv6(r.dst)])
+                               for r in routes]
+    mtu = conf.mtu or node.mtu
+    if mtu < IPV6_MIN_MTU and any(is_ipv6(f.gateway) for f in plans):
+        raise CniError(E.INVALID_CONFIG, f"mtu {mtu} is below {IPV6_MIN_MTU}, the least IPv6 needs, and the pod "
+                       "gets an IPv6 address")
+    return AddressPlan(plans, mtu, routes)

@@ -1,9 +1,10 @@
 """Address allocation: a pure round-robin allocator and a host-local-compatible store.
 
 The disk layout is host-local's, so operators' habits and tools carry over:
-`<dataDir>/<network name>/<ip>` created exclusively, holding
-`<containerID>\\r\\n<ifname>`; `last_reserved_ip.0`; and `lock`, held with
-flock(2) for every read-modify-write. A reservation is complete as soon as its
+`<dataDir>/<network name>/<ip>` (IPv4 or IPv6 text, both families in one
+directory) created exclusively, holding `<containerID>\\r\\n<ifname>`;
+`last_reserved_ip.<i>` per range set i (a dual-stack pod: set 0 IPv4, set 1
+IPv6); and `lock`, held with flock(2) for every read-modify-write. A reservation is complete as soon as its
 file exists, so a killed ADD leaves at most a reservation DEL/GC can release.
 Nothing in the store is followed if it is a link (see `DiskStore`).
 """
@@ -14,19 +15,22 @@ from errno import EISDIR, EOPNOTSUPP
 from fcntl import LOCK_EX, flock
 
 from . import errors as E
-from .config import int_to_ip, ip_to_int, join_path
+from .config import addr_text, any_ip_to_int, family_name, is_ipv6, join_path
 from .errors import CniError
 
 LINE_BREAK = "\r\n"
-RANGE_ID = "0"  # one range set, index 0, as host-local names it
-LAST_RESERVED = "last_reserved_ip." + RANGE_ID
+LAST_RESERVED = "last_reserved_ip."  # + the range set's index, as host-local names it
 
 
 def pick_address(start: int, end: int, gateway: int, taken, last):
-    """Next free address after `last`, wrapping from `end` to `start`; None when full."""
+    """Next free address after `last`, wrapping from `end` to `start`; None when full.
+
+    Each candidate passed over is the gateway or in `taken`, so a free one comes within
+    len(taken) + 2 steps when there is one: a /64 is never walked.
+    """
     size = end - start + 1
     first = last + 1 if last is not None and start <= last < end else start
-    for step in range(size):
+    for step in range(min(size, len(taken) + 2)):
         candidate = first + step
         if candidate > end:
             candidate -= size
@@ -46,7 +50,7 @@ class MemoryStore:
 
     def __init__(self):
         self.owners = {}
-        self.last = None
+        self.last = {}  # range set index -> address
 
     def __enter__(self):
         return self
@@ -57,14 +61,14 @@ class MemoryStore:
     def reservations(self):
         return dict(self.owners)
 
-    def last_reserved(self):
-        return self.last
+    def last_reserved(self, index: int = 0):
+        return self.last.get(index)
 
-    def reserve(self, ip: int, container_id: str, ifname: str) -> bool:
+    def reserve(self, ip: int, container_id: str, ifname: str, index: int = 0) -> bool:
         if ip in self.owners:
             return False
         self.owners[ip] = (container_id, ifname)
-        self.last = ip
+        self.last[index] = ip
         return True
 
     def release(self, ip: int) -> None:
@@ -178,11 +182,14 @@ class DiskStore:
         with posix.scandir(self._dir_fd) as entries:
             for entry in entries:
                 name = entry.name
-                if not name[:1].isdigit():
+                if not name[:1].isdigit() and ":" not in name:  # lock, last_reserved_ip.<i>
                     continue
                 try:
-                    ip = ip_to_int(name)
+                    ip = any_ip_to_int(name)
                 except ValueError:
+                    continue
+                if name != addr_text(ip):  # not the canonical text: not a name we create
+                    owners[ip] = None
                     continue
                 # The type comes with the listing: a link, device or FIFO is never opened.
                 if not entry.is_file(follow_symlinks=False):
@@ -204,15 +211,16 @@ class DiskStore:
             return False
         return True
 
-    def last_reserved(self):
+    def last_reserved(self, index: int = 0):
         try:
-            return ip_to_int((self._read(LAST_RESERVED, 64) or b"").decode().strip())
+            return any_ip_to_int((self._read(f"{LAST_RESERVED}{index}", 64) or b"").decode().strip())
         except ValueError:  # also UnicodeError
             return None
 
-    def reserve(self, ip: int, container_id: str, ifname: str) -> bool:
-        """Create the address file, whole (never through a link); False when the name exists."""
-        name = int_to_ip(ip)
+    def reserve(self, ip: int, container_id: str, ifname: str, index: int = 0) -> bool:
+        """Create the address file, whole (never through a link), and record it as range set `index`'s
+        last reservation; False when the name exists."""
+        name = addr_text(ip)
         try:
             self._create_whole(name, (container_id + LINE_BREAK + ifname).encode())
         except FileExistsError:
@@ -220,7 +228,7 @@ class DiskStore:
         except OSError as exc:
             raise CniError(E.IO_FAILURE, f"cannot create {self._path(name)}: {exc.strerror}") from None
         try:
-            self._write_last(name)
+            self._write_last(f"{LAST_RESERVED}{index}", name)
         except BaseException:
             self.release(ip)  # no reservation without its record
             raise
@@ -245,7 +253,7 @@ class DiskStore:
             try:
                 posix.write(fd, content)
             except OSError:
-                self.release(ip_to_int(name))
+                self.release(any_ip_to_int(name))
                 raise
             finally:
                 posix.close(fd)
@@ -257,7 +265,7 @@ class DiskStore:
         finally:
             posix.close(fd)
 
-    def _write_last(self, name: str) -> None:
+    def _write_last(self, last_file: str, name: str) -> None:
         """Record `name` as the last reservation, the round-robin hint host-local keeps.
 
         Overwritten in place, then cut to length, never O_TRUNC: ext4 flushes a
@@ -266,58 +274,86 @@ class DiskStore:
         or text that is not one: a hint either way (`last_reserved`, `pick_address`).
         """
         try:
-            fd = self._open(LAST_RESERVED, posix.O_WRONLY | posix.O_CREAT, 0o644)
+            fd = self._open(last_file, posix.O_WRONLY | posix.O_CREAT, 0o644)
         except OSError as exc:
-            raise _refusal(self._path(LAST_RESERVED), exc) from None
+            raise _refusal(self._path(last_file), exc) from None
         try:
             if not S_ISREG(posix.fstat(fd).st_mode):
-                raise CniError(E.IO_FAILURE, f"{self._path(LAST_RESERVED)} is not a regular file (remove it)")
+                raise CniError(E.IO_FAILURE, f"{self._path(last_file)} is not a regular file (remove it)")
             data = name.encode()
             posix.pwrite(fd, data, 0)
             posix.ftruncate(fd, len(data))
         except OSError as exc:
-            raise CniError(E.IO_FAILURE, f"cannot write {self._path(LAST_RESERVED)}: {exc.strerror}") from None
+            raise CniError(E.IO_FAILURE, f"cannot write {self._path(last_file)}: {exc.strerror}") from None
         finally:
             posix.close(fd)
 
     def release(self, ip: int) -> None:
         try:
             # unlink never follows: a link swapped in goes, not its target
-            posix.unlink(int_to_ip(ip), dir_fd=self._dir_fd)
+            posix.unlink(addr_text(ip), dir_fd=self._dir_fd)
         except FileNotFoundError:
             pass
 
 
 def allocate(store, plan, container_id: str, ifname: str, requested=None) -> int:
-    """Reserve one address for (container_id, ifname) in a locked store; CniError when impossible."""
+    """Reserve one address of `plan` (a config.FamilyPlan) for (container_id, ifname) in a locked store;
+    CniError when impossible, also when the pair already holds an address of the plan's family."""
     owners = store.reservations()
-    held = held_by(owners, container_id, ifname)
+    ipv6 = is_ipv6(plan.gateway)
+    held = [ip for ip in held_by(owners, container_id, ifname) if is_ipv6(ip) == ipv6]
     if held:
-        raise CniError(E.DUPLICATE_ALLOCATION, f"{int_to_ip(held[0])} is already allocated to container "
-                       f"{container_id} interface {ifname}; duplicate allocation is not allowed "
-                       "(DEL it first)")
+        raise _duplicate(held[0], container_id, ifname)
     if requested is not None:
         if not plan.start <= requested <= plan.end or requested == plan.gateway:
-            raise CniError(E.ADDRESS_UNAVAILABLE, f"requested IP {int_to_ip(requested)} is outside the range "
-                           f"{int_to_ip(plan.start)}-{int_to_ip(plan.end)} or is the gateway")
-        if requested in owners or not store.reserve(requested, container_id, ifname):
-            raise CniError(E.ADDRESS_UNAVAILABLE, f"requested IP {int_to_ip(requested)} is already allocated")
+            raise CniError(E.ADDRESS_UNAVAILABLE, f"requested IP {addr_text(requested)} is outside the range "
+                           f"{addr_text(plan.start)}-{addr_text(plan.end)} or is the gateway")
+        if requested in owners or not store.reserve(requested, container_id, ifname, plan.index):
+            raise CniError(E.ADDRESS_UNAVAILABLE, f"requested IP {addr_text(requested)} is already allocated")
         return requested
-    taken = set(owners)
-    last = store.last_reserved()
+    taken = {ip for ip in owners if plan.start <= ip <= plan.end}
+    last = store.last_reserved(plan.index)
     for _ in range(8):  # files another writer made without the lock are skipped, a bounded number of times
         ip = pick_address(plan.start, plan.end, plan.gateway, taken, last)
         if ip is None:
             raise CniError(E.EXHAUSTED, f"no IP addresses available in range "
-                           f"{int_to_ip(plan.start)}-{int_to_ip(plan.end)}")
-        if store.reserve(ip, container_id, ifname):
+                           f"{addr_text(plan.start)}-{addr_text(plan.end)}")
+        if store.reserve(ip, container_id, ifname, plan.index):
             return ip
         taken.add(ip)
     raise CniError(E.TRY_AGAIN_LATER, "IPAM store keeps changing under the lock; try again")
 
 
+def _duplicate(ip: int, container_id: str, ifname: str) -> CniError:
+    return CniError(E.DUPLICATE_ALLOCATION, f"{addr_text(ip)} is already allocated to container "
+                    f"{container_id} interface {ifname}; duplicate allocation is not allowed (DEL it first)")
+
+
+def allocate_all(store, plans, container_id: str, ifname: str, requested=()) -> list:
+    """One address per FamilyPlan, in order, in one locked store: all or none (a failure releases the
+    ones already reserved). `requested`: at most one address per family (parse_netconf checked)."""
+    held = held_by(store.reservations(), container_id, ifname)
+    if held:
+        raise _duplicate(held[0], container_id, ifname)
+    families = {is_ipv6(plan.gateway) for plan in plans}
+    for ip in requested:
+        if is_ipv6(ip) not in families:
+            raise CniError(E.ADDRESS_UNAVAILABLE, f"requested IP {addr_text(ip)} is {family_name(ip)}, and the "
+                           f"network assigns no {family_name(ip)} address")
+    got = []
+    try:
+        for plan in plans:
+            wanted = next((ip for ip in requested if is_ipv6(ip) == is_ipv6(plan.gateway)), None)
+            got.append(allocate(store, plan, container_id, ifname, wanted))
+    except BaseException:
+        for ip in got:
+            store.release(ip)
+        raise
+    return got
+
+
 def release_owner(store, container_id: str, ifname: str) -> list:
-    """Release every address held by (container_id, ifname); returns the addresses."""
+    """Release every address held by (container_id, ifname), of both families; returns the addresses."""
     released = held_by(store.reservations(), container_id, ifname)
     for ip in released:
         store.release(ip)

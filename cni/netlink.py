@@ -13,8 +13,10 @@ import posix  # not os: the plugin's start-up budget
 from _socket import socket
 from _struct import pack, unpack_from
 
+from .config import IPV6  # IPv6 addresses are tagged ints (config.py), so one int carries its family
+
 AF_NETLINK = 16
-AF_UNSPEC, AF_INET, AF_BRIDGE = 0, 2, 7
+AF_UNSPEC, AF_INET, AF_BRIDGE, AF_INET6 = 0, 2, 7, 10
 SOCK_RAW, SOCK_CLOEXEC = 3, 0o2000000
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -38,7 +40,8 @@ IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # hairpin
-IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+IFA_F_NODAD = 0x02  # an IPv6 address usable at once: no duplicate address detection
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 9, 15
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1  # table, protocol, scope, type
 RTNH_F_ONLINK = 4
@@ -155,25 +158,39 @@ class Link:
         return bool(mode and mode[0])
 
 
+def _ip(raw: bytes, family: int) -> int:
+    """An address attribute's payload as an int, tagged for IPv6 (config.IPV6)."""
+    return IPV6 | int.from_bytes(raw[:16], "big") if family == AF_INET6 else int.from_bytes(raw[:4], "big")
+
+
+def _raw(ip: int) -> bytes:
+    """The wire bytes of an int address, 16 for a tagged IPv6 one, else 4."""
+    return (ip - IPV6).to_bytes(16, "big") if ip >= IPV6 else ip.to_bytes(4, "big")
+
+
 class Address:
+    """An address of either family; `ip` tagged for IPv6."""
+
     __slots__ = ("index", "prefix", "ip")
 
     def __init__(self, data: bytes, offset: int, end: int):
-        _, self.prefix, _, _, self.index = unpack_from("=BBBBi", data, offset + 16)
+        family, self.prefix, _, _, self.index = unpack_from("=BBBBi", data, offset + 16)
         attrs = parse_attrs(data, offset + 24, end)
-        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS) or b"\0\0\0\0"
-        self.ip = int.from_bytes(raw[:4], "big")
+        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS) or bytes(16)
+        self.ip = _ip(raw, family)
 
 
 class RouteEntry:
+    """A route of either family; `dst` and `gw` tagged for IPv6 (a default IPv6 route's dst is IPV6)."""
+
     __slots__ = ("dst", "prefix", "gw", "oif", "table")
 
     def __init__(self, data: bytes, offset: int, end: int):
-        _, self.prefix, _, _, table, _, _, _, _ = unpack_from("=BBBBBBBBI", data, offset + 16)
+        family, self.prefix, _, _, table, _, _, _, _ = unpack_from("=BBBBBBBBI", data, offset + 16)
         attrs = parse_attrs(data, offset + 28, end)
         self.table = _u32(attrs, RTA_TABLE, table)
-        self.dst = int.from_bytes(attrs[RTA_DST][:4], "big") if RTA_DST in attrs else 0
-        self.gw = int.from_bytes(attrs[RTA_GATEWAY][:4], "big") if RTA_GATEWAY in attrs else None
+        self.dst = _ip(attrs[RTA_DST], family) if RTA_DST in attrs else (IPV6 if family == AF_INET6 else 0)
+        self.gw = _ip(attrs[RTA_GATEWAY], family) if RTA_GATEWAY in attrs else None
         self.oif = _u32(attrs, RTA_OIF)
 
 
@@ -245,11 +262,11 @@ class Netlink:
     def links(self):
         return self.call(RTM_GETLINK, NLM_F_DUMP, ifinfo())[1]
 
-    def addresses(self):
-        return dumped(self.batch([dump_addresses()])[0])
+    def addresses(self, family: int = AF_INET):
+        return dumped(self.batch([dump_addresses(family)])[0])
 
-    def routes(self):
-        return dumped(self.batch([dump_routes()])[0])
+    def routes(self, family: int = AF_INET):
+        return dumped(self.batch([dump_routes(family)])[0])
 
     def delete_link(self, name: str) -> bool:
         """True when deleted, False when it did not exist."""
@@ -291,15 +308,15 @@ def get_link(name: str):
     return RTM_GETLINK, 0, by_name(name)
 
 
-def dump_addresses():
-    """All IPv4 addresses. In a batch, a dump goes last: the kernel refuses a second dump (EBUSY) while
-    one is still running on the socket."""
-    return RTM_GETADDR, NLM_F_DUMP, pack("=BBBBi", AF_INET, 0, 0, 0, 0)
+def dump_addresses(family: int = AF_INET):
+    """All addresses of `family` (AF_UNSPEC: both). In a batch, a dump goes last: the kernel refuses a
+    second dump (EBUSY) while one is still running on the socket."""
+    return RTM_GETADDR, NLM_F_DUMP, pack("=BBBBi", family, 0, 0, 0, 0)
 
 
-def dump_routes():
-    """All IPv4 routes; last in a batch, as `dump_addresses`."""
-    return RTM_GETROUTE, NLM_F_DUMP, pack("=BBBBBBBBI", AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+def dump_routes(family: int = AF_INET):
+    """All routes of `family` (AF_UNSPEC: every family); last in a batch, as `dump_addresses`."""
+    return RTM_GETROUTE, NLM_F_DUMP, pack("=BBBBBBBBI", family, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def found_link(result):
@@ -321,13 +338,22 @@ def dumped(result) -> list:
 
 
 def new_address(index: int, ip: int, prefix: int):
-    raw = ip.to_bytes(4, "big")
-    body = pack("=BBBBi", AF_INET, prefix, 0, RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, raw) + attr(IFA_ADDRESS, raw)
+    """ip/prefix on the link; a tagged IPv6 `ip` goes on with IFA_F_NODAD, usable at once (the pod's
+    addresses come from our IPAM: no one else holds them, and DAD would hold it back ~1 s)."""
+    raw = _raw(ip)
+    if ip >= IPV6:
+        body = (pack("=BBBBi", AF_INET6, prefix, IFA_F_NODAD, RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, raw)
+                + attr(IFA_ADDRESS, raw) + attr_u32(IFA_FLAGS, IFA_F_NODAD))
+    else:
+        body = (pack("=BBBBi", AF_INET, prefix, 0, RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, raw)
+                + attr(IFA_ADDRESS, raw))
     return RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body
 
 
 def new_route(dst: int, prefix: int, gw: int, oif: int):
-    body = (pack("=BBBBBBBBI", AF_INET, prefix, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
-            + (attr(RTA_DST, dst.to_bytes(4, "big")) if prefix else b"")
-            + attr(RTA_GATEWAY, gw.to_bytes(4, "big")) + attr_u32(RTA_OIF, oif))
+    """dst/prefix via gw out of oif, in the family of `gw` (tagged ints for IPv6)."""
+    family = AF_INET6 if gw >= IPV6 else AF_INET
+    body = (pack("=BBBBBBBBI", family, prefix, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+            + (attr(RTA_DST, _raw(dst)) if prefix else b"")
+            + attr(RTA_GATEWAY, _raw(gw)) + attr_u32(RTA_OIF, oif))
     return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body

@@ -9,10 +9,10 @@ import posix  # not os: its import costs ~1 ms of every command (cni.main)
 
 from . import errors as E
 from .agent_socket import HOST_VETH_DIGEST_CHARS, HOST_VETH_PREFIX, socket_path
-from .config import (decode_config, format_mac, int_to_ip, parse_env, parse_mac, parse_netconf, plan_addresses,
-                     random_mac)
+from .config import (addr_text, decode_config, format_mac, is_ipv6, parse_env, parse_mac, parse_netconf,
+                     plan_addresses, random_mac)
 from .errors import CniError
-from .ipam import DiskStore, allocate, held_by, release_owner
+from .ipam import DiskStore, allocate_all, held_by, release_owner
 from .subnet_file import read_subnet_file
 from .jsonfast import dumps
 from .versions import stated_version, version_reply
@@ -85,17 +85,18 @@ def cmd_add(env, conf, kernel, store):
     plan = plan_addresses(conf, node)
     netns_fd = _open_netns(env.netns)
     try:
-        requested = conf.requested_ips[0] if conf.requested_ips else None
         with store(conf.data_dir, conf.name) as locked:
-            ip = allocate(locked, plan, env.container_id, env.ifname, requested)
+            ips = allocate_all(locked, plan.families, env.container_id, env.ifname, conf.requested_ips)
+        addresses = [(ip, family.prefix, family.gateway) for ip, family in zip(ips, plan.families)]
         host_veth = host_veth_name(env.container_id, env.ifname)
         try:
-            made = kernel.attach(bridge=conf.bridge, gateway=plan.gateway, prefix=plan.prefix, mtu=plan.mtu,
-                                 hairpin=conf.hairpin, host_veth=host_veth, netns_fd=netns_fd, ifname=env.ifname,
-                                 mac=conf.requested_mac or random_mac(), ip=ip, routes=plan.routes)
+            made = kernel.attach(bridge=conf.bridge, addresses=addresses, mtu=plan.mtu, hairpin=conf.hairpin,
+                                 host_veth=host_veth, netns_fd=netns_fd, ifname=env.ifname,
+                                 mac=conf.requested_mac or random_mac(), routes=plan.routes)
         except BaseException:
             with store(conf.data_dir, conf.name) as locked:
-                locked.release(ip)
+                for ip in ips:
+                    locked.release(ip)
             raise
     finally:
         posix.close(netns_fd)
@@ -106,10 +107,13 @@ def cmd_add(env, conf, kernel, store):
     ]
     if conf.cni_version == "1.1.0":
         interfaces[2]["mtu"] = plan.mtu
-    address = {"address": f"{int_to_ip(ip)}/{plan.prefix}", "gateway": int_to_ip(plan.gateway), "interface": 2}
-    if conf.cni_version < "1.0.0":
-        address["version"] = "4"
-    result = {"cniVersion": conf.cni_version, "interfaces": interfaces, "ips": [address],
+    listed = []
+    for ip, prefix, gateway in addresses:
+        address = {"address": f"{addr_text(ip)}/{prefix}", "gateway": addr_text(gateway), "interface": 2}
+        if conf.cni_version < "1.0.0":
+            address["version"] = "6" if is_ipv6(ip) else "4"
+        listed.append(address)
+    result = {"cniVersion": conf.cni_version, "interfaces": interfaces, "ips": listed,
               "routes": [r.to_dict() for r in plan.routes], "dns": {}}
     return 0, dumps(_merge_prev(conf.prev_result, result))
 
@@ -179,12 +183,25 @@ def cmd_check(env, conf, kernel, store):
     if not mine:
         raise CniError(E.UNKNOWN_CONTAINER, f"no address is reserved for container {env.container_id} "
                        f"interface {env.ifname}")
-    ip = mine[0]
+    # Each family the pod holds an address of is checked; a family the network gained after the pod's
+    # ADD (IPv6 added to a running IPv4 cluster) is not the pod's, and its routes are not expected.
+    held = [(family, next((ip for ip in mine if is_ipv6(ip) == is_ipv6(family.gateway)), None))
+            for family in plan.families]
+    held = [(family, ip) for family, ip in held if ip is not None]
+    if not held:
+        raise CniError(E.CHECK_MISMATCH, f"the addresses reserved for container {env.container_id} interface "
+                       f"{env.ifname} are of no family the network assigns now")
+    held_ipv6 = {is_ipv6(ip) for _, ip in held}
     problems = []
     # prevResult's values are compared, never quoted (see `errors.shown`); its addresses would add nothing.
     reported = [a.get("address") for a in _listed(prev, "ips") if isinstance(a, dict)]
-    if f"{int_to_ip(ip)}/{plan.prefix}" not in reported:
-        problems.append(f"reserved address {int_to_ip(ip)}/{plan.prefix} is not in prevResult")
+    for family, ip in held:
+        if f"{addr_text(ip)}/{family.prefix}" not in reported:
+            problems.append(f"reserved address {addr_text(ip)}/{family.prefix} is not in prevResult")
+    for family in plan.families:
+        ipv6 = is_ipv6(family.gateway)
+        if ipv6 not in held_ipv6 and any(isinstance(a, str) and (":" in a) == ipv6 for a in reported):
+            problems.append(f"prevResult lists an {'IPv6' if ipv6 else 'IPv4'} address, and none is reserved")
     host_veth = host_veth_name(env.container_id, env.ifname)
     netns_fd = _open_netns(env.netns)
     try:
@@ -204,11 +221,14 @@ def cmd_check(env, conf, kernel, store):
             problems.append(f"prevResult's MAC for {env.ifname} is not a MAC address")
         elif want_mac and link.mac != want_mac:
             problems.append(f"{env.ifname} has MAC {format_mac(link.mac)}, prevResult says {format_mac(want_mac)}")
-        if (ip, plan.prefix) not in facts["addresses"]:
-            problems.append(f"{env.ifname} lacks address {int_to_ip(ip)}/{plan.prefix}")
+        for family, ip in held:
+            if (ip, family.prefix) not in facts["addresses"]:
+                problems.append(f"{env.ifname} lacks address {addr_text(ip)}/{family.prefix}")
         for route in plan.routes:
+            if is_ipv6(route.dst) not in held_ipv6:
+                continue
             if (route.dst, route.prefix, route.gw) not in facts["routes"]:  # parse_netconf refused host bits
-                problems.append(f"route {int_to_ip(route.dst)}/{route.prefix} via {int_to_ip(route.gw)} "
+                problems.append(f"route {addr_text(route.dst)}/{route.prefix} via {addr_text(route.gw)} "
                                 f"is missing on {env.ifname}")
     host, bridge = facts["host"], facts["bridge"]
     if host is None:
@@ -224,8 +244,11 @@ def cmd_check(env, conf, kernel, store):
             problems.append(f"host end {host_veth} is not the peer of {env.ifname}")
     if bridge is None:
         problems.append(f"bridge {conf.bridge} is missing")
-    elif (plan.gateway, plan.prefix) not in facts["bridge_addresses"]:
-        problems.append(f"bridge {conf.bridge} lacks the gateway address {int_to_ip(plan.gateway)}/{plan.prefix}")
+    else:
+        for family, _ in held:
+            if (family.gateway, family.prefix) not in facts["bridge_addresses"]:
+                problems.append(f"bridge {conf.bridge} lacks the gateway address "
+                                f"{addr_text(family.gateway)}/{family.prefix}")
     if problems:
         raise CniError(E.CHECK_MISMATCH, "; ".join(problems))
     return 0, ""
@@ -269,12 +292,14 @@ def cmd_status(env, conf, kernel, store):
         raise CniError(E.NOT_AVAILABLE, f"not ready for ADD: {exc.msg}") from None
     try:
         with store(conf.data_dir, conf.name, create=False) as locked:
-            used = len(locked.reservations()) if locked is not None else 0
+            reserved = list(locked.reservations()) if locked is not None else []
     except CniError as exc:  # e.g. a link planted in the store: ADD would fail the same way
         raise CniError(E.NOT_AVAILABLE, f"not ready for ADD: {exc.msg}") from None
-    size = plan.end - plan.start + 1 - (plan.start <= plan.gateway <= plan.end)
-    if used >= size:
-        raise CniError(E.NOT_AVAILABLE_LIMITED, f"all {size} addresses of the node subnet are allocated")
+    for family in plan.families:  # an ADD needs an address of each family
+        used = sum(1 for ip in reserved if family.start <= ip <= family.end and ip != family.gateway)
+        if used >= family.size:
+            raise CniError(E.NOT_AVAILABLE_LIMITED, f"all {family.size} addresses of the node's "
+                           f"{'IPv6' if is_ipv6(family.gateway) else 'IPv4'} range are allocated")
     return 0, ""
 
 

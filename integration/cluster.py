@@ -35,15 +35,28 @@ def node_subnet(node: Node) -> Optional[ipaddress.IPv4Network]:
     return ipaddress.IPv4Interface(gateway).network if gateway else None
 
 
+def node_subnets(node: Node) -> list:
+    """The node's subnets of both families from its subnet file (IPv4 first); [] before it is written."""
+    env = node.subnet_env()
+    return [ipaddress.ip_interface(env[k]).network for k in ("VXLAN_NET_SUBNET", "VXLAN_NET_IPV6_SUBNET") if k in env]
+
+
 def overlay_routes(node: Node) -> dict[str, str]:
     """{subnet: gateway} of the routes on the node's VXLAN device, from `ip -j route`."""
     routes = node.ip_json("route", "show", "dev", VTEP) if node.has_link(VTEP) else []
     return {r["dst"]: r.get("gateway") for r in routes if r.get("gateway")}
 
 
+def overlay_routes6(node: Node) -> dict[str, str]:
+    """{subnet: gateway} of our IPv6 routes (protocol 157) on either VTEP, from `ip -j -6 route`."""
+    routes = node.ip_json("-6", "route", "show", "proto", "157")
+    return {r["dst"]: r.get("gateway") for r in routes if r.get("gateway") and r.get("dev", "").startswith("vxnet")}
+
+
 def direct_routes(node: Node) -> dict[str, str]:
     """{subnet: gateway} of vxlan-net's direct routes (protocol 157 on the underlay device), from `ip -j route`."""
-    routes = node.ip_json("route", "show", "dev", node.underlay_ifname, "proto", "157")
+    routes = [r for family in ("-4", "-6")
+              for r in node.ip_json(family, "route", "show", "dev", node.underlay_ifname, "proto", "157")]
     return {r["dst"]: r.get("gateway") for r in routes}
 
 
@@ -82,7 +95,7 @@ def start_agents(lab: Lab, nodes: Iterable[Node], *agent_args: str, timeout: flo
     nodes = list(nodes)
     for node in nodes:
         lab.start_agent(node, *agent_args)
-    lab.wait_for(lambda: all(node_subnet(n) for n in nodes), timeout=timeout,
+    lab.wait_for(lambda: all(node_subnets(n) for n in nodes), timeout=timeout,
                  message="agents did not write their subnet files")
 
 
@@ -92,16 +105,16 @@ def wait_converged(lab: Lab, nodes: Iterable[Node], timeout: float = 15.0) -> No
     nodes = list(nodes)
 
     def converged() -> bool:
-        subnets = {n.name: node_subnet(n) for n in nodes}
+        subnets = {n.name: node_subnets(n) for n in nodes}
         for node in nodes:
-            routes, direct = overlay_routes(node), direct_routes(node)
+            routes, direct = {**overlay_routes(node), **overlay_routes6(node)}, direct_routes(node)
             for other in nodes:
-                subnet = subnets[other.name]
-                if subnet is None:
+                if not subnets[other.name]:
                     return False
-                if other is not node and routes.get(str(subnet)) != str(subnet.network_address) \
-                        and direct.get(str(subnet)) != other.public_ip:
-                    return False
+                for subnet in subnets[other.name] if other is not node else ():
+                    if routes.get(str(subnet)) != str(subnet.network_address) \
+                            and direct.get(str(subnet)) not in (other.public_ip, other.public_ipv6):
+                        return False
         return True
 
     lab.wait_for(converged, timeout=timeout, message="overlay routes did not converge")

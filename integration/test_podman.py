@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cni.install import install
+from cni.subnet_file import write as write_subnet_file
 from integration.cluster import running_cluster
 
 pytestmark = pytest.mark.lab
@@ -76,7 +77,7 @@ class NodePodman:
 
     def reserved(self):
         folder = self.data_dir / "podnet"
-        return sorted(f for f in os.listdir(folder) if f[0].isdigit()) if folder.is_dir() else []
+        return sorted(f for f in os.listdir(folder) if f[0].isdigit() or ":" in f) if folder.is_dir() else []
 
 
 def test_podman_containers_on_two_nodes_ping_each_other(lab):
@@ -110,3 +111,39 @@ def test_podman_containers_on_two_nodes_ping_each_other(lab):
     finally:
         for pm in podmans:
             pm.run("rm", "-a", "-f", "-t", "0", check=False)
+
+
+def test_podman_drives_a_dual_stack_conflist_and_removal_releases_both_addresses(lab):
+    """Issue 11, proof 7: the node's subnet file has both families (written with the agent's own writer,
+    by hand: the plugin's side needs no agent); podman's containers get an IPv4 and an IPv6 address,
+    reach each other over IPv6 on the node's bridge, and `podman rm` (CNI DEL) releases both."""
+    assert shutil.which("podman"), "podman missing: apt-get install podman (make test should)"
+    lab = lab(nodes=1, etcd=False)
+    [node] = lab.nodes
+    write_subnet_file(node.subnet_file, "198.19.0.0/16", "198.19.7.0/24", 1450, False,
+                      ipv6_network="fd19::/56", ipv6_subnet="fd19:0:0:7::/64")
+    plugin_dir = str(lab.workdir / "cni-bin")
+    install(plugin_dir)
+    pm = NodePodman(lab, node, plugin_dir)
+    try:
+        pm.run("import", str(build_rootfs_tar(lab.workdir)), IMAGE)
+        addresses = []
+        for i in range(2):
+            pm.run("run", "-d", "--name", f"d{i}", "--network", "podnet", "--cap-add", "NET_RAW", "--runtime",
+                   "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", IMAGE, "sleep", "600")
+            net = "{{.NetworkSettings.Networks.podnet"
+            fmt = f"{net}.IPAddress}}}} {net}.GlobalIPv6Address}}}}"
+            v4, v6 = pm.run("inspect", "-f", fmt, f"d{i}").stdout.split()
+            assert (v4, v6) == (f"198.19.7.{i + 2}", f"fd19:0:0:7::{i + 2}")
+            inside = pm.run("exec", f"d{i}", "ip", "-6", "route", "show", "default").stdout
+            assert "via fd19:0:0:7::1 dev eth0" in inside, inside
+            addresses += [v4, v6]
+        assert pm.reserved() == sorted(addresses)
+        ping = pm.run("exec", "d0", "ping", "-6", "-c", "2", "-W", "3", "fd19:0:0:7::3", check=False, timeout=30)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        for i in range(2):
+            pm.run("rm", "-f", "-t", "0", f"d{i}")
+        assert pm.reserved() == [], "podman rm must release both addresses (CNI DEL)"
+        assert node.ip_json("link", "show", "master", "cni0") == []
+    finally:
+        pm.run("rm", "-a", "-f", "-t", "0", check=False)

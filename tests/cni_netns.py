@@ -26,6 +26,7 @@ from cni.netns import setns  # noqa: E402
 REFERENCE_DIR = "/usr/lib/cni"
 SUBNET_ENV = ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.{n}.1/24\n"
               "VXLAN_NET_MTU={mtu}\nVXLAN_NET_IPMASQ=true\n")
+IPV6_SUBNET_ENV = "VXLAN_NET_IPV6_NETWORK=fd19::/56\nVXLAN_NET_IPV6_SUBNET=fd19:0:0:{n:x}::1/64\n"
 
 
 def require_root():
@@ -59,13 +60,13 @@ class Netns:
 class CniLab:
     """A host namespace, container namespaces on demand, a subnet file and a data dir."""
 
-    def __init__(self, subnet=3, mtu=1450):
+    def __init__(self, subnet=3, mtu=1450, ipv4=True, ipv6=False):
         self.tmp = tempfile.mkdtemp(prefix="vnc-")
         self.namespaces = []
         try:
             self.host = self.netns("h")
             self.subnet_file = os.path.join(self.tmp, "subnet.env")
-            self.write_subnet(subnet, mtu)
+            self.write_subnet(subnet, mtu, ipv4, ipv6)
             self.data_dir = os.path.join(self.tmp, "data")
             self.bin_dir = os.path.join(self.tmp, "bin")
             self.plugin = install(self.bin_dir)
@@ -74,9 +75,13 @@ class CniLab:
             self.close()
             raise
 
-    def write_subnet(self, n=3, mtu=1450):
+    def write_subnet(self, n=3, mtu=1450, ipv4=True, ipv6=False):
+        """Node subnet 198.19.<n>.0/24 and/or fd19:0:0:<n>::/64 (IPv6-only: ipv4=False, ipv6=True)."""
+        text = SUBNET_ENV.format(n=n, mtu=mtu)
+        if not ipv4:
+            text = text.split("\n", 2)[2]
         with open(self.subnet_file, "w") as fh:
-            fh.write(SUBNET_ENV.format(n=n, mtu=mtu))
+            fh.write((IPV6_SUBNET_ENV.format(n=n) if ipv6 else "") + text)
 
     def netns(self, role="c"):
         ns = Netns(role)
@@ -108,7 +113,7 @@ class CniLab:
             return {}
         out = {}
         for name in os.listdir(self.store):
-            if name[0].isdigit():
+            if name[0].isdigit() or ":" in name:  # IPv4 or IPv6 reservations
                 with open(os.path.join(self.store, name), newline="") as fh:
                     out[name] = fh.read()
         return out
@@ -144,12 +149,13 @@ class CniLab:
         args = ["link", "show"] + (["type", kind] if kind else [])
         return {link["ifname"]: link for link in ip_json((netns or self.host).name, "-d", *args)}
 
-    def addresses(self, netns, ifname):
+    def addresses(self, netns, ifname, family="inet"):
+        """(address, prefix) of `family` ("inet", or "inet6" without link-local ones) on ifname."""
         return [(a["local"], a["prefixlen"]) for link in ip_json(netns.name, "addr", "show", "dev", ifname)
-                for a in link.get("addr_info", []) if a.get("family") == "inet"]
+                for a in link.get("addr_info", []) if a.get("family") == family and a.get("scope") != "link"]
 
-    def routes(self, netns):
-        return [(r["dst"], r.get("gateway"), r.get("dev")) for r in ip_json(netns.name, "route", "show")]
+    def routes(self, netns, family="-4"):
+        return [(r["dst"], r.get("gateway"), r.get("dev")) for r in ip_json(netns.name, family, "route", "show")]
 
     def wait_link_gone(self, name, timeout):
         """True once the host namespace has no link `name` (a DEL handed it to the agent), False after timeout."""

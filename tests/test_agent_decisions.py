@@ -4,9 +4,11 @@ and the loop's own choices with its doors (etcd, netlink, nftables) replaced by 
 from __future__ import annotations
 
 import threading
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv6Address, IPv4Network
 
 import pytest
+
+from vxlan_net.core.errors import KernelError
 
 from vxlan_net.agent.decisions import (KEEP, REFUSE, RESTORE, Response, SettledAddress, address_to_follow,
                                        next_resync_delay, own_record_action, respond_to)
@@ -85,30 +87,36 @@ class KernelDoor(MemoryKernel):
             self.calls.append((name, args))
         return call
 
-    def interface_address(self, ifname):
-        self.calls.append(("interface_address", (ifname,)))
+    ipv6_underlay = False
+
+    def interface_address(self, ifname, family=4):
+        self.calls.append(("interface_address", (ifname, family)))
+        if family == 6:
+            if not self.ipv6_underlay:
+                raise KernelError(f"{ifname} has no global IPv6 address")
+            return IPv6Address("fd18:0:0:1::2")
         return IPv4Address("198.18.1.2")
 
     def underlay_for(self, public_ip):
         self.calls.append(("underlay_for", (public_ip,)))
         return "und1", 7
 
-    def default_route_source(self):
-        self.calls.append(("default_route_source", ()))
+    def default_route_source(self, family=4):
+        self.calls.append(("default_route_source", (family,)))
         return "und0", IPv4Address("198.18.1.3")
 
     def link_info(self, ifname):
         return {"mtu": {"und0": 1500, "und1": 9000, "eth9": 1400}[ifname]}
 
-    def node_addresses(self):
+    def node_addresses(self, family=4):
         return []
 
-    def main_table_routes(self):
+    def main_table_routes(self, family=4):
         return []
 
 
 class FirewallDoor:
-    ForwardDevices = staticmethod(lambda bridge, vtep: (bridge, vtep))
+    ForwardDevices = staticmethod(lambda bridge, vtep, *args, **kwargs: (bridge, vtep))
 
     def __init__(self):
         self.calls = []
@@ -126,7 +134,7 @@ class FakeKeeper:
     def __init__(self, lease):
         self.lease, self.acquired, self.restored = lease, 0, 0
 
-    def acquire(self, remembered, underlay):
+    def acquire(self, remembered, underlay, remembered_ipv6=None):
         self.acquired += 1
         return self.lease
 
@@ -151,8 +159,31 @@ def fake_agent(tmp_path, **options):
 def test_the_underlay_is_the_flag_then_the_public_ips_interface_then_the_default_route(tmp_path, options, expected,
                                                                                         asked):
     agent, kernel, _ = fake_agent(tmp_path, **options)
-    assert agent._resolve_underlay() == expected
+    agent.config = CONFIG
+    assert agent._resolve_underlay() == expected and agent.public_ipv6 is None
     assert [name for name, _ in kernel.calls] == ([asked] if asked else [])
+
+
+def test_an_ipv6_endpoint_is_looked_for_only_when_the_network_has_ipv6(tmp_path):
+    agent, kernel, _ = fake_agent(tmp_path)
+    kernel.ipv6_underlay = True
+    agent.config = CONFIG
+    agent._resolve_underlay()
+    assert agent.public_ipv6 is None and ("interface_address", ("und0", 6)) not in kernel.calls
+    agent.config = build_config("198.19.0.0/16", ipv6_network="fd19::/56")
+    assert agent._resolve_underlay() == ("und0", IPv4Address("198.18.1.3"), 1500)
+    assert agent.public_ipv6 == IPv6Address("fd18:0:0:1::2")
+    kernel.ipv6_underlay = False  # dual-stack pods over an IPv4-only underlay: one VTEP
+    agent._resolve_underlay()
+    assert agent.public_ipv6 is None
+
+
+def test_a_node_with_no_underlay_address_of_either_family_is_a_clear_error(tmp_path):
+    agent, kernel, _ = fake_agent(tmp_path, iface="eth9")
+    kernel.interface_address = lambda ifname, family=4: (_ for _ in ()).throw(KernelError(f"no IPv{family}"))
+    agent.config = build_config("198.19.0.0/16", ipv6_network="fd19::/56")
+    with pytest.raises(KernelError, match="neither an IPv4 nor a global IPv6 address"):
+        agent._resolve_underlay()
 
 
 def running(tmp_path):

@@ -324,13 +324,16 @@ def test_the_agent_name_lock_never_creates_through_a_planted_link(tmp_path):
 
 TOKEN = st.text(alphabet=string.ascii_letters + string.digits + "+/_", min_size=12, max_size=24)
 LINES = st.lists(st.sampled_from(["", "# c", "VXLAN_NET_NETWORK=198.19.0.0/16", "VXLAN_NET_SUBNET=198.19.3.1/24",
-                                  "VXLAN_NET_MTU=1450", "VXLAN_NET_IPMASQ=false", "A=B", "garbage"]), max_size=5)
+                                  "VXLAN_NET_IPV6_NETWORK=fd19::/56", "VXLAN_NET_IPV6_SUBNET=fd19:0:0:5::1/64",
+                                  "VXLAN_NET_MTU=1450", "VXLAN_NET_IPMASQ=false", "A=B", "garbage"]), max_size=6)
 
 
 @settings(max_examples=300, deadline=None)
 @given(token=TOKEN, before=LINES, after=LINES,
        shape=st.sampled_from(["{t}", "X={t}", "VXLAN_NET_NETWORK={t}", "VXLAN_NET_SUBNET={t}/24",
-                              "VXLAN_NET_MTU={t}", "VXLAN_NET_IPMASQ={t}", "VXLAN_NET_SUBNET=198.19.{t}", "{t}=1"]))
+                              "VXLAN_NET_MTU={t}", "VXLAN_NET_IPMASQ={t}", "VXLAN_NET_SUBNET=198.19.{t}", "{t}=1",
+                              "VXLAN_NET_IPV6_NETWORK={t}", "VXLAN_NET_IPV6_SUBNET=fd19::{t}/64",
+                              "VXLAN_NET_IPV6_SUBNET={t}/64"]))
 def test_no_subnet_file_content_ever_reaches_an_error(token, before, after, shape):
     text = "\n".join(before + [shape.format(t=token)] + after)
     try:

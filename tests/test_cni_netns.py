@@ -144,7 +144,9 @@ def test_an_ifname_taken_in_the_container_fails_cleanly(lab):
     assert_no_leftovers(lab)
 
 
-def test_kill_9_during_add_leaves_nothing_del_does_not_clean(lab):
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "dual-stack"])
+def test_kill_9_during_add_leaves_nothing_del_does_not_clean(lab, ipv6):
+    lab.write_subnet(ipv6=ipv6)  # dual-stack: also between the two reservations
     ns = lab.netns()
     data = json.dumps(lab.conf()).encode()
     for attempt in range(12):  # kill at different moments of the ADD

@@ -168,6 +168,9 @@ def test_error_cni_version_follows_the_config():
 
 TAIL = "VXLAN_NET_MTU=1450\nVXLAN_NET_IPMASQ=false\n"
 NODE_FILE = "VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\n" + TAIL
+IPV6_PAIR = "VXLAN_NET_IPV6_NETWORK=fd19::/56\nVXLAN_NET_IPV6_SUBNET=fd19:0:0:5::1/64\n"
+DUAL_FILE = NODE_FILE + IPV6_PAIR
+IPV6_FILE = IPV6_PAIR + TAIL
 
 
 @pytest.mark.parametrize("text, words", [
@@ -204,7 +207,8 @@ def test_plan_overrides_and_defaults():
     node = parse_subnet_file(NODE_FILE)
     e = C.parse_env(env())
     plan = C.plan_addresses(C.parse_netconf({"cniVersion": "1.0.0", "name": "n", "type": "t"}, e), node)
-    assert (plan.start, plan.end, plan.mtu) == (ip("198.19.3.1"), ip("198.19.3.254"), 1450)
+    [family] = plan.families
+    assert (family.index, family.start, family.end, plan.mtu) == (0, ip("198.19.3.1"), ip("198.19.3.254"), 1450)
     assert [r.to_dict() for r in plan.routes] == [{"dst": "0.0.0.0/0", "gw": "198.19.3.1"}]
     with pytest.raises(CniError) as info:
         C.plan_addresses(C.parse_netconf({"cniVersion": "1.0.0", "name": "n", "type": "t",
@@ -224,8 +228,8 @@ def test_pick_address_round_robin_wraps_and_skips_gateway_and_taken():
 
 
 class Plan:
-    def __init__(self, start, end, gateway):
-        self.start, self.end, self.gateway = start, end, gateway
+    def __init__(self, start, end, gateway, index=0):
+        self.start, self.end, self.gateway, self.index = start, end, gateway, index
 
 
 def test_allocate_refuses_duplicates_and_exhaustion_with_codes():
@@ -348,7 +352,8 @@ json_values = st.recursive(
 CONF_KEYS = ["cniVersion", "name", "type", "mtu", "bridge", "ipam", "args", "runtimeConfig", "prevResult",
              "isDefaultGateway", "hairpinMode", "cni.dev/valid-attachments", "cni.dev/attachments"]
 field_values = st.one_of(json_values, st.sampled_from(["1.0.0", "1.1.0", "0.4.0", "podnet", "198.19.3.9",
-                                                       "198.19.3.0/24", "02:00:00:00:00:01", "eth0"]))
+                                                       "198.19.3.0/24", "02:00:00:00:00:01", "eth0", "fd19:0:0:5::9",
+                                                       "fd19:0:0:5::/64", "::/0"]))
 configs = st.dictionaries(st.sampled_from(CONF_KEYS), field_values, max_size=8)
 commands = st.sampled_from(["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION", "", "add"])
 env_text = st.text(alphabet=string.printable + "é\u2028", max_size=20)
@@ -386,21 +391,29 @@ def test_any_subnet_file_text_parses_or_is_a_config_error(text):
     except CniError as exc:
         assert exc.code == 7 and exc.msg
     else:
-        assert 0 < node.prefix <= 30 and 68 <= node.mtu <= 65535
+        assert node.prefix is not None or node.ipv6_prefix is not None
+        assert (node.prefix is None or 0 < node.prefix <= 30) and 68 <= node.mtu <= 65535
+        assert node.ipv6_prefix is None or node.ipv6_network_prefix <= node.ipv6_prefix <= 126
 
 
 @settings(max_examples=200, deadline=None)
 @given(ipam_conf=st.dictionaries(st.sampled_from(["rangeStart", "rangeEnd", "routes", "ranges", "subnet", "type",
                                                   "gateway"]), field_values, max_size=5))
 def test_any_ipam_section_plans_or_fails_with_a_code(ipam_conf):
-    node = parse_subnet_file(NODE_FILE)
-    try:
-        plan = C.plan_addresses(C.parse_netconf({"cniVersion": "1.0.0", "name": "n", "type": "t",
-                                                 "ipam": ipam_conf}, C.parse_env(env())), node)
-    except CniError as exc:
-        assert exc.code in (2, 7)
-    else:
-        assert node.subnet < plan.start <= plan.end < node.subnet + 255
+    for text in (NODE_FILE, DUAL_FILE):
+        node = parse_subnet_file(text)
+        try:
+            plan = C.plan_addresses(C.parse_netconf({"cniVersion": "1.0.0", "name": "n", "type": "t",
+                                                     "ipam": ipam_conf}, C.parse_env(env())), node)
+        except CniError as exc:
+            assert exc.code in (2, 7)
+        else:
+            assert 1 <= len(plan.families) <= 2
+            for family in plan.families:
+                if C.is_ipv6(family.gateway):
+                    assert node.ipv6_subnet < family.start <= family.end < node.ipv6_subnet + 2 ** 64
+                else:
+                    assert node.subnet < family.start <= family.end < node.subnet + 255
 
 
 def test_jsonfast_matches_json_on_valid_documents():

@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent import futures
 from concurrent.futures import Future
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +26,7 @@ from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.backoff import Backoff
 from vxlan_net.core.config import NetworkConfig, parse_config
 from vxlan_net.core.direct import DirectReach
+from vxlan_net.core.families import VXLAN_OVERHEAD_BY_UNDERLAY, IPAddress
 from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
                                    StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.core.lease import Lease
@@ -64,6 +65,9 @@ class AgentOptions:
     """Underlay interface; default: the one carrying --public-ip, else the default route's."""
     public_ip: Optional[IPv4Address] = None
     """Address other nodes send tunnel traffic to; default: the underlay interface's."""
+    public_ipv6: Optional[IPv6Address] = None
+    """IPv6 address other nodes send tunnel traffic to over an IPv6 underlay; default: the underlay
+    interface's global IPv6 address, looked for when the network has IPv6 (or the node no IPv4 underlay)."""
     subnet_file: Path = Path(DEFAULT_SUBNET_FILE)
     state_dir: Path = Path("/var/lib/vxlan-net")
     ip_masq: bool = False
@@ -117,10 +121,13 @@ class Agent:
         self.keeper: Optional[SubnetLeaseKeeper] = None
         self.book: Optional[LeaseBook] = None
         self.reconciler: Optional[Reconciler] = None
-        self.underlay: Optional[tuple[str, IPv4Address, int]] = None
+        self.underlay: Optional[tuple[str, Optional[IPv4Address], int]] = None
+        """(interface, IPv4 public address or None on an IPv6-only underlay, MTU)."""
+        self.public_ipv6: Optional[IPv6Address] = None
+        """The IPv6 tunnel endpoint, when this node has a VTEP over an IPv6 underlay."""
         self.metrics = AgentMetrics()
         self.readiness = Readiness(options.resync_interval)
-        self._filtered_peers: Optional[set[IPv4Address]] = None  # the ingress set's elements; None: unknown
+        self._filtered_peers: Optional[set[IPAddress]] = None  # the ingress sets' elements; None: unknown
         self._lease_expires_at = time.monotonic()
         self._etcd_addresses = self.store.endpoint_addresses()
         self._routes: list = []
@@ -133,15 +140,15 @@ class Agent:
         self.health_server: Optional[HealthServer] = None
         self._health_step = RetriedStep("health-server", self._bind_health_port, self.faults,
                                         Backoff(base=1.0, cap=10.0))
-        # What _adopt's steps apply: the lease, its VTEP and the pod MTU.
-        self._adoption: Optional[tuple[Lease, kernel.VtepSpec, int]] = None
+        # What _adopt's steps apply: the lease, its VTEPs (one per underlay family) and the pod MTU.
+        self._adoption: Optional[tuple[Lease, tuple[kernel.VtepSpec, ...], int]] = None
         self._vtep_step = RetriedStep("vtep", self._ensure_vtep, self.faults)
         self._firewall_step = RetriedStep("firewall", self._apply_firewall, self.faults)
         # Data plane first; nft last, as it may hang up to its timeout.
         self._adoption_steps = (
             self._vtep_step,
             RetriedStep("subnet-file", self._write_subnet_file, self.faults),
-            RetriedStep("state-dir", lambda: self.node_state.remember_subnet(self._adoption[0].subnet), self.faults),
+            RetriedStep("state-dir", lambda: self.node_state.remember_subnet(*self._adoption[0].subnets), self.faults),
             self._firewall_step,
         )
 
@@ -178,9 +185,14 @@ class Agent:
             return 0
         ifname, public_ip, underlay_mtu = self._resolve_underlay()
         self.underlay = (ifname, public_ip, underlay_mtu)
-        mac = self.node_state.vtep_mac()
-        self.keeper = SubnetLeaseKeeper(self.store, self.config, public_ip, mac, self.options.subnet_lease_ttl)
-        self.reconciler = Reconciler(vtep_name(self.config.vni), self.kernel, underlay=ifname)
+        v6 = self.public_ipv6
+        self.keeper = SubnetLeaseKeeper(self.store, self.config, public_ip,
+                                        self.node_state.vtep_mac(4) if public_ip else None,
+                                        self.options.subnet_lease_ttl, public_ipv6=v6,
+                                        vtep_mac_v6=self.node_state.vtep_mac(6) if v6 else None)
+        vteps = self._vtep_names()
+        self.reconciler = Reconciler(next(iter(vteps.values())), self.kernel, underlay=ifname, vteps=vteps,
+                                     pod_families=[space.version for space in self.config.spaces])
         lease = self._wait(self._acquire, "subnet lease")
         if lease is None:
             return 0
@@ -211,28 +223,76 @@ class Agent:
             raise InvalidConfig(f"no config at {self.options.etcd_prefix}/config yet (write it with `vxlan-net config set`)")
         return parse_config(raw)
 
-    def _resolve_underlay(self) -> tuple[str, IPv4Address, int]:
+    def _vtep_names(self) -> dict[int, str]:
+        """{underlay family: VTEP name} of the VTEPs this node has (IPv4 first)."""
+        families = [f for f, address in ((4, self.underlay[1]), (6, self.public_ipv6)) if address is not None]
+        return {f: vtep_name(self.config.vni, f) for f in families}
+
+    def _resolve_underlay(self) -> tuple[str, Optional[IPv4Address], int]:
+        """The underlay interface, its IPv4 public address (None: no IPv4 underlay) and MTU; sets
+        self.public_ipv6 when the node gets a VTEP over IPv6. KernelError when neither family has one.
+
+        An IPv6 endpoint is looked for only when the network has IPv6 or the node has no IPv4 underlay:
+        a dual-stack underlay under an IPv4 network needs one VTEP, as before."""
         opts = self.options
+        wants_v6 = self.config.ipv6 is not None or opts.public_ipv6 is not None
+        public_ip: Optional[IPv4Address] = opts.public_ip
         if opts.iface:
-            public_ip = opts.public_ip or self.kernel.interface_address(opts.iface)
             ifname = opts.iface
-        elif opts.public_ip:
-            public_ip = opts.public_ip
-            ifname, _ = self.kernel.underlay_for(public_ip)
+        elif opts.public_ip or opts.public_ipv6:
+            ifname, _ = self.kernel.underlay_for(opts.public_ip or opts.public_ipv6)
         else:
-            ifname, public_ip = self.kernel.default_route_source()
+            try:
+                ifname, public_ip = self.kernel.default_route_source(family=4)
+            except KernelError as exc:
+                if not wants_v6 and self.config.ipv4 is not None:
+                    raise
+                log.info("no IPv4 default route (%s); looking for an IPv6 underlay", exc)
+                ifname, _ = self.kernel.default_route_source(family=6)
+        if public_ip is None and not (opts.public_ipv6 and not opts.iface and not opts.public_ip):
+            public_ip = self._address_of(ifname, 4)
+        public_ipv6 = opts.public_ipv6
+        if public_ipv6 is None and (wants_v6 or public_ip is None):
+            public_ipv6 = self._address_of(ifname, 6)
+        if public_ip is None and public_ipv6 is None:
+            raise KernelError(f"{ifname} has neither an IPv4 nor a global IPv6 address to tunnel from")
+        self.public_ipv6 = public_ipv6
         mtu = int(self.kernel.link_info(ifname)["mtu"])
-        log.info("underlay %s, public IP %s, MTU %d", ifname, public_ip, mtu)
+        log.info("underlay %s, public IP %s, public IPv6 %s, MTU %d", ifname, public_ip or "none",
+                 public_ipv6 or "none", mtu)
         return ifname, public_ip, mtu
 
+    def _address_of(self, ifname: str, family: int) -> Optional[IPAddress]:
+        try:
+            return self.kernel.interface_address(ifname, family=family)
+        except KernelError as exc:
+            log.info("no IPv%d underlay on %s: %s", family, ifname, exc)
+            return None
+
     def _acquire(self) -> Lease:
-        remembered = (self.keeper.lease.subnet if self.keeper.lease else None) \
-            or self.node_state.last_subnet() or remembered_subnet(self.options.subnet_file)
+        primary = self.config.primary.version
+        held = self.keeper.lease
+        remembered = (held.subnet if held else None) or self.node_state.last_subnet(primary) \
+            or (remembered_subnet(self.options.subnet_file) if primary == 4 else None)
+        remembered_v6 = (held.ipv6_subnet if held else None) or self.node_state.last_subnet(6)
         # Read at every acquire: our subnet must not cover an address or connected route of the node,
         # nor an etcd endpoint (every other node would skip it, as it would capture their etcd).
-        underlay = underlay_networks(self.kernel.node_addresses(), self.kernel.main_table_routes(), self.config,
-                                     vtep_name(self.config.vni), self._etcd_addresses)
-        return self.keeper.acquire(remembered, underlay)
+        addresses, routes = self._node_addresses(), self._main_table_routes()
+        underlay = underlay_networks(addresses, routes, self.config, self._all_vtep_names(), self._etcd_addresses)
+        return self.keeper.acquire(remembered, underlay, remembered_v6)
+
+    def _all_vtep_names(self) -> list[str]:
+        return [vtep_name(self.config.vni, f) for f in (4, 6)]
+
+    def _families_read(self) -> tuple[int, ...]:
+        """The address families whose addresses and routes matter to this node."""
+        return (4, 6) if self.config.ipv6 is not None or self.public_ipv6 is not None else (4,)
+
+    def _node_addresses(self) -> list:
+        return [a for f in self._families_read() for a in self.kernel.node_addresses(family=f)]
+
+    def _main_table_routes(self) -> list:
+        return [r for f in self._families_read() for r in self.kernel.main_table_routes(family=f)]
 
     def _adopt(self, lease: Lease) -> None:
         """Make the node match its lease: VTEP, subnet file, state dir, firewall.
@@ -240,42 +300,51 @@ class Agent:
         Each is a step of its own, retried with back-off until it succeeds (_retry_steps), so a
         failing `nft` or a read-only subnet directory never keeps the overlay from being programmed.
         """
-        config, (ifname, public_ip, underlay_mtu) = self.config, self.underlay
-        mtu = config.pod_mtu(underlay_mtu)
-        spec = kernel.VtepSpec(
-            name=vtep_name(config.vni), vni=config.vni, port=config.port, local_ip=public_ip,
-            underlay_ifname=ifname, mac=lease.vtep_mac, mtu=mtu,
-            address=IPv4Interface((lease.subnet.network_address, 32)),
-        )
-        self._adoption = (lease, spec, mtu)
+        config, (ifname, _, underlay_mtu) = self.config, self.underlay
+        v4, v6 = lease.subnet_of(4), lease.subnet_of(6)
+        specs = []
+        for family in sorted(lease.underlays):
+            local_ip, mac = lease.endpoint(family)
+            specs.append(kernel.VtepSpec(
+                name=vtep_name(config.vni, family), vni=config.vni, port=config.port, local_ip=local_ip,
+                underlay_ifname=ifname, mac=mac, mtu=config.mtu or underlay_mtu - VXLAN_OVERHEAD_BY_UNDERLAY[family],
+                address=IPv4Interface((v4.network_address, 32)) if v4 else None,
+                ipv6_address=IPv6Interface((v6.network_address, 128)) if v6 else None,
+            ))
+        mtu = min(spec.mtu for spec in specs)  # a pod's packets may take either VTEP
+        self._adoption = (lease, tuple(specs), mtu)
         self.readiness.lease_held = True
         self._lease_expires_at = time.monotonic() + self.keeper.ttl
         if self.book is not None:
             self._note_skipped(self.book.set_own(lease))
-        log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.subnet, spec.name, mtu, lease.vtep_mac)
+        log.info("node subnet %s on %s (MTU %d, VTEP MAC %s)", lease.key_name.replace("&", " and "),
+                 " and ".join(spec.name for spec in specs), mtu, " and ".join(spec.mac for spec in specs))
         for step in self._adoption_steps:
             step.request()
             step.run_if_due()
 
     def _ensure_vtep(self) -> None:
-        spec = self._adoption[1]
-        self.kernel.ensure_vtep(spec)
-        try:
-            self.kernel.drop_unicast_in_l2_multicast(spec.name)
-        except KernelError as exc:
-            log.warning("%s accepts unicast packets in L2 multicast frames: %s", spec.name, exc)
+        for spec in self._adoption[1]:
+            self.kernel.ensure_vtep(spec)
+            try:
+                self.kernel.drop_unicast_in_l2_multicast(spec.name)
+            except KernelError as exc:
+                log.warning("%s accepts unicast packets in L2 multicast frames: %s", spec.name, exc)
 
     def _write_subnet_file(self) -> None:
         lease, _, mtu = self._adoption
-        write_subnet_file(self.options.subnet_file, str(self.config.network), str(lease.subnet), mtu,
-                          self.options.ip_masq)
+        v4, v6 = lease.subnet_of(4), lease.subnet_of(6)
+        write_subnet_file(self.options.subnet_file, _text(self.config.ipv4_network), _text(v4), mtu,
+                          self.options.ip_masq, ipv6_network=_text(self.config.ipv6_network), ipv6_subnet=_text(v6))
         self.readiness.subnet_file_written = True
 
     def _apply_firewall(self) -> None:
-        """Our nft table, with the peers known now allowed (the next reconcile trims the set)."""
+        """Our nft tables, with the peers known now allowed (the next reconcile trims the sets)."""
         filtered = self.options.vxlan_ingress_filter
-        self.firewall.apply_rules(self.config.network, self.options.ip_masq, self.config.port, self._forward_devices(),
-                             self.reconciler.peer_public_ips() if filtered else (), ingress_filter=filtered)
+        self.firewall.apply_rules(self.config.ipv4_network, self.options.ip_masq, self.config.port,
+                                  self._forward_devices(), self.reconciler.peer_public_ips() if filtered else (),
+                                  ingress_filter=filtered, ipv6_network=self.config.ipv6_network,
+                                  ipv6_underlay=self.public_ipv6 is not None)
         self._filtered_peers = None
 
     def _retry_steps(self) -> None:
@@ -384,7 +453,7 @@ class Agent:
         and with direct routing a peer's mode depends on them (a link flap must not wait for the next
         resync); None when the subscription fails (then the periodic resync still checks both)."""
         try:
-            return self.kernel.RouteEvents()
+            return self.kernel.RouteEvents(ipv6=self.config.ipv6 is not None or self.public_ipv6 is not None)
         except KernelError as exc:
             log.warning("cannot watch this node's addresses and routes (%s); following them at each resync only",
                         exc)
@@ -394,6 +463,8 @@ class Agent:
         """Move to a new underlay address once it has settled (decisions.SettledAddress)."""
         ifname, held, _ = self.underlay
         explicit = self.options.public_ip is not None
+        if held is None:  # an IPv6-only underlay: renumbering is followed over IPv4 only (for now)
+            return
         try:
             present = {a.interface.ip for a in self.kernel.node_addresses() if explicit or a.device == ifname}
             primary = None if explicit or not present else self.kernel.interface_address(ifname)
@@ -472,12 +543,12 @@ class Agent:
         Addresses are read on every full pass; gateways (a main-table dump) only when asked."""
         try:
             if read_routes:
-                self._routes = self.kernel.main_table_routes()
-            self._addresses = self.kernel.node_addresses()
+                self._routes = self._main_table_routes()
+            self._addresses = self._node_addresses()
         except VxlanNetError as exc:
             log.warning("cannot read this node's addresses (%s); keeping the previous ones", exc)
         return underlay_addresses(self._etcd_addresses, self._addresses, self._routes, self.config,
-                                  vtep_name(self.config.vni))
+                                  self._all_vtep_names())
 
     def _note_skipped(self, change) -> None:
         for key_name, reason in change.rejected:
@@ -557,7 +628,7 @@ class Agent:
             if full or filtered is None:
                 sources = self.reconciler.peer_public_ips()
                 if sources != filtered:
-                    self.firewall.update_peers(sources)
+                    self.firewall.update_peers(sources, ipv6=self.config.ipv6 is not None or self.public_ipv6 is not None)
                     self._filtered_peers = set(sources)
                 return
             allowed = {ip for ip in touched if self.reconciler.has_public_ip(ip)}
@@ -572,10 +643,12 @@ class Agent:
             self._firewall_step.failed(exc)
 
     def _forward_devices(self) -> firewall.ForwardDevices:
-        if not self.config.direct_routing:
-            return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni))
-        return firewall.ForwardDevices(self.options.cni_bridge, vtep_name(self.config.vni), self.underlay[0],
-                                       self.config.network)
+        vteps = self._vtep_names()
+        first, vtep6 = next(iter(vteps.values())), vteps.get(6) if len(vteps) > 1 else None
+        direct = self.config.direct_routing
+        return firewall.ForwardDevices(self.options.cni_bridge, first, self.underlay[0] if direct else None,
+                                       self.config.ipv4_network if direct else None, vtep6=vtep6,
+                                       pod_network6=self.config.ipv6_network)
 
     def _recheck_forward_rules(self) -> None:
         """Someone (a firewall reload, an operator) may have removed or edited our FORWARD rules."""
@@ -616,13 +689,19 @@ class Agent:
         self._adopt(lease)
 
     def _enable_ip_forwarding(self) -> None:
+        # IPv6 forwarding only with IPv6 pods: it makes the node ignore router advertisements.
+        ipv6 = self.config.ipv6 is not None
         try:
-            self.kernel.enable_ip_forwarding()
+            self.kernel.enable_ip_forwarding(ipv6=ipv6)
         except KernelError as exc:
-            log.warning("cannot enable IPv4 forwarding: %s", exc)
+            log.warning("cannot enable IP forwarding: %s", exc)
 
     @staticmethod
     def _log_store_trouble(backoff: Backoff, message: str) -> None:
         """Warn on the first failure in a row only, so an outage does not flood the log."""
         (log.warning if backoff.failures <= 1 else log.debug)(message)
 
+
+def _text(value: Any) -> Optional[str]:
+    """str(value), None kept: the subnet file's writer takes CIDR strings, None for an absent family."""
+    return None if value is None else str(value)

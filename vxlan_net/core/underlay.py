@@ -3,58 +3,63 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections import defaultdict
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Iterable, Mapping, Optional
 
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.desired import RT_SCOPE_LINK, MainRoute
+from vxlan_net.core.families import IPAddress, IPInterface, IPNetwork
 
 
 @dataclasses.dataclass(frozen=True)
 class NodeAddress:
-    """An IPv4 address on one of the node's devices (from kernel.node_addresses)."""
+    """An address (either family) on one of the node's devices (from kernel.node_addresses)."""
 
     device: str
     kind: Optional[str]
     """The device's link kind ("vxlan", "bridge", ...); None for a physical device."""
-    interface: IPv4Interface
+    interface: IPInterface
 
 
-def is_pod_gateway(config: NetworkConfig, interface: IPv4Interface) -> bool:
-    """The address the CNI plugin gives its bridge: the first host of a SubnetLen subnet of the network."""
-    net = interface.network
-    return (net.prefixlen == config.subnet_len and net.subnet_of(config.network)
+def is_pod_gateway(config: NetworkConfig, interface: IPInterface) -> bool:
+    """The address the CNI plugin gives its bridge: the first host of a SubnetLen subnet of the network
+    (of the address's family)."""
+    space, net = config.space(interface.version), interface.network
+    return (space is not None and net.prefixlen == space.subnet_len and net.subnet_of(space.network)
             and interface.ip == net.network_address + 1)
 
 
-def is_vtep_address(config: NetworkConfig, interface: IPv4Interface) -> bool:
-    """The address the agent gives its VTEP: a SubnetLen subnet's network address, /32."""
-    return (interface.network.prefixlen == 32 and interface.ip in config.network
-            and int(interface.ip) % (1 << (32 - config.subnet_len)) == 0)
+def is_vtep_address(config: NetworkConfig, interface: IPInterface) -> bool:
+    """The address the agent gives its VTEP: a SubnetLen subnet's network address, /32 or /128."""
+    space = config.space(interface.version)
+    return (space is not None and interface.network.prefixlen == interface.max_prefixlen
+            and interface.ip in space.network and int(interface.ip) % space.step == 0)
 
 
 _OWN_KINDS = {"bridge": is_pod_gateway, "vxlan": is_vtep_address}
 
 
-def _own_devices(addresses: Iterable[NodeAddress], config: NetworkConfig, vtep: str) -> set[str]:
+def _own_devices(addresses: Iterable[NodeAddress], config: NetworkConfig, vtep: "str | Iterable[str]") -> set[str]:
     """Our VTEP and the pod bridges: what they hold lies inside our own (or a former) subnet by design.
 
     A bridge (or VXLAN device, e.g. the VTEP of a former VNI) counts as ours only when
     every address on it is one we would give it, so an underlay bridge (br0 enslaving
     eth0) is never mistaken for a pod bridge."""
-    held: dict[str, list[IPv4Interface]] = defaultdict(list)
+    held: dict[str, list[IPInterface]] = defaultdict(list)
     kinds: dict[str, str] = {}
     for a in addresses:
         if a.kind in _OWN_KINDS:
             held[a.device].append(a.interface)
             kinds[a.device] = a.kind
-    return {vtep} | {name for name, interfaces in held.items()
+    vteps = {vtep} if isinstance(vtep, str) else set(vtep)
+    return vteps | {name for name, interfaces in held.items()
                      if all(_OWN_KINDS[kinds[name]](config, i) for i in interfaces)}
 
 
 def underlay_networks(addresses: Iterable[NodeAddress], routes: Iterable[MainRoute], config: NetworkConfig,
-                      vtep: str, etcd_endpoints: Mapping[IPv4Address, str] = {}) -> dict[IPv4Network, str]:
+                      vtep: "str | Iterable[str]",
+                      etcd_endpoints: Mapping[IPAddress, str] = {}) -> dict[IPNetwork, str]:
     """{network: what it is} of the node's addresses (with their prefix), its connected (link-scope)
     routes, the gateways of its routes and the etcd endpoints, leaving out our own devices.
 
@@ -63,7 +68,7 @@ def underlay_networks(addresses: Iterable[NodeAddress], routes: Iterable[MainRou
     routes win over it. A link-scope default route (PPP) claims nothing."""
     addresses = list(addresses)
     own = _own_devices(addresses, config, vtep)
-    claims = {IPv4Network(address): f"etcd endpoint {url}" for address, url in etcd_endpoints.items()}
+    claims = {ipaddress.ip_network(address): f"etcd endpoint {url}" for address, url in etcd_endpoints.items()}
     for a in addresses:
         if a.device not in own:
             claims.setdefault(a.interface.network, f"address {a.interface} on {a.device}")
@@ -71,14 +76,15 @@ def underlay_networks(addresses: Iterable[NodeAddress], routes: Iterable[MainRou
         if r.device in own:
             continue
         if r.gateway is not None:
-            claims.setdefault(IPv4Network(r.gateway), f"gateway {r.gateway} of route {r}")
+            claims.setdefault(ipaddress.ip_network(r.gateway), f"gateway {r.gateway} of route {r}")
         elif r.scope == RT_SCOPE_LINK and r.dst.prefixlen:
             claims.setdefault(r.dst, f"connected route {r}")
     return claims
 
 
-def underlay_addresses(etcd_endpoints: Mapping[IPv4Address, str], addresses: Iterable[NodeAddress],
-                       routes: Iterable[MainRoute], config: NetworkConfig, vtep: str) -> dict[IPv4Address, str]:
+def underlay_addresses(etcd_endpoints: Mapping[IPAddress, str], addresses: Iterable[NodeAddress],
+                       routes: Iterable[MainRoute], config: NetworkConfig,
+                       vtep: "str | Iterable[str]") -> dict[IPAddress, str]:
     """What a peer subnet must never capture, each with what it is (for LeaseBook.set_protected):
     the etcd endpoints, the node's addresses and the gateways of its routes (not our own devices')."""
     addresses = list(addresses)

@@ -7,6 +7,7 @@ is the caller's business.
 from __future__ import annotations
 
 import ast
+import ipaddress
 import collections
 import dataclasses
 import importlib.util
@@ -23,13 +24,12 @@ import time
 import tokenize
 import types
 import urllib.parse
-from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from vxlan_net.core.errors import LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted, WatchLost
-from vxlan_net.core.families import IPNetwork
+from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.lease import SubnetKey, subnet_key_name
 from vxlan_net.core.lease_book import RecordEvent
 
@@ -463,18 +463,19 @@ class EtcdStore:
         request = rpc.CompactionRequest(revision=revision, physical=physical)
         self._call(f"compact to {revision}", lambda c: c.kvstub.Compact(request, self.timeout))
 
-    def endpoint_addresses(self) -> dict[IPv4Address, str]:
-        """The IPv4 address of each endpoint (host names resolved now, best effort) -> its URL."""
-        addresses: dict[IPv4Address, str] = {}
+    def endpoint_addresses(self) -> dict[IPAddress, str]:
+        """The IPv4 and IPv6 addresses of each endpoint (host names resolved now, best effort) -> its URL."""
+        addresses: dict[IPAddress, str] = {}
         for endpoint in self.endpoints:
             host = endpoint.target.rpartition(":")[0].strip("[]")
             try:
-                infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+                infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
             except (OSError, UnicodeError) as exc:
                 log.warning("cannot resolve etcd endpoint %s (%s)", endpoint.url, exc)
                 continue
             for info in infos:
-                addresses.setdefault(IPv4Address(info[4][0]), endpoint.url)
+                if info[0] in (socket.AF_INET, socket.AF_INET6):
+                    addresses.setdefault(ipaddress.ip_address(info[4][0].partition("%")[0]), endpoint.url)
         return addresses
 
     def status(self) -> StoreStatus:

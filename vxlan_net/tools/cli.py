@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from ipaddress import IPv4Address, ip_address, ip_interface
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_etcd_flags(agent)
     agent.add_argument("--iface", default=env_default("iface"), help="underlay interface")
     agent.add_argument("--public-ip", default=env_default("public-ip"), help="this node's tunnel endpoint address")
+    agent.add_argument("--public-ipv6", default=env_default("public-ipv6"),
+                       help="this node's tunnel endpoint over an IPv6 underlay (default: the underlay "
+                            "interface's global IPv6 address, when the network has IPv6)")
     agent.add_argument("--subnet-file", default=env_default("subnet-file", "/run/vxlan-net/subnet.env"))
     agent.add_argument("--state-dir", default=env_default("state-dir", "/var/lib/vxlan-net"))
     agent.add_argument("--ip-masq", action="store_true", default=None,
@@ -210,15 +213,30 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _unicast_address(flag: str, value: Optional[str], kind):
+    """The flag's address of that family, or UsageError; None when not given."""
+    from vxlan_net.core.config import unusable_block
+
+    if not value:
+        return None
+    version = 4 if kind is IPv4Address else 6
+    try:
+        address = kind(value)
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is not an IPv{version} address") from None
+    unusable = unusable_block(address)
+    if unusable:
+        raise UsageError(f"{flag} {address} is in {unusable}: it cannot be a tunnel endpoint")
+    return address
+
+
 def _agent(args) -> int:
     from cni.config import DEFAULT_BRIDGE, valid_ifname
 
     from vxlan_net.agent.loop import Agent, AgentOptions
 
-    try:
-        public_ip = IPv4Address(args.public_ip) if args.public_ip else None
-    except ValueError:
-        raise UsageError(f"--public-ip {args.public_ip!r} is not an IPv4 address") from None
+    public_ip = _unicast_address("--public-ip", args.public_ip, IPv4Address)
+    public_ipv6 = _unicast_address("--public-ipv6", args.public_ipv6, IPv6Address)
     if args.subnet_lease_ttl < 5:
         raise UsageError(f"--subnet-lease-ttl {args.subnet_lease_ttl} must be at least 5 seconds")
     if args.resync_interval <= 0:
@@ -238,7 +256,7 @@ def _agent(args) -> int:
     options = AgentOptions(
         etcd_endpoints=tuple(_endpoints(args)), etcd_prefix=args.etcd_prefix, etcd_cafile=args.etcd_cafile,
         etcd_certfile=args.etcd_certfile, etcd_keyfile=args.etcd_keyfile, etcd_username=args.etcd_username,
-        etcd_password=args.etcd_password, iface=args.iface, public_ip=public_ip,
+        etcd_password=args.etcd_password, iface=args.iface, public_ip=public_ip, public_ipv6=public_ipv6,
         subnet_file=Path(args.subnet_file), state_dir=Path(args.state_dir),
         ip_masq=args.ip_masq if args.ip_masq is not None else env_bool("ip-masq"),
         subnet_lease_ttl=args.subnet_lease_ttl, resync_interval=args.resync_interval,
