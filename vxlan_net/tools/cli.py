@@ -298,9 +298,11 @@ def _status(args) -> int:
     reach = None
     if own is not None:  # skip what this node's agent skips
         book.set_own(own)
-        routes = [r for family in pod_families for r in kernel.main_table_routes(family=family)]
-        device = vtep_name(config.vni, min(vteps))
-        book.set_protected(underlay_addresses(etcd_addresses, kernel.node_addresses(), routes, config, device))
+        families = (4, 6) if config.ipv6 is not None or 6 in vteps else (4,)  # what the agent reads
+        routes = [r for family in families for r in kernel.main_table_routes(family=family)]
+        addresses = [a for family in families for a in kernel.node_addresses(family=family)]
+        book.set_protected(underlay_addresses(etcd_addresses, addresses, routes, config,
+                                              [vtep_name(config.vni, f) for f in (4, 6)]))
         if config.direct_routing and underlay:  # decided as the agent decides
             reach = DirectReach.from_routes(routes, underlay)
     modes = None

@@ -344,23 +344,33 @@ def check_own_lease(facts: NodeFacts) -> Finding:
     return Finding(True, item, f"{said}{ttl}")
 
 
+_STATE_MAC = {4: "VtepMAC", 6: "VtepMACv6"}
+"""node.json's field for the persisted MAC of the VTEP over each underlay family (doors/state.py)."""
+_STATE_SUBNET = {4: "Subnet", 6: "IPv6Subnet"}
+
+
 def check_state_dir(facts: NodeFacts) -> Finding:
     item = f"state {facts.state_path}"
     if isinstance(facts.state, Unavailable):
         return Finding(False, item, facts.state.reason,
                        "the agent creates it at start-up; without it a restart picks a new VTEP MAC")
-    problems = []
-    mac = str(facts.state.get("VtepMAC", "")).lower()
-    if not isinstance(facts.vtep, Unavailable) and mac != facts.vtep.mac:
-        problems.append(f"persisted VtepMAC {mac or 'none'} but {facts.vtep_name} has {facts.vtep.mac}")
-    subnet = own_subnet(facts)
-    if not isinstance(subnet, Unavailable) and facts.state.get("Subnet") != str(subnet):
-        problems.append(f"persisted Subnet {facts.state.get('Subnet')} but this node holds {subnet}")
+    problems, said = [], []
+    for family in own_underlays(facts):
+        name, link, _, _ = vtep_of(facts, family)
+        mac = str(facts.state.get(_STATE_MAC[family], "")).lower()
+        said.append(f"{_STATE_MAC[family]} {mac}")
+        if not isinstance(link, Unavailable) and mac != link.mac:
+            problems.append(f"persisted {_STATE_MAC[family]} {mac or 'none'} but {name} has {link.mac}")
+    for subnet in own_subnets(facts):
+        key = _STATE_SUBNET[subnet.version]
+        said.append(f"{key} {facts.state.get(key)}")
+        if facts.state.get(key) != str(subnet):
+            problems.append(f"persisted {key} {facts.state.get(key)} but this node holds {subnet}")
     if problems:
         return Finding(False, item, "; ".join(problems),
                        "a restarted agent would change its MAC or subnet: restart the agent now, so it persists "
                        "what it uses")
-    return Finding(True, item, f"VtepMAC {mac}, Subnet {facts.state.get('Subnet')}")
+    return Finding(True, item, ", ".join(said))
 
 
 def check_vtep(facts: NodeFacts, underlay_family: int = 4) -> Finding:
@@ -453,7 +463,8 @@ def _restore_commands(want: Mapping[int, OverlayEntries], facts: NodeFacts) -> s
         device = vtep_of(facts, family)[0]
         commands += [f"ip neigh replace {n.ip} lladdr {n.mac} dev {device} nud permanent"
                      for n in in_order(entries.neighbours)]
-        commands += [f"bridge fdb append {f.mac} dev {device} dst {f.dst} self permanent" for f in in_order(entries.fdb)]
+        commands += [f"bridge fdb append {f.mac} dev {device} dst {f.dst} self permanent"
+                     for f in in_order(entries.fdb)]
         commands += [f"ip route replace {r.subnet} via {r.gateway} dev {device} onlink proto {ROUTE_PROTO}"
                      for r in in_order(entries.routes)]
         underlay = facts.underlay.name if not isinstance(facts.underlay, Unavailable) else "<underlay>"
@@ -541,14 +552,16 @@ def check_peers(facts: NodeFacts) -> list[Finding]:
                     + [f"FDB entry {e.mac} dst {e.dst}" for e in in_order(got.fdb - want.fdb)]
                     + [f"route {r.subnet} via {r.gateway}" for r in in_order(got.routes - want.routes)
                        if r.subnet not in {w.subnet for w in want.routes}]
-                    + [f"direct route {r.subnet} via {r.gateway}" for r in in_order(got.direct_routes - want.direct_routes)
+                    + [f"direct route {r.subnet} via {r.gateway}"
+                       for r in in_order(got.direct_routes - want.direct_routes)
                        if r.subnet not in {w.subnet for w in want.direct_routes}])
     if extra:
         findings.append(Finding(False, "stale entries", f"entries for no current lease: {'; '.join(extra)}",
                                 "the agent removes them on its next resync; if they stay, read its log"))
     else:
         names = " and ".join(name for name, _, _, _ in vteps.values())
-        findings.append(Finding(True, "stale entries", f"none on {names} ({len(peers)} peer{'s' if len(peers) != 1 else ''})"))
+        count = f"{len(peers)} peer{'s' if len(peers) != 1 else ''}"
+        findings.append(Finding(True, "stale entries", f"none on {names} ({count})"))
     return findings
 
 
@@ -679,6 +692,9 @@ def check_firewall(facts: NodeFacts) -> Finding:
 
 def check_masquerade(facts: NodeFacts) -> Finding:
     item = "masquerade"
+    if not isinstance(facts.config, Unavailable) and facts.config.ipv4 is None:
+        return Finding(True, item, "no IPv4 pod network: nothing for table ip to masquerade "
+                                   "(table ip6 is not checked here)")
     values, network = subnet_file_values(facts), pod_network(facts)
     why = _missing(values, network)
     if why:
@@ -808,7 +824,8 @@ def plan_probe(facts: NodeFacts, dest: IPAddress) -> Fact[ProbePlan]:
     elif subnet is not None:
         source = subnet.network_address + 1
     else:
-        reason = values.reason if isinstance(values, Unavailable) else f"the subnet file has no IPv{dest.version} subnet"
+        reason = (values.reason if isinstance(values, Unavailable)
+                  else f"the subnet file has no IPv{dest.version} subnet")
         return Unavailable(f"no source address: {reason}")
     underlay_family = tunnel_underlay(peer, dest.version, own_underlays(facts))
     if underlay_family is None:
@@ -1026,11 +1043,13 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     vtep, vtep6 = _link(kernel, device), _link(kernel, device6)
     ipv6 = (config.ipv6 is not None) if not isinstance(config, Unavailable) else not isinstance(vtep6, Unavailable)
     try:
-        routes4 = tuple(kernel.main_table_routes())
-        main_routes: Fact[tuple[MainRoute, ...]] = routes4 + (tuple(kernel.main_table_routes(family=6)) if ipv6 else ())
-        # What the agent protects (core.underlay): from the IPv4 addresses and routes.
+        # The families whose addresses and routes the agent reads (Agent._families_read).
+        families = (4, 6) if ipv6 or not isinstance(vtep6, Unavailable) else (4,)
+        main_routes: Fact[tuple[MainRoute, ...]] = tuple(
+            r for family in families for r in kernel.main_table_routes(family=family))
         protected = {} if isinstance(config, Unavailable) else underlay_addresses(
-            store.endpoint_addresses(), kernel.node_addresses(), routes4, config, device)
+            store.endpoint_addresses(), [a for family in families for a in kernel.node_addresses(family=family)],
+            main_routes, config, [device, device6])
     except KernelError as exc:
         main_routes, protected = Unavailable(f"cannot read the main routing table: {exc}"), {}
     try:

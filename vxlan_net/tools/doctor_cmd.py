@@ -21,8 +21,8 @@ def register(subparsers, add_etcd_flags) -> None:
     parser.add_argument("--iface", default=env_default("iface"),
                         help="underlay interface (default: the one the VXLAN device sits on)")
     parser.add_argument("--probe", metavar="DEST_POD_IP",
-                        help="send an echo request to this pod IP (IPv4 or IPv6) from the bridge address and confirm, on the "
-                             "underlay, that it leaves for the right node with our VNI and unchanged addresses")
+                        help="send an echo request to this pod IP (IPv4 or IPv6) from the bridge address and confirm, "
+                             "on the underlay, that it leaves for the right node with our VNI and unchanged addresses")
     parser.add_argument("--probe-timeout", type=float, default=3.0, help="seconds to wait for the probe's frames")
     parser.add_argument("--json", action="store_true", help="print the findings as one JSON document")
     parser.add_argument("--node", metavar="NETNS",

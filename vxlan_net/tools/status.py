@@ -77,7 +77,8 @@ def in_order(entries: Iterable[T]) -> list[T]:
     """Kernel entries (Neighbour, FdbEntry, Route) sorted IPv4 before IPv6: addresses of two families do not
     compare, so a dual-stack set cannot go to sorted() as it is."""
     def key(entry):
-        return tuple((value.version, value) if hasattr(value, "version") else (0, value) for value in vars(entry).values())
+        return tuple((value.version, value) if hasattr(value, "version") else (0, value)
+                     for value in vars(entry).values())
     return sorted(entries, key=key)
 
 
