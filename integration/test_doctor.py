@@ -195,3 +195,35 @@ def test_doctor_on_a_dual_stack_node_checks_both_vteps_names_a_broken_ipv6_entry
     assert rows[str(peer4)][1:4] == [str(peer6), n2.public_ip, n2.public_ipv6], status.stdout
     assert f"this node's public IPv6: {n1.public_ipv6} on {n1.underlay_ifname}" in status.stdout
     assert f"this node ({own4} + {own6}): kernel entries match 1 peer" in status.stdout
+
+
+@pytest.mark.parametrize("underlay, config_flags, vteps", [
+    ("v6", ("--no-ipv4", "--ipv6-network", "fd19::/56"), ["vxnet6.1"]),  # IPv6-only over an IPv6-only underlay
+    ("v4", ("--network", "198.19.0.0/16", "--subnet-max", "198.19.199.0", "--ipv6-network", "fd19::/56"),
+     ["vxnet.1"]),  # dual-stack pods over an IPv4-only underlay: IPv6 rides vxnet.1
+])
+def test_doctor_probes_ipv6_pods_through_the_one_vtep_a_single_family_underlay_gives(lab, underlay, config_flags,
+                                                                                      vteps):
+    from integration.cluster import node_subnets, start_agents, wait_converged
+
+    lab = lab(nodes=2, underlay=underlay)
+    lab.nodes[0].run(lab.agent_exe, "config", "set", "--etcd-endpoints", lab.etcd_url, *config_flags, check=True)
+    if underlay == "v4":  # the lab turns IPv6 off in a v4 lab's nodes; a host with IPv4-only uplinks has it on
+        for node in lab.nodes:
+            node.run("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
+                     check=True)
+    start_agents(lab, lab.nodes, "--resync-interval", "3600")
+    wait_converged(lab, lab.nodes, timeout=20)
+    n1, n2 = lab.nodes
+    lab.add_pod_from_subnet_file(n1, "n1p0")
+    pod2 = lab.add_pod_from_subnet_file(n2, "n2p0")
+    own6, peer6 = node_subnets(n1)[-1], node_subnets(n2)[-1]
+    source6 = own6.network_address + 1
+    verdict = doctor(lab, n1, "--probe", pod2.ip6)
+    assert verdict.rc == 0 and not verdict.failed, verdict.out
+    assert [item for item in verdict.lines if item.startswith("device ")] == [f"device {v}" for v in vteps], verdict
+    outer = (n1.public_ipv6, n2.public_ipv6) if underlay == "v6" else (n1.public_ip, n2.public_ip)
+    ok, reason = verdict.lines[f"probe {source6} -> {pod2.ip6}"]
+    assert ok and reason == (f"outer {outer[0]} -> {outer[1]} (node of {peer6}), VNI 1, "
+                             f"inner {source6} -> {pod2.ip6}"), verdict
+    assert verdict.lines[f"reply {pod2.ip6} -> {source6}"][0], verdict
