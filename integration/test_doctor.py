@@ -227,3 +227,21 @@ def test_doctor_probes_ipv6_pods_through_the_one_vtep_a_single_family_underlay_g
     assert ok and reason == (f"outer {outer[0]} -> {outer[1]} (node of {peer6}), VNI 1, "
                              f"inner {source6} -> {pod2.ip6}"), verdict
     assert verdict.lines[f"reply {pod2.ip6} -> {source6}"][0], verdict
+
+
+def test_doctor_names_ipv6_disabled_on_the_vtep_of_a_node_that_turned_ipv6_off(lab):
+    """Dual-stack pods on nodes whose IPv6 is off (the v4 lab's default): the agent cannot give vxnet.1
+    its /128 nor IPv6 entries; doctor says why, not only what is missing."""
+    from integration.cluster import start_agents, wait_converged, write_config
+
+    lab = lab(nodes=2)
+    write_config(lab, "--ipv6-network", "fd19::/56")
+    start_agents(lab, lab.nodes, "--resync-interval", "3600")
+    wait_converged(lab, lab.nodes, timeout=20)
+    verdict = doctor(lab, lab.nodes[0])
+    assert verdict.rc == 1, verdict
+    reason = verdict.failed["device vxnet.1"]
+    assert "IPv6 is disabled on it (net.ipv6.conf.vxnet/1.disable_ipv6=1)" in reason and "lacks address fd19:" in reason
+    assert "`sysctl -w net.ipv6.conf.vxnet/1.disable_ipv6=0`" in verdict.out
+    ipv6_off = lab.nodes[0].run("cat", "/proc/sys/net/ipv6/conf/vxnet.1/disable_ipv6").stdout.strip()
+    assert ipv6_off == "1"  # as the kernel says, not only as doctor says

@@ -711,3 +711,12 @@ def test_tunnel_frame_reads_icmpv6_over_an_ipv6_underlay_and_over_an_ipv4_one():
              / VXLAN(vni=1, flags=0x08) / inner)
     assert doctor.tunnel_frame(Ether(bytes(over4)), 8472) == TunnelFrame(
         IPv4Address("198.18.1.2"), IPv4Address("198.18.3.2"), 1, SOURCE6, DEST6, 128)
+
+
+def test_ipv6_disabled_on_a_vtep_or_the_bridge_is_named_with_the_sysctl_when_the_network_has_ipv6():
+    failed = failures(dual_node(ipv6_disabled=frozenset({"vxnet.1", "cni0"})))
+    assert "IPv6 is disabled on it (net.ipv6.conf.vxnet/1.disable_ipv6=1)" in failed["device vxnet.1"].reason
+    assert failed["device vxnet.1"].fix.startswith("`sysctl -w net.ipv6.conf.vxnet/1.disable_ipv6=0`")
+    assert "net.ipv6.conf.cni0.disable_ipv6=1" in failed["bridge cni0"].reason
+    assert set(failed) == {"device vxnet.1", "bridge cni0"}
+    assert not failures(healthy(ipv6_disabled=frozenset({"vxnet.1", "cni0"})))  # an IPv4 network needs no IPv6

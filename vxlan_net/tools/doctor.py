@@ -126,6 +126,9 @@ class NodeFacts:
     """The device vtep6 sits on; None: the same as `underlay`."""
     ip6_forward: Fact[bool] = Unavailable("not read")
     """net.ipv6.conf.all.forwarding."""
+    ipv6_disabled: frozenset[str] = frozenset()
+    """Those of our VTEPs and the bridge with net.ipv6.conf.<device>.disable_ipv6 = 1 (they refuse every IPv6
+    address, neighbour and route)."""
 
 
 def _missing(*facts: Any) -> Optional[str]:
@@ -373,6 +376,15 @@ def check_state_dir(facts: NodeFacts) -> Finding:
     return Finding(True, item, ", ".join(said))
 
 
+def _ipv6_disabled_problem(facts: NodeFacts, device: str) -> tuple[list[str], str]:
+    """(the problem, its fix) when the network has IPv6 pods but the device has IPv6 disabled."""
+    if device not in facts.ipv6_disabled or 6 not in pod_families(facts):
+        return [], ""
+    key = f"net.ipv6.conf.{device.replace('.', '/')}.disable_ipv6"  # sysctl writes a dot in a name as /
+    return ([f"IPv6 is disabled on it ({key}=1): it can hold no IPv6 address, neighbour or route"],
+            f"`sysctl -w {key}=0` (and net.ipv6.conf.default.disable_ipv6=0, so a recreated device has it); then ")
+
+
 def check_vtep(facts: NodeFacts, underlay_family: int = 4) -> Finding:
     """The VTEP over that underlay family: VXLAN attributes, local = the lease's public address of that
     family, MTU, up, and exactly our subnets' network addresses (/32, /128)."""
@@ -411,6 +423,8 @@ def check_vtep(facts: NodeFacts, underlay_family: int = 4) -> Finding:
         problems.append(f"MTU {link.mtu}, expected {mtu} ({source})")
     if not link.up:
         problems.append("down")
+    disabled, first = _ipv6_disabled_problem(facts, name)
+    problems += disabled
     wanted = [ip_interface((s.network_address, s.max_prefixlen)) for s in own_subnets(facts)]
     problems += [f"lacks address {want}" for want in wanted if want not in link.addresses]
     extra = [str(a) for a in link.addresses if a not in wanted]
@@ -418,8 +432,8 @@ def check_vtep(facts: NodeFacts, underlay_family: int = 4) -> Finding:
         problems.append(f"extra addresses {', '.join(extra)}")
     if problems:
         return Finding(False, item, "; ".join(problems),
-                       f"the agent fixes MTU, state and address and recreates a device with wrong VXLAN attributes "
-                       f"at start-up; restart it (or e.g. `ip link set {link.name} mtu "
+                       f"{first}the agent fixes MTU, state and address and recreates a device with wrong VXLAN "
+                       f"attributes at start-up; restart it (or e.g. `ip link set {link.name} mtu "
                        f"{mtu if not isinstance(mtu, Unavailable) else 'N'} up`)")
     return Finding(True, item, f"VNI {vx.vni}, port {vx.port}, local {vx.local} on {vx.underlay}, nolearning, "
                                f"MTU {link.mtu}, up, {', '.join(map(str, link.addresses))}")
@@ -584,6 +598,8 @@ def check_bridge(facts: NodeFacts) -> Finding:
         problems.append(f"is a {link.kind or 'device'}, not a bridge")
     if not link.up:
         problems.append("down")
+    disabled, first = _ipv6_disabled_problem(facts, link.name)
+    problems += disabled
     if isinstance(gateways, Unavailable):
         problems.append(f"cannot check its address: {gateways.reason}")
     else:
@@ -593,7 +609,7 @@ def check_bridge(facts: NodeFacts) -> Finding:
             problems.append(f"lacks the gateway address {', '.join(map(str, lacking))} (has {have})")
     if problems:
         return Finding(False, item, "; ".join(problems),
-                       f"`ip link set {link.name} up`"
+                       f"{first}`ip link set {link.name} up`"
                        + "".join(f"; `ip addr replace {g} dev {link.name}`"
                                  for g in (gateways if not isinstance(gateways, Unavailable) else ())
                                  if g not in link.addresses))
@@ -1072,14 +1088,17 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     entries = _read_entries(kernel, device, vtep, underlay)
     entries6 = _read_entries(kernel, device6, vtep6, underlay if isinstance(vtep, Unavailable) else None)
     state_path = Path(options.state_dir) / "node.json"
+    bridge = _link(kernel, options.bridge)
     facts = NodeFacts(
         config=config, leases=leases, invalid_leases=invalid, vtep_name=device, vtep=vtep,
-        underlay=underlay, entries=entries, bridge=_link(kernel, options.bridge),
+        underlay=underlay, entries=entries, bridge=bridge,
         subnet_file=_read_text(options.subnet_file), nft=_read_nft(), ip_forward=_read_ip_forward(),
         state=_read_state(state_path), subnet_file_path=str(options.subnet_file), state_path=str(state_path),
         bridge_name=options.bridge, etcd_endpoints=options.etcd_endpoints, main_routes=main_routes,
         node_addresses=node_addresses, vtep6_name=device6, vtep6=vtep6, entries6=entries6, underlay6=underlay6,
         ip6_forward=_read_ip_forward("/proc/sys/net/ipv6/conf/all/forwarding"),
+        ipv6_disabled=frozenset(link.name for link in (vtep, vtep6, bridge) if not isinstance(link, Unavailable)
+                                and _read_text(Path(f"/proc/sys/net/ipv6/conf/{link.name}/disable_ipv6")) != "0\n"),
     )
     lease = own_lease(facts)
     lease_id = ids.get(lease.subnet) if not isinstance(lease, Unavailable) else None
