@@ -60,19 +60,19 @@ def direct_routes(node: Node) -> dict[str, str]:
     return {r["dst"]: r.get("gateway") for r in routes}
 
 
-def neighbours(node: Node) -> dict[str, str]:
-    """{ip: lladdr} of permanent neighbours on the VXLAN device, from `ip -j neigh`."""
-    if not node.has_link(VTEP):
+def neighbours(node: Node, vtep: str = VTEP) -> dict[str, str]:
+    """{ip: lladdr} of permanent neighbours (both families) on a VXLAN device, from `ip -j neigh`."""
+    if not node.has_link(vtep):
         return {}
-    return {n["dst"]: n.get("lladdr") for n in node.ip_json("neigh", "show", "dev", VTEP)
+    return {n["dst"]: n.get("lladdr") for n in node.ip_json("neigh", "show", "dev", vtep)
             if "PERMANENT" in n.get("state", [])}
 
 
-def fdb(node: Node) -> dict[str, list[str]]:
-    """{mac: [dst, ...]} of the VXLAN device's FDB entries with a remote, from `bridge -j fdb`."""
-    if not node.has_link(VTEP):
+def fdb(node: Node, vtep: str = VTEP) -> dict[str, list[str]]:
+    """{mac: [dst, ...]} of a VXLAN device's FDB entries with a remote, from `bridge -j fdb`."""
+    if not node.has_link(vtep):
         return {}
-    out = node.run("bridge", "-j", "fdb", "show", "dev", VTEP, check=True).stdout
+    out = node.run("bridge", "-j", "fdb", "show", "dev", vtep, check=True).stdout
     entries: dict[str, list[str]] = {}
     for entry in json.loads(out or "[]"):
         if entry.get("dst"):

@@ -6,6 +6,7 @@ namespaces joined by VTEPs programmed through apply_plan."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import secrets
@@ -15,7 +16,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 import pytest
 from test_kernel import Namespace, run
 
+from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route
+from vxlan_net.core.lease import Lease
 from vxlan_net.core.errors import KernelError, LinkNotFound
 from vxlan_net.core.names import vtep_name
 from vxlan_net.core.plan import ApplyResult, Plan, plan_changes
@@ -336,6 +339,29 @@ def test_our_own_ipv6_route_is_replaced_in_place_when_its_gateway_changed(ns):
     assert ns.inside(kernel.apply_plan, VTEP6.name, Plan(upsert_routes=(route,))) == ApplyResult(1, ())
     assert [(r["gateway"], r["protocol"], r["metric"]) for r in main_routes6(ns, "fd19:0:0:7::/64")] == [
         ("fd19:0:0:7::", PROTO, 1024)], "replaced, not added beside as a second (multipath) route"
+
+
+def full_pass(lease: Lease) -> tuple[bool, str]:
+    """A fresh reconciler's full pass over both VTEPs with one peer (run inside the namespace)."""
+    rec = Reconciler(VTEP4.name, kernel, vteps={4: VTEP4.name, 6: VTEP6.name}, pod_families=(4, 6))
+    rec.set_peers([lease])
+    result = rec.reconcile()
+    return result.ok, str(result.error)
+
+
+def test_a_peer_losing_its_ipv6_underlay_moves_its_ipv6_route_to_the_ipv4_vtep(ns):
+    """The kernel refuses an IPv6 onlink route on one device while ours for that prefix is on the other
+    (EINVAL, whether created or replaced): the reconciler removes the moving route first."""
+    ns.inside(kernel.ensure_vtep, VTEP4)
+    ns.inside(kernel.ensure_vtep, VTEP6)
+    peer = Lease(IPv4Network("198.19.7.0/24"), IPv4Address("198.18.0.107"), "0a:00:00:00:00:07", VNI,
+                 IPv6Network("fd19:0:0:7::/64"), IPv6Address("fd18:0:0:1::107"), "0a:00:00:00:00:17")
+    for lease, device in ((peer, VTEP6.name), (dataclasses.replace(peer, public_ipv6=None, vtep_mac_v6=None),
+                                                VTEP4.name)):
+        ok, error = ns.inside(full_pass, lease)
+        assert ok, error
+        assert [(r["dev"], r["protocol"]) for r in main_routes6(ns, "fd19:0:0:7::/64")] == [(device, PROTO)]
+    assert fdb(ns, VTEP6.name) == set() and neighbours6(ns, VTEP6.name) == set()
 
 
 def test_entries_the_kernel_refuses_are_reported_per_entry_and_the_rest_applied(ns):

@@ -207,7 +207,7 @@ class Reconciler:
     def reconcile(self) -> ReconcileResult:
         started = time.monotonic()
         full = self._known is None
-        changes, done = 0, []
+        changes, done, failed = 0, [], None
         try:
             if full:
                 wanted = self._desired_for(self._peers.values())
@@ -217,6 +217,7 @@ class Reconciler:
                 wanted = self._desired_for(leases.values())
                 subnets = self._dirty_subnets.union(*(l.subnets for l in leases.values()))
                 macs = self._dirty_macs.union(*(m for l in leases.values() for _, m in self._endpoints(l)))
+            plans = []
             for family, ifname in self.vteps.items():
                 underlay = self.underlay if family == next(iter(self.vteps)) else None
                 desired = wanted[family]
@@ -224,10 +225,18 @@ class Reconciler:
                     before = self.kernel.read_overlay_entries(ifname, underlay=underlay)
                 else:
                     before = self._known[family].subset(subnets, macs)
-                plan = plan_changes(desired, before)
-                self._apply(ifname, plan, underlay)
+                plans.append((family, ifname, underlay, before, desired, plan_changes(desired, before)))
+            for *_, ifname, underlay, _, _, moving in self._moves_first(plans):
+                self._apply(ifname, moving, underlay)
+            for family, ifname, underlay, before, desired, plan in plans:
+                try:
+                    self._apply(ifname, plan, underlay)
+                except VxlanNetError as exc:  # the other VTEPs still get their changes
+                    failed = failed or exc
                 changes += len(plan)
                 done.append((family, before, desired))
+            if failed is not None:
+                raise failed
         except VxlanNetError as exc:
             self._known = None
             self._note_failure(exc)
@@ -241,6 +250,19 @@ class Reconciler:
         self._dirty_peers, self._dirty_subnets, self._dirty_macs = set(), set(), set()
         self._note_success(changes)
         return ReconcileResult(True, changes, time.monotonic() - started, None, full)
+
+    @staticmethod
+    def _moves_first(plans: list) -> list:
+        """For routes moving from one VTEP to the other: their removals, to apply before any upsert (the
+        kernel refuses an IPv6 onlink route while a route on another device covers its gateway)."""
+        upserted = {f: {r.subnet for r in plan.upsert_routes} for f, *_, plan in plans}
+        moves = []
+        for family, ifname, underlay, before, desired, plan in plans:
+            elsewhere = set().union(*(s for f, s in upserted.items() if f != family))
+            leaving = tuple(r for r in plan.remove_routes if r.subnet in elsewhere)
+            if leaving:
+                moves.append((family, ifname, underlay, before, desired, Plan(remove_routes=leaving)))
+        return moves
 
     def _apply(self, ifname: str, plan: Plan, underlay: Optional[str]) -> None:
         if plan.empty:

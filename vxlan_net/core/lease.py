@@ -154,7 +154,7 @@ def parse_lease_value(key: "SubnetKey | IPNetwork", raw: bytes | str, config: Ne
     network does not have is ignored."""
     if not isinstance(key, SubnetKey):
         key = parse_subnet_key_name(subnet_key_name(key))
-    name = subnet_key_name(key)
+    name = " and ".join(str(s) for s in key if s is not None)  # how messages name the lease
     if config.ipv4 is not None:
         _check_subnet(name, key.ipv4, config.ipv4)
         ipv6_subnet = key.ipv6 if config.ipv6 is not None else None

@@ -986,6 +986,9 @@ def ensure_vtep(spec: VtepSpec, *, netns: Optional[str] = None) -> int:
             link = _need_link(ipr, spec.name)
         _ensure_mac_mtu_up(ipr, link, spec.mac, spec.mtu)
         _ensure_only_address(ipr, link["index"], socket.AF_INET, spec.address)
+        if spec.ipv6_address is not None and netns is None:
+            # A node may have IPv6 off for new devices (disable_ipv6 in conf/default): ours needs it.
+            _write_sysctl(f"/proc/sys/net/ipv6/conf/{spec.name}/disable_ipv6", "0")
         _ensure_only_address(ipr, link["index"], socket.AF_INET6, spec.ipv6_address)
         return link["index"]
 
@@ -1016,9 +1019,14 @@ def enable_ip_forwarding(*, ipv6: bool = True) -> None:
 
 def _switch_on(key: str) -> None:
     """Write 1 to a /proc/sys key of this namespace; KernelError naming the key."""
+    _write_sysctl(key, "1")
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    """Write a /proc/sys key of this namespace; KernelError naming the key."""
     try:
         with open(key, "w") as f:
-            f.write("1\n")
+            f.write(value + "\n")
     except OSError as exc:
         raise KernelError(f"cannot set {key}: {exc.strerror or exc}") from None
 
