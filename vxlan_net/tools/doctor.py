@@ -1113,58 +1113,16 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
 # --- the probe (I/O) ----------------------------------------------------------------
 
 
-def _icmpv6_type(inner) -> Optional[int]:
-    """The ICMPv6 type of an inner Ethernet frame carrying IPv6 without extension headers, else None."""
-    from scapy.layers.inet6 import IPv6
-
-    if inner is None or IPv6 not in inner or inner[IPv6].nh != 58:
-        return None
-    payload = bytes(inner[IPv6].payload)
-    return payload[0] if payload else None
-
-
-def _ipv6_outer_frame(packet, port: int) -> Optional[TunnelFrame]:
-    """A VXLAN frame over an IPv6 underlay (inspect_frames.decode_frame reads IPv4 outer headers only)."""
-    from scapy.layers.inet import ICMP, IP, UDP
-    from scapy.layers.inet6 import IPv6
-    from scapy.layers.l2 import Ether
-
-    from vxlan_net.tools.inspect_frames import VXLAN_HEADER_LEN
-
-    if IPv6 not in packet:
-        return None
-    outer = IPv6(bytes(packet[IPv6]))  # re-dissect so hand-built and captured packets look alike
-    if UDP not in outer or outer[UDP].dport != port:
-        return None
-    payload = bytes(outer[UDP].payload)
-    if len(payload) < VXLAN_HEADER_LEN + 14:
-        return None
-    inner = Ether(payload[VXLAN_HEADER_LEN:])
-    src = dst = icmp = None
-    if IP in inner:
-        src, dst = ip_address(inner[IP].src), ip_address(inner[IP].dst)
-        icmp = inner[ICMP].type if ICMP in inner else None
-    elif IPv6 in inner:
-        src, dst, icmp = ip_address(inner[IPv6].src), ip_address(inner[IPv6].dst), _icmpv6_type(inner)
-    return TunnelFrame(ip_address(outer.src), ip_address(outer.dst), int.from_bytes(payload[4:7], "big"), src, dst,
-                       icmp)
-
-
 def tunnel_frame(packet, port: int) -> Optional[TunnelFrame]:
-    """A scapy packet from the underlay as a TunnelFrame, or None if it is no VXLAN frame to `port`."""
-    from scapy.layers.l2 import Ether
-
-    from vxlan_net.tools.inspect_frames import VXLAN_HEADER_LEN, InspectContext, decode_frame
+    """A scapy packet from the underlay (outer IPv4 or IPv6) as a TunnelFrame, or None if it is no VXLAN
+    frame to `port`."""
+    from vxlan_net.tools.inspect_frames import InspectContext, decode_frame
 
     frame = decode_frame(packet, InspectContext(port=port))
     if frame is None:
-        return _ipv6_outer_frame(packet, port)
-    icmp = frame.icmp_type if frame.protocol == "icmp" else None
-    if frame.protocol == "ipv6":  # decode_frame names an inner IPv6 packet but not its ICMPv6 type
-        from scapy.layers.inet import UDP
-
-        icmp = _icmpv6_type(Ether(bytes(packet[UDP].payload)[VXLAN_HEADER_LEN:]))
-    return TunnelFrame(frame.outer_src, frame.outer_dst, frame.vni, frame.inner_src, frame.inner_dst, icmp)
+        return None
+    return TunnelFrame(frame.outer_src, frame.outer_dst, frame.vni, frame.inner_src, frame.inner_dst,
+                       frame.icmp_type if frame.protocol in ("icmp", "icmp6") else None)
 
 
 def run_probe(plan: ProbePlan, timeout: float = 3.0) -> tuple[list[TunnelFrame], bool]:
