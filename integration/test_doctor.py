@@ -164,8 +164,9 @@ def test_doctor_on_a_dual_stack_node_checks_both_vteps_names_a_broken_ipv6_entry
 
     healthy = doctor(lab, n1)
     assert healthy.rc == 0 and not healthy.failed, healthy
-    assert {f"own lease {own4} + {own6}", "device vxnet.1", "device vxnet6.1", peer_item,
-            "ipv6 forwarding"} <= set(healthy.lines), healthy
+    assert {f"own lease {own4} + {own6}", "device vxnet.1", "device vxnet6.1", peer_item, "ipv6 forwarding",
+            "nftables table ip6 vxlan-net", "ipv6 masquerade"} <= set(healthy.lines), healthy
+    assert healthy.lines["nftables table ip6 vxlan-net"][1] == "VXLAN accepted only from the 1 peer nodes' addresses"
     assert f"local {n1.public_ipv6} on {n1.underlay_ifname}" in healthy.lines["device vxnet6.1"][1]
 
     # The peer's IPv6 neighbour deleted from vxnet6.1: named on that VTEP, with the command that restores it.

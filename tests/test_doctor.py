@@ -23,26 +23,26 @@ SUBNET_FILE = ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\
                "VXLAN_NET_MTU=1450\nVXLAN_NET_IPMASQ=true\n")
 
 
-def nft_listing(network: str = "198.19.0.0/16", ip_masq: bool = True) -> dict:
-    """What `nft -j list table ip vxlan-net` prints for our ruleset, built by hand in the same shape."""
+def nft_listing(network: str = "198.19.0.0/16", ip_masq: bool = True, family: str = "ip",
+                peers: tuple = (PEER.public_ip, OTHER.public_ip)) -> dict:
+    """What `nft -j list table <family> vxlan-net` prints for our ruleset, built by hand in the same shape."""
     def prefix(field, net):
         addr, length = net.split("/")
-        return {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}},
+        return {"match": {"op": "==", "left": {"payload": {"protocol": family, "field": field}},
                           "right": {"prefix": {"addr": addr, "len": int(length)}}}}
 
     def rule(chain, *expr):
-        return {"rule": {"family": "ip", "table": "vxlan-net", "chain": chain, "expr": list(expr)}}
+        return {"rule": {"family": family, "table": "vxlan-net", "chain": chain, "expr": list(expr)}}
 
     udp_port = {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 8472}}
-    items = [{"table": {"family": "ip", "name": "vxlan-net"}},
-             {"set": {"family": "ip", "name": "vxlan_peers", "table": "vxlan-net", "type": "ipv4_addr",
-                      "elem": [str(PEER.public_ip), str(OTHER.public_ip)]}},
+    items = [{"table": {"family": family, "name": "vxlan-net"}},
+             {"set": {"family": family, "name": "vxlan_peers", "table": "vxlan-net",
+                      "type": "ipv4_addr" if family == "ip" else "ipv6_addr", "elem": [str(p) for p in peers]}},
              rule("input", udp_port, {"counter": {"packets": 0, "bytes": 0}}, {"drop": None})]
     if ip_masq:
         items += [rule("postrouting", prefix("saddr", network), prefix("daddr", network), {"return": None}),
                   rule("postrouting", prefix("saddr", network),
-                       {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
-                                  "right": {"prefix": {"addr": "224.0.0.0", "len": 4}}}}, {"return": None}),
+                       prefix("daddr", "224.0.0.0/4" if family == "ip" else "ff00::/8"), {"return": None}),
                   rule("postrouting", prefix("saddr", network), {"masquerade": {"flags": "fully-random"}})]
     return {"nftables": items}
 
@@ -491,6 +491,7 @@ def dual_node(**changes) -> NodeFacts:
         vtep6=Link("vxnet6.1", "vxlan", 1430, OWN6.vtep_mac_v6, True, VTEP_ADDRESSES,
                    VxlanAttrs(1, 8472, OWN6.public_ipv6, "ul0", False)),
         entries6=entries[6], ip6_forward=True, subnet_file=DUAL_FILE,
+        nft6=nft_listing("fd19::/56", family="ip6", peers=(PEER6.public_ipv6,)),
         bridge=dataclasses.replace(healthy().bridge, addresses=(IPv4Interface("198.19.3.1/24"),
                                                                 IPv6Interface("fd19:0:0:3::1/64"))),
         state={"VtepMAC": OWN.vtep_mac, "VtepMACv6": OWN6.vtep_mac_v6, "Subnet": "198.19.3.0/24",
@@ -516,7 +517,8 @@ def test_a_healthy_dual_stack_node_passes_and_checks_both_vteps_and_ipv6_forward
                      "device vxnet.1", "device vxnet6.1", "peer 198.19.7.0/24 + fd19:0:0:7::/64 at 198.18.2.2, "
                      "fd18:0:0:2::2", "peer 198.19.9.0/24 + fd19:0:0:9::/64 at 198.18.3.2", "stale entries",
                      "bridge cni0", "subnet file /run/vxlan-net/subnet.env", "nftables table ip vxlan-net",
-                     "masquerade", "ip_forward", "ipv6 forwarding"]
+                     "masquerade", "nftables table ip6 vxlan-net", "ipv6 masquerade", "ip_forward",
+                     "ipv6 forwarding"]
     reasons = {f.item: f.reason for f in findings}
     assert "IPv6Network fd19::/56, IPv6SubnetLen 64" in reasons["config"]
     assert "PublicIPv6 fd18:0:0:1::2, BackendV6Data.VtepMAC 02:00:00:00:06:01" in reasons[items[1]]
@@ -636,6 +638,7 @@ def v6_only_node(**changes) -> NodeFacts:
                    VxlanAttrs(1, 8472, OWN_V6.public_ipv6, "ul0", False)),
         entries6=desired_by_vtep([PEER_V6], own_underlays=(6,), own_families=(6,))[6],
         underlay=Link("ul0", "veth", 1500, "0a:00:00:00:00:01", True, (IPv6Interface("fd18:0:0:1::2/64"),)),
+        nft6=nft_listing("fd19::/56", ip_masq=False, family="ip6", peers=(PEER_V6.public_ipv6,)),
         ip6_forward=True, subnet_file="VXLAN_NET_IPV6_NETWORK=fd19::/56\nVXLAN_NET_IPV6_SUBNET=fd19:0:0:3::1/64\n"
                                       "VXLAN_NET_MTU=1430\nVXLAN_NET_IPMASQ=false\n",
         nft=nft_listing(ip_masq=False),
@@ -656,6 +659,7 @@ def test_an_ipv6_only_node_checks_only_its_ipv6_vtep_and_passes():
     # The IPv4 ingress filter has nothing to say about peers without a PublicIP.
     assert "None" not in findings["nftables table ip vxlan-net"].reason
     assert findings["masquerade"].reason.startswith("no IPv4 pod network")
+    assert findings["nftables table ip6 vxlan-net"].reason == "VXLAN accepted only from the 1 peer nodes' addresses"
 
 
 def test_an_ipv6_only_node_with_an_ipv4_subnet_file_is_named():
@@ -720,3 +724,27 @@ def test_ipv6_disabled_on_a_vtep_or_the_bridge_is_named_with_the_sysctl_when_the
     assert "net.ipv6.conf.cni0.disable_ipv6=1" in failed["bridge cni0"].reason
     assert set(failed) == {"device vxnet.1", "bridge cni0"}
     assert not failures(healthy(ipv6_disabled=frozenset({"vxnet.1", "cni0"})))  # an IPv4 network needs no IPv6
+
+
+def test_the_ip6_table_is_checked_for_ipv6_peers_and_ipv6_masquerade():
+    listing = nft_listing("fd19::/56", family="ip6", peers=())
+    finding = only_failure(dual_node(nft6=listing))
+    assert finding.item == "nftables table ip6 vxlan-net"
+    assert finding.reason == "ingress filter drops VXLAN from peer nodes fd18:0:0:2::2"
+    finding = only_failure(dual_node(nft6=nft_listing("fd19::/56", ip_masq=False, family="ip6",
+                                                      peers=(PEER6.public_ipv6,))))
+    assert finding.item == "ipv6 masquerade"
+    assert finding.reason == "VXLAN_NET_IPMASQ=true but no `ip6 saddr fd19::/56 masquerade` rule"
+    failed = failures(dual_node(nft6=Unavailable("the nftables table ip6 vxlan-net does not exist")))
+    assert set(failed) == {"nftables table ip6 vxlan-net", "ipv6 masquerade"}
+
+
+def test_the_ip6_rules_doctor_expects_are_the_ones_the_agent_renders():
+    """Guards the hand-built ip6 listing: the same rules as firewall.render_ruleset's ip6 table, in order."""
+    text = render_ruleset(IPv4Network("198.19.0.0/16"), True, 8472, [PEER6.public_ipv6],
+                          ipv6_network=IPv6Network("fd19::/56"))
+    ip6 = text[text.index("table ip6 vxlan-net {"):]
+    assert ip6.index("ip6 saddr fd19::/56 ip6 daddr fd19::/56 return") < ip6.index("ip6 daddr ff00::/8 return") \
+        < ip6.index("ip6 saddr fd19::/56 masquerade")
+    assert "udp dport 8472 ip6 saddr != @vxlan_peers counter drop" in ip6
+    assert f"elements = {{ {PEER6.public_ipv6} }}" in ip6

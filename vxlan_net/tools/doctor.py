@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
-from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_address, ip_interface
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_address, ip_interface, ip_network
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
@@ -126,6 +126,8 @@ class NodeFacts:
     """The device vtep6 sits on; None: the same as `underlay`."""
     ip6_forward: Fact[bool] = Unavailable("not read")
     """net.ipv6.conf.all.forwarding."""
+    nft6: Fact[Mapping[str, Any]] = Unavailable("not read")
+    """`nft -j list table ip6 vxlan-net`, parsed."""
     ipv6_disabled: frozenset[str] = frozenset()
     """Those of our VTEPs and the bridge with net.ipv6.conf.<device>.disable_ipv6 = 1 (they refuse every IPv6
     address, neighbour and route)."""
@@ -652,8 +654,8 @@ def check_subnet_file(facts: NodeFacts) -> Finding:
     return Finding(True, item, f"{', '.join(said)}, MTU {values.mtu}, IPMASQ {'true' if values.ip_masq else 'false'}")
 
 
-def _prefix_match(expr: Mapping[str, Any], field: str) -> Optional[IPv4Network]:
-    """The network of an `ip <field> <prefix>` match expression, else None."""
+def _prefix_match(expr: Mapping[str, Any], field: str) -> Optional[IPNetwork]:
+    """The network of an `ip <field> <prefix>` (or `ip6 ...`) match expression, else None."""
     match = expr.get("match") if isinstance(expr, Mapping) else None
     if not isinstance(match, Mapping) or match.get("op", "==") != "==":
         return None
@@ -662,9 +664,9 @@ def _prefix_match(expr: Mapping[str, Any], field: str) -> Optional[IPv4Network]:
         return None
     try:
         if isinstance(right, Mapping) and "prefix" in right:
-            return IPv4Network(f"{right['prefix']['addr']}/{right['prefix']['len']}")
+            return ip_network(f"{right['prefix']['addr']}/{right['prefix']['len']}")
         if isinstance(right, str):
-            return IPv4Network(right)
+            return ip_network(right)
     except (KeyError, TypeError, ValueError):
         return None
     return None
@@ -677,58 +679,75 @@ def _rules(nft: Mapping[str, Any], chain: str) -> list[list[Mapping[str, Any]]]:
             and item["rule"].get("chain") == chain]
 
 
-def _matches(expr_list, saddr: Optional[IPv4Network], daddr: Optional[IPv4Network], verdict: str) -> bool:
+def _matches(expr_list, saddr: Optional[IPNetwork], daddr: Optional[IPNetwork], verdict: str) -> bool:
     found_s = [n for n in (_prefix_match(e, "saddr") for e in expr_list) if n]
     found_d = [n for n in (_prefix_match(e, "daddr") for e in expr_list) if n]
     return (found_s == ([saddr] if saddr else []) and found_d == ([daddr] if daddr else [])
             and any(isinstance(e, Mapping) and verdict in e for e in expr_list))
 
 
-def check_firewall(facts: NodeFacts) -> Finding:
-    """Our table exists; with the ingress filter on, every peer's public IP may send us VXLAN."""
-    item = f"nftables table ip {NFT_TABLE}"
-    if isinstance(facts.nft, Unavailable):
-        return Finding(False, item, facts.nft.reason, "the agent installs it at start-up: restart the agent")
-    filtering = any(isinstance(e, Mapping) and "drop" in e for r in _rules(facts.nft, "input") for e in r)
+def _nft_of(facts: NodeFacts, family: str) -> Fact[Mapping[str, Any]]:
+    return facts.nft if family == "ip" else facts.nft6
+
+
+def check_firewall(facts: NodeFacts, family: str = "ip") -> Finding:
+    """Our table of that nftables family ("ip", "ip6") exists; with the ingress filter on, every peer's
+    public address of that family may send us VXLAN."""
+    item, nft = f"nftables table {family} {NFT_TABLE}", _nft_of(facts, family)
+    if isinstance(nft, Unavailable):
+        return Finding(False, item, nft.reason, "the agent installs it at start-up: restart the agent")
+    filtering = any(isinstance(e, Mapping) and "drop" in e for r in _rules(nft, "input") for e in r)
     if not filtering:
         return Finding(True, item, "present; VXLAN ingress filter off")
-    allowed = {str(e) for item_ in facts.nft.get("nftables", []) if isinstance(item_, Mapping)
+    allowed = {str(e) for item_ in nft.get("nftables", []) if isinstance(item_, Mapping)
                and isinstance(item_.get("set"), Mapping) for e in item_["set"].get("elem", [])}
     peers = peer_leases(facts)
     if isinstance(peers, Unavailable):  # etcd down: the config line already fails; say what we could see
         return Finding(True, item, f"VXLAN ingress filter on ({len(allowed)} addresses allowed; "
                                    f"not compared with the leases: {peers.reason})")
-    # The IPv4 table filters IPv4 underlay traffic: peers without a PublicIP never send any.
-    blocked = sorted({str(lease.public_ip) for lease in peers if lease.public_ip is not None} - allowed)
+    # Each table filters its family's underlay: a peer without a public address of that family sends none.
+    senders = [address for address in (lease.public_ip if family == "ip" else lease.public_ipv6 for lease in peers)
+               if address is not None]
+    blocked = sorted({str(address) for address in senders} - allowed)
     if blocked:
         return Finding(False, item, f"ingress filter drops VXLAN from peer nodes {', '.join(blocked)}",
                        "the agent updates the set with the leases: restart it if this persists past a resync")
-    return Finding(True, item, f"VXLAN accepted only from the {len(peers)} peer nodes' addresses")
+    return Finding(True, item, f"VXLAN accepted only from the {len(senders)} peer nodes' addresses")
 
 
-def check_masquerade(facts: NodeFacts) -> Finding:
-    item = "masquerade"
-    if not isinstance(facts.config, Unavailable) and facts.config.ipv4 is None:
-        return Finding(True, item, "no IPv4 pod network: nothing for table ip to masquerade "
-                                   "(table ip6 is not checked here)")
-    values, network = subnet_file_values(facts), pod_network(facts)
+def check_masquerade(facts: NodeFacts, family: str = "ip") -> Finding:
+    """With VXLAN_NET_IPMASQ, the table of that family masquerades traffic leaving its pod network, and
+    never pod-to-pod traffic."""
+    item = "masquerade" if family == "ip" else "ipv6 masquerade"
+    version = 4 if family == "ip" else 6
+    if not isinstance(facts.config, Unavailable) and facts.config.space(version) is None:
+        return Finding(True, item, f"no IPv{version} pod network: nothing for table {family} to masquerade")
+    values = subnet_file_values(facts)
+    if version == 4:
+        network = pod_network(facts)
+    elif not isinstance(facts.config, Unavailable):
+        network = facts.config.ipv6_network
+    else:
+        network = values.ipv6_network if not isinstance(values, Unavailable) and values.ipv6_network else \
+            Unavailable("neither the config nor the subnet file names the IPv6 pod network")
     why = _missing(values, network)
     if why:
         return Finding(False, item, f"not checked: {why}", "fix the failures above first")
     if not values.ip_masq:
         return Finding(True, item, "off (VXLAN_NET_IPMASQ=false)")
-    if isinstance(facts.nft, Unavailable):
-        return Finding(False, item, f"VXLAN_NET_IPMASQ=true but {facts.nft.reason}",
+    nft = _nft_of(facts, family)
+    if isinstance(nft, Unavailable):
+        return Finding(False, item, f"VXLAN_NET_IPMASQ=true but {nft.reason}",
                        "the agent installs it with --ip-masq at start-up: restart the agent")
-    rules = _rules(facts.nft, "postrouting")
+    rules = _rules(nft, "postrouting")
     masq = next((i for i, r in enumerate(rules) if _matches(r, network, None, "masquerade")), None)
     keep = next((i for i, r in enumerate(rules) if _matches(r, network, network, "return")), None)
     if masq is None:
-        return Finding(False, item, f"VXLAN_NET_IPMASQ=true but no `ip saddr {network} masquerade` rule",
+        return Finding(False, item, f"VXLAN_NET_IPMASQ=true but no `{family} saddr {network} masquerade` rule",
                        "restart the agent with --ip-masq")
     if keep is None or keep > masq:
-        return Finding(False, item, f"pod-to-pod traffic would be masqueraded: no `ip saddr {network} "
-                                    f"ip daddr {network} return` before the masquerade rule",
+        return Finding(False, item, f"pod-to-pod traffic would be masqueraded: no `{family} saddr {network} "
+                                    f"{family} daddr {network} return` before the masquerade rule",
                        "restart the agent, which replaces the whole table")
     return Finding(True, item, f"traffic from {network} leaving it is masqueraded; pod-to-pod is not")
 
@@ -766,8 +785,12 @@ def run_checks(facts: NodeFacts) -> list[Finding]:
     findings += [check_own_lease(facts), check_state_dir(facts)]
     findings += [check_vtep(facts, family) for family in own_underlays(facts)]
     findings += check_peers(facts)
-    findings += [check_bridge(facts), check_subnet_file(facts), check_firewall(facts), check_masquerade(facts),
-                 check_ip_forward(facts)]
+    findings += [check_bridge(facts), check_subnet_file(facts), check_firewall(facts), check_masquerade(facts)]
+    if has_ipv6(facts) or 6 in own_underlays(facts):  # when the agent keeps `table ip6` (firewall.apply_rules)
+        findings.append(check_firewall(facts, "ip6"))
+    if has_ipv6(facts):
+        findings.append(check_masquerade(facts, "ip6"))
+    findings.append(check_ip_forward(facts))
     if has_ipv6(facts):
         findings.append(check_ipv6_forwarding(facts))
     return findings
@@ -985,17 +1008,17 @@ def _link(kernel, name: str) -> Fact[Link]:
         return Unavailable(str(exc))
 
 
-def _read_nft() -> Fact[Mapping[str, Any]]:
+def _read_nft(family: str = "ip") -> Fact[Mapping[str, Any]]:
     nft = shutil.which("nft") or "/usr/sbin/nft"
     try:
-        proc = subprocess.run([nft, "-j", "list", "table", "ip", NFT_TABLE], capture_output=True, text=True,
+        proc = subprocess.run([nft, "-j", "list", "table", family, NFT_TABLE], capture_output=True, text=True,
                               timeout=15)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Unavailable(f"cannot run nft: {exc}")
     if proc.returncode != 0:
         if "No such file" in proc.stderr:
-            return Unavailable(f"the nftables table ip {NFT_TABLE} does not exist")
-        return Unavailable(f"nft -j list table ip {NFT_TABLE}: {proc.stderr.strip()}")
+            return Unavailable(f"the nftables table {family} {NFT_TABLE} does not exist")
+        return Unavailable(f"nft -j list table {family} {NFT_TABLE}: {proc.stderr.strip()}")
     try:
         return json.loads(proc.stdout)
     except ValueError:
@@ -1096,7 +1119,7 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
         state=_read_state(state_path), subnet_file_path=str(options.subnet_file), state_path=str(state_path),
         bridge_name=options.bridge, etcd_endpoints=options.etcd_endpoints, main_routes=main_routes,
         node_addresses=node_addresses, vtep6_name=device6, vtep6=vtep6, entries6=entries6, underlay6=underlay6,
-        ip6_forward=_read_ip_forward("/proc/sys/net/ipv6/conf/all/forwarding"),
+        ip6_forward=_read_ip_forward("/proc/sys/net/ipv6/conf/all/forwarding"), nft6=_read_nft("ip6"),
         ipv6_disabled=frozenset(link.name for link in (vtep, vtep6, bridge) if not isinstance(link, Unavailable)
                                 and _read_text(Path(f"/proc/sys/net/ipv6/conf/{link.name}/disable_ipv6")) != "0\n"),
     )
