@@ -224,6 +224,12 @@ def test_doctor_probes_ipv6_pods_through_the_one_vtep_a_single_family_underlay_g
     assert ok and reason == (f"outer {outer[0]} -> {outer[1]} (node of {peer6}), VNI 1, "
                              f"inner {source6} -> {pod2.ip6}"), verdict
     assert verdict.lines[f"reply {pod2.ip6} -> {source6}"][0], verdict
+    status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url)
+    assert status.returncode == 0, status.stdout + status.stderr
+    subnets = " + ".join(map(str, node_subnets(n1)))
+    assert f"this node ({subnets}): kernel entries match 1 peer" in status.stdout, status.stdout
+    own_row = next(line.split() for line in status.stdout.splitlines() if line.startswith(f"{node_subnets(n1)[0]}*"))
+    assert (n1.public_ipv6 if underlay == "v6" else n1.public_ip) in own_row, status.stdout
 
 
 def test_doctor_names_ipv6_disabled_on_the_vtep_by_hand(lab):
