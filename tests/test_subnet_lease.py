@@ -6,7 +6,7 @@ import logging
 import random
 import sys
 import uuid
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from integration.etcd_server import EtcdServer  # noqa: E402
 from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper  # noqa: E402
 from vxlan_net.core.config import build_config  # noqa: E402
 from vxlan_net.core.errors import SubnetsExhausted  # noqa: E402
-from vxlan_net.core.lease import Lease, parse_lease  # noqa: E402
+from vxlan_net.core.lease import Lease, parse_lease, parse_subnet_key_name, subnet_key_name  # noqa: E402
 from vxlan_net.doors.store import EtcdStore  # noqa: E402
 
 CONFIG = build_config("198.19.0.0/28", subnet_len=30)  # three subnets: .4 .8 .12
@@ -140,3 +140,61 @@ def test_no_subnet_outside_the_underlay_is_a_clear_exhaustion_and_leases_nothing
                                                "node's underlay: connected route 198.19.0.0/28 dev eth0"):
         keeper.acquire(remembered=IPv4Network("198.19.0.8/30"), avoid=underlay)
     assert store.list_leases().records == {}
+
+
+# -- IPv6 (issue 11) ---------------------------------------------------------------------------------
+
+DUAL = build_config("198.19.0.0/28", subnet_len=30, ipv6_network="fd19::/62")  # three /64s: 1 2 3
+V6ONLY = build_config(None, ipv6_network="fd19::/62")
+ME6, OTHER6 = IPv6Address("fd18:0:0:1::2"), IPv6Address("fd18:0:0:2::2")
+
+
+def keys(store) -> list[str]:
+    return sorted(store.list_leases().records)
+
+
+def test_a_dual_stack_node_takes_one_subnet_per_family_under_flannels_key_and_keeps_both(store):
+    keeper = SubnetLeaseKeeper(store, DUAL, ME, "0a:00:00:00:00:01", ttl=60, public_ipv6=ME6,
+                               vtep_mac_v6="0a:00:00:00:00:61")
+    lease = keeper.acquire(remembered=None)
+    assert keys(store) == [lease.key_name] and "&fd19:0:0:" in lease.key_name
+    record = store.list_leases().records[lease.key_name]
+    assert parse_lease(record.key_name, record.value, DUAL) == lease
+    assert (lease.public_ipv6, lease.vtep_mac_v6) == (ME6, "0a:00:00:00:00:61")
+    again = SubnetLeaseKeeper(store, DUAL, ME, "0a:00:00:00:00:01", ttl=60, public_ipv6=ME6,
+                              vtep_mac_v6="0a:00:00:00:00:61")  # a restart
+    assert again.acquire(remembered=None) == lease and again.lease_id == keeper.lease_id
+    # A second node never gets either of our subnets.
+    other = SubnetLeaseKeeper(store, DUAL, OTHER, "0a:00:00:00:00:02", ttl=60, public_ipv6=OTHER6,
+                              vtep_mac_v6="0a:00:00:00:00:62").acquire(remembered=None)
+    assert other.subnet != lease.subnet and other.ipv6_subnet != lease.ipv6_subnet
+
+
+def test_ipv6_added_to_a_running_network_moves_the_record_to_the_dual_stack_key_on_the_same_subnet(store):
+    v4 = build_config("198.19.0.0/28", subnet_len=30)
+    old = SubnetLeaseKeeper(store, v4, ME, "0a:00:00:00:00:01", ttl=60).acquire(remembered=None)
+    assert keys(store) == [old.key_name] and "&" not in old.key_name
+    # a record that already claims an IPv6 subnet: ours must not take it
+    store.create_lease(parse_subnet_key_name("198.19.0.12-30&fd19:0:0:1::-64"),
+                       Lease(IPv4Network("198.19.0.12/30"), OTHER, "0a:00:00:00:00:02").to_json(), 60)
+    keeper = SubnetLeaseKeeper(store, DUAL, ME, "0a:00:00:00:00:01", ttl=60)
+    lease = keeper.acquire(remembered=None)
+    assert lease.subnet == old.subnet and lease.ipv6_subnet not in (None, IPv6Network("fd19:0:0:1::/64"))
+    assert old.key_name not in keys(store) and lease.key_name in keys(store)
+
+
+def test_an_ipv6_only_node_on_an_ipv6_underlay_keeps_its_subnet_by_its_ipv6_endpoint(store):
+    keeper = SubnetLeaseKeeper(store, V6ONLY, None, None, ttl=60, public_ipv6=ME6, vtep_mac_v6="0a:00:00:00:00:61")
+    lease = keeper.acquire(remembered=None)
+    assert lease.key_name == subnet_key_name(lease.subnet) and lease.subnet.version == 6 and ":" in lease.key_name
+    record = store.list_leases().records[lease.key_name]
+    assert '"PublicIP"' not in record.value.decode() and parse_lease(lease.key_name, record.value, V6ONLY) == lease
+    again = SubnetLeaseKeeper(store, V6ONLY, None, None, ttl=60, public_ipv6=ME6, vtep_mac_v6="0a:00:00:00:00:61")
+    assert again.acquire(remembered=None).subnet == lease.subnet and again.lease_id == keeper.lease_id
+    SubnetLeaseKeeper(store, V6ONLY, None, None, ttl=60, public_ipv6=OTHER6,
+                      vtep_mac_v6="0a:00:00:00:00:62").acquire(remembered=None)
+    SubnetLeaseKeeper(store, V6ONLY, None, None, ttl=60, public_ipv6=IPv6Address("fd18:0:0:3::2"),
+                      vtep_mac_v6="0a:00:00:00:00:63").acquire(remembered=None)
+    with pytest.raises(SubnetsExhausted):  # fd19::/62 in /64s, the first one never handed out: three
+        SubnetLeaseKeeper(store, V6ONLY, None, None, ttl=60, public_ipv6=IPv6Address("fd18:0:0:4::2"),
+                          vtep_mac_v6="0a:00:00:00:00:64").acquire(remembered=None)

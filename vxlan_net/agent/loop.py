@@ -245,11 +245,12 @@ class Agent:
             try:
                 ifname, public_ip = self.kernel.default_route_source(family=4)
             except KernelError as exc:
-                if not wants_v6 and self.config.ipv4 is not None:
-                    raise
                 log.info("no IPv4 default route (%s); looking for an IPv6 underlay", exc)
-                ifname, _ = self.kernel.default_route_source(family=6)
-        if public_ip is None and not (opts.public_ipv6 and not opts.iface and not opts.public_ip):
+                try:
+                    ifname, _ = self.kernel.default_route_source(family=6)
+                except KernelError as exc6:
+                    raise KernelError(f"{exc}; {exc6}") from None
+        if public_ip is None:
             public_ip = self._address_of(ifname, 4)
         public_ipv6 = opts.public_ipv6
         if public_ipv6 is None and (wants_v6 or public_ip is None):
