@@ -748,3 +748,25 @@ def test_the_ip6_rules_doctor_expects_are_the_ones_the_agent_renders():
         < ip6.index("ip6 saddr fd19::/56 masquerade")
     assert "udp dport 8472 ip6 saddr != @vxlan_peers counter drop" in ip6
     assert f"elements = {{ {PEER6.public_ipv6} }}" in ip6
+
+
+def test_a_dual_stack_peer_direct_over_both_families_has_a_direct_route_per_family():
+    routes = SHARED_ROUTES + (MainRoute(IPv6Network("fd18:0:0:2::/64"), None, "ul0", 2, 253),)
+    is_direct = lambda ip: ip in (PEER6.public_ip, PEER6.public_ipv6)  # noqa: E731
+    entries = desired_by_vtep([PEER6, OTHER4], own_underlays=(4, 6), own_families=(4, 6), is_direct=is_direct)
+    findings = {f.item: f for f in doctor.run_checks(dual_node(
+        config=build_config("198.19.0.0/16", ipv6_network="fd19::/56", direct_routing=True), main_routes=routes,
+        entries=entries[4], entries6=entries[6]))}
+    assert all(f.ok for f in findings.values()), [f for f in findings.values() if not f.ok]
+    assert findings["peer 198.19.7.0/24 + fd19:0:0:7::/64 at 198.18.2.2, fd18:0:0:2::2 (direct)"].reason == (
+        "route via 198.18.2.2, fd18:0:0:2::2 dev ul0 in place, no tunnel entries needed")
+    # Only IPv4 reaches it directly: the IPv6 pods go through vxnet6.1.
+    mixed = desired_by_vtep([PEER6, OTHER4], own_underlays=(4, 6), own_families=(4, 6),
+                            is_direct=lambda ip: ip == PEER6.public_ip)
+    findings = {f.item: f for f in doctor.run_checks(dual_node(
+        config=build_config("198.19.0.0/16", ipv6_network="fd19::/56", direct_routing=True),
+        main_routes=SHARED_ROUTES, entries=mixed[4], entries6=mixed[6]))}
+    assert all(f.ok for f in findings.values()), [f for f in findings.values() if not f.ok]
+    assert findings["peer 198.19.7.0/24 + fd19:0:0:7::/64 at 198.18.2.2, fd18:0:0:2::2 (4:direct 6:tunnelled)"] \
+        .reason == ("route, neighbour fd19:0:0:7:: and FDB entry 02:00:00:00:06:02 on vxnet6.1; "
+                    "direct route 198.19.7.0/24 in place")

@@ -549,8 +549,9 @@ def check_peers(facts: NodeFacts) -> list[Finding]:
         elif problems:
             findings.append(Finding(False, item, "; ".join(problems), fix + _restore_commands(want, facts)))
         elif mode == DIRECT:
-            findings.append(Finding(True, item, f"route via {lease.public_ip or lease.public_ipv6} dev "
-                                                f"{facts.underlay.name} in place, no tunnel entries needed"))
+            via = ", ".join(str(r.gateway) for e in want.values() for r in in_order(e.direct_routes))
+            findings.append(Finding(True, item, f"route via {via} dev {facts.underlay.name} in place, "
+                                                f"no tunnel entries needed"))
         else:
             held = "; ".join(f"{'route' if len(e.routes) < 2 else 'routes'}, neighbour "
                              f"{', '.join(str(n.ip) for n in in_order(e.neighbours))} and FDB entry "
