@@ -313,3 +313,18 @@ def test_status_marks_the_own_lease_found_by_either_familys_vtep_address_and_mod
     assert table[1].split() == ["198.19.3.0/24*", "fd19:0:0:3::/64", "198.18.1.2", "fd18:0:0:1::2",
                                 "02:00:00:00:00:01", "02:00:00:00:06:01", "1m00s", "-"]
     assert table[2].split()[-3:] == ["never", "4:tunnelled", "6:direct"]
+
+
+def test_in_order_sorts_entries_of_both_families_and_routes_without_gateway_or_device():
+    from ipaddress import IPv4Network, IPv6Address, IPv6Network
+
+    from vxlan_net.core.desired import MainRoute, Neighbour
+    from vxlan_net.tools.status import in_order
+
+    v4 = Neighbour(IPv4Address("198.19.7.0"), "02:00:00:00:00:02")
+    v6 = Neighbour(IPv6Address("fd19::"), "02:00:00:00:00:01")
+    assert in_order({v6, v4}) == [v4, v6]
+    net = IPv4Network("198.19.7.0/24")
+    blackhole, via = MainRoute(net, None, None, 4), MainRoute(net, IPv4Address("198.18.1.1"), "ul0", 4)
+    routes = [via, blackhole, MainRoute(IPv6Network("fd19:0:0:7::/64"), None, "ul0", 4)]
+    assert in_order(routes) == [blackhole, via, routes[2]]

@@ -74,12 +74,15 @@ def skipped_lines(skipped: Mapping[str, str]) -> list[str]:
 
 
 def in_order(entries: Iterable[T]) -> list[T]:
-    """Kernel entries (Neighbour, FdbEntry, Route) sorted IPv4 before IPv6: addresses of two families do not
-    compare, so a dual-stack set cannot go to sorted() as it is."""
-    def key(entry):
-        return tuple((value.version, value) if hasattr(value, "version") else (0, value)
-                     for value in vars(entry).values())
-    return sorted(entries, key=key)
+    """Kernel entries (Neighbour, FdbEntry, Route, MainRoute) sorted field by field, IPv4 before IPv6 and
+    None first: addresses of two families, or an address and None, do not compare, so a dual-stack set
+    cannot go to sorted() as it is."""
+    def part(value):
+        if value is None:
+            return (0, 0, 0)
+        return (1, value.version, value) if hasattr(value, "version") else (2, 0, value)
+
+    return sorted(entries, key=lambda entry: tuple(part(value) for value in vars(entry).values()))
 
 
 def describe_drift(desired: OverlayEntries, actual: OverlayEntries) -> list[str]:
