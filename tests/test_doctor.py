@@ -770,3 +770,12 @@ def test_a_dual_stack_peer_direct_over_both_families_has_a_direct_route_per_fami
     assert findings["peer 198.19.7.0/24 + fd19:0:0:7::/64 at 198.18.2.2, fd18:0:0:2::2 (4:direct 6:tunnelled)"] \
         .reason == ("route, neighbour fd19:0:0:7:: and FDB entry 02:00:00:00:06:02 on vxnet6.1; "
                     "direct route 198.19.7.0/24 in place")
+
+
+def test_etcd_unavailable_on_an_ipv6_only_node_still_checks_its_ipv6_data_plane_from_the_subnet_file():
+    down = Unavailable("etcd unavailable: connection refused")
+    findings = {f.item: f for f in doctor.run_checks(v6_only_node(config=down, leases=Unavailable("not read")))}
+    assert {item for item, f in findings.items() if not f.ok} == {"config", "own lease", "peer entries"}
+    assert "device vxnet.1" not in findings and "local fd18:0:0:1::2" in findings["device vxnet6.1"].reason
+    assert findings["masquerade"].reason.startswith("no IPv4 pod network")
+    assert {"ipv6 masquerade", "nftables table ip6 vxlan-net", "ipv6 forwarding"} <= set(findings)

@@ -270,16 +270,16 @@ def expected_mtu(facts: NodeFacts, underlay_family: int = 4) -> Fact[int]:
     return underlay.mtu - VXLAN_OVERHEAD_BY_UNDERLAY[underlay_family]
 
 
-def pod_network(facts: NodeFacts) -> Fact[IPv4Network]:
-    """The config's IPv4 network, else the subnet file's (so the firewall is checked while etcd is away)."""
+def pod_network(facts: NodeFacts, version: int = 4) -> Optional[Fact[IPNetwork]]:
+    """The config's pod network of that family, else the subnet file's (so the firewall is checked while
+    etcd is away); None when the network has no such family."""
     if not isinstance(facts.config, Unavailable):
-        if facts.config.ipv4_network is None:
-            return Unavailable("the network has no IPv4 part")
-        return facts.config.ipv4_network
+        space = facts.config.space(version)
+        return space.network if space is not None else None
     values = subnet_file_values(facts)
-    if isinstance(values, Unavailable) or values.network is None:
+    if isinstance(values, Unavailable):
         return Unavailable("neither the config nor the subnet file names the pod network")
-    return values.network
+    return values.network if version == 4 else values.ipv6_network
 
 
 def peer_leases(facts: NodeFacts) -> Fact[list[Lease]]:
@@ -721,16 +721,10 @@ def check_masquerade(facts: NodeFacts, family: str = "ip") -> Finding:
     never pod-to-pod traffic."""
     item = "masquerade" if family == "ip" else "ipv6 masquerade"
     version = 4 if family == "ip" else 6
-    if not isinstance(facts.config, Unavailable) and facts.config.space(version) is None:
+    network = pod_network(facts, version)
+    if network is None:
         return Finding(True, item, f"no IPv{version} pod network: nothing for table {family} to masquerade")
     values = subnet_file_values(facts)
-    if version == 4:
-        network = pod_network(facts)
-    elif not isinstance(facts.config, Unavailable):
-        network = facts.config.ipv6_network
-    else:
-        network = values.ipv6_network if not isinstance(values, Unavailable) and values.ipv6_network else \
-            Unavailable("neither the config nor the subnet file names the IPv6 pod network")
     why = _missing(values, network)
     if why:
         return Finding(False, item, f"not checked: {why}", "fix the failures above first")
