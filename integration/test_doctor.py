@@ -145,3 +145,110 @@ def test_doctor_node_flag_runs_inside_the_named_namespace(lab):
     missing = subprocess.run([lab.agent_exe, "doctor", "--node", "no-such-ns"], capture_output=True, text=True,
                              timeout=30)
     assert missing.returncode == 2 and "no such network namespace" in missing.stderr
+
+
+def test_doctor_on_a_dual_stack_node_checks_both_vteps_names_a_broken_ipv6_entry_and_probes_over_ipv6(lab):
+    """Issue 11: dual-stack pods over a dual-stack underlay (vxnet.1 and vxnet6.1), the config written with
+    `config set --ipv6-network`."""
+    from integration.cluster import node_subnets, start_agents, wait_converged, write_config
+
+    lab = lab(nodes=2, underlay="dual")
+    write_config(lab, "--ipv6-network", "fd19::/56")
+    start_agents(lab, lab.nodes, "--resync-interval", "3600")  # what is broken by hand stays broken
+    wait_converged(lab, lab.nodes, timeout=20)
+    n1, n2 = lab.nodes
+    lab.add_pod_from_subnet_file(n1, "n1p0")  # the bridge, with a gateway per family
+    pod2 = lab.add_pod_from_subnet_file(n2, "n2p0")
+    (own4, own6), (peer4, peer6) = node_subnets(n1), node_subnets(n2)
+    peer_item = f"peer {peer4} + {peer6} at {n2.public_ip}, {n2.public_ipv6}"
+
+    healthy = doctor(lab, n1)
+    assert healthy.rc == 0 and not healthy.failed, healthy
+    assert {f"own lease {own4} + {own6}", "device vxnet.1", "device vxnet6.1", peer_item, "ipv6 forwarding",
+            "nftables table ip6 vxlan-net", "ipv6 masquerade"} <= set(healthy.lines), healthy
+    assert healthy.lines["nftables table ip6 vxlan-net"][1] == "VXLAN accepted only from the 1 peer nodes' addresses"
+    assert f"local {n1.public_ipv6} on {n1.underlay_ifname}" in healthy.lines["device vxnet6.1"][1]
+
+    # The peer's IPv6 neighbour deleted from vxnet6.1: named on that VTEP, with the command that restores it.
+    mac6 = n2.ip_json("link", "show", "dev", "vxnet6.1")[0]["address"]
+    gateway6 = str(peer6.network_address)
+    n1.run("ip", "-6", "neigh", "del", gateway6, "dev", "vxnet6.1", check=True)
+    verdict = doctor(lab, n1)
+    assert verdict.rc == 1 and set(verdict.failed) == {peer_item}, verdict
+    assert verdict.failed[peer_item] == f"vxnet6.1: missing neighbour {gateway6} lladdr {mac6}", verdict
+    assert f"ip neigh replace {gateway6} lladdr {mac6} dev vxnet6.1 nud permanent" in verdict.out
+    n1.run("ip", "neigh", "replace", gateway6, "lladdr", mac6, "dev", "vxnet6.1", "nud", "permanent", check=True)
+
+    # The probe over IPv6: an ICMPv6 echo leaves over the IPv6 underlay for the node holding the pod.
+    source6 = own6.network_address + 1
+    verdict = doctor(lab, n1, "--probe", pod2.ip6)
+    assert verdict.rc == 0 and not verdict.failed, verdict
+    ok, reason = verdict.lines[f"probe {source6} -> {pod2.ip6}"]
+    assert ok and reason == (f"outer {n1.public_ipv6} -> {n2.public_ipv6} (node of {peer6}), VNI 1, "
+                             f"inner {source6} -> {pod2.ip6}"), verdict
+    assert verdict.lines[f"reply {pod2.ip6} -> {source6}"][0], verdict
+
+    # status shows both families of each lease and finds the kernel in sync on both VTEPs.
+    status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url)
+    assert status.returncode == 0, status.stdout + status.stderr
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[1:3]}
+    assert rows[f"{own4}*"][1:4] == [str(own6), n1.public_ip, n1.public_ipv6], status.stdout
+    assert rows[str(peer4)][1:4] == [str(peer6), n2.public_ip, n2.public_ipv6], status.stdout
+    assert f"this node's public IPv6: {n1.public_ipv6} on {n1.underlay_ifname}" in status.stdout
+    assert f"this node ({own4} + {own6}): kernel entries match 1 peer" in status.stdout
+
+
+@pytest.mark.parametrize("underlay, config_flags, vteps", [
+    ("v6", ("--no-ipv4", "--ipv6-network", "fd19::/56"), ["vxnet6.1"]),  # IPv6-only over an IPv6-only underlay
+    ("v4", ("--network", "198.19.0.0/16", "--subnet-max", "198.19.199.0", "--ipv6-network", "fd19::/56"),
+     ["vxnet.1"]),  # dual-stack pods over an IPv4-only underlay: IPv6 rides vxnet.1
+])
+def test_doctor_probes_ipv6_pods_through_the_one_vtep_a_single_family_underlay_gives(lab, underlay, config_flags,
+                                                                                      vteps):
+    from integration.cluster import node_subnets, start_agents, wait_converged
+
+    lab = lab(nodes=2, underlay=underlay)
+    lab.nodes[0].run(lab.agent_exe, "config", "set", "--etcd-endpoints", lab.etcd_url, *config_flags, check=True)
+    start_agents(lab, lab.nodes, "--resync-interval", "3600")
+    wait_converged(lab, lab.nodes, timeout=20)
+    n1, n2 = lab.nodes
+    lab.add_pod_from_subnet_file(n1, "n1p0")
+    pod2 = lab.add_pod_from_subnet_file(n2, "n2p0")
+    own6, peer6 = node_subnets(n1)[-1], node_subnets(n2)[-1]
+    source6 = own6.network_address + 1
+    verdict = doctor(lab, n1, "--probe", pod2.ip6)
+    assert verdict.rc == 0 and not verdict.failed, verdict.out
+    assert [item for item in verdict.lines if item.startswith("device ")] == [f"device {v}" for v in vteps], verdict
+    outer = (n1.public_ipv6, n2.public_ipv6) if underlay == "v6" else (n1.public_ip, n2.public_ip)
+    ok, reason = verdict.lines[f"probe {source6} -> {pod2.ip6}"]
+    assert ok and reason == (f"outer {outer[0]} -> {outer[1]} (node of {peer6}), VNI 1, "
+                             f"inner {source6} -> {pod2.ip6}"), verdict
+    assert verdict.lines[f"reply {pod2.ip6} -> {source6}"][0], verdict
+    status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url)
+    assert status.returncode == 0, status.stdout + status.stderr
+    subnets = " + ".join(map(str, node_subnets(n1)))
+    assert f"this node ({subnets}): kernel entries match 1 peer" in status.stdout, status.stdout
+    own_row = next(line.split() for line in status.stdout.splitlines() if line.startswith(f"{node_subnets(n1)[0]}*"))
+    assert (n1.public_ipv6 if underlay == "v6" else n1.public_ip) in own_row, status.stdout
+
+
+def test_doctor_names_ipv6_disabled_on_the_vtep_by_hand(lab):
+    """Dual-stack pods over an IPv4-only underlay (the v4 lab turns IPv6 off in its nodes; the agent turns it
+    on for its VTEP): IPv6 switched off on vxnet.1 by hand takes its /128 and IPv6 entries with it; doctor
+    says why, not only what is missing."""
+    from integration.cluster import start_agents, wait_converged, write_config
+
+    lab = lab(nodes=2)
+    write_config(lab, "--ipv6-network", "fd19::/56")
+    start_agents(lab, lab.nodes, "--resync-interval", "3600")
+    wait_converged(lab, lab.nodes, timeout=20)
+    n1 = lab.nodes[0]
+    assert set(doctor(lab, n1).failed) == {"bridge cni0"}  # no pod yet: no bridge
+    n1.run("sysctl", "-q", "-w", "net.ipv6.conf.vxnet/1.disable_ipv6=1", check=True)
+    verdict = doctor(lab, n1)
+    assert verdict.rc == 1 and "device vxnet.1" in verdict.failed, verdict
+    reason = verdict.failed["device vxnet.1"]
+    assert "IPv6 is disabled on it (net.ipv6.conf.vxnet/1.disable_ipv6=1)" in reason and "lacks address fd19:" in reason
+    assert "`sysctl -w net.ipv6.conf.vxnet/1.disable_ipv6=0`" in verdict.out
+    # As `ip` sees it: no IPv6 address left on the VTEP.
+    assert not [a for link in n1.ip_json("-6", "addr", "show", "dev", "vxnet.1") for a in link.get("addr_info", [])]

@@ -157,3 +157,174 @@ def test_status_own_address_line_names_a_renumbered_node():
     assert own_address_line(old, new, "ul0", {new}) == (
         "this node's public IP: 198.18.1.7 on ul0 (its lease says 198.18.1.2: run `vxlan-net doctor`)")
     assert own_address_line(new, new, "ul0", {new}) == "this node's public IP: 198.18.1.7 on ul0"
+
+
+# --- IPv6 (issue 11) ---
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--no-ipv4"], "--no-ipv4 needs --ipv6-network"),
+    (["--no-ipv4", "--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56"],
+     "--no-ipv4 and --network contradict each other"),
+    (["--ipv6-network", "fd19::/56"], "--network is required (or --no-ipv4 with --ipv6-network"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::1/56"], "has host bits set"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "198.19.0.0/16"], "is not a valid IPv6 CIDR"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-len", "121"],
+     "IPv6SubnetLen 121 must be longer than the network's /56 and at most /120"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-len", "56"],
+     "IPv6SubnetLen 56 must be longer"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-min", "fd19:0:1::"],
+     "IPv6SubnetMin fd19:0:1:: is outside the network fd19::/56"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-min", "fd19:0:0:5::1"],
+     "IPv6SubnetMin fd19:0:0:5::1 is not aligned to a /64 subnet"),
+    (["--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-min", "fd19:0:0:9::",
+      "--ipv6-subnet-max", "fd19:0:0:5::"], "IPv6SubnetMin fd19:0:0:9:: is above IPv6SubnetMax fd19:0:0:5::"),
+    (["--network", "198.19.0.0/16", "--ipv6-subnet-len", "64"], "IPv6SubnetLen, IPv6SubnetMin and IPv6SubnetMax need"),
+    (["--no-ipv4", "--ipv6-network", "fd19::/56", "--subnet-len", "24"], "SubnetLen, SubnetMin and SubnetMax need"),
+    (["--no-ipv4", "--ipv6-network", "fe80::/64"], "overlaps link-local fe80::/10"),
+    (["--no-ipv4", "--ipv6-network", "ff02::/64"], "overlaps multicast ff00::/8"),
+    (["--no-ipv4", "--ipv6-network", "::/0"], "overlaps reserved ::/8"),
+    (["--no-ipv4", "--ipv6-network", "::ffff:0:0/96"], "overlaps reserved ::/8"),
+    (["--no-ipv4", "--ipv6-network", "fd19::/120"], "IPv6Network fd19::/120 is too small"),
+])
+def test_invalid_ipv6_config_exits_2_with_one_line_and_writes_nothing(etcd, prefix, flags, reason):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix, *flags)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("vxlan-net: error: ") and reason in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert etcd_get(etcd, f"{prefix}/config") == ""
+
+
+def test_no_ipv4_from_the_environment_must_be_a_boolean(etcd, prefix):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                       "--ipv6-network", "fd19::/56", env={"VXLAN_NET_NO_IPV4": "perhaps"})
+    assert result.returncode == 2 and "VXLAN_NET_NO_IPV4='perhaps' is not a boolean" in result.stderr
+    assert etcd_get(etcd, f"{prefix}/config") == ""
+
+
+def test_config_set_dual_stack_writes_flannels_ipv6_keys_and_get_prints_them(etcd, prefix):
+    result = vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                       "--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56", "--ipv6-subnet-min", "fd19:0:0:4::",
+                       "--ipv6-subnet-max", "fd19:0:0:f0::")
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(etcd_get(etcd, f"{prefix}/config"))
+    assert stored == {"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.1.0",
+                      "SubnetMax": "198.19.255.0", "EnableIPv6": True, "IPv6Network": "fd19::/56",
+                      "IPv6SubnetLen": 64, "IPv6SubnetMin": "fd19:0:0:4::", "IPv6SubnetMax": "fd19:0:0:f0::",
+                      "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
+    shown = vxlan_net("config", "get", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix)
+    assert json.loads(shown.stdout) == stored
+
+
+def test_config_set_no_ipv4_writes_an_ipv6_only_network(etcd, prefix):
+    env = {"VXLAN_NET_ETCD_ENDPOINTS": etcd.client_url, "VXLAN_NET_ETCD_PREFIX": prefix,
+           "VXLAN_NET_IPV6_NETWORK": "fd19::/60", "VXLAN_NET_IPV6_SUBNET_LEN": "72"}
+    result = vxlan_net("config", "set", "--no-ipv4", env=env)
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(etcd_get(etcd, f"{prefix}/config"))
+    assert stored == {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd19::/60", "IPv6SubnetLen": 72,
+                      "IPv6SubnetMin": "fd19::100:0:0:0", "IPv6SubnetMax": "fd19:0:0:f:ff00::",
+                      "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
+    assert vxlan_net("config", "set", env={**env, "VXLAN_NET_NO_IPV4": "true"}).returncode == 0
+    assert "Network" not in json.loads(etcd_get(etcd, f"{prefix}/config"))
+
+
+def put_record(etcd: EtcdServer, key: str, value: str) -> None:
+    subprocess.run([ETCDCTL_EXE, "--endpoints", etcd.client_url, "put", key], input=value, text=True, check=True,
+                   capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10)
+
+
+def test_status_shows_both_families_of_each_lease_and_skips_garbage_ipv6_records(etcd, prefix):
+    assert vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                     "--network", "198.19.0.0/16", "--ipv6-network", "fd19::/56").returncode == 0
+    dual = json.dumps({"BackendType": "vxlan", "PublicIP": "198.18.4.2", "PublicIPv6": "fd18:0:0:4::2",
+                       "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:04"},
+                       "BackendV6Data": {"VNI": 1, "VtepMAC": "0a:00:00:00:06:04"}})
+    v4_only = json.dumps({"BackendType": "vxlan", "PublicIP": "198.18.5.2",
+                          "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:05"}})
+    over_v6 = json.dumps({"BackendType": "vxlan", "PublicIPv6": "fd18:0:0:6::2",
+                          "BackendV6Data": {"VNI": 1, "VtepMAC": "0a:00:00:00:06:06"}})
+    records = {"198.19.4.0-24&fd19:0:0:4::-64": dual,
+               "198.19.5.0-24": v4_only,  # a node not yet restarted after IPv6 was added
+               "198.19.6.0-24&fd19:0:0:6::-64": over_v6,  # dual-stack pods over an IPv6-only underlay
+               "198.19.7.0-24&fd19:0:0:7::-64": dual.replace("fd18:0:0:4::2", "fd19:0:0:9::2"),  # in the pod network
+               "198.19.8.0-24&fd19:0:1:8::-64": dual,  # IPv6 subnet outside the network
+               "fd19:0:0:9::-64": over_v6}  # an IPv6-only key on a dual-stack network
+    for name, value in records.items():
+        put_record(etcd, f"{prefix}/subnets/{name}", value)
+    result = vxlan_net("status", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["SUBNET", "IPV6", "SUBNET", "PUBLIC", "IP", "PUBLIC", "IPV6", "VTEP", "MAC", "VTEP",
+                                "MAC", "V6", "EXPIRES", "IN"]
+    assert lines[1].split() == ["198.19.4.0/24", "fd19:0:0:4::/64", "198.18.4.2", "fd18:0:0:4::2",
+                                "0a:00:00:00:00:04", "0a:00:00:00:06:04", "never"]
+    assert lines[2].split() == ["198.19.5.0/24", "-", "198.18.5.2", "-", "0a:00:00:00:00:05", "-", "never"]
+    assert lines[3].split() == ["198.19.6.0/24", "fd19:0:0:6::/64", "-", "fd18:0:0:6::2", "-", "0a:00:00:00:06:06",
+                                "never"]
+    skipped = {line.split("'")[1]: line for line in lines if line.startswith("record skipped: ")}
+    assert set(skipped) == {"198.19.7.0-24&fd19:0:0:7::-64", "198.19.8.0-24&fd19:0:1:8::-64", "fd19:0:0:9::-64"}
+    assert "inside the pod network fd19::/56" in skipped["198.19.7.0-24&fd19:0:0:7::-64"]
+    assert "is not a /64 inside fd19::/56" in skipped["198.19.8.0-24&fd19:0:1:8::-64"]
+    assert "has no IPv4 subnet" in skipped["fd19:0:0:9::-64"]
+    assert "this node: no vxnet.1 or vxnet6.1 device here (not a node, or the agent has not started)" in lines
+
+
+def test_status_of_an_ipv6_only_network_keys_leases_by_their_ipv6_subnet(etcd, prefix):
+    assert vxlan_net("config", "set", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix,
+                     "--no-ipv4", "--ipv6-network", "fd19::/56").returncode == 0
+    value = json.dumps({"BackendType": "vxlan", "PublicIPv6": "fd18:0:0:4::2",
+                        "BackendV6Data": {"VNI": 1, "VtepMAC": "0a:00:00:00:06:04"}})
+    put_record(etcd, f"{prefix}/subnets/fd19:0:0:4::-64", value)
+    put_record(etcd, f"{prefix}/subnets/198.19.4.0-24&fd19:0:0:5::-64", value.replace(":04\"", ":05\""))
+    result = vxlan_net("status", "--etcd-endpoints", etcd.client_url, "--etcd-prefix", prefix)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["SUBNET", "PUBLIC", "IP", "PUBLIC", "IPV6", "VTEP", "MAC", "VTEP", "MAC", "V6",
+                                "EXPIRES", "IN"]
+    assert lines[1].split() == ["fd19:0:0:4::/64", "-", "fd18:0:0:4::2", "-", "0a:00:00:00:06:04", "never"]
+    assert any(line.startswith("record skipped: '198.19.4.0-24&fd19:0:0:5::-64'") and "IPv6-only" in line
+               for line in lines), lines
+
+
+def test_status_marks_the_own_lease_found_by_either_familys_vtep_address_and_modes_per_family():
+    from ipaddress import IPv4Network, IPv6Address, IPv6Network
+
+    from vxlan_net.core.desired import MainRoute
+    from vxlan_net.core.direct import DirectReach
+    from vxlan_net.core.lease import Lease
+    from vxlan_net.tools.status import lease_mode, own_lease_of, render_lease_table
+
+    own = Lease(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.1.2"), "02:00:00:00:00:01",
+                ipv6_subnet=IPv6Network("fd19:0:0:3::/64"), public_ipv6=IPv6Address("fd18:0:0:1::2"),
+                vtep_mac_v6="02:00:00:00:06:01")
+    peer = Lease(IPv4Network("198.19.7.0/24"), IPv4Address("198.18.2.2"), "02:00:00:00:00:02",
+                 ipv6_subnet=IPv6Network("fd19:0:0:7::/64"), public_ipv6=IPv6Address("fd18:0:0:2::2"),
+                 vtep_mac_v6="02:00:00:00:06:02")
+    assert own_lease_of([peer, own], [IPv6Address("fd19:0:0:3::")]) == own  # an IPv6 VTEP's /128
+    assert own_lease_of([peer, own], [IPv4Address("198.19.3.0")]) == own
+    assert own_lease_of([peer, own], [IPv4Address("198.19.3.1"), IPv6Address("fd19:0:0:3::1")]) is None
+    # Only the IPv6 public address is on this node's segment: the two families go different ways.
+    reach = DirectReach.from_routes([MainRoute(IPv6Network("fd18:0:0:2::/64"), None, "ul0", 2, 253)], "ul0")
+    assert lease_mode(reach, peer, (4, 6)) == "4:tunnelled 6:direct"
+    assert lease_mode(reach, peer, (4,)) == "tunnelled" and lease_mode(None, peer, (4, 6)) == "tunnelled"
+    table = render_lease_table([(own, 60), (peer, None)], own.subnet, {peer.subnet: "4:tunnelled 6:direct"},
+                               ipv6=True).splitlines()
+    assert table[1].split() == ["198.19.3.0/24*", "fd19:0:0:3::/64", "198.18.1.2", "fd18:0:0:1::2",
+                                "02:00:00:00:00:01", "02:00:00:00:06:01", "1m00s", "-"]
+    assert table[2].split()[-3:] == ["never", "4:tunnelled", "6:direct"]
+
+
+def test_in_order_sorts_entries_of_both_families_and_routes_without_gateway_or_device():
+    from ipaddress import IPv4Network, IPv6Address, IPv6Network
+
+    from vxlan_net.core.desired import MainRoute, Neighbour
+    from vxlan_net.tools.status import in_order
+
+    v4 = Neighbour(IPv4Address("198.19.7.0"), "02:00:00:00:00:02")
+    v6 = Neighbour(IPv6Address("fd19::"), "02:00:00:00:00:01")
+    assert in_order({v6, v4}) == [v4, v6]
+    net = IPv4Network("198.19.7.0/24")
+    blackhole, via = MainRoute(net, None, None, 4), MainRoute(net, IPv4Address("198.18.1.1"), "ul0", 4)
+    routes = [via, blackhole, MainRoute(IPv6Network("fd19:0:0:7::/64"), None, "ul0", 4)]
+    assert in_order(routes) == [blackhole, via, routes[2]]

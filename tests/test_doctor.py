@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 
 import pytest
 
@@ -23,26 +23,26 @@ SUBNET_FILE = ("VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET=198.19.3.1/24\
                "VXLAN_NET_MTU=1450\nVXLAN_NET_IPMASQ=true\n")
 
 
-def nft_listing(network: str = "198.19.0.0/16", ip_masq: bool = True) -> dict:
-    """What `nft -j list table ip vxlan-net` prints for our ruleset, built by hand in the same shape."""
+def nft_listing(network: str = "198.19.0.0/16", ip_masq: bool = True, family: str = "ip",
+                peers: tuple = (PEER.public_ip, OTHER.public_ip)) -> dict:
+    """What `nft -j list table <family> vxlan-net` prints for our ruleset, built by hand in the same shape."""
     def prefix(field, net):
         addr, length = net.split("/")
-        return {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}},
+        return {"match": {"op": "==", "left": {"payload": {"protocol": family, "field": field}},
                           "right": {"prefix": {"addr": addr, "len": int(length)}}}}
 
     def rule(chain, *expr):
-        return {"rule": {"family": "ip", "table": "vxlan-net", "chain": chain, "expr": list(expr)}}
+        return {"rule": {"family": family, "table": "vxlan-net", "chain": chain, "expr": list(expr)}}
 
     udp_port = {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 8472}}
-    items = [{"table": {"family": "ip", "name": "vxlan-net"}},
-             {"set": {"family": "ip", "name": "vxlan_peers", "table": "vxlan-net", "type": "ipv4_addr",
-                      "elem": [str(PEER.public_ip), str(OTHER.public_ip)]}},
+    items = [{"table": {"family": family, "name": "vxlan-net"}},
+             {"set": {"family": family, "name": "vxlan_peers", "table": "vxlan-net",
+                      "type": "ipv4_addr" if family == "ip" else "ipv6_addr", "elem": [str(p) for p in peers]}},
              rule("input", udp_port, {"counter": {"packets": 0, "bytes": 0}}, {"drop": None})]
     if ip_masq:
         items += [rule("postrouting", prefix("saddr", network), prefix("daddr", network), {"return": None}),
                   rule("postrouting", prefix("saddr", network),
-                       {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
-                                  "right": {"prefix": {"addr": "224.0.0.0", "len": 4}}}}, {"return": None}),
+                       prefix("daddr", "224.0.0.0/4" if family == "ip" else "ff00::/8"), {"return": None}),
                   rule("postrouting", prefix("saddr", network), {"masquerade": {"flags": "fully-random"}})]
     return {"nftables": items}
 
@@ -348,9 +348,12 @@ def test_probe_plan_picks_the_lease_holding_the_destination_and_the_bridge_addre
     ("198.18.2.2", "outside the pod network"),
     ("198.19.3.5", "this node's own subnet"),
     ("198.19.200.5", "no lease covers 198.19.200.5"),
+    ("fd19:1::5", "outside the pod network 198.19.0.0/16 or fd19::/56"),  # IPv6, on the dual-stack node below
+    ("fd19:0:0:3::5", "this node's own subnet fd19:0:0:3::/64"),
+    ("fd19:0:0:44::5", "no lease covers fd19:0:0:44::5"),
 ])
 def test_probe_plan_refuses_destinations_that_never_cross_the_tunnel(dest, expected):
-    result = doctor.plan_probe(healthy(), IPv4Address(dest))
+    result = doctor.plan_probe(healthy() if "." in dest else dual_node(), ip_address(dest))
     assert isinstance(result, Unavailable) and expected in result.reason
 
 
@@ -458,3 +461,321 @@ def test_the_tunnel_probe_refuses_a_direct_peer_and_says_why():
     plan = doctor.plan_probe(direct_node(), IPv4Address("198.19.7.5"))
     assert isinstance(plan, Unavailable) and "direct peer (198.18.2.2)" in plan.reason
     assert isinstance(doctor.plan_probe(direct_node(), IPv4Address("198.19.9.5")), doctor.ProbePlan)
+
+
+# --- IPv6 (issue 11) ---
+
+from ipaddress import IPv6Address, IPv6Interface, IPv6Network  # noqa: E402
+
+from vxlan_net.core.desired import desired_by_vtep  # noqa: E402
+
+DUAL = build_config("198.19.0.0/16", ipv6_network="fd19::/56")
+OWN6 = dataclasses.replace(OWN, ipv6_subnet=IPv6Network("fd19:0:0:3::/64"), public_ipv6=IPv6Address("fd18:0:0:1::2"),
+                           vtep_mac_v6="02:00:00:00:06:01")
+PEER6 = dataclasses.replace(PEER, ipv6_subnet=IPv6Network("fd19:0:0:7::/64"), public_ipv6=IPv6Address("fd18:0:0:2::2"),
+                            vtep_mac_v6="02:00:00:00:06:02")
+# A dual-stack node whose underlay has IPv4 only: both pod families reach it through vxnet.1.
+OTHER4 = dataclasses.replace(OTHER, ipv6_subnet=IPv6Network("fd19:0:0:9::/64"))
+DUAL_FILE = SUBNET_FILE.replace("VXLAN_NET_MTU=1450", "VXLAN_NET_IPV6_NETWORK=fd19::/56\n"
+                                "VXLAN_NET_IPV6_SUBNET=fd19:0:0:3::1/64\nVXLAN_NET_MTU=1430")
+VTEP_ADDRESSES = (IPv4Interface("198.19.3.0/32"), IPv6Interface("fd19:0:0:3::/128"))
+
+
+def dual_node(**changes) -> NodeFacts:
+    """Dual-stack pods over a dual-stack underlay: vxnet.1 (MTU 1450) and vxnet6.1 (MTU 1430)."""
+    entries = desired_by_vtep([PEER6, OTHER4], own_underlays=(4, 6), own_families=(4, 6))
+    facts = healthy(
+        config=DUAL, leases={s.subnet: s for s in (OWN6, PEER6, OTHER4)},
+        vtep=vtep(addresses=VTEP_ADDRESSES), entries=entries[4],
+        vtep6_name="vxnet6.1",
+        vtep6=Link("vxnet6.1", "vxlan", 1430, OWN6.vtep_mac_v6, True, VTEP_ADDRESSES,
+                   VxlanAttrs(1, 8472, OWN6.public_ipv6, "ul0", False)),
+        entries6=entries[6], ip6_forward=True, subnet_file=DUAL_FILE,
+        nft6=nft_listing("fd19::/56", family="ip6", peers=(PEER6.public_ipv6,)),
+        bridge=dataclasses.replace(healthy().bridge, addresses=(IPv4Interface("198.19.3.1/24"),
+                                                                IPv6Interface("fd19:0:0:3::1/64"))),
+        state={"VtepMAC": OWN.vtep_mac, "VtepMACv6": OWN6.vtep_mac_v6, "Subnet": "198.19.3.0/24",
+               "IPv6Subnet": "fd19:0:0:3::/64"})
+    return dataclasses.replace(facts, **changes)
+
+
+def test_link_from_info_reads_an_ipv6_vtep_without_crashing():
+    """`ip -d link` of vxnet6.<VNI>: the local address is IPv6 (IPv4Address() of it raised)."""
+    link = Link.from_info({"name": "vxnet6.1", "kind": "vxlan", "mtu": 1430, "mac": "02:00:00:00:06:01", "up": True,
+                           "addresses": ["198.19.3.0/32"], "ipv6_addresses": ["fd19:0:0:3::/128"],
+                           "vxlan": {"vni": 1, "port": 8472, "local": "fd18:0:0:1::2", "underlay": "ul0",
+                                     "learning": False}})
+    assert link.vxlan.local == IPv6Address("fd18:0:0:1::2")
+    assert link.addresses == VTEP_ADDRESSES
+
+
+def test_a_healthy_dual_stack_node_passes_and_checks_both_vteps_and_ipv6_forwarding():
+    findings = doctor.run_checks(dual_node())
+    assert all(f.ok for f in findings), [f for f in findings if not f.ok]
+    items = [f.item for f in findings]
+    assert items == ["config", "own lease 198.19.3.0/24 + fd19:0:0:3::/64", "state /var/lib/vxlan-net/node.json",
+                     "device vxnet.1", "device vxnet6.1", "peer 198.19.7.0/24 + fd19:0:0:7::/64 at 198.18.2.2, "
+                     "fd18:0:0:2::2", "peer 198.19.9.0/24 + fd19:0:0:9::/64 at 198.18.3.2", "stale entries",
+                     "bridge cni0", "subnet file /run/vxlan-net/subnet.env", "nftables table ip vxlan-net",
+                     "masquerade", "nftables table ip6 vxlan-net", "ipv6 masquerade", "ip_forward",
+                     "ipv6 forwarding"]
+    reasons = {f.item: f.reason for f in findings}
+    assert "IPv6Network fd19::/56, IPv6SubnetLen 64" in reasons["config"]
+    assert "PublicIPv6 fd18:0:0:1::2, BackendV6Data.VtepMAC 02:00:00:00:06:01" in reasons[items[1]]
+    assert "local fd18:0:0:1::2 on ul0" in reasons["device vxnet6.1"] and "MTU 1430" in reasons["device vxnet6.1"]
+    assert "IPv6 subnet fd19:0:0:3::1/64" in reasons["subnet file /run/vxlan-net/subnet.env"]
+
+
+def test_a_missing_ipv6_neighbour_is_named_on_the_vtep_that_must_hold_it_with_the_command():
+    entries6 = dual_node().entries6
+    gone = Neighbour(IPv6Address("fd19:0:0:7::"), PEER6.vtep_mac_v6)
+    finding = only_failure(dual_node(entries6=dataclasses.replace(entries6, neighbours=entries6.neighbours - {gone})))
+    assert finding.item.startswith("peer 198.19.7.0/24 + fd19:0:0:7::/64")
+    assert finding.reason == "vxnet6.1: missing neighbour fd19:0:0:7:: lladdr 02:00:00:00:06:02"
+    assert "ip neigh replace fd19:0:0:7:: lladdr 02:00:00:00:06:02 dev vxnet6.1 nud permanent" in finding.fix
+    assert "ip route replace fd19:0:0:7::/64 via fd19:0:0:7:: dev vxnet6.1 onlink proto 157" in finding.fix
+
+
+def test_ipv6_entries_on_the_wrong_vtep_are_missing_on_one_and_stale_on_the_other():
+    """A dual-stack underlay carries IPv6 pods over vxnet6.1; the same entries on vxnet.1 are wrong."""
+    facts = dual_node()
+    moved = dataclasses.replace(facts.entries, neighbours=facts.entries.neighbours | facts.entries6.neighbours,
+                                fdb=facts.entries.fdb | facts.entries6.fdb,
+                                routes=facts.entries.routes | facts.entries6.routes)
+    failed = failures(dual_node(entries=moved, entries6=OverlayEntries()))
+    assert set(failed) == {"peer 198.19.7.0/24 + fd19:0:0:7::/64 at 198.18.2.2, fd18:0:0:2::2", "stale entries"}
+    stale = failed["stale entries"].reason
+    assert "vxnet.1: neighbour fd19:0:0:7:: lladdr 02:00:00:00:06:02" in stale
+    assert "vxnet.1: FDB entry 02:00:00:00:06:02 dst fd18:0:0:2::2" in stale
+    assert "vxnet.1: route fd19:0:0:7::/64 via fd19:0:0:7::" in stale
+
+
+def test_a_dual_stack_peer_over_an_ipv4_only_underlay_has_its_ipv6_entries_on_vxnet():
+    facts = dual_node()
+    assert Neighbour(IPv6Address("fd19:0:0:9::"), OTHER4.vtep_mac) in facts.entries.neighbours
+    assert FdbEntry(OTHER4.vtep_mac, OTHER4.public_ip) in facts.entries.fdb
+    entries = dataclasses.replace(facts.entries, routes=facts.entries.routes - {
+        Route(IPv6Network("fd19:0:0:9::/64"), IPv6Address("fd19:0:0:9::"))})
+    finding = only_failure(dual_node(entries=entries))
+    assert finding.reason == "vxnet.1: missing route fd19:0:0:9::/64 via fd19:0:0:9::"
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(vxlan=VxlanAttrs(1, 8472, IPv6Address("fd18:0:0:1::9"), "ul0", False)),
+     "local fd18:0:0:1::9, the lease's PublicIPv6 is fd18:0:0:1::2"),
+    (dict(mtu=1450), "MTU 1450, expected 1430 (underlay ul0 MTU 1500 - 70)"),
+    (dict(addresses=VTEP_ADDRESSES[:1]), "lacks address fd19:0:0:3::/128"),
+    (dict(addresses=VTEP_ADDRESSES + (IPv6Interface("fd19:0:0:5::/128"),)), "extra addresses fd19:0:0:5::/128"),
+    (dict(vxlan=VxlanAttrs(1, 8472, IPv6Address("fd18:0:0:1::2"), "ul0", True)), "learning is on"),
+])
+def test_each_wrong_attribute_of_the_ipv6_vtep_is_named(change, expected):
+    failed = failures(dual_node(vtep6=dataclasses.replace(dual_node().vtep6, **change)))
+    assert expected in failed["device vxnet6.1"].reason, failed
+
+
+def test_an_ipv6_vtep_whose_mac_is_not_the_leases_backend_v6_data_is_named():
+    facts = dual_node(vtep6=dataclasses.replace(dual_node().vtep6, mac="02:00:00:00:06:99"))
+    failed = failures(facts)
+    assert ("BackendV6Data.VtepMAC 02:00:00:00:06:01 but vxnet6.1 has MAC 02:00:00:00:06:99"
+            in failed["own lease 198.19.3.0/24 + fd19:0:0:3::/64"].reason)
+    assert "persisted VtepMACv6 02:00:00:00:06:01 but vxnet6.1 has 02:00:00:00:06:99" in \
+        failed["state /var/lib/vxlan-net/node.json"].reason
+
+
+def test_a_missing_ipv6_vtep_is_named_when_the_lease_has_a_public_ipv6():
+    failed = failures(dual_node(vtep6=Unavailable("no device named vxnet6.1"),
+                                entries6=Unavailable("no device named vxnet6.1")))
+    assert failed["device vxnet6.1"].reason == "no device named vxnet6.1"
+    assert failed["peer entries"].reason == "not checked: no device named vxnet6.1"
+
+
+def test_a_public_ipv6_no_longer_on_this_node_names_the_ipv6_flag():
+    finding = only_failure(dual_node(node_addresses=frozenset({OWN.public_ip})))
+    assert "PublicIPv6 fd18:0:0:1::2 is not on this node any more" in finding.reason
+    assert "--public-ipv6 <new>" in finding.fix
+
+
+@pytest.mark.parametrize("text, expected", [
+    (SUBNET_FILE.replace("1450", "1430"), "VXLAN_NET_IPV6_NETWORK missing, config says fd19::/56"),
+    (DUAL_FILE.replace("fd19:0:0:3::1/64", "fd19:0:0:5::1/64"),
+     "VXLAN_NET_IPV6_SUBNET fd19:0:0:5::1/64, our lease is fd19:0:0:3::/64"),
+    (DUAL_FILE.replace("VXLAN_NET_IPV6_NETWORK=fd19::/56", "VXLAN_NET_IPV6_NETWORK=fd19::/60"),
+     "VXLAN_NET_IPV6_NETWORK fd19::/60, config says fd19::/56"),
+    (DUAL_FILE.replace("1430", "1450"), "VXLAN_NET_MTU 1450, expected 1430"),
+])
+def test_a_subnet_file_whose_ipv6_part_disagrees_is_named(text, expected):
+    failed = failures(dual_node(subnet_file=text))
+    assert expected in failed["subnet file /run/vxlan-net/subnet.env"].reason, failed
+
+
+def test_a_bridge_without_its_ipv6_gateway_is_named():
+    finding = only_failure(dual_node(bridge=healthy().bridge))
+    assert finding.item == "bridge cni0" and "lacks the gateway address fd19:0:0:3::1/64" in finding.reason
+    assert "`ip addr replace fd19:0:0:3::1/64 dev cni0`" in finding.fix
+
+
+def test_ipv6_forwarding_off_is_named_only_when_the_network_has_ipv6():
+    finding = only_failure(dual_node(ip6_forward=False))
+    assert finding.item == "ipv6 forwarding" and "net.ipv6.conf.all.forwarding=1" in finding.fix
+    assert "ipv6 forwarding" not in {f.item for f in doctor.run_checks(healthy(ip6_forward=False))}
+
+
+V6_ONLY = build_config(None, ipv6_network="fd19::/56")
+OWN_V6 = Lease(IPv6Network("fd19:0:0:3::/64"), None, None, public_ipv6=IPv6Address("fd18:0:0:1::2"),
+               vtep_mac_v6="02:00:00:00:06:01")
+PEER_V6 = Lease(IPv6Network("fd19:0:0:7::/64"), None, None, public_ipv6=IPv6Address("fd18:0:0:2::2"),
+                vtep_mac_v6="02:00:00:00:06:02")
+
+
+def v6_only_node(**changes) -> NodeFacts:
+    """An IPv6-only network over an IPv6-only underlay: vxnet6.1 only, an IPv6-only subnet file, no table ip."""
+    own_address = (IPv6Interface("fd19:0:0:3::/128"),)
+    facts = healthy(
+        config=V6_ONLY, leases={OWN_V6.subnet: OWN_V6, PEER_V6.subnet: PEER_V6},
+        vtep=Unavailable("no device named vxnet.1"), entries=Unavailable("no device named vxnet.1"),
+        vtep6_name="vxnet6.1",
+        vtep6=Link("vxnet6.1", "vxlan", 1430, OWN_V6.vtep_mac_v6, True, own_address,
+                   VxlanAttrs(1, 8472, OWN_V6.public_ipv6, "ul0", False)),
+        entries6=desired_by_vtep([PEER_V6], own_underlays=(6,), own_families=(6,))[6],
+        underlay=Link("ul0", "veth", 1500, "0a:00:00:00:00:01", True, (IPv6Interface("fd18:0:0:1::2/64"),)),
+        nft6=nft_listing("fd19::/56", ip_masq=False, family="ip6", peers=(PEER_V6.public_ipv6,)),
+        ip6_forward=True, subnet_file="VXLAN_NET_IPV6_NETWORK=fd19::/56\nVXLAN_NET_IPV6_SUBNET=fd19:0:0:3::1/64\n"
+                                      "VXLAN_NET_MTU=1430\nVXLAN_NET_IPMASQ=false\n",
+        nft=nft_listing(ip_masq=False),
+        bridge=Link("cni0", "bridge", 1430, "0a:00:00:00:00:02", True, (IPv6Interface("fd19:0:0:3::1/64"),)),
+        state={"VtepMACv6": OWN_V6.vtep_mac_v6, "IPv6Subnet": "fd19:0:0:3::/64"},
+        node_addresses=frozenset({OWN_V6.public_ipv6}))
+    return dataclasses.replace(facts, **changes)
+
+
+def test_an_ipv6_only_node_checks_only_its_ipv6_vtep_and_passes():
+    findings = {f.item: f for f in doctor.run_checks(v6_only_node())}
+    assert all(f.ok for f in findings.values()), [f for f in findings.values() if not f.ok]
+    assert "device vxnet.1" not in findings and "device vxnet6.1" in findings
+    assert findings["peer fd19:0:0:7::/64 at fd18:0:0:2::2"].reason == (
+        "route, neighbour fd19:0:0:7:: and FDB entry 02:00:00:00:06:02 in place")
+    assert findings["subnet file /run/vxlan-net/subnet.env"].reason.startswith(
+        "IPv6 network fd19::/56, IPv6 subnet fd19:0:0:3::1/64, MTU 1430")
+    # The IPv4 ingress filter has nothing to say about peers without a PublicIP.
+    assert "None" not in findings["nftables table ip vxlan-net"].reason
+    assert findings["masquerade"].reason.startswith("no IPv4 pod network")
+    assert findings["nftables table ip6 vxlan-net"].reason == "VXLAN accepted only from the 1 peer nodes' addresses"
+
+
+def test_an_ipv6_only_node_with_an_ipv4_subnet_file_is_named():
+    failed = failures(v6_only_node(subnet_file=SUBNET_FILE.replace("=true", "=false")))
+    finding = failed["subnet file /run/vxlan-net/subnet.env"]
+    assert "VXLAN_NET_NETWORK 198.19.0.0/16, config says the network has no IPv4" in finding.reason
+    assert "VXLAN_NET_IPV6_NETWORK missing" in finding.reason
+
+
+# --- the probe over IPv6 ---
+
+SOURCE6, DEST6 = IPv6Address("fd19:0:0:3::1"), IPv6Address("fd19:0:0:7::2")
+
+
+def test_probe_plan_over_ipv6_takes_the_ipv6_vtep_and_the_peers_public_ipv6():
+    p = doctor.plan_probe(dual_node(), DEST6)
+    assert not isinstance(p, Unavailable), p
+    assert (p.peer, p.source, p.local, p.peer_address, p.peer_subnet) == (
+        PEER6, SOURCE6, OWN6.public_ipv6, PEER6.public_ipv6, IPv6Network("fd19:0:0:7::/64"))
+    # IPv6 pods of a node with an IPv4-only underlay ride vxnet.1: outer IPv4.
+    p = doctor.plan_probe(dual_node(), IPv6Address("fd19:0:0:9::2"))
+    assert (p.local, p.peer_address) == (OWN.public_ip, OTHER4.public_ip)
+
+
+def frame6(outer_dst="fd18:0:0:2::2", inner_src=SOURCE6, inner_dst=DEST6, icmp_type=128, outer_src="fd18:0:0:1::2"):
+    return TunnelFrame(IPv6Address(outer_src), IPv6Address(outer_dst), 1, IPv6Address(inner_src),
+                       IPv6Address(inner_dst), icmp_type)
+
+
+def test_probe_over_ipv6_checks_echo_types_128_and_129_and_the_outer_ipv6_destination():
+    p = doctor.plan_probe(dual_node(), DEST6)
+    reply = frame6(outer_src="fd18:0:0:2::2", outer_dst="fd18:0:0:1::2", inner_src=DEST6, inner_dst=SOURCE6,
+                   icmp_type=129)
+    assert [f.ok for f in doctor.check_probe(p, [frame6(), reply], replied=True)] == [True, True]
+    assert not doctor.check_probe(p, [frame6(icmp_type=8)], replied=False)[0].ok  # an ICMP type, not ICMPv6
+    wrong = doctor.check_probe(p, [frame6(outer_dst="fd18:0:0:3::2")], replied=False)[0]
+    assert "outer destination fd18:0:0:3::2, but fd19:0:0:7::/64 is held by fd18:0:0:2::2" in wrong.reason
+
+
+def test_tunnel_frame_reads_icmpv6_over_an_ipv6_underlay_and_over_an_ipv4_one():
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+
+    inner = (Ether(src="02:00:00:00:06:01", dst="02:00:00:00:06:02") / IPv6(src=str(SOURCE6), dst=str(DEST6))
+             / ICMPv6EchoRequest())
+    over6 = (Ether() / IPv6(src="fd18:0:0:1::2", dst="fd18:0:0:2::2") / UDP(sport=40000, dport=8472)
+             / VXLAN(vni=1, flags=0x08) / inner)
+    assert doctor.tunnel_frame(Ether(bytes(over6)), 8472) == frame6()
+    assert doctor.tunnel_frame(Ether(bytes(over6)), 4789) is None
+    over4 = (Ether() / IP(src="198.18.1.2", dst="198.18.3.2") / UDP(sport=40000, dport=8472)
+             / VXLAN(vni=1, flags=0x08) / inner)
+    assert doctor.tunnel_frame(Ether(bytes(over4)), 8472) == TunnelFrame(
+        IPv4Address("198.18.1.2"), IPv4Address("198.18.3.2"), 1, SOURCE6, DEST6, 128)
+
+
+def test_ipv6_disabled_on_a_vtep_or_the_bridge_is_named_with_the_sysctl_when_the_network_has_ipv6():
+    failed = failures(dual_node(ipv6_disabled=frozenset({"vxnet.1", "cni0"})))
+    assert "IPv6 is disabled on it (net.ipv6.conf.vxnet/1.disable_ipv6=1)" in failed["device vxnet.1"].reason
+    assert failed["device vxnet.1"].fix.startswith("`sysctl -w net.ipv6.conf.vxnet/1.disable_ipv6=0`")
+    assert "net.ipv6.conf.cni0.disable_ipv6=1" in failed["bridge cni0"].reason
+    assert set(failed) == {"device vxnet.1", "bridge cni0"}
+    assert not failures(healthy(ipv6_disabled=frozenset({"vxnet.1", "cni0"})))  # an IPv4 network needs no IPv6
+
+
+def test_the_ip6_table_is_checked_for_ipv6_peers_and_ipv6_masquerade():
+    listing = nft_listing("fd19::/56", family="ip6", peers=())
+    finding = only_failure(dual_node(nft6=listing))
+    assert finding.item == "nftables table ip6 vxlan-net"
+    assert finding.reason == "ingress filter drops VXLAN from peer nodes fd18:0:0:2::2"
+    finding = only_failure(dual_node(nft6=nft_listing("fd19::/56", ip_masq=False, family="ip6",
+                                                      peers=(PEER6.public_ipv6,))))
+    assert finding.item == "ipv6 masquerade"
+    assert finding.reason == "VXLAN_NET_IPMASQ=true but no `ip6 saddr fd19::/56 masquerade` rule"
+    failed = failures(dual_node(nft6=Unavailable("the nftables table ip6 vxlan-net does not exist")))
+    assert set(failed) == {"nftables table ip6 vxlan-net", "ipv6 masquerade"}
+
+
+def test_the_ip6_rules_doctor_expects_are_the_ones_the_agent_renders():
+    """Guards the hand-built ip6 listing: the same rules as firewall.render_ruleset's ip6 table, in order."""
+    text = render_ruleset(IPv4Network("198.19.0.0/16"), True, 8472, [PEER6.public_ipv6],
+                          ipv6_network=IPv6Network("fd19::/56"))
+    ip6 = text[text.index("table ip6 vxlan-net {"):]
+    assert ip6.index("ip6 saddr fd19::/56 ip6 daddr fd19::/56 return") < ip6.index("ip6 daddr ff00::/8 return") \
+        < ip6.index("ip6 saddr fd19::/56 masquerade")
+    assert "udp dport 8472 ip6 saddr != @vxlan_peers counter drop" in ip6
+    assert f"elements = {{ {PEER6.public_ipv6} }}" in ip6
+
+
+def test_a_dual_stack_peer_direct_over_both_families_has_a_direct_route_per_family():
+    routes = SHARED_ROUTES + (MainRoute(IPv6Network("fd18:0:0:2::/64"), None, "ul0", 2, 253),)
+    is_direct = lambda ip: ip in (PEER6.public_ip, PEER6.public_ipv6)  # noqa: E731
+    entries = desired_by_vtep([PEER6, OTHER4], own_underlays=(4, 6), own_families=(4, 6), is_direct=is_direct)
+    findings = {f.item: f for f in doctor.run_checks(dual_node(
+        config=build_config("198.19.0.0/16", ipv6_network="fd19::/56", direct_routing=True), main_routes=routes,
+        entries=entries[4], entries6=entries[6]))}
+    assert all(f.ok for f in findings.values()), [f for f in findings.values() if not f.ok]
+    assert findings["peer 198.19.7.0/24 + fd19:0:0:7::/64 at 198.18.2.2, fd18:0:0:2::2 (direct)"].reason == (
+        "route via 198.18.2.2, fd18:0:0:2::2 dev ul0 in place, no tunnel entries needed")
+    # Only IPv4 reaches it directly: the IPv6 pods go through vxnet6.1.
+    mixed = desired_by_vtep([PEER6, OTHER4], own_underlays=(4, 6), own_families=(4, 6),
+                            is_direct=lambda ip: ip == PEER6.public_ip)
+    findings = {f.item: f for f in doctor.run_checks(dual_node(
+        config=build_config("198.19.0.0/16", ipv6_network="fd19::/56", direct_routing=True),
+        main_routes=SHARED_ROUTES, entries=mixed[4], entries6=mixed[6]))}
+    assert all(f.ok for f in findings.values()), [f for f in findings.values() if not f.ok]
+    assert findings["peer 198.19.7.0/24 + fd19:0:0:7::/64 at 198.18.2.2, fd18:0:0:2::2 (4:direct 6:tunnelled)"] \
+        .reason == ("route, neighbour fd19:0:0:7:: and FDB entry 02:00:00:00:06:02 on vxnet6.1; "
+                    "direct route 198.19.7.0/24 in place")
+
+
+def test_etcd_unavailable_on_an_ipv6_only_node_still_checks_its_ipv6_data_plane_from_the_subnet_file():
+    down = Unavailable("etcd unavailable: connection refused")
+    findings = {f.item: f for f in doctor.run_checks(v6_only_node(config=down, leases=Unavailable("not read")))}
+    assert {item for item, f in findings.items() if not f.ok} == {"config", "own lease", "peer entries"}
+    assert "device vxnet.1" not in findings and "local fd18:0:0:1::2" in findings["device vxnet6.1"].reason
+    assert findings["masquerade"].reason.startswith("no IPv4 pod network")
+    assert {"ipv6 masquerade", "nftables table ip6 vxlan-net", "ipv6 forwarding"} <= set(findings)

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_set.add_argument("--mtu", type=int, default=_int_env("mtu", None))
     config_set.add_argument("--direct-routing", action="store_true", default=False,
                             help="route to nodes on this node's L2 segment without the tunnel (Backend.DirectRouting)")
+    config_set.add_argument("--ipv6-network", default=env_default("ipv6-network"),
+                            help="IPv6 pod network CIDR (EnableIPv6, IPv6Network), e.g. fd19::/56")
+    config_set.add_argument("--ipv6-subnet-len", type=int, default=_int_env("ipv6-subnet-len", None))
+    config_set.add_argument("--ipv6-subnet-min", default=env_default("ipv6-subnet-min"))
+    config_set.add_argument("--ipv6-subnet-max", default=env_default("ipv6-subnet-max"))
+    config_set.add_argument("--no-ipv4", action="store_true", default=None,
+                            help="an IPv6-only network (EnableIPv4 false): needs --ipv6-network, refuses --network "
+                                 "(env VXLAN_NET_NO_IPV4=true)")
     config_get = config_cmds.add_parser("get", help="print <prefix>/config")
     _add_etcd_flags(config_get)
 
@@ -162,10 +170,18 @@ def _store(args, **options):
 def _config_set(args) -> int:
     from vxlan_net.core.config import build_config
 
-    if not args.network:
-        raise UsageError("--network is required")
-    config = build_config(args.network, args.subnet_len, args.subnet_min, args.subnet_max, args.vni, args.port,
-                          args.mtu, args.direct_routing)
+    no_ipv4 = args.no_ipv4 if args.no_ipv4 is not None else env_bool("no-ipv4")
+    if no_ipv4:
+        if not args.ipv6_network:
+            raise UsageError("--no-ipv4 needs --ipv6-network: a network without IPv4 is IPv6-only")
+        if args.network:  # two flags that contradict each other: refuse rather than pick one
+            raise UsageError("--no-ipv4 and --network contradict each other: drop one")
+    elif not args.network:
+        raise UsageError("--network is required (or --no-ipv4 with --ipv6-network for an IPv6-only network)")
+    config = build_config(None if no_ipv4 else args.network, args.subnet_len, args.subnet_min, args.subnet_max,
+                          args.vni, args.port, args.mtu, args.direct_routing,
+                          ipv6_network=args.ipv6_network or None, ipv6_subnet_len=args.ipv6_subnet_len,
+                          ipv6_subnet_min=args.ipv6_subnet_min or None, ipv6_subnet_max=args.ipv6_subnet_max or None)
     with _store(args) as store:
         store.put_config(config.to_json())
     print(config.to_json())
@@ -254,15 +270,15 @@ def _agent(args) -> int:
 
 
 def _status(args) -> int:
-    from vxlan_net.doors import kernel
-    from vxlan_net.core.names import vtep_name
     from vxlan_net.core.config import parse_config
-    from vxlan_net.core.desired import desired_entries
+    from vxlan_net.core.desired import OverlayEntries, desired_by_vtep
+    from vxlan_net.core.direct import DirectReach
     from vxlan_net.core.lease_book import LeaseBook
-    from vxlan_net.core.lease import subnet_key_name
-    from vxlan_net.tools.status import describe_drift, own_address_line, render_lease_table, skipped_lines
+    from vxlan_net.core.names import vtep_name
     from vxlan_net.core.underlay import underlay_addresses
-    from vxlan_net.core.direct import DirectReach, mode_of
+    from vxlan_net.doors import kernel
+    from vxlan_net.tools.status import (describe_drift, lease_mode, own_address_line, own_lease_of,
+                                        render_lease_table, skipped_lines)
 
     with _store(args) as store:
         config = parse_config(_read_config(store, args))
@@ -271,38 +287,56 @@ def _status(args) -> int:
     book = LeaseBook(config)
     book.replace(snapshot.events())
     ttls = {name: record.ttl_remaining for name, record in snapshot.records.items()}
-    rows = [(lease, ttls.get(subnet_key_name(lease.subnet))) for lease in book.valid_leases()]
-    device = vtep_name(config.vni)
-    own = underlay = reach = local = None
-    if kernel.link_exists(device):
-        own_gateway = kernel.interface_address(device)
-        own = next((lease for lease in book.valid_leases() if lease.subnet.network_address == own_gateway), None)
-        vxlan = kernel.link_info(device)["vxlan"] or {}
-        underlay, local = vxlan.get("underlay"), vxlan.get("local")
+    rows = [(lease, ttls.get(lease.key_name)) for lease in book.valid_leases()]
+    pod_families = [space.version for space in config.spaces]
+    # This node's VTEPs, one per underlay family it has: {family: link_info}.
+    vteps = {family: kernel.link_info(vtep_name(config.vni, family)) for family in (4, 6)
+             if kernel.link_exists(vtep_name(config.vni, family))}
+    held = [ip_interface(a).ip for info in vteps.values() for a in (*info["addresses"], *info["ipv6_addresses"])]
+    own = own_lease_of(book.valid_leases(), held)
+    underlay = next(((info["vxlan"] or {}).get("underlay") for info in vteps.values()), None)
+    reach = None
     if own is not None:  # skip what this node's agent skips
         book.set_own(own)
-        routes = kernel.main_table_routes()
-        book.set_protected(underlay_addresses(etcd_addresses, kernel.node_addresses(), routes, config, device))
+        families = (4, 6) if config.ipv6 is not None or 6 in vteps else (4,)  # what the agent reads
+        routes = [r for family in families for r in kernel.main_table_routes(family=family)]
+        addresses = [a for family in families for a in kernel.node_addresses(family=family)]
+        book.set_protected(underlay_addresses(etcd_addresses, addresses, routes, config,
+                                              [vtep_name(config.vni, f) for f in (4, 6)]))
         if config.direct_routing and underlay:  # decided as the agent decides
             reach = DirectReach.from_routes(routes, underlay)
     modes = None
     if own is not None:
-        modes = {lease.subnet: mode_of(reach, lease.public_ip) for lease in book.peers()}
-    print(render_lease_table(rows, own.subnet if own else None, modes))
+        modes = {lease.subnet: lease_mode(reach, lease, pod_families) for lease in book.peers()}
+    ipv6 = config.ipv6 is not None or any(lease.public_ipv6 for lease, _ in rows)
+    print(render_lease_table(rows, own.subnet if own else None, modes, ipv6=ipv6))
     for line in skipped_lines(book.skipped()):
         print(line)
     print(f"direct routing: {'on' if config.direct_routing else 'off'}")
     if own is None:
-        print(f"this node: no {device} device here (not a node, or the agent has not started)")
+        names = " or ".join(vtep_name(config.vni, f) for f in (4, 6))
+        why = "holds no lease's subnet address" if vteps else "here"
+        print(f"this node: no {names} device {why} (not a node, or the agent has not started)")
         return 0
-    node_ips = {a.interface.ip for a in kernel.node_addresses()}
-    print(own_address_line(own.public_ip, IPv4Address(local) if local else None, underlay, node_ips))
+    for family, info in vteps.items():
+        node_ips = {a.interface.ip for a in kernel.node_addresses(family=family)}
+        local = (info["vxlan"] or {}).get("local")
+        print(own_address_line(own.endpoint(family)[0] if own.endpoint(family) else None,
+                               ip_address(local) if local else None, (info["vxlan"] or {}).get("underlay"),
+                               node_ips, "public IP" if family == 4 else "public IPv6"))
     peers = book.peers()
-    drift = describe_drift(desired_entries(peers, reach.is_direct if reach else None),
-                           kernel.read_overlay_entries(device, underlay=underlay))
+    desired = desired_by_vtep(peers, own_underlays=tuple(vteps), own_families=pod_families,
+                              is_direct=reach.is_direct if reach else None)
+    drift = []
+    for i, family in enumerate(vteps):  # direct routes are read beside the first VTEP's entries, as written
+        name = vtep_name(config.vni, family)
+        lines = describe_drift(desired.get(family, OverlayEntries()),
+                               kernel.read_overlay_entries(name, underlay=underlay if i == 0 else None))
+        drift += [f"{name}: {line}" for line in lines] if len(vteps) > 1 else lines
+    subnets = " + ".join(map(str, own.subnets))
     if not drift:
-        print(f"this node ({own.subnet}): kernel entries match {len(peers)} peer{'' if len(peers) == 1 else 's'}")
+        print(f"this node ({subnets}): kernel entries match {len(peers)} peer{'' if len(peers) == 1 else 's'}")
         return 0
-    print(f"this node ({own.subnet}): kernel entries differ from the leases:")
+    print(f"this node ({subnets}): kernel entries differ from the leases:")
     print("\n".join(f"  {line}" for line in drift))
     return 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 
 
@@ -21,8 +21,8 @@ def register(subparsers, add_etcd_flags) -> None:
     parser.add_argument("--iface", default=env_default("iface"),
                         help="underlay interface (default: the one the VXLAN device sits on)")
     parser.add_argument("--probe", metavar="DEST_POD_IP",
-                        help="send an echo request to this pod IP from the bridge address and confirm, on the "
-                             "underlay, that it leaves for the right node with our VNI and unchanged addresses")
+                        help="send an echo request to this pod IP (IPv4 or IPv6) from the bridge address and confirm, "
+                             "on the underlay, that it leaves for the right node with our VNI and unchanged addresses")
     parser.add_argument("--probe-timeout", type=float, default=3.0, help="seconds to wait for the probe's frames")
     parser.add_argument("--json", action="store_true", help="print the findings as one JSON document")
     parser.add_argument("--node", metavar="NETNS",
@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
     dest = None
     if args.probe is not None:
         try:
-            dest = IPv4Address(args.probe)
+            dest = ip_address(args.probe)
         except ValueError:
-            raise UsageError(f"--probe {args.probe!r} is not an IPv4 address") from None
+            raise UsageError(f"--probe {args.probe!r} is not an IP address") from None
     if not 0 < args.probe_timeout <= 60:
         raise UsageError(f"--probe-timeout {args.probe_timeout} must be in (0, 60]")
     options = doctor.DoctorOptions(
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(f.ok for f in findings) else 1
 
 
-def _probe(doctor, facts, dest: IPv4Address, timeout: float) -> list:
+def _probe(doctor, facts, dest, timeout: float) -> list:
     plan = doctor.plan_probe(facts, dest)
     if isinstance(plan, doctor.Unavailable):
         return [doctor.Finding(False, f"probe -> {dest}", f"cannot probe: {plan.reason}",
