@@ -20,7 +20,9 @@ def test_demo_shows_a_working_cluster_and_cleans_up():
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     out = done.stdout
-    assert "all 12 pod pairs reach each other" in out
+    # the default cluster is dual-stack: a full ping matrix for each family
+    assert "all 12 pod pairs reach each other over IPv4" in out and "all 12 pod pairs reach each other over IPv6" in out
+    assert "IPv6: pinging every pod from every pod (ping -6" in out and "VXLAN_NET_IPV6_SUBNET=fd19:" in out
     assert "kernel entries match 1 peer" in out
     assert " vni 1 | " in out and "icmp echo-request" in out  # the frame decoded by inspect
     assert "checks, all OK" in out and "doctor: every check holds" in out
@@ -33,4 +35,5 @@ def test_demo_with_three_nodes_routes_the_shared_segment_directly_and_tunnels_th
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     modes = [line.split(": ")[-1] for line in done.stdout.splitlines() if " -> vxl-" in line]
     assert sorted(modes) == ["VXLAN tunnel"] * 4 + ["direct"] * 2, done.stdout
-    assert "all 6 pod pairs reach each other" in done.stdout and "doctor: every check holds" in done.stdout
+    assert all(f"all 6 pod pairs reach each other over IPv{f}" in done.stdout for f in (4, 6)), done.stdout
+    assert "doctor: every check holds" in done.stdout
