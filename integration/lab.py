@@ -810,13 +810,15 @@ def _main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--pods-per-node", type=int, default=0)
     parser.add_argument("--no-etcd", action="store_true")
+    parser.add_argument("--underlay", choices=UNDERLAYS, default="v4")
     parser.add_argument("--hold", type=float, default=0.0, help="seconds to keep it up")
     args = parser.parse_args()
-    with Lab(args.nodes, args.pods_per_node, etcd=not args.no_etcd) as lab:
+    with Lab(args.nodes, args.pods_per_node, etcd=not args.no_etcd, underlay=args.underlay) as lab:
         print(f"lab {lab.tag}: router {lab.router.name}, etcd {lab.etcd_url}, "
-              f"outside {lab.outside.public_ip}")
+              f"outside {lab.outside.public_ip or lab.outside.public_ipv6}")
         for node in lab.nodes:
-            print(f"  {node.name}: {node.public_ip} dev {node.underlay_ifname}")
+            addresses = " ".join(a for a in (node.public_ip, node.public_ipv6) if a)
+            print(f"  {node.name}: {addresses} dev {node.underlay_ifname}")
         for pod in lab.pods.values():
             print(f"  {pod.name}: {pod.interface} on {pod.node.name}")
         time.sleep(max(0.0, min(args.hold, 3600.0)))

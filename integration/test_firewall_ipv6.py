@@ -151,22 +151,41 @@ def test_ipv6_going_away_deletes_the_ip6_table_and_its_peers(dual):
     assert "elem" not in peer_set(node, "ip6"), "no IPv6 peer yet: VXLAN over IPv6 dropped from everyone"
 
 
+def _arrives(lab, node, sender) -> bool:
+    """Whether VXLAN over IPv6 that `sender` sends to `node`'s VXLAN port comes out of its VTEP6."""
+    mac = node.ip_json("link", "show", "dev", VTEP6)[0]["address"]
+    capture = lab.capture(node, iface=VTEP6, bpf="icmp and icmp[4:2] == 0x6161", count=1, timeout=3)
+    sender.run(sys.executable, "-c", INJECT6, node.underlay_ipv6, mac, check=True)
+    return bool(capture.wait().packets())
+
+
 def test_vxlan_over_ipv6_from_a_non_peer_is_dropped_and_from_a_peer_reaches_the_vtep(dual):
     node, peer = dual.nodes
     node.ip_batch([f"link add {VTEP6} type vxlan id 1 local {node.underlay_ipv6} dstport {PORT} nolearning",
                    f"link set {VTEP6} up"])
-    mac = node.ip_json("link", "show", "dev", VTEP6)[0]["address"]
     apply(node, peers=f"['{peer.underlay_ipv6}']", underlay6=True)
 
-    def arrives(sender) -> bool:
-        capture = dual.capture(node, iface=VTEP6, bpf="icmp and icmp[4:2] == 0x6161", count=1, timeout=3)
-        sender.run(sys.executable, "-c", INJECT6, node.underlay_ipv6, mac, check=True)
-        return bool(capture.wait().packets())
+    assert not _arrives(dual, node, dual.outside)
+    assert drop_counter(node) == 3
+    assert _arrives(dual, node, peer)
+    assert drop_counter(node) == 3
 
-    assert not arrives(dual.outside)
+
+def test_agents_of_an_ipv6_only_cluster_filter_vxlan_over_ipv6_by_their_peers(lab):
+    from vxlan_net.core.config import build_config
+
+    cluster = lab(nodes=2, underlay="v6")
+    node, peer = cluster.nodes
+    cluster.etcdctl("put", "/vxlan-net/config", build_config(None, ipv6_network=POD6).to_json())
+    for one in cluster.nodes:
+        cluster.start_agent(one)
+    cluster.wait_for(lambda: table(node, "ip6") is not None and peer_set(node, "ip6").get("elem") == [
+        peer.underlay_ipv6], timeout=15, message="the peer's IPv6 address never reached the ip6 set")
+    assert "elem" not in peer_set(node, "ip"), "no IPv4 peers in an IPv6-only cluster"
+
+    assert not _arrives(cluster, node, cluster.outside)
     assert drop_counter(node) == 3
-    assert arrives(peer)
-    assert drop_counter(node) == 3
+    assert _arrives(cluster, node, peer)
 
 
 def test_an_ipv6_pod_is_masqueraded_and_forwarded_under_a_drop_policy(dual):
@@ -209,3 +228,51 @@ def test_the_ipv6_underlay_vtep_gets_its_own_overlay_rule_in_both_families(dual)
                    if "rule" in i and "overlay to pods" in i["rule"]["comment"]]
         assert [[e["match"]["right"] for e in expr if "match" in e] for expr in overlay] == \
             [[VTEP, BRIDGE], [VTEP6, BRIDGE]], family
+
+
+def test_an_agent_with_a_dual_stack_config_installs_both_tables(lab):
+    """The agent wiring: config.ipv4_network to the ip table, config.ipv6_network to the ip6 one, and the
+    same FORWARD rules in ip6 filter FORWARD (drop policy there before the agent starts)."""
+    from integration.cluster import LAB_SUBNET_MAX, start_agents
+    from vxlan_net.core.config import build_config
+
+    cluster = lab(nodes=1)
+    node = cluster.nodes[0]
+    node.run("nft", "-f", "-", input=DROP_POLICY6, check=True)
+    config = build_config("198.19.0.0/16", subnet_max=LAB_SUBNET_MAX, ipv6_network=POD6)
+    cluster.etcdctl("put", "/vxlan-net/config", config.to_json())
+    start_agents(cluster, [node], "--ip-masq")
+
+    cluster.wait_for(lambda: table(node, "ip6") is not None, timeout=10, message="no table ip6 vxlan-net")
+    masq = json.dumps(rules(table(node, "ip6"))["postrouting"])
+    assert '"fd19::"' in masq and '"len": 56' in masq and '"ff00::"' in masq
+    assert "fd19" not in json.dumps(table(node, "ip")), "the IPv4 table holds the IPv4 network only"
+    assert '"198.19.0.0"' in json.dumps(rules(table(node, "ip"))["postrouting"])
+    forward = json.loads(node.run("nft", "-j", "list", "chain", "ip6", "filter", "FORWARD", check=True).stdout)
+    assert sum("vxlan-net" in i["rule"].get("comment", "") for i in forward["nftables"] if "rule" in i) == 4
+
+
+SEND_UDP6 = """
+import socket, sys
+with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+    for _ in range(3):
+        sock.sendto(b"laundered?", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_an_ipv6_pod_cannot_launder_udp_to_the_vxlan_port_through_masquerade(dual):
+    node = dual.nodes[0]
+    pod = dual.add_pod(node, "p6", None, None, ipv6="fd19:0:0:1::2/64", gateway6="fd19:0:0:1::1")
+    apply(node)
+
+    def arrives(port: int) -> list:
+        capture = dual.capture(dual.outside, iface="ul0", bpf=f"udp dst port {port}", count=1, timeout=3)
+        pod.run(sys.executable, "-c", SEND_UDP6, dual.outside.public_ipv6, port, check=True)
+        return capture.wait().packets()
+
+    assert arrives(PORT) == []
+    [drop] = [i["rule"] for i in table(node, "ip6")
+              if "rule" in i and i["rule"].get("comment") == "vxlan-net: pod traffic to the VXLAN port"]
+    assert next(e["counter"]["packets"] for e in drop["expr"] if "counter" in e) >= 1
+    control = arrives(PORT + 1)
+    assert [p["IPv6"].src for p in control] == [node.underlay_ipv6], "another port: masqueraded and delivered"

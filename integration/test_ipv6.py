@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from integration.cluster import DUAL_STACK_CONFIG as DUAL_CONFIG
-from integration.cluster import (PingStream, fdb, neighbours, node_subnets, overlay_routes6, put_config, start_agents,
-                                 wait_converged)
+from integration.cluster import (PingStream, direct_routes, fdb, neighbours, node_subnets, overlay_routes6, put_config,
+                                 start_agents, wait_converged)
 from integration.lab import Lab, Pod
 
 pytestmark = pytest.mark.root
@@ -213,3 +213,23 @@ def test_ipv6_entries_heal_follow_restarts_new_macs_and_leaves_and_garbage_is_sk
                if k.endswith(subnet6.compressed.replace("/", "-")))
     lab.etcdctl("del", key)
     lab.wait_for(lambda: v6_entries(node) == ({}, {}, {}), timeout=10, message=f"left: {v6_entries(node)}")
+
+
+def test_ipv6_direct_routing_on_a_shared_segment_and_the_tunnel_across_the_router(lab):
+    lab = lab(nodes=3, underlay="dual", shared_segments=[(1, 2)])
+    nodes = cluster(lab, {**DUAL_CONFIG, "Backend": {"Type": "vxlan", "VNI": 1, "DirectRouting": True}})
+    n1, n2, n3 = nodes
+    s2 = node_subnets(n2)
+    lab.wait_for(lambda: direct_routes(n1) == {str(s2[0]): n2.public_ip, str(s2[1]): n2.public_ipv6},
+                 timeout=10, message=f"direct routes: {direct_routes(n1)}")
+    assert direct_routes(n3) == {}
+    assert str(node_subnets(n3)[1]) in overlay_routes6(n1)  # across the router: the IPv6 tunnel
+    pods = pods_on(lab, nodes)
+    assert unreachable_pairs(pods, 6) == [] and unreachable_pairs(pods, 4) == []
+    # Direct IPv6 pod packets cross the segment unencapsulated, addresses unchanged.
+    a, b = pods[0], pods[1]
+    capture = lab.capture(n2, iface=n2.underlay_ifname, bpf="ip6 and icmp6", count=2, timeout=10)
+    assert a.ping6(str(b.interface6.ip), count=2, timeout=3)
+    capture.wait()
+    assert any(p["IPv6"].src == str(a.interface6.ip) and p["IPv6"].dst == str(b.interface6.ip)
+               for p in capture.packets() if p.haslayer("IPv6")), capture.lines()

@@ -132,9 +132,11 @@ def test_unreachable_etcd_is_a_clear_error_not_a_traceback():
 
 def test_bad_agent_flags_exit_2_before_touching_anything():
     for flags in (["--public-ip", "nope"], ["--subnet-lease-ttl", "1"], ["--resync-interval", "0"],
-                  ["--cni-bridge", "a/b"], ["--cni-bridge", "x" * 16]):
+                  ["--cni-bridge", "a/b"], ["--cni-bridge", "x" * 16], ["--public-ip", "127.0.0.1"],
+                  ["--public-ipv6", "198.18.1.2"], ["--public-ipv6", "fe80::1"], ["--public-ipv6", "ff02::1"]):
         result = vxlan_net("agent", "--etcd-endpoints", "http://127.0.0.1:9", *flags)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert flags[0] in result.stderr, result.stderr
     assert vxlan_net("agent", env={"VXLAN_NET_IP_MASQ": "maybe"}).returncode == 2
 
 

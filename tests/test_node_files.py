@@ -32,3 +32,23 @@ def test_corrupt_state_file_gets_a_fresh_mac_instead_of_a_crash(tmp_path):
     (tmp_path / "node.json").write_text("{garbage")
     assert len(NodeState(tmp_path).vtep_mac()) == 17
     assert remembered_subnet(tmp_path / "missing.env") is None
+
+
+def test_the_subnet_file_remembers_each_family_and_the_state_dir_both_subnets(tmp_path):
+    from ipaddress import IPv6Network
+
+    from cni.subnet_file import write
+    from vxlan_net.doors.state import remembered_subnet
+
+    path = tmp_path / "subnet.env"
+    write(path, "198.19.0.0/16", "198.19.4.0/24", 1430, False, ipv6_network="fd19::/56", ipv6_subnet="fd19:0:0:4::/64")
+    assert remembered_subnet(path) == IPv4Network("198.19.4.0/24")
+    assert remembered_subnet(path, 6) == IPv6Network("fd19:0:0:4::/64")
+    write(path, None, None, 1430, False, ipv6_network="fd19::/56", ipv6_subnet="fd19:0:0:5::/64")
+    assert remembered_subnet(path) is None and remembered_subnet(path, 6) == IPv6Network("fd19:0:0:5::/64")
+    path.write_text("VXLAN_NET_IPV6_NETWORK=fd19::/56\nVXLAN_NET_IPV6_SUBNET=nonsense\n")
+    assert remembered_subnet(path, 6) is None  # a damaged file remembers nothing
+    state = NodeState(tmp_path)
+    state.remember_subnet(IPv4Network("198.19.4.0/24"), IPv6Network("fd19:0:0:4::/64"))
+    assert state.last_subnet() == IPv4Network("198.19.4.0/24") and state.last_subnet(6) == IPv6Network("fd19:0:0:4::/64")
+    assert state.vtep_mac(6) != state.vtep_mac(4) and state.vtep_mac(6) == NodeState(tmp_path).vtep_mac(6)

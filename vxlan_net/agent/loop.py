@@ -273,8 +273,9 @@ class Agent:
         primary = self.config.primary.version
         held = self.keeper.lease
         remembered = (held.subnet if held else None) or self.node_state.last_subnet(primary) \
-            or (remembered_subnet(self.options.subnet_file) if primary == 4 else None)
-        remembered_v6 = (held.ipv6_subnet if held else None) or self.node_state.last_subnet(6)
+            or remembered_subnet(self.options.subnet_file, primary)
+        remembered_v6 = (held.ipv6_subnet if held else None) or self.node_state.last_subnet(6) \
+            or remembered_subnet(self.options.subnet_file, 6)
         # Read at every acquire: our subnet must not cover an address or connected route of the node,
         # nor an etcd endpoint (every other node would skip it, as it would capture their etcd).
         addresses, routes = self._node_addresses(), self._main_table_routes()

@@ -10,7 +10,7 @@ from typing import Optional
 
 from cni import subnet_file
 from cni.atomic_file import write_atomically
-from cni.config import format_mac, random_mac
+from cni.config import addr_text, format_mac, random_mac
 
 from vxlan_net.core.errors import InvalidLease
 from vxlan_net.core.families import IPNetwork
@@ -65,10 +65,14 @@ class NodeState:
             self._store(**wanted)
 
 
-def remembered_subnet(path: Path) -> Optional[IPv4Network]:
-    """The node subnet recorded in an existing subnet file, if it is there, readable and valid."""
+def remembered_subnet(path: Path, version: int = 4) -> Optional[IPNetwork]:
+    """The node subnet of that family recorded in an existing subnet file, if it is there, readable and valid."""
     try:
         node = subnet_file.parse(Path(path).read_text())
     except (OSError, UnicodeError, ValueError):
         return None
-    return IPv4Network((node.subnet, node.prefix))
+    if version == 4:
+        return None if node.subnet is None else IPv4Network((node.subnet, node.prefix))
+    if node.ipv6_subnet is None:
+        return None
+    return ipaddress.ip_network((addr_text(node.ipv6_subnet), node.ipv6_prefix))

@@ -62,10 +62,13 @@ def _inspect(args: argparse.Namespace) -> int:
     port = args.port or (config.port if config else frames.DEFAULT_PORT)
     context = frames.InspectContext.from_leases(
         leases, port=port, vni=args.vni if args.vni is not None else (config.vni if config else None),
-        pod_network=config.network if config else None,
+        pod_network=config.ipv4_network if config else None,
+        pod_network6=config.ipv6_network if config else None,
         path_mtu=args.path_mtu or (_iface_mtu(args.iface) if args.iface and not args.read else None))
     # With direct routing, pod packets between nodes of one segment cross the underlay unencapsulated.
-    bpf = frames.capture_bpf(frame_filter, port, config.network if config and config.direct_routing else None)
+    direct = config is not None and config.direct_routing
+    bpf = frames.capture_bpf(frame_filter, port, config.ipv4_network if direct else None,
+                             config.ipv6_network if direct else None)
     printer = _Printer(args, context, frame_filter)
     try:
         _sniff(args, bpf if (not args.read or frame_filter.kind == "bpf") else None, printer)
@@ -159,7 +162,8 @@ def _cluster(args: argparse.Namespace) -> tuple[Any, list]:
     book = LeaseBook(config)
     book.replace(snapshot.events())
     leases = book.peers()
-    print(f"vxlan-net inspect: VNI {config.vni}, port {config.port}, pod network {config.network}, "
+    networks = " and ".join(str(space.network) for space in config.spaces)
+    print(f"vxlan-net inspect: VNI {config.vni}, port {config.port}, pod network {networks}, "
           f"{len(leases)} nodes known from etcd", file=sys.stderr)
     for line in skipped_lines(book.skipped()):
         print(f"vxlan-net inspect: {line}", file=sys.stderr)
