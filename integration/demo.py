@@ -62,15 +62,15 @@ def connectivity_matrix(pods, family: int = 4) -> tuple[str, int]:
     return "\n".join(lines), failures
 
 
-def inspect_one_frame(lab: Lab, src, dst) -> str:
-    """Start `vxlan-net inspect --count 1` on the source's node, ping once, return its line."""
-    node = src.node
+def inspect_one_frame(lab: Lab, src, dst, family: int = 4) -> str:
+    """Start `vxlan-net inspect --count 1` on the source's node, ping once (over IPv`family`), return its line."""
+    node, address = src.node, dst.ip6 if family == 6 else dst.ip
     capture = node.popen(lab.agent_exe, "inspect", "--iface", "ul0", "--count", "1", "--timeout", "20",
-                         "--filter", f"pod {dst.ip}", "--etcd-endpoints", lab.etcd_url,
+                         "--filter", f"pod {address}", "--etcd-endpoints", lab.etcd_url,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = ""
     for _ in range(30):  # bounded: the capture needs a moment to start (scapy import); ping until it reports
-        src.ping(dst.ip, count=1, timeout=1)
+        src.ping(address, count=1, timeout=1)
         if capture.poll() is not None:
             break
         time.sleep(0.5)
@@ -140,9 +140,10 @@ def run(args) -> int:
         remote = next((p for p in pods if p.node is not pods[0].node and str(node_subnet(p.node)) in tunnelled),
                       None)
         if remote is not None:
-            with Step(f"one VXLAN frame on node 1's underlay, decoded by `vxlan-net inspect` "
-                      f"({pods[0].pod_name} -> {remote.pod_name})"):
-                print("    " + inspect_one_frame(lab, pods[0], remote))
+            with Step(f"one VXLAN frame per family on node 1's underlay, decoded by `vxlan-net inspect` "
+                      f"({pods[0].pod_name} -> {remote.pod_name}: ping over vxnet.1, ping -6 over vxnet6.1)"):
+                for family in (4, 6):
+                    print("    " + inspect_one_frame(lab, pods[0], remote, family))
         with Step("vxlan-net doctor on node 1" + (f" (with --probe {remote.ip})" if remote else "")):
             doctor = lab.nodes[0].run(lab.agent_exe, "doctor", "--etcd-endpoints", lab.etcd_url,
                                       "--subnet-file", str(lab.nodes[0].subnet_file),

@@ -24,7 +24,8 @@ def test_demo_shows_a_working_cluster_and_cleans_up():
     assert "all 12 pod pairs reach each other over IPv4" in out and "all 12 pod pairs reach each other over IPv6" in out
     assert "IPv6: pinging every pod from every pod (ping -6" in out and "VXLAN_NET_IPV6_SUBNET=fd19:" in out
     assert "kernel entries match 1 peer" in out
-    assert " vni 1 | " in out and "icmp echo-request" in out  # the frame decoded by inspect
+    assert " vni 1 | " in out and "icmp echo-request" in out  # the frames decoded by inspect: IPv4 ...
+    assert "> fd18:0:0:2::2[" in out and "icmp6 echo-request" in out  # ... and IPv6 over the IPv6 underlay
     assert "checks, all OK" in out and "doctor: every check holds" in out
     assert set(list_namespaces()) <= before, "the demo left namespaces behind"
 
