@@ -220,12 +220,14 @@ def report(family: Family, gbits: dict[str, list[float]], rtts: dict[str, list[f
     # IPv4's metric names are kept as they were (earlier runs' tables stay comparable); IPv6's say so
     tag = "" if family.version == 4 else f"{family.label} "
     print(f"\n{family.label}: TCP (iperf3 -t {SECONDS}, alternating runs, median) and ping RTT ({PINGS} x 10 ms apart)")
-    print(f"{'path':43} {'Gbit/s':>7}  {'runs':26} {'RTT min':>8} {'avg':>6} {'p99 ms':>7}")
+    runs_of = {name: ", ".join(f"{g:.2f}" for g in gbits[name]) for name in PATHS}
+    width = max(26, *map(len, runs_of.values()))  # BENCH_ROUNDS=8 still lines up
+    print(f"{'path':43} {'Gbit/s':>7}  {'runs':{width}} {'RTT min':>8} {'avg':>6} {'p99 ms':>7}")
     medians = {name: statistics.median(runs) for name, runs in gbits.items()}
     for name in PATHS:
-        runs = ", ".join(f"{g:.2f}" for g in gbits[name])
+        runs = runs_of[name]
         rtt = rtts[name]
-        print(f"{labels[name]:43} {medians[name]:7.2f}  {runs:26} {min(rtt):8.3f} {statistics.mean(rtt):6.3f} "
+        print(f"{labels[name]:43} {medians[name]:7.2f}  {runs:{width}} {min(rtt):8.3f} {statistics.mean(rtt):6.3f} "
               f"{p99(rtt):7.3f}")
         result(f"{tag}{name} TCP Gbit/s (median) | RTT min/avg/p99 ms", f"{medians[name]:.2f} | {min(rtt):.3f}/"
                f"{statistics.mean(rtt):.3f}/{p99(rtt):.3f}")
