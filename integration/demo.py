@@ -149,7 +149,7 @@ def run(args) -> int:
                                       "--subnet-file", str(lab.nodes[0].subnet_file),
                                       "--state-dir", str(lab.nodes[0].state_dir),
                                       *(["--probe", remote.ip] if remote else []), timeout=60)
-            print("\n".join("    " + line for line in doctor.stdout.splitlines()))
+            print("\n".join("    " + line for line in (doctor.stdout + doctor.stderr[-2000:]).splitlines()))
         pairs = len(pods) * (len(pods) - 1)
         for family, failed in failures.items():
             print(f"{OK} all {pairs} pod pairs reach each other over IPv{family}" if not failed else
