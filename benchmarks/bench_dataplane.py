@@ -83,7 +83,8 @@ def program_by_hand(nodes: list[Node], ipv6: bool = False) -> None:
         network = subnet.split("/")[0]
         lines = [f"VXLAN_NET_NETWORK=198.19.0.0/16\nVXLAN_NET_SUBNET={network[:-1]}1/24\n"]
         if ipv6:
-            lines.append(f"VXLAN_NET_IPV6_NETWORK=fd19::/56\nVXLAN_NET_IPV6_SUBNET={HAND_SUBNETS6[node.index][:-3]}1/64\n")
+            gateway6 = ipaddress.ip_network(HAND_SUBNETS6[node.index]).network_address + 1
+            lines.append(f"VXLAN_NET_IPV6_NETWORK=fd19::/56\nVXLAN_NET_IPV6_SUBNET={gateway6}/64\n")
         lines.append(f"VXLAN_NET_MTU={MTU6 if ipv6 else MTU}\nVXLAN_NET_IPMASQ=false\n")
         node.subnet_file.write_text("".join(lines))
         node.sysctl("net.ipv4.ip_forward", 1)

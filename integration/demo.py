@@ -117,8 +117,8 @@ def run(args) -> int:
             wait_converged(lab, lab.nodes)
             for node in lab.nodes:
                 env = node.subnet_env()
-                print(f"    {node.name}: VXLAN_NET_SUBNET={env.get('VXLAN_NET_SUBNET')} "
-                      f"VXLAN_NET_IPV6_SUBNET={env.get('VXLAN_NET_IPV6_SUBNET')} VXLAN_NET_MTU={env.get('VXLAN_NET_MTU')}")
+                print(f"    {node.name}: " + " ".join(f"{key}={env.get(key)}" for key in
+                                                   ("VXLAN_NET_SUBNET", "VXLAN_NET_IPV6_SUBNET", "VXLAN_NET_MTU")))
         if shared:
             with Step("which node pairs route directly (no encapsulation) and which tunnel"):
                 print(routing_modes(lab))
