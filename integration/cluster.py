@@ -19,6 +19,10 @@ VTEP = "vxnet.1"
 # a test writes by hand (decoys, hostile records): an agent that drew one of those at random
 # would see its own record overwritten and the test would fail by chance.
 LAB_SUBNET_MAX = "198.19.199.0"
+POD_NETWORK6 = "fd19::/56"
+# The network config of a dual-stack cluster (flannel's keys), put straight into etcd.
+DUAL_STACK_CONFIG = {"Network": POD_NETWORK, "SubnetMax": LAB_SUBNET_MAX, "EnableIPv6": True,
+                     "IPv6Network": POD_NETWORK6, "Backend": {"Type": "vxlan", "VNI": 1}}
 
 
 def write_config(lab: Lab, *extra: str, network: str = POD_NETWORK) -> None:
@@ -27,6 +31,11 @@ def write_config(lab: Lab, *extra: str, network: str = POD_NETWORK) -> None:
         extra = (*extra, "--subnet-max", LAB_SUBNET_MAX)
     lab.nodes[0].run(lab.agent_exe, "config", "set", "--etcd-endpoints", lab.etcd_url, "--network", network,
                      *extra, check=True)
+
+
+def put_config(lab: Lab, doc: dict) -> None:
+    """A network config document written to etcd as is (`etcdctl put`), e.g. DUAL_STACK_CONFIG."""
+    lab.etcdctl("put", "/vxlan-net/config", json.dumps(doc))
 
 
 def node_subnet(node: Node) -> Optional[ipaddress.IPv4Network]:
@@ -128,10 +137,15 @@ def add_pod(lab: Lab, node: Node, index: int, name: Optional[str] = None) -> Pod
     return lab.add_pod(node, name or f"n{node.index}p{index}", address, str(subnet.network_address + 1), mtu)
 
 
-def running_cluster(lab: Lab, *agent_args: str, nodes: Optional[list[Node]] = None) -> list[Node]:
-    """Config written, agents started on `nodes` (default: all) and converged."""
+def running_cluster(lab: Lab, *agent_args: str, nodes: Optional[list[Node]] = None,
+                    config: Optional[dict] = None) -> list[Node]:
+    """Config written (`config`, e.g. DUAL_STACK_CONFIG, put as is; default the CLI's IPv4 one), agents
+    started on `nodes` (default: all) and converged."""
     nodes = lab.nodes if nodes is None else nodes
-    write_config(lab)
+    if config is None:
+        write_config(lab)
+    else:
+        put_config(lab, config)
     start_agents(lab, nodes, *agent_args)
     wait_converged(lab, nodes)
     return nodes

@@ -56,9 +56,10 @@ def install_plugin(lab: Lab) -> str:
 class CniPod(Pod):
     """A lab pod whose `eth0`, address and routes come from the plugin's ADD result."""
 
-    def __init__(self, lab: Lab, name: str, node: Node, pod_name: str, interface: ipaddress.IPv4Interface,
-                 gateway: str, host_ifname: str, plugin: str, result: dict):
-        super().__init__(lab, name, node, pod_name, interface, gateway, host_ifname)
+    def __init__(self, lab: Lab, name: str, node: Node, pod_name: str, interface: Optional[ipaddress.IPv4Interface],
+                 gateway: Optional[str], host_ifname: str, plugin: str, result: dict,
+                 interface6: Optional[ipaddress.IPv6Interface] = None, gateway6: Optional[str] = None):
+        super().__init__(lab, name, node, pod_name, interface, gateway, host_ifname, interface6, gateway6)
         self.plugin = plugin
         self.result = result
         self.deleted = False
@@ -87,12 +88,15 @@ def add_pod_via_cni(lab: Lab, node: Node, name: str) -> CniPod:
     netns = f"{lab.prefix}p-{name}"
     lab._add_netns(netns)  # recorded by the lab: deleted on close even if DEL never runs
     result = run_plugin(plugin, node, "ADD", plugin_conf(node), netns, f"/run/netns/{netns}")
-    ip = result["ips"][0]
+    # one address per family the subnet file has (dual-stack: IPv4 and IPv6)
+    ips = {ipaddress.ip_interface(ip["address"]).version: ip for ip in result["ips"]}
+    v4, v6 = ips.get(4), ips.get(6)
     # interfaces: [bridge, host veth, pod eth0 (with "sandbox")]
     host_ifs = [i["name"] for i in result.get("interfaces", []) if "sandbox" not in i]
     host_if = host_ifs[-1] if len(host_ifs) > 1 else ""
-    pod = CniPod(lab, netns, node, name, ipaddress.IPv4Interface(ip["address"]), ip.get("gateway", ""), host_if,
-                 plugin, result)
+    pod = CniPod(lab, netns, node, name, ipaddress.IPv4Interface(v4["address"]) if v4 else None,
+                 v4.get("gateway", "") if v4 else None, host_if, plugin, result,
+                 ipaddress.IPv6Interface(v6["address"]) if v6 else None, v6.get("gateway") if v6 else None)
     lab.pods[name] = pod
     _on_close(lab, pod.delete)
     return pod

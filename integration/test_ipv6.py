@@ -3,25 +3,18 @@ checked with ping/ping -6, tcpdump, `ip -j` and `bridge -j` from outside the age
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from integration.cluster import (PingStream, direct_routes, fdb, neighbours, node_subnets, overlay_routes6,
+from integration.cluster import DUAL_STACK_CONFIG as DUAL_CONFIG
+from integration.cluster import (PingStream, direct_routes, fdb, neighbours, node_subnets, overlay_routes6, put_config,
                                  start_agents, wait_converged)
 from integration.lab import Lab, Pod
 
 pytestmark = pytest.mark.root
 
-DUAL_CONFIG = {"Network": "198.19.0.0/16", "SubnetMax": "198.19.199.0", "EnableIPv6": True,
-               "IPv6Network": "fd19::/56", "Backend": {"Type": "vxlan", "VNI": 1}}
 V6_CONFIG = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd19::/56",
              "Backend": {"Type": "vxlan", "VNI": 1}}
 FAST = ("--resync-interval", "2", "--subnet-lease-ttl", "30")
-
-
-def put_config(lab: Lab, doc: dict) -> None:
-    lab.etcdctl("put", "/vxlan-net/config", json.dumps(doc))
 
 
 def cluster(lab: Lab, doc: dict, *agent_args: str) -> list:
