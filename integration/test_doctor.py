@@ -180,13 +180,7 @@ def test_doctor_on_a_dual_stack_node_checks_both_vteps_names_a_broken_ipv6_entry
     n1.run("ip", "neigh", "replace", gateway6, "lladdr", mac6, "dev", "vxnet6.1", "nud", "permanent", check=True)
 
     # The probe over IPv6: an ICMPv6 echo leaves over the IPv6 underlay for the node holding the pod.
-    source6 = own6.network_address + 1
-    verdict = doctor(lab, n1, "--probe", pod2.ip6)
-    assert verdict.rc == 0 and not verdict.failed, verdict
-    ok, reason = verdict.lines[f"probe {source6} -> {pod2.ip6}"]
-    assert ok and reason == (f"outer {n1.public_ipv6} -> {n2.public_ipv6} (node of {peer6}), VNI 1, "
-                             f"inner {source6} -> {pod2.ip6}"), verdict
-    assert verdict.lines[f"reply {pod2.ip6} -> {source6}"][0], verdict
+    assert_ipv6_probe(lab, n1, pod2, own6, peer6, (n1.public_ipv6, n2.public_ipv6))
 
     # status shows both families of each lease and finds the kernel in sync on both VTEPs.
     status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url)
@@ -196,6 +190,18 @@ def test_doctor_on_a_dual_stack_node_checks_both_vteps_names_a_broken_ipv6_entry
     assert rows[str(peer4)][1:4] == [str(peer6), n2.public_ip, n2.public_ipv6], status.stdout
     assert f"this node's public IPv6: {n1.public_ipv6} on {n1.underlay_ifname}" in status.stdout
     assert f"this node ({own4} + {own6}): kernel entries match 1 peer" in status.stdout
+
+
+def assert_ipv6_probe(lab, node, pod, own6, peer6, outer):
+    """doctor --probe <pod's IPv6>: passes, the echo leaves with `outer` addresses and our VNI, the reply comes."""
+    source6 = own6.network_address + 1
+    verdict = doctor(lab, node, "--probe", pod.ip6)
+    assert verdict.rc == 0 and not verdict.failed, verdict.out
+    ok, reason = verdict.lines[f"probe {source6} -> {pod.ip6}"]
+    assert ok and reason == (f"outer {outer[0]} -> {outer[1]} (node of {peer6}), VNI 1, "
+                             f"inner {source6} -> {pod.ip6}"), verdict
+    assert verdict.lines[f"reply {pod.ip6} -> {source6}"][0], verdict
+    return verdict
 
 
 @pytest.mark.parametrize("underlay, config_flags, vteps", [
@@ -215,15 +221,9 @@ def test_doctor_probes_ipv6_pods_through_the_one_vtep_a_single_family_underlay_g
     lab.add_pod_from_subnet_file(n1, "n1p0")
     pod2 = lab.add_pod_from_subnet_file(n2, "n2p0")
     own6, peer6 = node_subnets(n1)[-1], node_subnets(n2)[-1]
-    source6 = own6.network_address + 1
-    verdict = doctor(lab, n1, "--probe", pod2.ip6)
-    assert verdict.rc == 0 and not verdict.failed, verdict.out
-    assert [item for item in verdict.lines if item.startswith("device ")] == [f"device {v}" for v in vteps], verdict
     outer = (n1.public_ipv6, n2.public_ipv6) if underlay == "v6" else (n1.public_ip, n2.public_ip)
-    ok, reason = verdict.lines[f"probe {source6} -> {pod2.ip6}"]
-    assert ok and reason == (f"outer {outer[0]} -> {outer[1]} (node of {peer6}), VNI 1, "
-                             f"inner {source6} -> {pod2.ip6}"), verdict
-    assert verdict.lines[f"reply {pod2.ip6} -> {source6}"][0], verdict
+    verdict = assert_ipv6_probe(lab, n1, pod2, own6, peer6, outer)
+    assert [item for item in verdict.lines if item.startswith("device ")] == [f"device {v}" for v in vteps], verdict
     status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url)
     assert status.returncode == 0, status.stdout + status.stderr
     subnets = " + ".join(map(str, node_subnets(n1)))
