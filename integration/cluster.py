@@ -121,8 +121,9 @@ def wait_converged(lab: Lab, nodes: Iterable[Node], timeout: float = 15.0) -> No
                 if not subnets[other.name]:
                     return False
                 for subnet in subnets[other.name] if other is not node else ():
+                    gateways = {other.public_ip, other.public_ipv6} - {None}
                     if routes.get(str(subnet)) != str(subnet.network_address) \
-                            and direct.get(str(subnet)) not in (other.public_ip, other.public_ipv6):
+                            and direct.get(str(subnet)) not in gateways:
                         return False
         return True
 
