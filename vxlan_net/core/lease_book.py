@@ -92,21 +92,22 @@ class _Record:
         object.__setattr__(self, "identities", _identities(self.lease))
 
 
-_PARSED: dict[tuple[str, bytes], tuple[NetworkConfig, Lease]] = {}
-"""Valid records parsed, by key name and value: an agent starting lists every lease twice (to choose its
-subnet, then to follow them), and parsing 5,000 records costs more than everything else the book does."""
-_PARSED_MAX = 1 << 14
+_LAST_LISTING: dict[tuple[str, bytes], tuple[NetworkConfig, Lease]] = {}
+"""The valid records the latest listing parsed afresh, by key name and value: an agent starting lists every
+lease twice (to choose its subnet, then to follow them), and parsing 5,000 records cost more than everything
+else the book does. The next listing takes them and keeps only what it had to parse itself, so once the
+agent runs this is empty again (watch events are never kept)."""
 
 
-def _parse(name: str, value: bytes, config: NetworkConfig) -> Lease:
-    """parse_lease_value of the key name's subnets and the value; InvalidLease if invalid."""
-    cached = _PARSED.get((name, value))
+def _parse(name: str, value: bytes, config: NetworkConfig, listing: Optional[dict] = None) -> Lease:
+    """parse_lease_value of the key name's subnets and the value; InvalidLease if invalid. With `listing`
+    (a listing being taken), the previous listing's result is reused, and a fresh parse kept there."""
+    cached = _LAST_LISTING.get((name, value)) if listing is not None else None
     if cached is not None and (cached[0] is config or cached[0] == config):
         return cached[1]
     lease = parse_lease_value(parse_subnet_key_name(name), value, config)
-    if len(_PARSED) >= _PARSED_MAX:  # a bound, not an LRU: past it, the cache starts over
-        _PARSED.clear()
-    _PARSED[(name, value)] = (config, lease)
+    if listing is not None:
+        listing[(name, value)] = (config, lease)
     return lease
 
 
@@ -180,12 +181,16 @@ class LeaseBook:
 
     def replace(self, events: Iterable[RecordEvent]) -> LeaseChange:
         """Take a full listing: everything not in it is gone (diff includes attribute changes)."""
+        global _LAST_LISTING
         events = list(events)
         listed = {event.key_name for event in events}
         known = set(self._records) | set(self._invalid)
-        return self.apply(events + [RecordEvent(name, None) for name in sorted(known - listed)])
+        parsed: dict = {}
+        change = self.apply(events + [RecordEvent(name, None) for name in sorted(known - listed)], parsed)
+        _LAST_LISTING = parsed
+        return change
 
-    def apply(self, events: Iterable[RecordEvent]) -> LeaseChange:
+    def apply(self, events: Iterable[RecordEvent], _listing: Optional[dict] = None) -> LeaseChange:
         """Apply a batch of events in order and summarise the net effect (cost ~ the batch, not the book)."""
         touched: set[str] = set()
         rejected: dict[str, str] = {}
@@ -203,7 +208,7 @@ class LeaseBook:
                 elif self._is_own(name, parse_subnet_key_name(name).primary):
                     own_written, own_removed = True, event.value is None
                 if event.value is not None:
-                    lease = _parse(name, event.value, self.config)
+                    lease = _parse(name, event.value, self.config, _listing)
             except InvalidLease as exc:
                 reason = str(exc)
             if lease is not None:

@@ -313,22 +313,35 @@ def _address(packed: bytes) -> IPAddress:
     return _ADDRESS_TYPE[len(packed)](packed)
 
 
-# Entries by their packed fields: a resync reads the same entries again, and a cached entry is neither
-# built nor hashed anew (building 15,000 cost more than the three dumps); interned, it is the very object
-# the reconciler wants, which makes the diff cheap.
-@functools.lru_cache(maxsize=1 << 17)
+# Entries by their packed fields (one bytes key each: a tuple key took twice the memory): a resync reads
+# the same entries again, and a cached entry is neither built nor hashed anew (building 15,000 cost more
+# than the three dumps); interned, it is the very object the reconciler wants, which makes the diff cheap.
+_NEIGHBOURS: dict[bytes, Neighbour] = {}
+_FDB: dict[bytes, FdbEntry] = {}
+_ROUTES: dict[bytes, Route] = {}
+_ENTRY_CACHE_MAX = 1 << 17
+"""A bound, not an LRU: past it a cache starts over (it holds what a few resyncs read)."""
+
+
+def _cached(cache: dict, key: bytes, build: Callable[[], Entry]):
+    entry = cache.get(key)
+    if entry is None:
+        if len(cache) >= _ENTRY_CACHE_MAX:
+            cache.clear()
+        entry = cache[key] = interned(build())
+    return entry
+
+
 def _neighbour(ip: bytes, mac: bytes) -> Neighbour:
-    return interned(Neighbour(_address(ip), mac.hex(":")))
+    return _cached(_NEIGHBOURS, ip + mac, lambda: Neighbour(_address(ip), mac.hex(":")))
 
 
-@functools.lru_cache(maxsize=1 << 17)
 def _fdb_entry(mac: bytes, dst: bytes) -> FdbEntry:
-    return interned(FdbEntry(mac.hex(":"), _address(dst)))
+    return _cached(_FDB, mac + dst, lambda: FdbEntry(mac.hex(":"), _address(dst)))
 
 
-@functools.lru_cache(maxsize=1 << 17)
 def _route(dst: bytes, dst_len: int, gateway: bytes) -> Route:
-    return interned(Route(_network(dst, dst_len), _address(gateway)))
+    return _cached(_ROUTES, dst + bytes((dst_len,)) + gateway, lambda: Route(_network(dst, dst_len), _address(gateway)))
 
 
 def _read_neighbours(nl: _Rtnl, ifindex: int) -> frozenset[Neighbour]:
@@ -359,8 +372,10 @@ def _network(address: bytes, prefixlen: int) -> IPNetwork:
 
 def forget_cached_subnets() -> None:
     """Empty the readers' caches (subnets, addresses, entries), as at start-up (benchmarks time a cold read)."""
-    for cache in (_network, _address, _neighbour, _fdb_entry, _route):
-        cache.cache_clear()
+    _network.cache_clear()
+    _address.cache_clear()
+    for cache in (_NEIGHBOURS, _FDB, _ROUTES):
+        cache.clear()
 
 
 def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
