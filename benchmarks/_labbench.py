@@ -88,7 +88,7 @@ def result(bench: str, metric: str, value: str, target: str = "") -> None:
 def against(bench: str, metric: str, value: float, limit: float, unit: str = "ms", baseline: str = "") -> None:
     """A RESULT row for a figure with an upper limit: the value, the limit and value/limit (<= 1 meets it);
     `baseline` names the same-run figure the limit derives from, when it does."""
-    scale = 1000 if unit == "ms" else 1
+    scale = 1000 if unit == "ms" else 1  # "ms": value and limit in seconds; any other unit: as given
     shown = f"{value * scale:.1f} {unit}" if unit else f"{value:.2f}"
     verdict = "meets" if value <= limit else "MISSES"
     limit_text = f"{limit * scale:.1f} {unit}" if unit else f"{limit:g}"
