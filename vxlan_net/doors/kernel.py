@@ -323,41 +323,32 @@ _ENTRY_CACHE_MAX = 1 << 17
 """A bound, not an LRU: past it a cache starts over (it holds what a few resyncs read)."""
 
 
-def _cached(cache: dict, key: bytes, build: Callable[[], Entry]):
-    entry = cache.get(key)
-    if entry is None:
-        if len(cache) >= _ENTRY_CACHE_MAX:
-            cache.clear()
-        entry = cache[key] = interned(build())
+def _kept(cache: dict, key: bytes, entry: Entry) -> Entry:
+    """A cache miss: keep the entry (interned) under its packed fields."""
+    if len(cache) >= _ENTRY_CACHE_MAX:
+        cache.clear()
+    entry = cache[key] = interned(entry)
     return entry
 
 
-def _neighbour(ip: bytes, mac: bytes) -> Neighbour:
-    return _cached(_NEIGHBOURS, ip + mac, lambda: Neighbour(_address(ip), mac.hex(":")))
-
-
-def _fdb_entry(mac: bytes, dst: bytes) -> FdbEntry:
-    return _cached(_FDB, mac + dst, lambda: FdbEntry(mac.hex(":"), _address(dst)))
-
-
-def _route(dst: bytes, dst_len: int, gateway: bytes) -> Route:
-    return _cached(_ROUTES, dst + bytes((dst_len,)) + gateway, lambda: Route(_network(dst, dst_len), _address(gateway)))
-
-
+# The readers look each entry up inline (a helper call per entry cost as much as the lookup).
 def _read_neighbours(nl: _Rtnl, ifindex: int) -> frozenset[Neighbour]:
-    return frozenset(
-        _neighbour(ip, mac)
-        for family in _FAMILIES
-        for ip, mac in _permanent_neighbours(nl, family, ifindex, "reading neighbours")
-    )
+    cache, found = _NEIGHBOURS, []
+    for family in _FAMILIES:
+        for ip, mac in _permanent_neighbours(nl, family, ifindex, "reading neighbours"):
+            entry = cache.get(ip + mac)
+            found.append(entry if entry is not None else _kept(cache, ip + mac, Neighbour(_address(ip), mac.hex(":"))))
+    return frozenset(found)
 
 
 def _read_fdb(nl: _Rtnl, ifindex: int) -> frozenset[FdbEntry]:
-    return frozenset(
-        _fdb_entry(mac, dst)
-        for dst, mac in _permanent_neighbours(nl, socket.AF_BRIDGE, ifindex, "reading FDB")
-        if dst not in _ZERO_ADDRESSES and mac != _ZERO_MAC  # the all-zero default entry, or a remote of 0.0.0.0/::
-    )
+    cache, found = _FDB, []
+    for dst, mac in _permanent_neighbours(nl, socket.AF_BRIDGE, ifindex, "reading FDB"):
+        if dst in _ZERO_ADDRESSES or mac == _ZERO_MAC:  # the all-zero default entry, or a remote of 0.0.0.0/::
+            continue
+        entry = cache.get(mac + dst)
+        found.append(entry if entry is not None else _kept(cache, mac + dst, FdbEntry(mac.hex(":"), _address(dst))))
+    return frozenset(found)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -380,7 +371,7 @@ def forget_cached_subnets() -> None:
 
 def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
     """Our (protocol ROUTE_PROTO) main-table gateway routes of both families through the device."""
-    found = set()
+    cache, found = _ROUTES, []
     unpack_nla, unpack_u32 = _NLA.unpack_from, _U32.unpack_from
     for wanted_family in _FAMILIES:
         size_wanted = 4 + _ADDRESS_SIZE[wanted_family]
@@ -405,7 +396,10 @@ def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
                     table = unpack_u32(data, at + 4)[0]
                 at += (size + 3) & ~3
             if table == RT_TABLE_MAIN and oif == ifindex and gateway is not None:
-                found.add(_route(dst, dst_len, gateway))
+                key = dst + bytes((dst_len,)) + gateway
+                entry = cache.get(key)
+                found.append(entry if entry is not None
+                             else _kept(cache, key, Route(_network(dst, dst_len), _address(gateway))))
     return frozenset(found)
 
 
