@@ -85,6 +85,17 @@ def result(bench: str, metric: str, value: str, target: str = "") -> None:
     print(f"RESULT\t{bench}\t{metric}\t{value}\t{target}", flush=True)
 
 
+def against(bench: str, metric: str, value: float, limit: float, unit: str = "ms", baseline: str = "") -> None:
+    """A RESULT row for a figure with an upper limit: the value, the limit and value/limit (<= 1 meets it);
+    `baseline` names the same-run figure the limit derives from, when it does."""
+    scale = 1000 if unit == "ms" else 1  # "ms": value and limit in seconds; any other unit: as given
+    shown = f"{value * scale:.1f} {unit}" if unit else f"{value:.2f}"
+    verdict = "meets" if value <= limit else "MISSES"
+    limit_text = f"{limit * scale:.1f} {unit}" if unit else f"{limit:g}"
+    result(bench, metric, shown + (f" ({baseline})" if baseline else ""),
+           f"<= {limit_text}: {verdict} (ratio {value / limit:.2f})")
+
+
 def run_main(main) -> None:
     """Exit with main()'s status; a functional failure prints one line and exits 1."""
     try:
@@ -99,4 +110,4 @@ def ms(seconds: float | None) -> str:
 
 
 __all__ = ["Lab", "LabError", "BenchFailure", "probe", "route_count", "wait_routes", "proc_status", "cpu_seconds",
-           "result", "run_main", "ms", "REPO", "VTEP"]
+           "result", "against", "run_main", "ms", "REPO", "VTEP"]

@@ -214,11 +214,14 @@ def joins(store: EtcdStore, subnets: list[IPv4Network], first_index: int, gap: f
     return {**join.report("join"), **leave.report("leave"), "netlink_overruns": events.overruns}
 
 
-def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
-    """Median seconds of each step the agent takes for one watch event, with today's peers.
+def breakdown(store: EtcdStore, device: str, underlay: str, repeat: int) -> dict:
+    """Median seconds of the agent's steps with today's peers: one watch event through the book, and the
+    reconciler's full pass (desired + kernel read + plan; the agent's peers, so nothing to write) split.
 
     The event alternates between adding and removing one spare lease; an odd `repeat` ends
-    with it removed."""
+    with it removed. The full pass runs with the peers etcd holds, which the agent programmed: its plan is
+    empty, and this process writes nothing the agent would not."""
+    from vxlan_net.agent.reconciler import Reconciler
     from vxlan_net.core.config import parse_config
     from vxlan_net.core.desired import desired_entries
     from vxlan_net.core.lease_book import LeaseBook, RecordEvent
@@ -232,16 +235,27 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
     book.replace(snapshot.events())
     candidates = map(subnet_key_name, candidate_subnets(str(config.network), config.subnet_len))
     spare_name = next(name for name in candidates if name not in records and name != subnet_key_name(own))
-    steps: dict[str, list[float]] = {k: [] for k in ("etcd_list", "book_apply_1_event", "book_peers",
+    steps: dict[str, list[float]] = {k: [] for k in ("etcd_list", "book_apply_1_event", "book_peers", "full_pass",
                                                      "desired_entries", "read_overlay_entries", "plan_changes")}
     clock = time.perf_counter
+    peers = book.peers()
+    reconciler = Reconciler(device, kernel, underlay=underlay)
+    reconciler.set_peers(peers)
+    t = clock(); first = reconciler.reconcile(); first_pass = clock() - t  # builds every peer's entries
+    if not first.ok or first.changes:
+        raise RuntimeError(f"the probe's full pass found {first.changes} changes ({first.error}): not the agent's peers")
+    t = clock(); desired_entries(peers); cold_desired = clock() - t
     for n in range(repeat):
         t = clock(); store.list_leases(); steps["etcd_list"].append(clock() - t)
         event = [RecordEvent(spare_name, lease_value(900_000 + n).encode() if n % 2 else None)]
         t = clock(); book.apply(event); steps["book_apply_1_event"].append(clock() - t)
-        t = clock(); peers = book.peers(); steps["book_peers"].append(clock() - t)
-        t = clock(); desired = desired_entries(peers); steps["desired_entries"].append(clock() - t)
-        t = clock(); actual = kernel.read_overlay_entries(device); steps["read_overlay_entries"].append(clock() - t)
+        t = clock(); book.peers(); steps["book_peers"].append(clock() - t)
+        reconciler.request_full_pass()
+        t = clock(); reconciler.reconcile(); steps["full_pass"].append(clock() - t)
+        # The same pass in its three steps.
+        t = clock(); desired = reconciler.desired; steps["desired_entries"].append(clock() - t)
+        t = clock(); actual = kernel.read_overlay_entries(device, underlay=underlay)
+        steps["read_overlay_entries"].append(clock() - t)
         t = clock(); plan_changes(desired, actual); steps["plan_changes"].append(clock() - t)
     # Writing one peer's three entries, as an event-sized plan would (same values: no change).
     from vxlan_net.core.plan import Plan
@@ -263,8 +277,42 @@ def breakdown(store: EtcdStore, device: str, repeat: int) -> dict:
         t = clock(); [(d - a, a - d) for d, a in zip(desired_t, actual_t)]
         steps.setdefault("diff_on_int_tuples", []).append(clock() - t)
     result = {k: statistics.median(v) for k, v in steps.items()}
-    result["peers"] = len(book.peers())
+    result.update(peers=len(peers), first_full_pass=first_pass, desired_entries_cold=cold_desired)
     return result
+
+
+def iproute2_reference(store: EtcdStore, underlay: str, local_ip: str) -> dict:
+    """The same-run baseline: seconds `ip -batch` (neighbours, routes) + `bridge -batch` (FDB) take to write
+    every lease's entries onto a fresh VXLAN device of this node (run where no agent is, so that the routes
+    take no one's place); the device is deleted after."""
+    import subprocess
+
+    from vxlan_net.core.config import parse_config
+    from vxlan_net.core.desired import desired_entries
+    from vxlan_net.core.lease_book import LeaseBook
+
+    book = LeaseBook(parse_config(store.get_config()))
+    book.replace(store.list_leases().events())
+    entries = desired_entries(book.peers())
+    name = "vxref0"
+    spec = kernel.VtepSpec(name=name, vni=4001, port=4790, local_ip=IPv4Address(local_ip), underlay_ifname=underlay,
+                           mac="02:42:c6:12:ff:01", mtu=1450, address=None)
+    ip_batch = "".join(f"neigh replace {n.ip} lladdr {n.mac} dev {name} nud permanent\n" for n in entries.neighbours)
+    ip_batch += "".join(f"route replace {r.subnet} via {r.gateway} dev {name} onlink proto {kernel.ROUTE_PROTO}\n"
+                        for r in entries.routes)
+    fdb_batch = "".join(f"fdb replace {f.mac} dev {name} dst {f.dst} self permanent\n" for f in entries.fdb)
+    kernel.delete_link(name)
+    kernel.ensure_vtep(spec)
+    try:
+        started = time.perf_counter()
+        for argv, text in ((["ip", "-batch", "-"], ip_batch), (["bridge", "-batch", "-"], fdb_batch)):
+            done = subprocess.run(argv, input=text, capture_output=True, text=True, timeout=120)
+            if done.returncode:
+                raise RuntimeError(f"{argv[0]} -batch: {done.stderr.strip()[:300]}")
+        took = time.perf_counter() - started
+    finally:
+        kernel.delete_link(name)
+    return {"seconds": took, "entries": len(entries)}
 
 
 def _raw_dumps(kernel, device: str):
@@ -280,7 +328,7 @@ def _as_tuples(entries) -> tuple[set, set, set]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["fill", "joins", "breakdown"])
+    parser.add_argument("command", choices=["fill", "joins", "breakdown", "iproute2"])
     parser.add_argument("--etcd", required=True)
     parser.add_argument("--prefix", default="/vxlan-net")
     parser.add_argument("--network", default="198.19.0.0/16")
@@ -289,11 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-index", type=int, default=0, help="numbers the leases' public IPs and MACs")
     parser.add_argument("--gap", type=float, default=0.03, help="mean pause between joins, seconds")
     parser.add_argument("--device", default="vxnet.1")
+    parser.add_argument("--underlay", default="eth0", help="the agent's underlay device (direct routes are read there)")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--local-ip", help="iproute2: the node's public IP (the reference VTEP's local address)")
     args = parser.parse_args(argv)
     with EtcdStore([args.etcd], args.prefix) as store:
         if args.command == "breakdown":
-            print(json.dumps(breakdown(store, args.device, args.repeat)))
+            print(json.dumps(breakdown(store, args.device, args.underlay, args.repeat)))
+            return 0
+        if args.command == "iproute2":
+            print(json.dumps(iproute2_reference(store, args.underlay, args.local_ip)))
             return 0
         taken = taken_subnets(store)
         free = [s for s in candidate_subnets(args.network, args.subnet_len)

@@ -8,7 +8,7 @@ import time
 from collections import defaultdict
 from typing import Iterable, Mapping, Optional, Protocol
 
-from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, desired_by_vtep
+from vxlan_net.core.desired import OverlayEntries, PeerEntries, entries_by_vtep, peer_entries
 from vxlan_net.core.direct import DirectReach
 from vxlan_net.core.errors import VxlanNetError
 from vxlan_net.core.families import IPAddress, IPNetwork
@@ -36,52 +36,21 @@ class ReconcileResult:
     """True when the pass diffed against a fresh read of the kernel."""
 
 
-class KnownEntries:
-    """The kernel's overlay entries as last read or written, indexed for targeted diffs."""
-
-    def __init__(self, entries: OverlayEntries):
-        self.neighbours: dict[IPAddress, set[Neighbour]] = defaultdict(set)
-        self.fdb: dict[str, set[FdbEntry]] = defaultdict(set)
-        self.routes: dict[IPNetwork, set[Route]] = defaultdict(set)
-        self.direct_routes: dict[IPNetwork, set[Route]] = defaultdict(set)
-        self.add(entries)
-
-    def _slots(self, entries: OverlayEntries):
-        """(index, key, entry) for every entry: where each one is filed."""
-        yield from ((self.neighbours, n.ip, n) for n in entries.neighbours)
-        yield from ((self.fdb, f.mac, f) for f in entries.fdb)
-        yield from ((self.routes, r.subnet, r) for r in entries.routes)
-        yield from ((self.direct_routes, r.subnet, r) for r in entries.direct_routes)
-
-    def add(self, entries: OverlayEntries) -> None:
-        for index, key, entry in self._slots(entries):
-            index[key].add(entry)
-
-    def remove(self, entries: OverlayEntries) -> None:
-        for index, key, entry in self._slots(entries):
-            index[key].discard(entry)
-
-    def subset(self, subnets: Iterable[IPNetwork], macs: Iterable[str]) -> OverlayEntries:
-        subnets = list(subnets)
-        return OverlayEntries(
-            frozenset(n for s in subnets for n in self.neighbours.get(s.network_address, ())),
-            frozenset(f for m in macs for f in self.fdb.get(m, ())),
-            frozenset(r for s in subnets for r in self.routes.get(s, ())),
-            frozenset(r for s in subnets for r in self.direct_routes.get(s, ())),
-        )
-
-
 class Reconciler:
     """Keeps the VXLAN devices' neighbour, FDB and route entries equal to the leases.
 
     Calico's model: a full pass diffs every desired entry against a fresh read of
     the kernel (on start, every resync interval, and after any failure), so
     entries changed by hand are corrected. Between full passes, a batch of lease
-    changes is applied as a targeted diff of just the touched subnets and MACs
-    against the entries known from the last read plus what we wrote since: a
+    changes is applied as a targeted diff of just the touched peers (and the peers
+    sharing a touched MAC) against their entries as last read or written: a
     fresh read of every entry costs ~30 ms at 1,000 peers, which alone would
     eat most of a 100 ms convergence budget. A failed pass is not fatal: it is
     logged once, counted, and forces the next pass to be a full one.
+
+    Each peer's entries are computed once per change of its lease (or of which peers
+    are direct) and kept: a full pass builds no entry, so its cost is the kernel
+    read and a diff of objects whose hash is cached.
 
     A node has one VTEP per underlay family (`vteps`: {4: "vxnet.1", 6: "vxnet6.1"}); each pass
     covers them all, the direct routes (on `underlay`) beside the first one's entries.
@@ -98,12 +67,13 @@ class Reconciler:
         self._reach: Optional[DirectReach] = None  # None: every peer tunnelled
         self._peers: dict[IPNetwork, Lease] = {}  # by the subnet a lease is known by
         self._macs: dict[str, set[IPNetwork]] = defaultdict(set)  # VTEP MAC -> the peers using it
+        self._shares: dict[IPNetwork, PeerEntries] = {}  # each peer's desired entries, computed when first needed
         self._dirty_peers: set[IPNetwork] = set()
-        self._dirty_subnets: set[IPNetwork] = set()
         self._dirty_macs: set[str] = set()
         self._public_ips: dict[IPAddress, int] = {}  # peers' public IPs -> how many peers have it
         self._touched_public_ips: set[IPAddress] = set()
-        self._known: Optional[dict[int, KnownEntries]] = None  # None: a full pass is due
+        self._known: Optional[dict[IPNetwork, PeerEntries]] = None
+        """Per peer, its entries in the kernel as last read or written; None: a full pass is due."""
         self.failures_in_a_row = 0
         self.peers_programmed = 0
         self.route_conflicts: dict[IPNetwork, str] = {}
@@ -141,6 +111,7 @@ class Reconciler:
 
     def _forget(self, subnet: IPNetwork) -> None:
         old = self._peers.pop(subnet, None)
+        self._shares.pop(subnet, None)
         for pod_subnet in (old.subnets if old else (subnet,)):
             self.route_conflicts.pop(pod_subnet, None)
         if old is None:
@@ -157,7 +128,6 @@ class Reconciler:
 
     def _touch(self, lease: Lease) -> None:
         self._dirty_peers.add(lease.subnet)
-        self._dirty_subnets.update(lease.subnets)
         for address, mac in self._endpoints(lease):
             self._dirty_macs.add(mac)
             self._touched_public_ips.add(address)
@@ -180,6 +150,7 @@ class Reconciler:
         pass is a full one, as any peer's mode may have changed."""
         if reach != self._reach:
             self._reach = reach
+            self._shares.clear()
             self.request_full_pass()
 
     def is_direct(self, lease: Lease) -> bool:
@@ -187,16 +158,28 @@ class Reconciler:
         address = lease.public_ip or lease.public_ipv6
         return self._reach is not None and address is not None and self._reach.is_direct(address)
 
-    def _desired_for(self, leases: Iterable[Lease]) -> dict[int, OverlayEntries]:
-        sets = desired_by_vtep(leases, self.vteps, self.pod_families, self._reach.is_direct if self._reach else None)
-        if self.underlay is None:  # nowhere to put direct routes: none are wanted (direct routing needs it)
-            sets = {f: dataclasses.replace(e, direct_routes=frozenset()) for f, e in sets.items()}
-        return sets
+    def _share(self, subnet: IPNetwork) -> PeerEntries:
+        """The peer's desired entries (cached until its lease or the direct peers change)."""
+        share = self._shares.get(subnet)
+        if share is None:
+            share = peer_entries(self._peers[subnet], tuple(self.vteps), self.pod_families,
+                                 self._reach.is_direct if self._reach else None)
+            if self.underlay is None:  # nowhere to put direct routes: none are wanted (direct routing needs it)
+                share = tuple(e for e in share if e[1] != "direct_routes")
+            self._shares[subnet] = share
+        return share
+
+    def _all_shares(self) -> dict[IPNetwork, PeerEntries]:
+        """Every peer's entries (a copy of the cache: a dict copy keeps the keys' hashes, no subnet is hashed)."""
+        if len(self._shares) < len(self._peers):
+            for subnet in self._peers.keys() - self._shares.keys():
+                self._share(subnet)
+        return dict(self._shares)
 
     @property
     def desired(self) -> OverlayEntries:
         """The first VTEP's desired entries (with the direct routes)."""
-        return self._desired_for(self._peers.values())[next(iter(self.vteps))]
+        return entries_by_vtep(self._all_shares().values(), self.vteps)[next(iter(self.vteps))]
 
     # -- applying ----------------------------------------------------------------
 
@@ -207,16 +190,15 @@ class Reconciler:
     def reconcile(self) -> ReconcileResult:
         started = time.monotonic()
         full = self._known is None
-        changes, done, failed = 0, [], None
+        changes, failed = 0, None
         try:
             if full:
-                wanted = self._desired_for(self._peers.values())
+                touched = shares = self._all_shares()
             else:
-                leases = {s: self._peers[s] for s in self._dirty_peers if s in self._peers}
-                leases.update((s, self._peers[s]) for m in self._dirty_macs for s in self._macs.get(m, ()))
-                wanted = self._desired_for(leases.values())
-                subnets = self._dirty_subnets.union(*(l.subnets for l in leases.values()))
-                macs = self._dirty_macs.union(*(m for l in leases.values() for _, m in self._endpoints(l)))
+                touched = self._dirty_peers.union(*(self._macs.get(m, ()) for m in self._dirty_macs))
+                held = entries_by_vtep((self._known[s] for s in touched if s in self._known), self.vteps)
+                shares = {s: self._share(s) for s in touched if s in self._peers}
+            wanted = entries_by_vtep(shares.values(), self.vteps)
             plans = []
             for family, ifname in self.vteps.items():
                 underlay = self.underlay if family == next(iter(self.vteps)) else None
@@ -224,7 +206,7 @@ class Reconciler:
                 if full:
                     before = self.kernel.read_overlay_entries(ifname, underlay=underlay)
                 else:
-                    before = self._known[family].subset(subnets, macs)
+                    before = held[family]
                 plans.append((family, ifname, underlay, before, desired, plan_changes(desired, before)))
             for *_, ifname, underlay, _, _, moving in self._moves_first(plans):
                 self._apply(ifname, moving, underlay)
@@ -234,7 +216,6 @@ class Reconciler:
                 except VxlanNetError as exc:  # the other VTEPs still get their changes
                     failed = failed or exc
                 changes += len(plan)
-                done.append((family, before, desired))
             if failed is not None:
                 raise failed
         except VxlanNetError as exc:
@@ -242,12 +223,14 @@ class Reconciler:
             self._note_failure(exc)
             return ReconcileResult(False, 0, time.monotonic() - started, exc, full)
         if full:
-            self._known = {family: KnownEntries(desired) for family, _, desired in done}
+            self._known = shares
         else:
-            for family, before, desired in done:
-                self._known[family].remove(before)
-                self._known[family].add(desired)
-        self._dirty_peers, self._dirty_subnets, self._dirty_macs = set(), set(), set()
+            for subnet in touched:
+                if subnet in shares:
+                    self._known[subnet] = shares[subnet]
+                else:
+                    self._known.pop(subnet, None)
+        self._dirty_peers, self._dirty_macs = set(), set()
         self._note_success(changes)
         return ReconcileResult(True, changes, time.monotonic() - started, None, full)
 

@@ -51,20 +51,64 @@ class RecordEvent:
     """etcd's create revision of the key: the older record wins an identity conflict."""
 
 
+Identity = tuple[str, object]
+"""What only one node may hold: ("VtepMAC", mac), ("PublicIP", address), ("subnet", network)."""
+
+
+def _identities(lease: Lease) -> tuple[Identity, ...]:
+    found: list[Identity] = [("subnet", subnet) for subnet in lease.subnets]
+    for family in sorted(lease.underlays):
+        address, mac = lease.endpoint(family)  # type: ignore[misc]
+        found += [("VtepMAC", mac), ("PublicIP", address)]
+    return tuple(found)
+
+
+def _subnet_order(subnet: IPNetwork) -> tuple[int, int, int]:
+    """The order of ipaddress networks (version, address, length), in ints: a sort of 5,000 leases
+    spent a second in IPv4Network.__lt__."""
+    return subnet.version, int(subnet.network_address), subnet.prefixlen
+
+
+def _lease_order(lease: Lease) -> tuple[int, int, int]:
+    """Peers' order (dataclass order, which their distinct subnets decide)."""
+    return _subnet_order(lease.subnet)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Record:
-    """A valid record and when it was created."""
+    """A valid record, when it was created, and what it claims (both computed once: a listing of
+    5,000 records compares ranks and identities tens of thousands of times)."""
 
     lease: Lease
     create_revision: int
+    key_name: str = ""
+    rank: tuple = dataclasses.field(init=False, compare=False, repr=False)
+    """Who wins an identity conflict: the first created, then the lower subnet, then the key name."""
+    identities: tuple[Identity, ...] = dataclasses.field(init=False, compare=False, repr=False)
 
-    @property
-    def rank(self) -> tuple[int, IPNetwork, str]:
-        return self.create_revision, self.lease.subnet, self.lease.key_name
+    def __post_init__(self) -> None:
+        name = self.key_name or self.lease.key_name
+        object.__setattr__(self, "rank", (self.create_revision, _subnet_order(self.lease.subnet), name))
+        object.__setattr__(self, "identities", _identities(self.lease))
 
 
-Identity = tuple[str, object]
-"""What only one node may hold: ("VtepMAC", mac), ("PublicIP", address), ("subnet", network)."""
+_LAST_LISTING: dict[tuple[str, bytes], tuple[NetworkConfig, Lease]] = {}
+"""The valid records the latest listing parsed afresh, by key name and value: an agent starting lists every
+lease twice (to choose its subnet, then to follow them), and parsing 5,000 records cost more than everything
+else the book does. The next listing takes them and keeps only what it had to parse itself, so once the
+agent runs this is empty again (watch events are never kept)."""
+
+
+def _parse(name: str, value: bytes, config: NetworkConfig, listing: Optional[dict] = None) -> Lease:
+    """parse_lease_value of the key name's subnets and the value; InvalidLease if invalid. With `listing`
+    (a listing being taken), the previous listing's result is reused, and a fresh parse kept there."""
+    cached = _LAST_LISTING.get((name, value)) if listing is not None else None
+    if cached is not None and (cached[0] is config or cached[0] == config):
+        return cached[1]
+    lease = parse_lease_value(parse_subnet_key_name(name), value, config)
+    if listing is not None:
+        listing[(name, value)] = (config, lease)
+    return lease
 
 
 class LeaseBook:
@@ -74,6 +118,8 @@ class LeaseBook:
         self.config = config
         self.own_subnet = own_subnet
         self._own: Optional[Lease] = None
+        self._own_key_name: Optional[str] = None
+        self._own_identities: frozenset[Identity] = frozenset()
         self._protected: dict[IPNetwork, str] = {}
         self._records: dict[str, _Record] = {}
         self._holders: dict[Identity, set[str]] = {}
@@ -97,7 +143,12 @@ class LeaseBook:
         holders = self._holders.get(("subnet", subnet), ())
         if not holders:
             return None
-        return min((self._records[k] for k in holders), key=lambda r: r.rank).lease
+        return self._winner(holders).lease
+
+    def _winner(self, holders: set[str]) -> _Record:
+        if len(holders) == 1:
+            return self._records[next(iter(holders))]
+        return min((self._records[k] for k in holders), key=lambda r: r.rank)
 
     def skipped(self) -> dict[str, str]:
         """Every record not programmed, by key name, with the reason (status and doctor show these)."""
@@ -111,6 +162,7 @@ class LeaseBook:
     def set_own(self, lease: Lease) -> LeaseChange:
         """This node's lease: never a peer, and nobody else may claim its subnets, MACs or public IPs."""
         self.own_subnet, self._own = lease.subnet, lease
+        self._own_key_name, self._own_identities = lease.key_name, frozenset(_identities(lease))
         return self._recompute(set(self._records), own_removed=False, own_written=False, rejected={})
 
     def set_protected(self, addresses: Mapping[IPAddress, str]) -> LeaseChange:
@@ -129,12 +181,16 @@ class LeaseBook:
 
     def replace(self, events: Iterable[RecordEvent]) -> LeaseChange:
         """Take a full listing: everything not in it is gone (diff includes attribute changes)."""
+        global _LAST_LISTING
         events = list(events)
         listed = {event.key_name for event in events}
         known = set(self._records) | set(self._invalid)
-        return self.apply(events + [RecordEvent(name, None) for name in sorted(known - listed)])
+        parsed: dict = {}
+        change = self.apply(events + [RecordEvent(name, None) for name in sorted(known - listed)], parsed)
+        _LAST_LISTING = parsed
+        return change
 
-    def apply(self, events: Iterable[RecordEvent]) -> LeaseChange:
+    def apply(self, events: Iterable[RecordEvent], _listing: Optional[dict] = None) -> LeaseChange:
         """Apply a batch of events in order and summarise the net effect (cost ~ the batch, not the book)."""
         touched: set[str] = set()
         rejected: dict[str, str] = {}
@@ -146,15 +202,17 @@ class LeaseBook:
             lease: Optional[Lease] = None
             reason: Optional[str] = None
             try:
-                key = parse_subnet_key_name(name)
-                if self._is_own(name, key.primary):
+                if self._own is not None:  # our key is known: no need to parse one to compare
+                    if name == self._own_key_name:
+                        own_written, own_removed = True, event.value is None
+                elif self._is_own(name, parse_subnet_key_name(name).primary):
                     own_written, own_removed = True, event.value is None
                 if event.value is not None:
-                    lease = parse_lease_value(key, event.value, self.config)
+                    lease = _parse(name, event.value, self.config, _listing)
             except InvalidLease as exc:
                 reason = str(exc)
             if lease is not None:
-                touched |= self._add(name, _Record(lease, event.create_revision))
+                touched |= self._add(name, _Record(lease, event.create_revision, name))
             elif reason is not None and event.value is not None:
                 self._invalid[name] = reason
                 if previous_reason != reason:
@@ -166,20 +224,13 @@ class LeaseBook:
     def _is_own(self, name: str, subnet: IPNetwork) -> bool:
         """Our own record: by its key once set_own named it, else by the subnet the book was made with."""
         if self._own is not None:
-            return name == self._own.key_name
+            return name == self._own_key_name
         return self.own_subnet is not None and subnet == self.own_subnet
-
-    def _identities(self, lease: Lease) -> list[Identity]:
-        found: list[Identity] = [("subnet", subnet) for subnet in lease.subnets]
-        for family in sorted(lease.underlays):
-            address, mac = lease.endpoint(family)  # type: ignore[misc]
-            found += [("VtepMAC", mac), ("PublicIP", address)]
-        return found
 
     def _add(self, name: str, record: _Record) -> set[str]:
         self._records[name] = record
         affected = {name}
-        for identity in self._identities(record.lease):
+        for identity in record.identities:
             holders = self._holders.setdefault(identity, set())
             holders.add(name)
             affected |= holders
@@ -191,7 +242,7 @@ class LeaseBook:
         affected = {name}
         if record is None:
             return affected
-        for identity in self._identities(record.lease):
+        for identity in record.identities:
             holders = self._holders[identity]
             holders.discard(name)
             affected |= holders
@@ -204,19 +255,17 @@ class LeaseBook:
         record = self._records.get(name)
         if record is None:
             return None, None
-        own, lease = self._own, record.lease
+        lease = record.lease
         if self._is_own(name, lease.subnet):
             return None, None  # our own record: never a peer, nothing to warn about
-        for what, value in self._identities(lease):
-            winner = min((self._records[k] for k in self._holders[(what, value)]), key=lambda r: r.rank)
+        for what, value in record.identities:
+            winner = self._winner(self._holders[(what, value)])
             if winner is not record:
                 return None, (f"its {what} {value} is also claimed by {winner.lease.key_name}, created first "
                               f"(revision {winner.create_revision} < {record.create_revision})")
-        if own is not None:
-            own_ids = set(self._identities(own))
-            for what, value in self._identities(lease):
-                if (what, value) in own_ids:
-                    return None, f"it claims this node's {what} {value}"
+        for what, value in record.identities:
+            if (what, value) in self._own_identities:
+                return None, f"it claims this node's {what} {value}"
         for subnet in lease.subnets:
             captured = self._protected.get(subnet)
             if captured is not None:
@@ -242,5 +291,6 @@ class LeaseBook:
                     added.append(lease)
                 elif old != lease:
                     updated.append(lease)
-        return LeaseChange(tuple(sorted(added)), tuple(sorted(removed)), tuple(sorted(updated)),
+        return LeaseChange(tuple(sorted(added, key=_lease_order)), tuple(sorted(removed, key=_lease_order)),
+                           tuple(sorted(updated, key=_lease_order)),
                            own_removed, own_written, tuple(sorted(rejected.items())))

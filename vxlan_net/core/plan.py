@@ -46,20 +46,24 @@ def plan_changes(desired: OverlayEntries, actual: OverlayEntries) -> Plan:
     Within one kind the order does not matter to the kernel, so entries are not
     sorted (sorting 15,000 dataclasses cost more than sending them).
     """
-    wanted_neigh_ips = {n.ip for n in desired.neighbours}
-    wanted_route_subnets = {r.subnet for r in desired.routes}
-    wanted_direct_subnets = {r.subnet for r in desired.direct_routes}
+    stale_neighbours, stale_routes = actual.neighbours - desired.neighbours, actual.routes - desired.routes
+    stale_direct_routes = actual.direct_routes - desired.direct_routes
+    # Which stale entries an upsert overwrites in place: only looked at when there are any (a resync
+    # that finds the kernel as it should be hashes no address or subnet).
+    wanted_neigh_ips = {n.ip for n in desired.neighbours} if stale_neighbours else ()
+    wanted_route_subnets = {r.subnet for r in desired.routes} if stale_routes else ()
+    wanted_direct_subnets = {r.subnet for r in desired.direct_routes} if stale_direct_routes else ()
     return Plan(
         upsert_neighbours=tuple(desired.neighbours - actual.neighbours),
         upsert_fdb=tuple(desired.fdb - actual.fdb),
         upsert_routes=tuple(desired.routes - actual.routes),
         upsert_direct_routes=tuple(desired.direct_routes - actual.direct_routes),
-        remove_routes=tuple(r for r in actual.routes if r.subnet not in wanted_route_subnets),
-        remove_direct_routes=tuple(r for r in actual.direct_routes if r.subnet not in wanted_direct_subnets),
+        remove_routes=tuple(r for r in stale_routes if r.subnet not in wanted_route_subnets),
+        remove_direct_routes=tuple(r for r in stale_direct_routes if r.subnet not in wanted_direct_subnets),
         # A stale FDB entry is removed even when its MAC is wanted with another dst:
         # replace only rewrites one remote, and a leftover remote would duplicate traffic.
         remove_fdb=tuple(actual.fdb - desired.fdb),
-        remove_neighbours=tuple(n for n in actual.neighbours if n.ip not in wanted_neigh_ips),
+        remove_neighbours=tuple(n for n in stale_neighbours if n.ip not in wanted_neigh_ips),
     )
 
 

@@ -23,6 +23,7 @@ import functools
 import os
 import socket
 import struct
+import time
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address,
                        ip_interface)
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -40,7 +41,7 @@ from cni.netlink import (IFF_UP, IFLA_IFNAME, NDA_DST, NDA_IFINDEX, NDA_LLADDR, 
                          RTM_DELNEIGH, RTM_DELROUTE, RTM_GETLINK, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWADDR,
                          RTM_NEWNEIGH, RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, SOL_NETLINK)
 
-from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route
+from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route, interned
 from vxlan_net.core.errors import KernelBusy, KernelError, LinkNotFound
 from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.names import ROUTE_PROTO
@@ -72,6 +73,8 @@ _ERR = struct.Struct("=i")
 
 _TRANSIENT = frozenset({errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR})
 _GONE = frozenset({errno.ENOENT, errno.ESRCH})
+_BUSY_RETRY_DELAYS = (0.02, 0.04)
+"""Seconds before the second and third attempt to write entries the kernel refused as busy (_TRANSIENT)."""
 
 _retry_busy = tenacity.retry(
     retry=tenacity.retry_if_exception_type(KernelBusy),
@@ -310,20 +313,42 @@ def _address(packed: bytes) -> IPAddress:
     return _ADDRESS_TYPE[len(packed)](packed)
 
 
+# Entries by their packed fields (one bytes key each: a tuple key took twice the memory): a resync reads
+# the same entries again, and a cached entry is neither built nor hashed anew (building 15,000 cost more
+# than the three dumps); interned, it is the very object the reconciler wants, which makes the diff cheap.
+_NEIGHBOURS: dict[bytes, Neighbour] = {}
+_FDB: dict[bytes, FdbEntry] = {}
+_ROUTES: dict[bytes, Route] = {}
+_ENTRY_CACHE_MAX = 1 << 17
+"""A bound, not an LRU: past it a cache starts over (it holds what a few resyncs read)."""
+
+
+def _kept(cache: dict, key: bytes, entry: Entry) -> Entry:
+    """A cache miss: keep the entry (interned) under its packed fields."""
+    if len(cache) >= _ENTRY_CACHE_MAX:
+        cache.clear()
+    entry = cache[key] = interned(entry)
+    return entry
+
+
+# The readers look each entry up inline (a helper call per entry cost as much as the lookup).
 def _read_neighbours(nl: _Rtnl, ifindex: int) -> frozenset[Neighbour]:
-    return frozenset(
-        Neighbour(_address(ip), mac.hex(":"))
-        for family in _FAMILIES
-        for ip, mac in _permanent_neighbours(nl, family, ifindex, "reading neighbours")
-    )
+    cache, found = _NEIGHBOURS, []
+    for family in _FAMILIES:
+        for ip, mac in _permanent_neighbours(nl, family, ifindex, "reading neighbours"):
+            entry = cache.get(ip + mac)
+            found.append(entry if entry is not None else _kept(cache, ip + mac, Neighbour(_address(ip), mac.hex(":"))))
+    return frozenset(found)
 
 
 def _read_fdb(nl: _Rtnl, ifindex: int) -> frozenset[FdbEntry]:
-    return frozenset(
-        FdbEntry(mac.hex(":"), _address(dst))
-        for dst, mac in _permanent_neighbours(nl, socket.AF_BRIDGE, ifindex, "reading FDB")
-        if dst not in _ZERO_ADDRESSES and mac != _ZERO_MAC  # the all-zero default entry, or a remote of 0.0.0.0/::
-    )
+    cache, found = _FDB, []
+    for dst, mac in _permanent_neighbours(nl, socket.AF_BRIDGE, ifindex, "reading FDB"):
+        if dst in _ZERO_ADDRESSES or mac == _ZERO_MAC:  # the all-zero default entry, or a remote of 0.0.0.0/::
+            continue
+        entry = cache.get(mac + dst)
+        found.append(entry if entry is not None else _kept(cache, mac + dst, FdbEntry(mac.hex(":"), _address(dst))))
+    return frozenset(found)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -337,14 +362,16 @@ def _network(address: bytes, prefixlen: int) -> IPNetwork:
 
 
 def forget_cached_subnets() -> None:
-    """Empty the readers' subnet and address caches, as at start-up (benchmarks time a cold read)."""
+    """Empty the readers' caches (subnets, addresses, entries), as at start-up (benchmarks time a cold read)."""
     _network.cache_clear()
     _address.cache_clear()
+    for cache in (_NEIGHBOURS, _FDB, _ROUTES):
+        cache.clear()
 
 
 def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
     """Our (protocol ROUTE_PROTO) main-table gateway routes of both families through the device."""
-    found = set()
+    cache, found = _ROUTES, []
     unpack_nla, unpack_u32 = _NLA.unpack_from, _U32.unpack_from
     for wanted_family in _FAMILIES:
         size_wanted = 4 + _ADDRESS_SIZE[wanted_family]
@@ -369,7 +396,10 @@ def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
                     table = unpack_u32(data, at + 4)[0]
                 at += (size + 3) & ~3
             if table == RT_TABLE_MAIN and oif == ifindex and gateway is not None:
-                found.add(Route(_network(dst, dst_len), _address(gateway)))
+                key = dst + bytes((dst_len,)) + gateway
+                entry = cache.get(key)
+                found.append(entry if entry is not None
+                             else _kept(cache, key, Route(_network(dst, dst_len), _address(gateway))))
     return frozenset(found)
 
 
@@ -556,9 +586,11 @@ def _route_steps(family: int, ifindex: int, onlink: bool) -> tuple[_Step, _Step,
                  for kind, flags in ((RTM_NEWROUTE, _CREATE_ONLY), (RTM_NEWROUTE, _UPSERT), (RTM_DELROUTE, _DELETE)))
 
 
+@functools.lru_cache(maxsize=64)
 def _steps(ifindex: int, underlay_index: Optional[int], version: int) -> tuple[dict[str, _Step], dict[str, _Step]]:
     """How to send each Plan field's entries of one IP version (apply_plan walks the fields in the
-    Plan's order), and how to replace the routes of an upsert field that the kernel refused with EEXIST."""
+    Plan's order), and how to replace the routes of an upsert field that the kernel refused with EEXIST.
+    Cached (read only): encoding the templates again cost a watch event a tenth of its time."""
     family = _VERSION_FAMILY[version]
     size = _ADDRESS_SIZE[family]
     neigh, fdb = [NDA_DST, NDA_LLADDR], [NDA_LLADDR, NDA_DST]
@@ -619,12 +651,14 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
         pending = retry
         return retry
 
-    leftover = tenacity.Retrying(
-        retry=tenacity.retry_if_result(bool),
-        stop=tenacity.stop_after_attempt(3),
-        wait=tenacity.wait_exponential(multiplier=0.02, max=0.2),
-        retry_error_callback=lambda state: state.outcome.result(),
-    )(send_pending)
+    # Three attempts, 20 and 40 ms apart, for what the kernel refused as busy. A plain loop: a watch
+    # event's three steps spent more in a tenacity.Retrying's machinery than in the kernel.
+    leftover = send_pending()
+    for delay in _BUSY_RETRY_DELAYS:
+        if not leftover:
+            break
+        time.sleep(delay)
+        leftover = send_pending()
     failures.extend(ApplyFailure(action, e, errno.EBUSY, "the kernel stayed busy") for e in leftover)
     return len(entries) - len(failures), failures
 
@@ -679,16 +713,15 @@ def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
     applied, failures, conflicts = 0, [], []
     with _Rtnl(netns) as nl:
         ifindex = nl.ifindex(ifname)
-        underlay_index = nl.ifindex(underlay) if underlay is not None else None
-        steps_by_version = {}
+        # Looked up only for a plan that goes there: one round trip less for a watch event's plan.
+        has_direct = bool(plan.upsert_direct_routes or plan.remove_direct_routes)
+        underlay_index = nl.ifindex(underlay) if underlay is not None and has_direct else None
         for field in dataclasses.fields(plan):
             entries = getattr(plan, field.name)
             if not entries:
                 continue
             for version, group in _by_version(entries).items():
-                if version not in steps_by_version:
-                    steps_by_version[version] = _steps(ifindex, underlay_index, version)
-                steps, replacing = steps_by_version[version]
+                steps, replacing = _steps(ifindex, underlay_index, version)
                 done, refused = _apply_step(nl, field.name, steps[field.name], group)
                 existing = [f for f in refused if field.name in replacing and f.errno in _IN_THE_WAY[version]]
                 if existing:

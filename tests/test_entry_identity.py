@@ -1,0 +1,48 @@
+"""Overlay entries hash and compare as the dataclasses they are, though their hash is cached and equal
+entries are interned (issue 14: a resync diffs 15,000 of them)."""
+
+import copy
+import pickle
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from vxlan_net.core.desired import FdbEntry, Neighbour, Route, desired_entries, interned
+from vxlan_net.core.lease import Lease
+from vxlan_net.core.plan import plan_changes
+
+MAC = "0a:00:00:00:00:01"
+
+
+def test_entries_of_other_families_or_kinds_with_the_same_ints_are_never_equal():
+    assert Neighbour(IPv4Address(1), MAC) != Neighbour(IPv6Address(1), MAC)
+    assert Route(IPv4Network("0.0.0.0/32"), IPv4Address(0)) != Route(IPv6Network("::/128"), IPv6Address(0))
+    assert FdbEntry(MAC, IPv4Address(1)) != Neighbour(IPv4Address(1), MAC)
+    assert Route(IPv4Network("198.19.1.0/24"), IPv4Address("198.19.1.0")) != \
+        Route(IPv4Network("198.19.1.0/25"), IPv4Address("198.19.1.0"))
+    assert Neighbour(IPv4Address(1), MAC) != (IPv4Address(1), MAC)  # a tuple of the same fields is no entry
+    assert len({Neighbour(IPv4Address(1), MAC), Neighbour(IPv6Address(1), MAC)}) == 2
+
+
+def test_equal_fields_make_equal_entries_with_equal_hashes_and_one_interned_object():
+    a = Route(IPv4Network("198.19.1.0/24"), IPv4Address("198.19.1.0"))
+    b = Route(IPv4Network("198.19.1.0/24"), IPv4Address("198.19.1.0"))
+    assert a == b and hash(a) == hash(b) and a is not b
+    assert interned(a) is interned(b) and interned(a) == a  # the first of them interned, or an older equal one
+    assert sorted([b, Route(IPv4Network("198.19.0.0/24"), IPv4Address("198.19.0.0"))])[0].subnet.exploded \
+        == "198.19.0.0/24"  # order stays the dataclass order
+
+
+def test_copies_and_pickles_equal_the_original_and_vars_shows_the_fields_alone():
+    entry = FdbEntry(MAC, IPv6Address("fd18::2"))
+    for twin in (copy.copy(entry), copy.deepcopy(entry), pickle.loads(pickle.dumps(entry))):
+        assert twin == entry and hash(twin) == hash(entry)
+    assert vars(entry) == {"mac": MAC, "dst": IPv6Address("fd18::2")}
+
+
+def test_a_diff_of_entries_built_twice_finds_nothing_and_of_a_changed_mac_finds_the_change():
+    leases = [Lease(IPv4Network(f"198.19.{n}.0/24"), IPv4Address(f"198.18.{n}.2"), f"0a:00:00:00:00:{n:02x}")
+              for n in range(1, 30)]
+    assert plan_changes(desired_entries(leases), desired_entries(leases)).empty
+    moved = leases[:-1] + [Lease(leases[-1].subnet, leases[-1].public_ip, "0a:00:00:00:00:99")]
+    plan = plan_changes(desired_entries(moved), desired_entries(leases))
+    assert plan.upsert_neighbours == (Neighbour(IPv4Address("198.19.29.0"), "0a:00:00:00:00:99"),)
+    assert plan.remove_fdb == (FdbEntry("0a:00:00:00:00:1d", IPv4Address("198.18.29.2")),)
