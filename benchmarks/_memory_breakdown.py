@@ -57,8 +57,9 @@ def measure(peers: int) -> dict:
 
 
 def _book(config, own, records) -> LeaseBook:
-    book = LeaseBook(config, own)
+    book = LeaseBook(config)
     book.replace(RecordEvent(name, r.value, r.create_revision) for name, r in records.items())
+    book.set_own(book.lease_for(own))
     return book
 
 

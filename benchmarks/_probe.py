@@ -231,8 +231,9 @@ def breakdown(store: EtcdStore, device: str, underlay: str, repeat: int) -> dict
     snapshot = store.list_leases()
     records = snapshot.records
     own = IPv4Network(kernel.interface_address(device)).supernet(new_prefix=config.subnet_len)
-    book = LeaseBook(config, own)
+    book = LeaseBook(config)
     book.replace(snapshot.events())
+    book.set_own(book.lease_for(own))  # as the agent's book: never a peer, its identities reserved
     candidates = map(subnet_key_name, candidate_subnets(str(config.network), config.subnet_len))
     spare_name = next(name for name in candidates if name not in records and name != subnet_key_name(own))
     steps: dict[str, list[float]] = {k: [] for k in ("etcd_list", "book_apply_1_event", "book_peers", "full_pass",

@@ -106,7 +106,8 @@ def _listing(records: dict) -> list[RecordEvent]:
 
 
 def test_book_diffs_snapshots_including_attribute_changes():
-    book = LeaseBook(CONFIG, own_subnet=IPv4Network("198.19.1.0/24"))
+    book = LeaseBook(CONFIG)
+    book.set_own(Lease(IPv4Network("198.19.1.0/24"), IPv4Address("198.18.1.2"), MAC_A))
     change = book.replace(_listing({"198.19.1.0-24": record(ip="198.18.1.2"),
                                     "198.19.2.0-24": record(ip="198.18.2.2", mac=MAC_B)}))
     assert [str(l.subnet) for l in change.added] == ["198.19.2.0/24"]  # never ourselves

@@ -114,9 +114,10 @@ def _parse(name: str, value: bytes, config: NetworkConfig, listing: Optional[dic
 class LeaseBook:
     """The valid leases of the network, by key name; which are peers; which one is ours."""
 
-    def __init__(self, config: NetworkConfig, own_subnet: Optional[IPNetwork] = None):
+    def __init__(self, config: NetworkConfig):
         self.config = config
-        self.own_subnet = own_subnet
+        self.own_subnet: Optional[IPNetwork] = None
+        """The subnet our lease is known by, once set_own told it."""
         self._own: Optional[Lease] = None
         self._own_key_name: Optional[str] = None
         self._own_identities: frozenset[Identity] = frozenset()
@@ -202,10 +203,7 @@ class LeaseBook:
             lease: Optional[Lease] = None
             reason: Optional[str] = None
             try:
-                if self._own is not None:  # our key is known: no need to parse one to compare
-                    if name == self._own_key_name:
-                        own_written, own_removed = True, event.value is None
-                elif self._is_own(name, parse_subnet_key_name(name).primary):
+                if self._is_own(name):
                     own_written, own_removed = True, event.value is None
                 if event.value is not None:
                     lease = _parse(name, event.value, self.config, _listing)
@@ -221,11 +219,9 @@ class LeaseBook:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _is_own(self, name: str, subnet: IPNetwork) -> bool:
-        """Our own record: by its key once set_own named it, else by the subnet the book was made with."""
-        if self._own is not None:
-            return name == self._own_key_name
-        return self.own_subnet is not None and subnet == self.own_subnet
+    def _is_own(self, name: str) -> bool:
+        """Our own record: by its key, once set_own named it."""
+        return self._own is not None and name == self._own_key_name
 
     def _add(self, name: str, record: _Record) -> set[str]:
         self._records[name] = record
@@ -256,7 +252,7 @@ class LeaseBook:
         if record is None:
             return None, None
         lease = record.lease
-        if self._is_own(name, lease.subnet):
+        if self._is_own(name):
             return None, None  # our own record: never a peer, nothing to warn about
         for what, value in record.identities:
             winner = self._winner(self._holders[(what, value)])
