@@ -32,7 +32,7 @@ from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNo
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.lease_book import LeaseBook, RecordEvent
 from vxlan_net.core.names import vtep_name
-from vxlan_net.core.underlay import underlay_addresses, underlay_networks
+from vxlan_net.core.underlay import families_read, underlay_addresses, underlay_networks
 from vxlan_net.core.untrusted import shown
 from vxlan_net.doors import firewall
 from vxlan_net.doors import kernel
@@ -286,15 +286,13 @@ class Agent:
     def _all_vtep_names(self) -> list[str]:
         return [vtep_name(self.config.vni, f) for f in (4, 6)]
 
-    def _families_read(self) -> tuple[int, ...]:
-        """The address families whose addresses and routes matter to this node."""
-        return (4, 6) if self.config.ipv6 is not None or self.public_ipv6 is not None else (4,)
-
     def _node_addresses(self) -> list:
-        return [a for f in self._families_read() for a in self.kernel.node_addresses(family=f)]
+        families = families_read(self.config, self.public_ipv6 is not None)
+        return [a for f in families for a in self.kernel.node_addresses(family=f)]
 
     def _main_table_routes(self) -> list:
-        return [r for f in self._families_read() for r in self.kernel.main_table_routes(family=f)]
+        families = families_read(self.config, self.public_ipv6 is not None)
+        return [r for f in families for r in self.kernel.main_table_routes(family=f)]
 
     def _adopt(self, lease: Lease) -> None:
         """Make the node match its lease: VTEP, subnet file, state dir, firewall.

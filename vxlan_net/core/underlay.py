@@ -22,6 +22,12 @@ class NodeAddress:
     interface: IPInterface
 
 
+def families_read(config: NetworkConfig, ipv6_underlay: bool) -> tuple[int, ...]:
+    """The address families whose addresses and routes a node's agent reads (and status and doctor with it):
+    IPv6's too when the network has IPv6 or the node has a VTEP over an IPv6 underlay."""
+    return (4, 6) if config.ipv6 is not None or ipv6_underlay else (4,)
+
+
 def is_pod_gateway(config: NetworkConfig, interface: IPInterface) -> bool:
     """The address the CNI plugin gives its bridge: the first host of a SubnetLen subnet of the network
     (of the address's family)."""

@@ -275,7 +275,7 @@ def _status(args) -> int:
     from vxlan_net.core.direct import DirectReach
     from vxlan_net.core.lease_book import LeaseBook
     from vxlan_net.core.names import vtep_name
-    from vxlan_net.core.underlay import underlay_addresses
+    from vxlan_net.core.underlay import families_read, underlay_addresses
     from vxlan_net.doors import kernel
     from vxlan_net.tools.status import (describe_drift, lease_mode, own_address_line, own_lease_of,
                                         render_lease_table, skipped_lines)
@@ -298,7 +298,7 @@ def _status(args) -> int:
     reach = None
     if own is not None:  # skip what this node's agent skips
         book.set_own(own)
-        families = (4, 6) if config.ipv6 is not None or 6 in vteps else (4,)  # what the agent reads
+        families = families_read(config, 6 in vteps)
         routes = [r for family in families for r in kernel.main_table_routes(family=family)]
         addresses = [a for family in families for a in kernel.node_addresses(family=family)]
         book.set_protected(underlay_addresses(etcd_addresses, addresses, routes, config,

@@ -1064,7 +1064,7 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     from vxlan_net.doors import kernel
     from vxlan_net.core.errors import KernelError, VxlanNetError
 
-    from vxlan_net.core.underlay import underlay_addresses
+    from vxlan_net.core.underlay import families_read, underlay_addresses
 
     config = _read_config(store, options.etcd_prefix)
     if isinstance(config, Unavailable):
@@ -1075,10 +1075,10 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     else:
         device, device6 = vtep_name(config.vni), vtep_name(config.vni, 6)
     vtep, vtep6 = _link(kernel, device), _link(kernel, device6)
-    ipv6 = (config.ipv6 is not None) if not isinstance(config, Unavailable) else not isinstance(vtep6, Unavailable)
     try:
-        # The families whose addresses and routes the agent reads (Agent._families_read).
-        families = (4, 6) if ipv6 or not isinstance(vtep6, Unavailable) else (4,)
+        # The families whose addresses and routes the agent reads.
+        has6 = not isinstance(vtep6, Unavailable)
+        families = (4, 6) if has6 else (4,) if isinstance(config, Unavailable) else families_read(config, has6)
         main_routes: Fact[tuple[MainRoute, ...]] = tuple(
             r for family in families for r in kernel.main_table_routes(family=family))
         protected = {} if isinstance(config, Unavailable) else underlay_addresses(
