@@ -44,7 +44,7 @@ def own_record_action(held: Lease, recorded: Optional[Lease], config: NetworkCon
     if recorded == held:
         return KEEP, ""
     try:
-        parse_lease_value(held.subnet, held.to_json(), config)
+        parse_lease_value(held.key, held.to_json(), config)
     except InvalidLease as exc:
         return REFUSE, str(exc)
     return RESTORE, ""

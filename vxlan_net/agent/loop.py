@@ -31,7 +31,7 @@ from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNo
                                    StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.lease_book import LeaseBook, RecordEvent
-from vxlan_net.core.names import vtep_name
+from vxlan_net.core.names import vtep_name, vtep_names
 from vxlan_net.core.underlay import families_read, underlay_addresses, underlay_networks
 from vxlan_net.core.untrusted import shown
 from vxlan_net.doors import firewall
@@ -280,11 +280,8 @@ class Agent:
         # Read at every acquire: our subnet must not cover an address or connected route of the node,
         # nor an etcd endpoint (every other node would skip it, as it would capture their etcd).
         addresses, routes = self._node_addresses(), self._main_table_routes()
-        underlay = underlay_networks(addresses, routes, self.config, self._all_vtep_names(), self._etcd_addresses)
+        underlay = underlay_networks(addresses, routes, self.config, vtep_names(self.config.vni), self._etcd_addresses)
         return self.keeper.acquire(remembered, underlay, remembered_v6)
-
-    def _all_vtep_names(self) -> list[str]:
-        return [vtep_name(self.config.vni, f) for f in (4, 6)]
 
     def _node_addresses(self) -> list:
         families = families_read(self.config, self.public_ipv6 is not None)
@@ -548,7 +545,7 @@ class Agent:
         except VxlanNetError as exc:
             log.warning("cannot read this node's addresses (%s); keeping the previous ones", exc)
         return underlay_addresses(self._etcd_addresses, self._addresses, self._routes, self.config,
-                                  self._all_vtep_names())
+                                  vtep_names(self.config.vni))
 
     def _note_skipped(self, change) -> None:
         for key_name, reason in change.rejected:

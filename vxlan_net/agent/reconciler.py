@@ -153,11 +153,6 @@ class Reconciler:
             self._shares.clear()
             self.request_full_pass()
 
-    def is_direct(self, lease: Lease) -> bool:
-        """Whether the peer is reached without the tunnel (by its IPv4 endpoint, else its IPv6 one)."""
-        address = lease.public_ip or lease.public_ipv6
-        return self._reach is not None and address is not None and self._reach.is_direct(address)
-
     def _share(self, subnet: IPNetwork) -> PeerEntries:
         """The peer's desired entries (cached until its lease or the direct peers change)."""
         share = self._shares.get(subnet)
@@ -202,15 +197,11 @@ class Reconciler:
             plans = []
             for family, ifname in self.vteps.items():
                 underlay = self.underlay if family == next(iter(self.vteps)) else None
-                desired = wanted[family]
-                if full:
-                    before = self.kernel.read_overlay_entries(ifname, underlay=underlay)
-                else:
-                    before = held[family]
-                plans.append((family, ifname, underlay, before, desired, plan_changes(desired, before)))
-            for *_, ifname, underlay, _, _, moving in self._moves_first(plans):
+                before = self.kernel.read_overlay_entries(ifname, underlay=underlay) if full else held[family]
+                plans.append((family, ifname, underlay, plan_changes(wanted[family], before)))
+            for ifname, underlay, moving in self._moves_first(plans):
                 self._apply(ifname, moving, underlay)
-            for family, ifname, underlay, before, desired, plan in plans:
+            for _, ifname, underlay, plan in plans:
                 try:
                     self._apply(ifname, plan, underlay)
                 except VxlanNetError as exc:  # the other VTEPs still get their changes
@@ -235,16 +226,17 @@ class Reconciler:
         return ReconcileResult(True, changes, time.monotonic() - started, None, full)
 
     @staticmethod
-    def _moves_first(plans: list) -> list:
-        """For routes moving from one VTEP to the other: their removals, to apply before any upsert (the
-        kernel refuses an IPv6 onlink route while a route on another device covers its gateway)."""
-        upserted = {f: {r.subnet for r in plan.upsert_routes} for f, *_, plan in plans}
+    def _moves_first(plans: list) -> list[tuple[str, Optional[str], Plan]]:
+        """(VTEP, underlay, Plan) removing the routes that move from one VTEP to the other, to apply before
+        any upsert (the kernel refuses an IPv6 onlink route while a route on another device covers its
+        gateway)."""
+        upserted = {f: {r.subnet for r in plan.upsert_routes} for f, _, _, plan in plans}
         moves = []
-        for family, ifname, underlay, before, desired, plan in plans:
+        for family, ifname, underlay, plan in plans:
             elsewhere = set().union(*(s for f, s in upserted.items() if f != family))
             leaving = tuple(r for r in plan.remove_routes if r.subnet in elsewhere)
             if leaving:
-                moves.append((family, ifname, underlay, before, desired, Plan(remove_routes=leaving)))
+                moves.append((ifname, underlay, Plan(remove_routes=leaving)))
         return moves
 
     def _apply(self, ifname: str, plan: Plan, underlay: Optional[str]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import TYPE_CHECKING, Callable, Collection, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Optional, Union
 
 from vxlan_net.core.families import IPAddress, IPNetwork
 
@@ -101,6 +101,10 @@ class Route(_Entry):
         return self.subnet, self.gateway
 
 
+Entry = Union[Neighbour, FdbEntry, Route]
+"""Any one overlay entry."""
+
+
 class _InternRef(weakref.ref):
     __slots__ = ("key",)
 
@@ -116,7 +120,7 @@ the later one is not interned, which only costs it an __eq__ in diffs). A WeakVa
 the fields hashed each address in Python: building 15,000 entries took twice as long."""
 
 
-def interned(entry: "Neighbour | FdbEntry | Route") -> "Neighbour | FdbEntry | Route":
+def interned(entry: Entry) -> Entry:
     """The one live entry equal to `entry` (it, if there is none): the desired entries and those read from
     the kernel are then the same objects, and a resync's diff of 15,000 equal entries compares none (a
     set lookup finds its own object before it calls __eq__). Held weakly: an entry nobody uses goes."""
@@ -195,7 +199,7 @@ def tunnel_underlay(peer: Lease, pod_family: int, own_underlays: Collection[int]
     return next(iter(shared), None)
 
 
-PeerEntries = tuple[tuple[int, str, "Neighbour | FdbEntry | Route"], ...]
+PeerEntries = tuple[tuple[int, str, Entry], ...]
 """One peer's entries: (underlay family of the VTEP they go with, OverlayEntries field, entry)."""
 
 

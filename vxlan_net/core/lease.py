@@ -156,14 +156,12 @@ def parse_lease(key_name: str, raw: bytes | str, config: NetworkConfig) -> Lease
     return parse_lease_value(parse_subnet_key_name(key_name), raw, config)
 
 
-def parse_lease_value(key: "SubnetKey | IPNetwork", raw: bytes | str, config: NetworkConfig) -> Lease:
+def parse_lease_value(key: SubnetKey, raw: bytes | str, config: NetworkConfig) -> Lease:
     """parse_lease for a key already parsed.
 
     A key must name a subnet of every family the network has, except that a dual-stack network
     accepts an IPv4-only record (a node not yet restarted after IPv6 was added); an IPv6 part the
     network does not have is ignored."""
-    if not isinstance(key, SubnetKey):
-        key = parse_subnet_key_name(subnet_key_name(key))
     name = key_label(key)
     if config.ipv4 is not None:
         _check_subnet(name, key.ipv4, config.ipv4)
@@ -182,8 +180,6 @@ def parse_lease_value(key: "SubnetKey | IPNetwork", raw: bytes | str, config: Ne
         raise InvalidLease(f"lease {name} has backend {shown(backend)}, not vxlan")
     public_ip, mac = _endpoint(name, doc, "PublicIP", "BackendData", 4, config)
     public_ipv6, mac6 = _endpoint(name, doc, "PublicIPv6", "BackendV6Data", 6, config)
-    if public_ip is None and public_ipv6 is None:
-        raise InvalidLease(f"lease {name} has PublicIP None, and no PublicIPv6")
     return Lease(subnet, public_ip, mac, config.vni, ipv6_subnet, public_ipv6, mac6)  # type: ignore[arg-type]
 
 

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Optional
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.errors import InvalidLease
 from vxlan_net.core.families import IPAddress, IPNetwork
-from vxlan_net.core.lease import Lease, parse_lease_value, parse_subnet_key_name
+from vxlan_net.core.lease import Lease, parse_lease
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +81,13 @@ class _Record:
 
     lease: Lease
     create_revision: int
-    key_name: str = ""
+    key_name: str
     rank: tuple = dataclasses.field(init=False, compare=False, repr=False)
     """Who wins an identity conflict: the first created, then the lower subnet, then the key name."""
     identities: tuple[Identity, ...] = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        name = self.key_name or self.lease.key_name
-        object.__setattr__(self, "rank", (self.create_revision, _subnet_order(self.lease.subnet), name))
+        object.__setattr__(self, "rank", (self.create_revision, _subnet_order(self.lease.subnet), self.key_name))
         object.__setattr__(self, "identities", _identities(self.lease))
 
 
@@ -105,7 +104,7 @@ def _parse(name: str, value: bytes, config: NetworkConfig, listing: Optional[dic
     cached = _LAST_LISTING.get((name, value)) if listing is not None else None
     if cached is not None and (cached[0] is config or cached[0] == config):
         return cached[1]
-    lease = parse_lease_value(parse_subnet_key_name(name), value, config)
+    lease = parse_lease(name, value, config)
     if listing is not None:
         listing[(name, value)] = (config, lease)
     return lease
@@ -116,9 +115,6 @@ class LeaseBook:
 
     def __init__(self, config: NetworkConfig):
         self.config = config
-        self.own_subnet: Optional[IPNetwork] = None
-        """The subnet our lease is known by, once set_own told it."""
-        self._own: Optional[Lease] = None
         self._own_key_name: Optional[str] = None
         self._own_identities: frozenset[Identity] = frozenset()
         self._protected: dict[IPNetwork, str] = {}
@@ -162,7 +158,6 @@ class LeaseBook:
 
     def set_own(self, lease: Lease) -> LeaseChange:
         """This node's lease: never a peer, and nobody else may claim its subnets, MACs or public IPs."""
-        self.own_subnet, self._own = lease.subnet, lease
         self._own_key_name, self._own_identities = lease.key_name, frozenset(_identities(lease))
         return self._recompute(set(self._records), own_removed=False, own_written=False, rejected={})
 
@@ -221,7 +216,7 @@ class LeaseBook:
 
     def _is_own(self, name: str) -> bool:
         """Our own record: by its key, once set_own named it."""
-        return self._own is not None and name == self._own_key_name
+        return name == self._own_key_name
 
     def _add(self, name: str, record: _Record) -> set[str]:
         self._records[name] = record

@@ -19,3 +19,8 @@ def vtep_name(vni: int, underlay_family: int = 4) -> str:
     if underlay_family not in (4, 6):
         raise ValueError(f"underlay family must be 4 or 6, not {underlay_family!r}")
     return f"{VTEP_PREFIX if underlay_family == 4 else VTEP6_PREFIX}{vni}"
+
+
+def vtep_names(vni: int) -> tuple[str, str]:
+    """Both VTEP names a VNI may have (over IPv4, over IPv6): the devices that are ours whichever exist."""
+    return vtep_name(vni, 4), vtep_name(vni, 6)

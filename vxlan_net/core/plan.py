@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
-
-from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route
+from vxlan_net.core.desired import Entry, FdbEntry, Neighbour, OverlayEntries, Route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +63,6 @@ def plan_changes(desired: OverlayEntries, actual: OverlayEntries) -> Plan:
         remove_fdb=tuple(actual.fdb - desired.fdb),
         remove_neighbours=tuple(n for n in stale_neighbours if n.ip not in wanted_neigh_ips),
     )
-
-
-Entry = Union[Neighbour, FdbEntry, Route]
 
 
 @dataclasses.dataclass(frozen=True)

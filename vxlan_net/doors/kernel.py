@@ -41,11 +41,11 @@ from cni.netlink import (IFF_UP, IFLA_IFNAME, NDA_DST, NDA_IFINDEX, NDA_LLADDR, 
                          RTM_DELNEIGH, RTM_DELROUTE, RTM_GETLINK, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWADDR,
                          RTM_NEWNEIGH, RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, SOL_NETLINK)
 
-from vxlan_net.core.desired import FdbEntry, MainRoute, Neighbour, OverlayEntries, Route, interned
+from vxlan_net.core.desired import Entry, FdbEntry, MainRoute, Neighbour, OverlayEntries, Route, interned
 from vxlan_net.core.errors import KernelBusy, KernelError, LinkNotFound
 from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.names import ROUTE_PROTO
-from vxlan_net.core.plan import ApplyFailure, ApplyResult, Entry, Plan
+from vxlan_net.core.plan import ApplyFailure, ApplyResult, Plan
 from vxlan_net.core.underlay import NodeAddress
 
 # ROUTE_PROTO: read_overlay_entries returns only routes with this protocol, so routes someone
@@ -1037,7 +1037,7 @@ def drop_unicast_in_l2_multicast(ifname: str) -> None:
     if os.path.exists(ipv6):
         keys.append(ipv6)
     for key in keys:
-        _switch_on(key)
+        _write_sysctl(key, "1")
 
 
 def enable_ip_forwarding(*, ipv6: bool = True) -> None:
@@ -1045,14 +1045,9 @@ def enable_ip_forwarding(*, ipv6: bool = True) -> None:
     `ipv6` (where the kernel has IPv6) net.ipv6.conf.all.forwarding too. Note that the latter makes
     interfaces with accept_ra=1 ignore router advertisements: an underlay configured by RA needs
     accept_ra=2 (as on any IPv6 router), so an IPv4-only network should pass ipv6=False."""
-    _switch_on("/proc/sys/net/ipv4/ip_forward")
+    _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
     if ipv6 and os.path.exists("/proc/sys/net/ipv6/conf/all/forwarding"):
-        _switch_on("/proc/sys/net/ipv6/conf/all/forwarding")
-
-
-def _switch_on(key: str) -> None:
-    """Write 1 to a /proc/sys key of this namespace; KernelError naming the key."""
-    _write_sysctl(key, "1")
+        _write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
 
 
 def _write_sysctl(key: str, value: str) -> None:

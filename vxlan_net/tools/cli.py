@@ -274,7 +274,7 @@ def _status(args) -> int:
     from vxlan_net.core.desired import OverlayEntries, desired_by_vtep
     from vxlan_net.core.direct import DirectReach
     from vxlan_net.core.lease_book import LeaseBook
-    from vxlan_net.core.names import vtep_name
+    from vxlan_net.core.names import vtep_name, vtep_names
     from vxlan_net.core.underlay import families_read, underlay_addresses
     from vxlan_net.doors import kernel
     from vxlan_net.tools.status import (describe_drift, lease_mode, own_address_line, own_lease_of,
@@ -302,7 +302,7 @@ def _status(args) -> int:
         routes = [r for family in families for r in kernel.main_table_routes(family=family)]
         addresses = [a for family in families for a in kernel.node_addresses(family=family)]
         book.set_protected(underlay_addresses(etcd_addresses, addresses, routes, config,
-                                              [vtep_name(config.vni, f) for f in (4, 6)]))
+                                              vtep_names(config.vni)))
         if config.direct_routing and underlay:  # decided as the agent decides
             reach = DirectReach.from_routes(routes, underlay)
     modes = None
@@ -314,7 +314,7 @@ def _status(args) -> int:
         print(line)
     print(f"direct routing: {'on' if config.direct_routing else 'off'}")
     if own is None:
-        names = " or ".join(vtep_name(config.vni, f) for f in (4, 6))
+        names = " or ".join(vtep_names(config.vni))
         why = "holds no lease's subnet address" if vteps else "here"
         print(f"this node: no {names} device {why} (not a node, or the agent has not started)")
         return 0

@@ -24,7 +24,7 @@ from vxlan_net.core.desired import MainRoute, OverlayEntries, desired_by_vtep, t
 from vxlan_net.core.direct import DIRECT, DirectReach, mode_of
 from vxlan_net.core.families import VXLAN_OVERHEAD_BY_UNDERLAY, IPAddress, IPInterface, IPNetwork
 from vxlan_net.core.lease import Lease, trusted_peers
-from vxlan_net.core.names import NFT_TABLE, ROUTE_PROTO, VTEP6_PREFIX, VTEP_PREFIX, vtep_name
+from vxlan_net.core.names import NFT_TABLE, ROUTE_PROTO, VTEP6_PREFIX, VTEP_PREFIX, vtep_name, vtep_names
 from vxlan_net.tools.status import in_order, lease_mode
 
 
@@ -1073,7 +1073,7 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
         device = next((n for n in names if n.startswith(VTEP_PREFIX)), vtep_name(1))
         device6 = next((n for n in names if n.startswith(VTEP6_PREFIX)), vtep_name(1, 6))
     else:
-        device, device6 = vtep_name(config.vni), vtep_name(config.vni, 6)
+        device, device6 = vtep_names(config.vni)
     vtep, vtep6 = _link(kernel, device), _link(kernel, device6)
     try:
         # The families whose addresses and routes the agent reads.
