@@ -52,3 +52,20 @@ def test_the_subnet_file_remembers_each_family_and_the_state_dir_both_subnets(tm
     state.remember_subnet(IPv4Network("198.19.4.0/24"), IPv6Network("fd19:0:0:4::/64"))
     assert state.last_subnet() == IPv4Network("198.19.4.0/24") and state.last_subnet(6) == IPv6Network("fd19:0:0:4::/64")
     assert state.vtep_mac(6) != state.vtep_mac(4) and state.vtep_mac(6) == NodeState(tmp_path).vtep_mac(6)
+
+
+def test_hostile_ipv6_fields_in_the_state_file_are_ignored_not_trusted(tmp_path):
+    from ipaddress import IPv6Network
+
+    state = NodeState(tmp_path)
+    (tmp_path / "node.json").write_text(
+        '{"VtepMAC": "0a:00:00:00:00:01", "VtepMACv6": "ff:ff:ff:ff:ff:ff", "IPv6Subnet": "198.19.4.0/24",'
+        ' "Subnet": "fd19:0:0:4::/64"}')
+    assert state.last_subnet(6) is None and state.last_subnet(4) is None  # each family's field, its family only
+    mac6 = state.vtep_mac(6)
+    assert mac6 not in ("ff:ff:ff:ff:ff:ff", "0a:00:00:00:00:01") and state.vtep_mac(6) == mac6  # fresh, then kept
+    assert state.vtep_mac(4) == "0a:00:00:00:00:01"
+    (tmp_path / "node.json").write_text('{"IPv6Subnet": ["fd19:0:0:4::/64"], "VtepMACv6": 7}')
+    assert state.last_subnet(6) is None and state.vtep_mac(6) != 7
+    (tmp_path / "node.json").write_text('{"IPv6Subnet": "fd19:0:0:4::/64"}')
+    assert state.last_subnet(6) == IPv6Network("fd19:0:0:4::/64")
