@@ -101,6 +101,8 @@ def test_the_agent_restores_its_forward_rules_at_the_next_resync(lab):
     node = lab.nodes[0]
     node.run("nft", "-f", "-", input=OTHER_TOOL, check=True)
     running_cluster(lab, "--resync-interval", "1")
+    # The firewall step runs after the subnet file that running_cluster waits for: wait for it too.
+    lab.wait_for(lambda: len(_ours_in_forward(node)) == 4, timeout=5, message="FORWARD rules not installed")
     ours = _ours_in_forward(node)
     assert len(ours) == 4
     node.run("nft", "delete", "rule", "ip", "filter", "FORWARD", "handle", str(ours[1]["handle"]), check=True)
