@@ -452,3 +452,23 @@ def test_listing_5000_leases_is_fast(store: EtcdStore, etcd: EtcdServer) -> None
     assert len(snapshot.records) == 5000
     print(f"listing 5,000 leases took {elapsed * 1000:.0f} ms")
     assert elapsed < 1.0
+
+
+def _connections_to(port: int) -> list[str]:
+    """This process's established TCP connections to ``port``, as `ss` sees them (local address:port)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split()[2] for line in out.splitlines() if f"pid={os.getpid()}," in line]
+
+
+def test_a_new_client_never_rides_an_older_clients_connection(etcd: EtcdServer, make_store, watches) -> None:
+    """After a renumbering the agent closes its store and connects afresh (issue 13). gRPC would otherwise
+    hand a new channel the connection of an old one still being torn down: bound to a source address
+    that is gone, its requests only time out. So each client holds its own connection."""
+    before = set(_connections_to(etcd.client_port))
+    old = make_store([etcd.client_url])
+    watches.append(old.watch_leases(old.list_leases().revision + 1))  # keeps the old connection busy
+    new = make_store([etcd.client_url], prefix=old.prefix)
+    new.list_leases()
+    assert wait_until(lambda: len(set(_connections_to(etcd.client_port)) - before) == 2, timeout=5), \
+        f"one connection shared by two clients: {_connections_to(etcd.client_port)}"

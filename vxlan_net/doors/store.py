@@ -114,6 +114,10 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 0),  # etcd answers pings on an idle connection with GOAWAY
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 << 20),
+    # gRPC shares connections between channels to the same target by default: a client made after close()
+    # (the node renumbered, issue 13) could pick up the old connection, bound to a source address gone now,
+    # while its teardown is still under way. A channel of its own always connects afresh.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 _RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _CREDENTIAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
