@@ -20,6 +20,7 @@ from . import netlink as nl
 from .agent_socket import LOCK_SUFFIX, NameLock, ask_agent_to_delete
 from .config import Record, addr_text, is_ipv6, random_mac
 from .errors import CniError
+from .sysctl import ensure_sysctl
 
 
 def _kernel_error(what: str, exc: OSError) -> CniError:
@@ -35,10 +36,7 @@ def enable_ip_forward() -> None:
     """The bridge routes pod traffic, as the reference bridge plugin ensures (per network namespace)."""
     path = "/proc/sys/net/ipv4/ip_forward"
     try:
-        with open(path, "r+") as fh:
-            if fh.read(4).strip() != "1":
-                fh.seek(0)
-                fh.write("1")
+        ensure_sysctl(path, "1")
     except OSError as exc:
         raise _kernel_error(f"cannot enable {path}", exc) from None
 
@@ -49,10 +47,7 @@ def enable_ipv6_on(ifname: str) -> None:
     devices refuses IPv6 addresses (EACCES) until the device's own switch is 0."""
     path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
     try:
-        with open(path, "r+") as fh:
-            if fh.read(4).strip() != "0":
-                fh.seek(0)
-                fh.write("0")
+        ensure_sysctl(path, "0")
     except FileNotFoundError:
         raise CniError(E.KERNEL, f"cannot enable IPv6 on {ifname}: {path} does not exist (is IPv6 disabled in "
                        "the kernel, ipv6.disable=1?); the node subnet has IPv6") from None

@@ -34,6 +34,7 @@ from pyroute2 import netns as _netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import netlink as wire
+from cni.sysctl import ensure_sysctl
 from cni.netlink import (IFF_UP, IFLA_IFNAME, NDA_DST, NDA_IFINDEX, NDA_LLADDR, NETLINK_CAP_ACK, NETLINK_EXT_ACK,
                          NETLINK_GET_STRICT_CHK, NETLINK_ROUTE, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
                          NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NTF_SELF, NUD_PERMANENT,
@@ -1053,8 +1054,7 @@ def enable_ip_forwarding(*, ipv6: bool = True) -> None:
 def _write_sysctl(key: str, value: str) -> None:
     """Write a /proc/sys key of this namespace; KernelError naming the key."""
     try:
-        with open(key, "w") as f:
-            f.write(value + "\n")
+        ensure_sysctl(key, value)
     except OSError as exc:
         raise KernelError(f"cannot set {key}: {exc.strerror or exc}") from None
 
