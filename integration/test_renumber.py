@@ -8,6 +8,7 @@ independent tools see: `etcdctl`, `ip -j -d link`, `bridge -j fdb`, ping from a 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 import subprocess
@@ -15,28 +16,34 @@ import time
 
 import pytest
 
-from integration.cluster import VTEP, add_pod, fdb, node_subnet, start_agents, wait_converged, write_config
+from integration.cluster import (DUAL_STACK_CONFIG, VTEP, add_pod, fdb, node_subnet, put_config, start_agents,
+                                 wait_converged, write_config)
 from integration.lab import Lab, Node
 
 pytestmark = pytest.mark.lab
 
 SLOW_RESYNC = ("--resync-interval", "120")  # what changes must do so on the address event, not a resync
 NEW_HOST = 7
+VTEP6 = "vxnet6.1"
 
 
 def lease_record(lab: Lab, node: Node) -> dict:
-    """Node's record as etcd holds it: the value, its etcd lease and its version (puts since creation)."""
+    """Node's record as etcd holds it: the value, its etcd lease and its version (puts since creation).
+    Found by its IPv4 subnet, the start of its key also when dual-stack (`<v4>-24&<v6>-64`)."""
     key = f"/vxlan-net/subnets/{str(node_subnet(node)).replace('/', '-')}"
-    kv = json.loads(lab.etcdctl("get", key, "-w", "json").stdout)["kvs"][0]
+    kvs = json.loads(lab.etcdctl("get", "--prefix", key, "-w", "json").stdout)["kvs"]
+    assert len(kvs) == 1, [base64.b64decode(kv["key"]) for kv in kvs]
+    kv = kvs[0]
     return {"value": json.loads(base64.b64decode(kv["value"])), "lease": kv["lease"], "version": kv["version"]}
 
 
-def vtep_local(node: Node) -> str:
-    return node.ip_json("-d", "link", "show", "dev", VTEP)[0]["linkinfo"]["info_data"]["local"]
+def vtep_local(node: Node, vtep: str = VTEP) -> str:
+    data = node.ip_json("-d", "link", "show", "dev", vtep)[0]["linkinfo"]["info_data"]
+    return data.get("local") or data["local6"]
 
 
-def vtep_mac(node: Node) -> str:
-    return node.ip_json("link", "show", "dev", VTEP)[0]["address"]
+def vtep_mac(node: Node, vtep: str = VTEP) -> str:
+    return node.ip_json("link", "show", "dev", vtep)[0]["address"]
 
 
 def renumber(node: Node, host: int) -> str:
@@ -49,9 +56,9 @@ def renumber(node: Node, host: int) -> str:
     return new
 
 
-def allowed_sources(node: Node) -> set[str]:
-    """The node's nftables set of public IPs allowed to send it VXLAN frames."""
-    doc = json.loads(node.run("nft", "-j", "list", "set", "ip", "vxlan-net", "vxlan_peers", check=True).stdout)
+def allowed_sources(node: Node, family: str = "ip") -> set[str]:
+    """The node's nftables set of public IPs (`family` ip6: IPv6) allowed to send it VXLAN frames."""
+    doc = json.loads(node.run("nft", "-j", "list", "set", family, "vxlan-net", "vxlan_peers", check=True).stdout)
     return {e for item in doc["nftables"] if "set" in item for e in item["set"].get("elem", [])}
 
 
@@ -194,3 +201,60 @@ def test_a_tcp_stream_through_the_renumbering_resumes_without_a_reset(lab):
     intervals = [i["sum"]["bytes"] for i in report["intervals"]]
     assert len(intervals) >= 13 and sum(intervals[-4:]) > 0, f"the stream did not resume: {intervals}"
     assert report["end"]["sum_received"]["bytes"] > 0
+
+
+def test_an_ipv6_underlay_renumbering_is_followed_the_same_way_on_the_ipv6_vtep(lab):
+    """Dual-stack underlay: node 1's IPv6 address changes; PublicIPv6, vxnet6.1's local6, the peer's FDB and
+    ip6 ingress set follow; the IPv4 endpoint is left as it was."""
+    lab = lab(nodes=2, underlay="dual")
+    put_config(lab, DUAL_STACK_CONFIG)
+    n1, n2 = lab.nodes
+    lab.start_agent(n1, *SLOW_RESYNC, public_ip=False)  # it follows its interface's addresses
+    start_agents(lab, [n2], *SLOW_RESYNC)
+    wait_converged(lab, lab.nodes)
+    old, new = n1.public_ipv6, str(ipaddress.IPv6Address(n1.public_ipv6) + (NEW_HOST - 2))
+    before, mac6 = lease_record(lab, n1), vtep_mac(n1, VTEP6)
+    assert before["value"]["PublicIPv6"] == old
+    target, source = (lab.add_pod_from_subnet_file(node, f"n{node.index}p1") for node in (n1, n2))
+    assert source.ping6(target.ip6, count=1, timeout=3)
+    ping = source.popen("ping", "-6", "-D", "-n", "-i", "0.1", "-W", "1", "-c", "150", target.ip6,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(2)
+    changed_at = time.time()
+    n1.ip_batch([f"addr del {old}/64 dev {n1.underlay_ifname}",
+                 f"addr add {new}/64 dev {n1.underlay_ifname} nodad",
+                 f"route replace default via {n1.gateway6}"])
+    out, _ = ping.communicate(timeout=40)
+    after_change = [t for t in reply_times(out) if t > changed_at]
+    assert after_change, f"pings never resumed after the renumbering:\n{out[-600:]}"
+    assert after_change[0] - changed_at <= 5.0, f"pings resumed {after_change[0] - changed_at:.1f}s after the change"
+    record = lease_record(lab, n1)
+    assert (record["value"]["PublicIPv6"], record["value"]["PublicIP"]) == (new, n1.public_ip)
+    assert (record["lease"], record["value"]["BackendV6Data"]["VtepMAC"]) == (before["lease"], mac6)
+    assert (vtep_local(n1, VTEP6), vtep_mac(n1, VTEP6), vtep_local(n1)) == (new, mac6, n1.public_ip)
+    assert fdb(n2, VTEP6) == {mac6: [new]}, "node 2's FDB: the new destination only, no stale entry"
+    assert allowed_sources(n2, "ip6") == {new} and allowed_sources(n2) == {n1.public_ip}
+    status = n1.run(lab.agent_exe, "status", "--etcd-endpoints", lab.etcd_url, check=True).stdout
+    assert f"this node's public IPv6: {new} on {n1.underlay_ifname}\n" in status, status
+    log = n1.agent.log_text()
+    assert len(re.findall(rf"public IPv6 {re.escape(old)} -> {re.escape(new)}", log)) == 1, log[-2000:]
+
+
+def test_an_explicit_public_ipv6_that_disappears_is_kept_and_said_once(lab):
+    lab = lab(nodes=2, underlay="dual")
+    put_config(lab, DUAL_STACK_CONFIG)
+    n1, n2 = lab.nodes
+    start_agents(lab, lab.nodes, *SLOW_RESYNC)  # with --public-ip and --public-ipv6
+    wait_converged(lab, lab.nodes)
+    before, old = lease_record(lab, n1), n1.public_ipv6
+    n1.ip_batch([f"addr del {old}/64 dev {n1.underlay_ifname}",
+                 f"addr add {ipaddress.IPv6Address(old) + NEW_HOST}/64 dev {n1.underlay_ifname} nodad"])
+    lab.wait_for(lambda: f"public IPv6 {old} (--public-ipv6) is no longer on this node" in n1.agent.log_text(),
+                 timeout=10, message="the agent did not say its --public-ipv6 is gone")
+    time.sleep(4)  # twice the settle time: a move, if any, would have happened
+    assert lease_record(lab, n1) == before
+    assert vtep_local(n1, VTEP6) == old and fdb(n2, VTEP6) == {vtep_mac(n1, VTEP6): [old]}
+    assert n1.agent.log_text().count("is no longer on this node") == 1
+    doctor = n1.run(lab.agent_exe, "doctor", "--etcd-endpoints", lab.etcd_url, "--subnet-file", str(n1.subnet_file),
+                    "--state-dir", str(n1.state_dir)).stdout
+    assert f"PublicIPv6 {old} is not on this node any more" in doctor, doctor

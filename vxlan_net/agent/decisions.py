@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import IPv4Address
 from typing import Collection, Optional
 
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.errors import InvalidLease
+from vxlan_net.core.families import IPAddress
 from vxlan_net.core.lease import Lease, parse_lease_value
 from vxlan_net.core.lease_book import LeaseChange
 
@@ -62,8 +62,8 @@ ADDRESS_SETTLE = 2.0
 removed and re-added, or two addresses briefly present, must not make the lease record churn."""
 
 
-def address_to_follow(held: IPv4Address, explicit: bool, present: Collection[IPv4Address],
-                      primary: Optional[IPv4Address]) -> Optional[IPv4Address]:
+def address_to_follow(held: IPAddress, explicit: bool, present: Collection[IPAddress],
+                      primary: Optional[IPAddress]) -> Optional[IPAddress]:
     """The public IP this node should use now; None: keep what we hold (nothing better is known).
 
     `present`: the addresses where `held` may live (the underlay interface's, or every address of the
@@ -82,10 +82,10 @@ class SettledAddress:
     """Moves to a new address only once it has been the one to follow for `settle` seconds in a row."""
 
     settle: float = ADDRESS_SETTLE
-    candidate: Optional[IPv4Address] = None
+    candidate: Optional[IPAddress] = None
     since: float = 0.0
 
-    def observe(self, held: IPv4Address, wanted: Optional[IPv4Address], now: float) -> Optional[IPv4Address]:
+    def observe(self, held: IPAddress, wanted: Optional[IPAddress], now: float) -> Optional[IPAddress]:
         """The address to move to now, if any; `wanted` is address_to_follow's answer at `now`."""
         if wanted is None or wanted == held:
             self.candidate = None

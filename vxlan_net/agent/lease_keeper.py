@@ -11,7 +11,7 @@ from typing import Optional
 from vxlan_net.core.allocator import Avoid, choose_free_subnet, overlap, reusable_subnet
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.errors import InvalidLease, LeaseGone, SubnetTaken, VxlanNetError
-from vxlan_net.core.families import IPNetwork
+from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.lease import Lease, SubnetKey, parse_subnet_key_name
 from vxlan_net.core.lease_book import LeaseBook
 
@@ -176,14 +176,18 @@ class SubnetLeaseKeeper:
             except VxlanNetError as exc:
                 log.debug("could not revoke old lease %x: %s", self.lease_id, exc)
 
-    def move_to(self, public_ip: IPv4Address) -> Lease:
-        """Hold our lease with a new PublicIP (the node was renumbered), then rewrite our record in place:
-        same subnet, same etcd lease, so peers see an attribute change.
+    def move_to(self, public_ip: IPAddress) -> Lease:
+        """Hold our lease with a new PublicIP, or PublicIPv6 for an IPv6 address (the node was renumbered),
+        then rewrite our record in place: same subnet, same etcd lease, so peers see an attribute change.
 
         The held value changes first: if etcd cannot be written now, the next listing finds the old
         record and restores ours. LeaseGone when the key is no longer ours (then: acquire again)."""
-        self.public_ip = public_ip
-        self.lease = dataclasses.replace(self.lease, public_ip=public_ip)
+        if public_ip.version == 4:
+            self.public_ip = public_ip
+            self.lease = dataclasses.replace(self.lease, public_ip=public_ip)
+        else:
+            self.public_ipv6 = public_ip
+            self.lease = dataclasses.replace(self.lease, public_ipv6=public_ip)
         self.store.update_lease(self.lease.key, self.lease.to_json(), self.lease_id)
         return self.lease
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LOOP_TICK = 0.5  # longest wait between checks of the stop flag
 UNDERLAY_SETTLE = 0.2
+_FIELD = {4: "public IP", 6: "public IPv6"}  # how logs name our endpoint of each underlay family
 """Seconds a full pass waits after the node's routes or addresses change: a link coming up adds its
 address and routes in a burst, and one pass after the burst sees them all."""
 
@@ -132,8 +133,9 @@ class Agent:
         self._etcd_addresses = self.store.endpoint_addresses()
         self._routes: list = []
         self._addresses: list = []
-        self._address_settle = SettledAddress()
-        self._explicit_ip_missing = False
+        # Per underlay family (4, 6): the address change being settled, and an explicit one gone missing.
+        self._address_settle = {4: SettledAddress(), 6: SettledAddress()}
+        self._explicit_ip_missing = {4: False, 6: False}
         self.metrics.lease_expiry.set_function(lambda: max(0.0, self._lease_expires_at - time.monotonic()))
         self.metrics.ready.set_function(lambda: 0.0 if self.readiness.problems() else 1.0)
         self.faults = Faults(self.readiness, self.metrics)
@@ -379,8 +381,8 @@ class Agent:
             underlay_news = route_events is not None and self._underlay_changed(route_events)
             if underlay_news and self.config.direct_routing:
                 next_resync = min(next_resync, now + UNDERLAY_SETTLE)
-            if underlay_news or now >= next_resync or now >= (self._address_settle.check_at() or float("inf")):
-                self._follow_own_address(now)
+            if underlay_news or now >= next_resync or now >= self._address_check_at(float("inf")):
+                self._follow_own_addresses(now)
             if watch is None and listing is None and now >= next_relist:
                 listing = in_background(self._open_lease_feed, "etcd-list")
             if listing is not None and listing.done():
@@ -412,7 +414,7 @@ class Agent:
                 # A renewal of a lease replaced meanwhile (re-acquired) says nothing about the new one.
                 next_renew = now + (self._renewed(outcome, renew_backoff) if lease_id == self.keeper.lease_id
                                     else self.keeper.renew_interval)
-            waits = [LOOP_TICK, next_resync - now, (self._address_settle.check_at() or now + LOOP_TICK) - now]
+            waits = [LOOP_TICK, next_resync - now, self._address_check_at(now + LOOP_TICK) - now]
             if renewal is None:
                 waits.append(next_renew - now)
             if watch is None and listing is None:
@@ -456,38 +458,61 @@ class Agent:
                         exc)
             return None
 
-    def _follow_own_address(self, now: float) -> None:
-        """Move to a new underlay address once it has settled (decisions.SettledAddress)."""
-        ifname, held, _ = self.underlay
-        explicit = self.options.public_ip is not None
-        if held is None:  # an IPv6-only underlay: renumbering is followed over IPv4 only (for now)
-            return
+    def _public_address(self, family: int) -> Optional[IPAddress]:
+        """Our tunnel endpoint over that underlay family; None: no VTEP over it."""
+        return self.underlay[1] if family == 4 else self.public_ipv6
+
+    def _address_check_at(self, default: float) -> float:
+        """When a settling address change is due to be looked at again (`default`: none is settling)."""
+        return min((t for t in (a.check_at() for a in self._address_settle.values()) if t is not None),
+                   default=default)
+
+    def _follow_own_addresses(self, now: float) -> None:
+        for family in (4, 6):
+            held = self._public_address(family)
+            if held is not None:
+                self._follow_own_address(family, held, now)
+
+    def _follow_own_address(self, family: int, held: IPAddress, now: float) -> None:
+        """Move to a new underlay address of `family` once it has settled (decisions.SettledAddress)."""
+        ifname = self.underlay[0]
+        explicit = (self.options.public_ip if family == 4 else self.options.public_ipv6) is not None
         try:
-            present = {a.interface.ip for a in self.kernel.node_addresses() if explicit or a.device == ifname}
-            primary = None if explicit or not present else self.kernel.interface_address(ifname)
+            present = {a.interface.ip for a in self.kernel.node_addresses(family=family)
+                       if explicit or a.device == ifname}
+            primary = None if explicit or not present else self.kernel.interface_address(ifname, family=family)
         except VxlanNetError as exc:
-            log.debug("cannot read the addresses of %s: %s", ifname, exc)
+            log.debug("cannot read the IPv%d addresses of %s: %s", family, ifname, exc)
             return
         if explicit:
+            flag = "--public-ip" if family == 4 else "--public-ipv6"
             missing = held not in present
-            if missing and not self._explicit_ip_missing:
-                log.warning("public IP %s (--public-ip) is no longer on this node; keeping it as it is", held)
-            elif self._explicit_ip_missing and not missing:
-                log.info("public IP %s (--public-ip) is on this node again", held)
-            self._explicit_ip_missing = missing
-        new = self._address_settle.observe(held, address_to_follow(held, explicit, present, primary), now)
+            if missing and not self._explicit_ip_missing[family]:
+                log.warning("%s %s (%s) is no longer on this node; keeping it as it is", _FIELD[family], held, flag)
+            elif self._explicit_ip_missing[family] and not missing:
+                log.info("%s %s (%s) is on this node again", _FIELD[family], held, flag)
+            self._explicit_ip_missing[family] = missing
+        new = self._address_settle[family].observe(held, address_to_follow(held, explicit, present, primary), now)
         if new is not None:
             self._renumber(new)
 
-    def _renumber(self, new: IPv4Address) -> None:
-        """Our underlay address changed: VTEP `local`, firewall, our lease record (in place) follow it."""
-        ifname, old, mtu = self.underlay
-        log.warning("underlay address of %s changed: public IP %s -> %s; moving the VTEP and our lease record",
-                    ifname, old, new)
-        self.underlay = (ifname, new, mtu)
-        # Our etcd connections (and the watch) are bound to the old source address, gone now: they would
-        # only time out. Closed, the next request connects afresh and the broken watch is listed again.
-        self.store.close()
+    def _renumber(self, new: IPAddress) -> None:
+        """Our underlay address of new's family changed: VTEP `local`, firewall, our lease record (in place)
+        follow it."""
+        ifname, _, mtu = self.underlay
+        old = self._public_address(new.version)
+        log.warning("underlay address of %s changed: %s %s -> %s; moving the VTEP and our lease record",
+                    ifname, _FIELD[new.version], old, new)
+        if new.version == 4:
+            self.underlay = (ifname, new, mtu)
+        else:
+            self.public_ipv6 = new
+        # Our etcd connections (and the watch) over this family are bound to the old source address, gone
+        # now: they would only time out. Closed, the next request connects afresh and the watch is listed
+        # again. Connections over the other family are kept (unless the endpoints' addresses are unknown).
+        etcd_families = {address.version for address in self._etcd_addresses}
+        if not etcd_families or new.version in etcd_families:
+            self.store.close()
         try:
             lease = self.keeper.move_to(new)
         except LeaseGone as exc:
