@@ -204,8 +204,8 @@ def test_ipv6_allocation_avoids_taken_and_underlay_subnets_and_samples_huge_spac
 def test_an_ipv6_only_node_reuses_its_subnet_by_its_ipv6_endpoint():
     lease = Lease(IPv6Network("fd19:0:0:5::/64"), None, None, 1, None, IPv6Address("fd18:0:0:1::2"), MAC_B)
     leases = {lease.subnet: lease}
-    assert reusable_subnet(V6ONLY, leases, IPv6Address("fd18:0:0:1::2"), None, MAC_B) == lease.subnet
-    assert reusable_subnet(V6ONLY, leases, IPv6Address("fd18:0:0:9::2"), None, MAC_C) is None
+    assert reusable_subnet(V6ONLY.primary, leases, IPv6Address("fd18:0:0:1::2"), None, MAC_B) == lease.subnet
+    assert reusable_subnet(V6ONLY.primary, leases, IPv6Address("fd18:0:0:9::2"), None, MAC_C) is None
 
 
 # -- desired entries per VTEP and direct routing -------------------------------------------------

@@ -50,7 +50,7 @@ def test_untrusted_records_are_rejected_with_a_reason(key, raw, reason):
 
 
 def test_allocation_is_random_among_free_subnets_and_skips_taken():
-    small = build_config("198.19.0.0/28", subnet_len=30)  # subnets .4 .8 .12
+    small = build_config("198.19.0.0/28", subnet_len=30).primary  # subnets .4 .8 .12
     taken = [IPv4Network("198.19.0.4/30"), IPv4Network("198.19.0.12/30")]
     assert [str(s) for s in candidate_subnets(small)] == ["198.19.0.4/30", "198.19.0.8/30", "198.19.0.12/30"]
     assert choose_free_subnet(small, taken, random.Random(1)) == IPv4Network("198.19.0.8/30")
@@ -59,7 +59,7 @@ def test_allocation_is_random_among_free_subnets_and_skips_taken():
 
 
 def test_allocation_skips_every_subnet_overlapping_the_nodes_underlay():
-    small = build_config("198.19.0.0/28", subnet_len=30)  # subnets .4 .8 .12
+    small = build_config("198.19.0.0/28", subnet_len=30).primary  # subnets .4 .8 .12
     avoid = {IPv4Network("198.19.0.0/29"): "address 198.19.0.5/29 on eth0",  # covers .4 (and the unused .0)
              IPv4Network("198.19.0.13/32"): "gateway 198.19.0.13 of route default via 198.19.0.13 dev eth0",
              IPv4Network("10.0.0.0/8"): "address 10.1.2.3/8 on eth1"}  # outside the network: irrelevant
@@ -75,7 +75,7 @@ def test_allocation_skips_every_subnet_overlapping_the_nodes_underlay():
 def test_a_connected_network_containing_the_whole_pod_network_leaves_nothing():
     with pytest.raises(SubnetsExhausted, match="every free /24 .* overlaps this node's underlay: "
                                                "connected route 198.16.0.0/12 dev eth0"):
-        choose_free_subnet(CONFIG, [], avoid={IPv4Network("198.16.0.0/12"): "connected route 198.16.0.0/12 dev eth0"})
+        choose_free_subnet(CONFIG.primary, [], avoid={IPv4Network("198.16.0.0/12"): "connected route 198.16.0.0/12 dev eth0"})
 
 
 def test_reuse_gives_up_a_previous_subnet_that_now_overlaps_the_underlay():
@@ -84,9 +84,9 @@ def test_reuse_gives_up_a_previous_subnet_that_now_overlaps_the_underlay():
     avoid = {IPv4Network("198.19.7.0/25"): "address 198.19.7.1/25 on eth0"}
     assert overlap(ours.subnet, avoid) == "address 198.19.7.1/25 on eth0"
     assert overlap(remembered, avoid) is None
-    assert reusable_subnet(CONFIG, {ours.subnet: ours}, me, remembered, avoid=avoid) == remembered
+    assert reusable_subnet(CONFIG.primary, {ours.subnet: ours}, me, remembered, avoid=avoid) == remembered
     avoid[IPv4Network("198.19.9.77/32")] = "gateway 198.19.9.77"
-    assert reusable_subnet(CONFIG, {ours.subnet: ours}, me, remembered, avoid=avoid) is None
+    assert reusable_subnet(CONFIG.primary, {ours.subnet: ours}, me, remembered, avoid=avoid) is None
 
 
 def test_reuse_prefers_the_lease_with_our_public_ip_then_the_remembered_subnet():
@@ -94,11 +94,11 @@ def test_reuse_prefers_the_lease_with_our_public_ip_then_the_remembered_subnet()
     other = Lease(IPv4Network("198.19.8.0/24"), IPv4Address("198.18.2.2"), MAC_B)
     leases = {ours.subnet: ours, other.subnet: other}
     me = IPv4Address("198.18.1.2")
-    assert reusable_subnet(CONFIG, leases, me, IPv4Network("198.19.9.0/24")) == ours.subnet
+    assert reusable_subnet(CONFIG.primary, leases, me, IPv4Network("198.19.9.0/24")) == ours.subnet
     del leases[ours.subnet]
-    assert reusable_subnet(CONFIG, leases, me, IPv4Network("198.19.9.0/24")) == IPv4Network("198.19.9.0/24")
-    assert reusable_subnet(CONFIG, leases, me, other.subnet) is None  # held by someone else
-    assert reusable_subnet(CONFIG, leases, me, IPv4Network("198.20.0.0/24")) is None
+    assert reusable_subnet(CONFIG.primary, leases, me, IPv4Network("198.19.9.0/24")) == IPv4Network("198.19.9.0/24")
+    assert reusable_subnet(CONFIG.primary, leases, me, other.subnet) is None  # held by someone else
+    assert reusable_subnet(CONFIG.primary, leases, me, IPv4Network("198.20.0.0/24")) is None
 
 
 def _listing(records: dict) -> list[RecordEvent]:
@@ -142,8 +142,8 @@ def test_reuse_after_renumbering_keeps_the_remembered_subnet_whose_record_has_ou
     renumbered = IPv4Address("198.18.1.7")
     leases = {ours.subnet: ours}
     # Hostile first: a remembered subnet held with another MAC and another PublicIP is someone else's.
-    assert reusable_subnet(CONFIG, leases, renumbered, ours.subnet, MAC_B) is None
-    assert reusable_subnet(CONFIG, leases, renumbered, ours.subnet, MAC_A) == ours.subnet
+    assert reusable_subnet(CONFIG.primary, leases, renumbered, ours.subnet, MAC_B) is None
+    assert reusable_subnet(CONFIG.primary, leases, renumbered, ours.subnet, MAC_A) == ours.subnet
     # Our MAC on a subnet we do not remember moves us nowhere (anyone can write a record).
-    assert reusable_subnet(CONFIG, leases, renumbered, IPv4Network("198.19.9.0/24"), MAC_A) == \
+    assert reusable_subnet(CONFIG.primary, leases, renumbered, IPv4Network("198.19.9.0/24"), MAC_A) == \
         IPv4Network("198.19.9.0/24")

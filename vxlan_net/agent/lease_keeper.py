@@ -97,11 +97,11 @@ class SubnetLeaseKeeper:
         keys = [key for key in map(_key_of, snapshot.records) if key is not None]
         taken = {key.primary for key in keys}
         public_ip, mac = self._identity
-        previous = reusable_subnet(self.config, leases, public_ip, remembered, mac)
+        previous = reusable_subnet(self.config.primary, leases, public_ip, remembered, mac)
         given_up = overlap(previous, avoid) if previous is not None else None
         if given_up:
             log.warning("giving up subnet %s: it overlaps this node's %s", previous, given_up)
-        subnet = reusable_subnet(self.config, leases, public_ip, remembered, mac, avoid)
+        subnet = reusable_subnet(self.config.primary, leases, public_ip, remembered, mac, avoid)
         held = valid.get(subnet) if subnet is not None else None
         # Ours by PublicIP, or by VTEP MAC if the node was renumbered while we were down: keep its lease.
         ours = held is not None and (public_ip in (held[0].public_ip, held[0].public_ipv6)
@@ -115,7 +115,7 @@ class SubnetLeaseKeeper:
                 return self._drop_given_up(previous if given_up else None, valid)
         lost: set[IPNetwork] = set()
         for _ in range(MAX_RACE_RETRIES):
-            subnet = choose_free_subnet(self.config, taken | lost, self.rng, avoid)
+            subnet = choose_free_subnet(self.config.primary, taken | lost, self.rng, avoid)
             if self._try_create(subnet):
                 return self._drop_given_up(previous if given_up else None, valid)
             lost.add(subnet)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import random
-from typing import Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional
 
-from vxlan_net.core.config import NetworkConfig, SubnetSpace
+from vxlan_net.core.config import SubnetSpace
 from vxlan_net.core.errors import SubnetsExhausted
 from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.lease import Lease
@@ -16,17 +16,9 @@ ENUMERABLE = 1 << 16
 SAMPLES = 4096
 """Random tries in a space too large to list: with a tenth of it taken, all miss with chance 10^-4096."""
 
-Space = Union[NetworkConfig, SubnetSpace]
-"""A config stands for its primary space (IPv4 when it has IPv4)."""
-
-
-def _space(space: Space) -> SubnetSpace:
-    return space.primary if isinstance(space, NetworkConfig) else space
-
-
-def candidate_subnets(space: Space) -> Iterable[IPNetwork]:
+def candidate_subnets(space: SubnetSpace) -> Iterable[IPNetwork]:
     """Every subnet between SubnetMin and SubnetMax, in order."""
-    return _space(space).subnets()
+    return space.subnets()
 
 
 Avoid = Mapping[IPNetwork, str]
@@ -49,7 +41,7 @@ def _our_mac(lease: Lease, vtep_mac: Optional[str]) -> bool:
 
 
 def reusable_subnet(
-    config: Space,
+    space: SubnetSpace,
     leases: Mapping[IPNetwork, Lease],
     public_ip: IPAddress,
     remembered: Optional[IPNetwork],
@@ -64,7 +56,6 @@ def reusable_subnet(
     (flannel's rule, for a node that lost its state dir); last the remembered subnet if it is free.
     `public_ip` and `vtep_mac` are this node's on either underlay family.
     """
-    space = _space(config)
 
     def usable(subnet: IPNetwork) -> bool:
         return space.holds(subnet) and not overlap(subnet, avoid)
@@ -82,14 +73,13 @@ def reusable_subnet(
 
 
 def choose_free_subnet(
-    config: Space,
+    space: SubnetSpace,
     taken: Iterable[IPNetwork],
     rng: Optional[random.Random] = None,
     avoid: Optional[Avoid] = None,
 ) -> IPNetwork:
     """A random free subnet that overlaps nothing in `avoid` (random, like flannel, so racing nodes
     rarely collide)."""
-    space = _space(config)
     rng = rng or random  # type: ignore[assignment]
     taken = set(taken)
     relevant = {net: what for net, what in (avoid or {}).items()
