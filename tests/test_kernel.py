@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import secrets
 import subprocess
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 
 import pytest
 
@@ -307,6 +307,27 @@ def test_refusals_map_to_their_entries_across_chunks(ns):
     result = ns.inside(kernel.apply_plan, SPEC.name, Plan(upsert_routes=routes))
     assert {f.entry for f in result.failures} == {routes[i] for i in bad_rows}
     assert result.applied == len(routes) - len(bad_rows) == len(ns.routes())
+
+
+def test_entries_that_do_not_fit_their_message_are_reported_each_and_the_rest_written(ns):
+    """Hostile entries a lease could never produce: a gateway of the other family, a MAC that is none.
+    Each is a failure of its own (the kernel would refuse it too); every other entry of the batch,
+    before and after it, is written."""
+    ns.inside(kernel.ensure_vtep, SPEC)
+    leases = [lease(i) for i in range(1, 6)]
+    misfit = Route(IPv4Network("198.19.9.0/24"), IPv6Address("fd19::9"))
+    not_a_mac = Neighbour(IPv4Address("198.19.10.0"), "0a:00:00:00:00")
+    plan = Plan(upsert_neighbours=(*(Neighbour(l.gateway, l.vtep_mac) for l in leases[:2]), not_a_mac,
+                                   *(Neighbour(l.gateway, l.vtep_mac) for l in leases[2:])),
+                upsert_fdb=tuple(FdbEntry(l.vtep_mac, l.public_ip) for l in leases),
+                upsert_routes=(Route(leases[0].subnet, leases[0].gateway), misfit,
+                               *(Route(l.subnet, l.gateway) for l in leases[1:])))
+    result = ns.inside(kernel.apply_plan, SPEC.name, plan)
+    assert {(f.action, f.entry, f.errno, f.reason) for f in result.failures} == {
+        ("upsert_routes", misfit, errno.EINVAL, "cannot encode: 16 bytes where 4 are expected"),
+        ("upsert_neighbours", not_a_mac, errno.EINVAL, "cannot encode: '0a:00:00:00:00' is not a MAC address")}
+    assert result.applied == 15
+    assert (ns.neighbours(), ns.fdb() - {f for f in ns.fdb() if f[1] is None}, ns.routes()) == expected_tool_view(leases)
 
 
 def main_routes(ns: Namespace, prefix: str) -> list[dict]:

@@ -20,6 +20,8 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import itertools
+import operator
 import os
 import socket
 import struct
@@ -117,21 +119,37 @@ class _Template:
         attrs = {kind: (at, size) for kind, at, size in wire.attributes(data, 16 + header_len, len(data))}
         # "dst_len" is rtmsg's second byte; integers are attribute types.
         self.fields = tuple((17, 1) if f == "dst_len" else attrs[f] for f in fields)
+        self.sizes = tuple(size for _off, size in self.fields)
+        # The constant bytes before, between and after the variable parts: the sequence number (at 8),
+        # then the fields, in this order.
+        variable = [(8, 12), *((off, off + size) for off, size in self.fields)]
+        ends, starts = [0] + [end for _, end in variable], [start for start, _ in variable] + [len(data)]
+        if any(end > start for end, start in zip(ends, starts)):
+            raise ValueError("a template's fields must follow the sequence number and each other")
+        self._constant = [data[end:start] for end, start in zip(ends, starts)]
 
     def check(self, values: Sequence[bytes]) -> Sequence[bytes]:
         """The values, if each fits its field; a misfit would shift every later message."""
-        for (_off, size), value in zip(self.fields, values):
+        for size, value in zip(self.sizes, values):
             if len(value) != size:
                 raise ValueError(f"{len(value)} bytes where {size} are expected")
         return values
 
-    def render_into(self, buf: bytearray, seq: int, values: Sequence[bytes]) -> None:
-        """Append a copy with `seq` and the (checked) values patched in."""
-        base = len(buf)
-        buf += self.data
-        _U32.pack_into(buf, base + 8, seq)
-        for (off, size), value in zip(self.fields, values):
-            buf[base + off : base + off + size] = value
+    def fit(self, rows: Sequence[Sequence[bytes]]) -> bool:
+        """Whether every row's values fit (check() names a misfit); a pass per field, each in C."""
+        return all(set(map(len, map(operator.itemgetter(i), rows))) <= {size} for i, size in enumerate(self.sizes))
+
+    def render(self, first_seq: int, rows: Sequence[Sequence[bytes]]) -> bytes:
+        """One copy per row of (fitting) values, patched in, with sequence numbers from `first_seq`.
+
+        Joined in one go from the constant pieces and the columns of values: at a full sync's 15,000
+        entries, patching copies message by message was a third of apply_plan's Python time."""
+        count = len(rows)
+        columns = [map(_U32.pack, range(first_seq, first_seq + count)), *zip(*rows)]
+        pieces = [itertools.repeat(self._constant[0], count)]
+        for constant, column in zip(self._constant[1:], columns):
+            pieces += [column, itertools.repeat(constant, count)]
+        return b"".join(itertools.chain.from_iterable(zip(*pieces)))
 
 
 class _Rtnl:
@@ -233,13 +251,12 @@ class _Rtnl:
         refused: dict[int, tuple[int, str]] = {}
         for start in range(0, len(values), CHUNK):
             first = self._next_seqs(CHUNK)
-            buf = bytearray()
-            for row in range(start, min(start + CHUNK, len(values))):
-                last = len(buf)
-                template.render_into(buf, first + row - start, values[row])
+            rows = values[start:start + CHUNK]
+            buf = bytearray(template.render(first, rows))
+            last = len(buf) - len(template.data)
             _U16.pack_into(buf, last + 6, _U16.unpack_from(buf, last + 6)[0] | NLM_F_ACK)
-            last_seq = first + row - start
-            self._send(bytes(buf), what)
+            last_seq = first + len(rows) - 1
+            self._send(buf, what)
             done = False
             while not done:
                 data = self._recv(what)
@@ -541,8 +558,12 @@ def _route_template(msg_type: int, flags: int, family: int, ifindex: int, onlink
     return _Template(wire.request(msg_type, flags, 0, body), _RTMSG.size, ["dst_len", RTA_DST, RTA_GATEWAY])
 
 
+_BYTES = tuple(bytes((n,)) for n in range(256))  # one-byte values (prefix lengths) without building each
+
+
 def _route_values(route: Route) -> tuple[bytes, ...]:
-    return bytes((route.subnet.prefixlen,)), route.subnet.network_address.packed, route.gateway.packed
+    subnet = route.subnet
+    return _BYTES[subnet.prefixlen], subnet.network_address.packed, route.gateway.packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,12 +583,13 @@ def _fdb_values(f: FdbEntry) -> tuple[bytes, ...]:
 
 _VERSION_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 
-# The address whose IP version picks an entry's template: a Plan field may mix both families.
-_VERSION_OF = {
-    Neighbour: lambda n: n.ip.version,
-    FdbEntry: lambda f: f.dst.version,  # the remote's family, the VTEP's underlay
-    Route: lambda r: r.subnet.version,  # a gateway of the other family does not fit the template: refused
+# The field whose IP version picks an entry's template: a Plan field may mix both families.
+_VERSION_FIELD = {
+    Neighbour: "ip",
+    FdbEntry: "dst",  # the remote's family, the VTEP's underlay
+    Route: "subnet",  # a gateway of the other family does not fit the template: refused
 }
+_CLASS_VERSION = {IPv4Address: 4, IPv6Address: 6, IPv4Network: 4, IPv6Network: 6}
 
 # The metric the kernel gives a route sent without RTA_PRIORITY (IPv6: IP6_RT_PRIO_USER); a create
 # meets EEXIST only from a route of the same prefix and metric.
@@ -618,11 +640,35 @@ def _steps(ifindex: int, underlay_index: Optional[int], version: int) -> tuple[d
 
 def _by_version(entries: Sequence[Entry]) -> dict[int, list[Entry]]:
     """The entries split by the IP version that picks their template, in their order."""
+    field = operator.attrgetter(_VERSION_FIELD[type(entries[0])])
+    classes = set(map(type, map(field, entries)))  # in C: one family (the common case) costs no loop here
+    if len(classes) == 1 and next(iter(classes)) in _CLASS_VERSION:
+        return {_CLASS_VERSION[classes.pop()]: list(entries)}
     groups: dict[int, list[Entry]] = {}
-    version_of = _VERSION_OF[type(entries[0])]
     for entry in entries:
-        groups.setdefault(version_of(entry), []).append(entry)
+        groups.setdefault(field(entry).version, []).append(entry)
     return groups
+
+
+def _encoded(step: _Step, entries: Sequence[Entry], action: str,
+             failures: list[ApplyFailure]) -> tuple[Sequence[Entry], list[Sequence[bytes]]]:
+    """(the entries that encode, their values); those that do not are added to `failures`, as the kernel
+    would refuse them as well. All at once when all fit (the common case), else entry by entry."""
+    try:
+        values = list(map(step.values, entries))
+    except ValueError:
+        values = None
+    if values is not None and step.template.fit(values):
+        return entries, values
+    sent, values = [], []
+    for entry in entries:
+        try:
+            values.append(step.template.check(step.values(entry)))
+        except ValueError as exc:
+            failures.append(ApplyFailure(action, entry, errno.EINVAL, f"cannot encode: {exc}"))
+            continue
+        sent.append(entry)
+    return sent, values
 
 
 def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -> tuple[int, list[ApplyFailure]]:
@@ -631,14 +677,7 @@ def _apply_step(nl: _Rtnl, action: str, step: _Step, entries: Sequence[Entry]) -
 
     def send_pending() -> list[Entry]:
         nonlocal pending
-        sent, values = [], []
-        for entry in pending:
-            try:
-                values.append(step.template.check(step.values(entry)))
-            except ValueError as exc:  # the kernel would refuse it as well
-                failures.append(ApplyFailure(action, entry, errno.EINVAL, f"cannot encode: {exc}"))
-                continue
-            sent.append(entry)
+        sent, values = _encoded(step, pending, action, failures)
         refused = nl.transact(step.template, values, f"{action} on the VXLAN device")
         retry = []
         for row, (code, reason) in sorted(refused.items()):
