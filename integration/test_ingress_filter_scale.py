@@ -1,8 +1,8 @@
 """The VXLAN ingress filter at 5,000 leases: after every join the set (`nft -j list set`) equals the peers'
-public IPs, a leave removes exactly one element, and each is one nft transaction of the agent's that adds
-or deletes just that element, as `nft monitor` sees the kernel announce them; the agent runs these through
-libnftables in its own process, so the wrapper of test_firewall, which logs every `nft` the agent forks,
-sees none of them. A delete that nft refuses (the element was removed by hand) heals through a full
+public IPs, a leave removes exactly one element, and each is one nftables transaction of the agent's that
+adds or deletes just that element, as `nft monitor` sees the kernel announce them; the agent sends these
+over its own netlink socket, so the wrapper of test_firewall, which logs every `nft` the agent forks, sees
+none of them. A delete that nftables refuses (the element was removed by hand) heals through a full
 rewrite. Not timed."""
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def test_joins_and_a_leave_at_5000_leases_change_only_their_own_element(lab):
     node.run("nft", "delete", "element", *PEER_SET, f"{{ {hand_deleted} }}", check=True)
     lab.etcdctl("del", f"/vxlan-net/subnets/{key}")
     expected.discard(hand_deleted)
-    lab.wait_for(lambda: "firewall: nft (libnftables) failed" in node.agent.log_text(), timeout=10,
+    lab.wait_for(lambda: "firewall: nftables refused the peer set change" in node.agent.log_text(), timeout=10,
                  message="the agent's delete of a missing element did not fail as nft does")
     lab.wait_for(lambda: allowed(node) == expected, timeout=15, message="the set did not heal")
     assert node.agent.alive()
