@@ -427,6 +427,15 @@ def test_missing_device_raises_link_not_found(ns):
         ns.inside(kernel.apply_plan, "nosuch0", Plan(upsert_neighbours=(Neighbour(IPv4Address("198.19.1.0"), "0a:00:00:00:00:01"),)))
 
 
+@pytest.mark.parametrize("name", ["vxnet.1-but-longer-than-ifnamsiz", "vx\0t0", "", "../vxt0"])
+def test_a_name_no_device_can_have_is_link_not_found_not_another_device(ns, name):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    plan = Plan(upsert_neighbours=(Neighbour(IPv4Address("198.19.1.0"), "0a:00:00:00:00:01"),))
+    with pytest.raises(LinkNotFound, match="No such device"):
+        ns.inside(kernel.apply_plan, name, plan)
+    assert ns.neighbours() == set()
+
+
 # --- interfaces, bridge, info ---
 
 

@@ -181,6 +181,7 @@ class _Rtnl:
                 raise
         self._sock = sock
         self._seq = 0
+        self._netns = netns
 
     def __enter__(self) -> "_Rtnl":
         return self
@@ -220,8 +221,13 @@ class _Rtnl:
 
     def ifindex(self, ifname: str) -> int:
         """LinkNotFound if there is no such device."""
-        seq = self._next_seqs(1)
         what = f"looking up device {ifname}"
+        if self._netns is None:  # the caller's namespace, the socket's too: an ioctl, not a netlink round trip
+            try:
+                return socket.if_nametoindex(ifname)
+            except (OSError, ValueError):  # its one failure: no such device (no errno given)
+                raise _kernel_error(errno.ENODEV, what) from None
+        seq = self._next_seqs(1)
         self._send(wire.request(RTM_GETLINK, NLM_F_REQUEST, seq, wire.by_name(ifname)), what)
         for data, off, _length, _flags in self._answers(seq, what):
             return _ERR.unpack_from(data, off + 20)[0]  # ifinfomsg.ifi_index
