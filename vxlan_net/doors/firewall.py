@@ -391,18 +391,19 @@ class _PeerSetSocket:
     """The set changes of watch events, sent as one nftables batch (a transaction: all or nothing) over a
     NETLINK_NETFILTER socket kept open: no `nft` process per event. A forked `nft` cost the agent ~1 ms
     of CPU in fork and exec (and the child ~3 ms more, and ~10 ms of waiting that held up the next
-    event); libnftables in-process still ~0.4 ms (its cache is fetched again after each change); this
+    event); libnftables in-process still ~0.3 ms (its cache is fetched again after each change); this
     ~0.05 ms. Kept open, as closing a netfilter socket after a delete waits ~13 ms for the kernel.
 
     The deadline stays NFT_TIMEOUT, on the answers: the kernel handles a batch within sendmsg, as it does
     the route door's requests, so the hung `nft` the deadline was for (a stuck lock, a broken binary) has
     no equivalent here; an answer not there in time is a KernelError all the same. The socket belongs to
-    the network namespace of the thread that opened it, so it is opened again when the caller's differs."""
+    the network namespace of the thread that opened it, and to one process: it is opened again when the
+    caller's namespace differs, and in a forked child."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: Optional[socket.socket] = None
-        self._netns: Optional[int] = None
+        self._owner: Optional[tuple[int, int]] = None  # (process, network namespace) it was opened in
         self._seq = 0
 
     def change(self, changes: list[tuple[str, str, set]]) -> None:
@@ -419,6 +420,8 @@ class _PeerSetSocket:
 
     def _change(self, changes: list[tuple[str, str, set]]) -> None:
         sock = self._socket()
+        if self._seq > 1 << 30:  # a sequence number is 32 bits; 0 is the batch's own
+            self._seq = 0
         first = self._seq + 1
         self._seq += len(changes)
         requests = [_setelem_request(verb, family, ips, first + i) for i, (verb, family, ips) in enumerate(changes)]
@@ -444,8 +447,8 @@ class _PeerSetSocket:
             raise KernelError(f"nftables refused the peer set change (nothing changed): {'; '.join(refusals)}")
 
     def _socket(self) -> socket.socket:
-        netns = os.stat("/proc/thread-self/ns/net").st_ino
-        if self._sock is None or netns != self._netns:
+        owner = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+        if self._sock is None or owner != self._owner:
             self._close()
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)
             try:
@@ -456,7 +459,7 @@ class _PeerSetSocket:
             except BaseException:
                 sock.close()
                 raise
-            self._sock, self._netns = sock, netns
+            self._sock, self._owner = sock, owner
         return self._sock
 
     def _close(self) -> None:
