@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -108,8 +109,9 @@ class Namespace:
         }
 
 
-@pytest.fixture
-def ns():
+@contextlib.contextmanager
+def namespace():
+    """A Namespace with its veth underlay; deleted on the way out, also on failure."""
     if os.geteuid() != 0:
         pytest.fail("kernel tests need root (network namespaces)", pytrace=False)
     space = Namespace()
@@ -123,6 +125,12 @@ def ns():
         yield space
     finally:
         space.close()
+
+
+@pytest.fixture
+def ns():
+    with namespace() as space:
+        yield space
 
 
 def expected_tool_view(leases: list[Lease]) -> tuple[set, set, set]:
@@ -328,6 +336,29 @@ def test_entries_that_do_not_fit_their_message_are_reported_each_and_the_rest_wr
         ("upsert_neighbours", not_a_mac, errno.EINVAL, "cannot encode: '0a:00:00:00:00' is not a MAC address")}
     assert result.applied == 15
     assert (ns.neighbours(), ns.fdb() - {f for f in ns.fdb() if f[1] is None}, ns.routes()) == expected_tool_view(leases)
+
+
+def _apply_in_one_then_the_other(first: str, second: str, plan_first: Plan, plan_second: Plan) -> tuple:
+    """One thread writing to two namespaces in turn, as apply_plan keeps its socket open between calls."""
+    kernel.enter_netns(first)
+    done_first = kernel.apply_plan(SPEC.name, plan_first)
+    kernel.enter_netns(second)
+    done_second = kernel.apply_plan(SPEC.name, plan_second)
+    kernel.enter_netns(first)  # the pool's process stays the first namespace's
+    return done_first, done_second
+
+
+def test_each_plan_goes_to_the_namespace_its_caller_is_in(ns):
+    one, two = lease(1), lease(2)
+    with namespace() as other:
+        for space in (ns, other):
+            space.inside(kernel.ensure_vtep, SPEC)
+        results = ns.inside(_apply_in_one_then_the_other, ns.name, other.name,
+                            plan_changes(desired_entries([one]), OverlayEntries()),
+                            plan_changes(desired_entries([two]), OverlayEntries()))
+        assert [r.applied for r in results] == [3, 3]
+        assert other.routes() == expected_tool_view([two])[2]
+    assert ns.routes() == expected_tool_view([one])[2]
 
 
 def main_routes(ns: Namespace, prefix: str) -> list[dict]:

@@ -25,6 +25,7 @@ import operator
 import os
 import socket
 import struct
+import threading
 import time
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address,
                        ip_interface)
@@ -187,9 +188,14 @@ class _Rtnl:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._sock.close()
 
     def _next_seqs(self, count: int) -> int:
+        if self._seq + count >= 1 << 32:  # a socket kept open (_kept_rtnl) outlives 32 bits of them
+            self._seq = 0
         first = self._seq + 1
         self._seq += count
         return first
@@ -274,6 +280,35 @@ class _Rtnl:
                     if code:
                         refused[start + seq - first] = (code, wire.ack_reason(data, off, length, flags, code))
         return refused
+
+
+_kept = threading.local()
+
+
+@contextlib.contextmanager
+def _kept_rtnl(netns: Optional[str]) -> Iterator[_Rtnl]:
+    """apply_plan's socket: in the caller's namespace, one kept open per thread, so that a watch event's
+    plan costs no socket set-up (~0.07 ms of the agent's ~2 ms of CPU per event); with netns=NAME, a
+    fresh one. Closed and forgotten after any error, so that nothing a failed call left unread is taken
+    for a later answer (answers are matched by sequence number as well). Kept per process and network
+    namespace: a forked child, or a thread that entered another namespace, opens its own."""
+    if netns is not None:
+        with _Rtnl(netns) as fresh:
+            yield fresh
+        return
+    owner = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+    nl = getattr(_kept, "rtnl", None)
+    if nl is None or _kept.owner != owner:
+        if nl is not None:
+            nl.close()
+        nl = _kept.rtnl = _Rtnl()
+        _kept.owner = owner
+    try:
+        yield nl
+    except BaseException:
+        _kept.rtnl = None
+        nl.close()
+        raise
 
 
 # --- reading the overlay entries ----------------------------------------------
@@ -756,7 +791,7 @@ def apply_plan(ifname: str, plan: Plan, *, underlay: Optional[str] = None,
     if underlay is None and (plan.upsert_direct_routes or plan.remove_direct_routes):
         raise ValueError("a plan with direct routes needs the underlay device")
     applied, failures, conflicts = 0, [], []
-    with _Rtnl(netns) as nl:
+    with _kept_rtnl(netns) as nl:
         ifindex = nl.ifindex(ifname)
         # Looked up only for a plan that goes there: one round trip less for a watch event's plan.
         has_direct = bool(plan.upsert_direct_routes or plan.remove_direct_routes)
