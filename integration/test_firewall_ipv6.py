@@ -159,7 +159,8 @@ def test_set_changes_follow_the_callers_namespace_and_an_add_is_idempotent(dual)
     for each in (node, peer):
         apply(each, peers="['198.18.3.2']", network6="None")
     done = subprocess.run([sys.executable, "-c", SWITCHING, node.name, peer.name, "198.18.7.1", "198.18.7.2"],
-                          capture_output=True, text=True, timeout=60, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+                          capture_output=True, text=True, timeout=60, cwd=str(REPO),
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert sorted(peer_set(node, "ip")["elem"]) == ["198.18.3.2", "198.18.7.1"]
     assert sorted(peer_set(peer, "ip")["elem"]) == ["198.18.3.2", "198.18.7.2"]

@@ -368,7 +368,8 @@ _NLA_F_NESTED = 0x8000
 # Attribute types (linux/netfilter/nf_tables.h): NFTA_SET_ELEM_LIST_{TABLE,SET,ELEMENTS}; inside the
 # elements, NFTA_LIST_ELEM holds NFTA_SET_ELEM_KEY, which holds NFTA_DATA_VALUE.
 _LIST_TABLE, _LIST_SET, _LIST_ELEMENTS, _LIST_ELEM, _ELEM_KEY, _DATA_VALUE = 1, 2, 3, 1, 1, 1
-_BATCH = {kind: wire.request(kind, wire.NLM_F_REQUEST, 0, struct.pack("=BBH", 0, 0, socket.htons(_NFNL_SUBSYS_NFTABLES)))
+_BATCH = {kind: wire.request(kind, wire.NLM_F_REQUEST, 0,
+                             struct.pack("=BBH", 0, 0, socket.htons(_NFNL_SUBSYS_NFTABLES)))
           for kind in (_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END)}
 
 
@@ -442,7 +443,8 @@ class _PeerSetSocket:
                     continue
                 answered += 1
                 if code:
-                    refusals.append(f"{_change_text(*changes[seq - first])}: {wire.ack_reason(data, off, length, flags, code)}")
+                    reason = wire.ack_reason(data, off, length, flags, code)
+                    refusals.append(f"{_change_text(*changes[seq - first])}: {reason}")
         if refusals:
             raise KernelError(f"nftables refused the peer set change (nothing changed): {'; '.join(refusals)}")
 
