@@ -567,6 +567,22 @@ def test_a_foreign_route_on_the_underlay_is_never_read_as_ours_nor_overwritten(n
     assert [r["gateway"] for r in main_routes(ns, "198.19.50.0/24")] == ["198.18.0.9"]
 
 
+def test_a_full_sync_of_our_own_routes_is_no_news_however_many(ns):
+    """Thousands of our routes at once (a start-up's full sync) never reach the subscription: they
+    would overrun its buffer, and a lost notification reads as news (a needless full pass)."""
+    ns.inside(kernel.ensure_vtep, SPEC)
+    peers = [Lease(IPv4Network(f"198.19.{i // 64}.{i % 64 * 4}/30"),
+                   IPv4Address(f"198.18.{1 + i // 250}.{1 + i % 250}"), f"0a:00:00:00:{i >> 8:02x}:{i & 255:02x}",
+                   SPEC.vni) for i in range(1, 5001)]
+    with kernel.RouteEvents(netns=ns.name) as events:
+        result = kernel.apply_plan(SPEC.name, plan_changes(desired_entries(peers), OverlayEntries()), netns=ns.name)
+        assert result.ok and result.applied == 15000
+        assert events.changed() is False
+        ns.ip("route", "add", "198.18.9.0/24", "via", str(ROUTER_IP), "dev", "und0", "proto", "static")
+        assert events.changed() is True, "someone else's route still is"
+    assert len(ns.routes()) == 5000
+
+
 def test_route_events_report_address_and_route_changes_but_not_our_own_routes(ns):
     ns.inside(kernel.ensure_vtep, SPEC)
     with kernel.RouteEvents(netns=ns.name) as events:

@@ -825,15 +825,50 @@ _RTMGRP_IPV6_ROUTE = 0x400
 _RTM_DELADDR = 21
 
 
+_SO_ATTACH_FILTER = 26
+_BPF_LD_H_ABS, _BPF_LD_B_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x28, 0x30, 0x15, 0x06
+_BPF_INSN = struct.Struct("=HBBI")  # code, jump if true, jump if false, k
+
+
+def _not_our_routes_filter() -> bytes:
+    """A classic BPF program for a notification socket: drop route messages with protocol ROUTE_PROTO,
+    keep everything else. Its loads read big-endian; netlink's header is the host's order, so the
+    message types are compared as the bytes the host writes."""
+    as_loaded = {kind: int.from_bytes(_U16.pack(kind), "big") for kind in (RTM_NEWROUTE, RTM_DELROUTE)}
+    return b"".join(_BPF_INSN.pack(*insn) for insn in (
+        (_BPF_LD_H_ABS, 0, 0, 4),                           # nlmsg_type
+        (_BPF_JEQ_K, 1, 0, as_loaded[RTM_NEWROUTE]),        # a route -> 3
+        (_BPF_JEQ_K, 0, 2, as_loaded[RTM_DELROUTE]),        # a route -> 3, else -> 5
+        (_BPF_LD_B_ABS, 0, 0, 16 + 5),                      # rtmsg.rtm_protocol
+        (_BPF_JEQ_K, 1, 0, ROUTE_PROTO),                    # ours -> 6
+        (_BPF_RET_K, 0, 0, 0xFFFFFFFF),                     # 5: keep
+        (_BPF_RET_K, 0, 0, 0),                              # 6: drop
+    ))
+
+
+_NOT_OUR_ROUTES = _not_our_routes_filter()
+
+
+def _attach_filter(sock: socket.socket, program: bytes) -> None:
+    """SO_ATTACH_FILTER: a struct sock_fprog (length, pointer to the instructions), kept alive meanwhile."""
+    import ctypes  # already loaded by pyroute2; only this needs an address
+
+    instructions = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("@HP", len(program) // _BPF_INSN.size, ctypes.addressof(instructions))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
 class RouteEvents:
     """A netlink subscription to this namespace's address and route changes (RTNLGRP_IPV4_IFADDR,
     RTNLGRP_IPV4_ROUTE, and with `ipv6` RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE), polled without
     blocking: changed() says whether any came since the last call.
 
     Our own routes (protocol ROUTE_PROTO) are not news: every pass writes some, and
-    counting them would make each pass trigger the next. When the kernel drops
-    notifications (ENOBUFS: the socket's buffer overran), changed() says yes: something
-    was lost. Close it when done (or use it as a context manager).
+    counting them would make each pass trigger the next. A socket filter drops them in the
+    kernel (reading and skipping them cost the agent per watch event, and a full sync's
+    thousands overran the buffer, which reads as news); changed() skips any that still come.
+    When the kernel drops notifications (ENOBUFS: the socket's buffer overran), changed()
+    says yes: something was lost. Close it when done (or use it as a context manager).
     """
 
     def __init__(self, *, ipv6: bool = True, netns: Optional[str] = None):
@@ -848,6 +883,7 @@ class RouteEvents:
                                             NETLINK_ROUTE, flags=0)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                _attach_filter(sock, _NOT_OUR_ROUTES)  # before bind: nothing unfiltered is queued
                 sock.bind((0, groups))
             except BaseException:
                 sock.close()
