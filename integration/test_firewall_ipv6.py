@@ -5,9 +5,13 @@ and proved with packets: VXLAN over IPv6 crafted with scapy, ping -6 from an IPv
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
+
+from integration.lab import REPO
 
 pytestmark = pytest.mark.lab
 
@@ -134,6 +138,32 @@ def test_peers_change_one_element_at_a_time_per_family_and_a_full_rewrite_emptie
     call(node, f"fw.update_peers(['{peer.public_ip}'], ipv6=True)")
     assert "elem" not in peer_set(node, "ip6"), "the last IPv6 peer left: the set is empty"
     assert sorted(call(node, "fw.current_peers()")) == [peer.public_ip]
+
+
+# One process changing the peer sets of two namespaces in turn, as fw.change_peers keeps its netlink
+# socket open between calls: each change must land in the namespace the caller is in at that moment.
+SWITCHING = """
+import sys
+from vxlan_net.doors import firewall as fw, kernel
+first, second, ip1, ip2 = sys.argv[1:5]
+kernel.enter_netns(first)
+fw.change_peers([ip1], [])
+kernel.enter_netns(second)
+fw.change_peers([ip2], [])
+fw.change_peers([ip2], [])  # an add of an element already there is no error, as with `nft add element`
+"""
+
+
+def test_set_changes_follow_the_callers_namespace_and_an_add_is_idempotent(dual):
+    node, peer = dual.nodes
+    for each in (node, peer):
+        apply(each, peers="['198.18.3.2']", network6="None")
+    done = subprocess.run([sys.executable, "-c", SWITCHING, node.name, peer.name, "198.18.7.1", "198.18.7.2"],
+                          capture_output=True, text=True, timeout=60, cwd=str(REPO),
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert sorted(peer_set(node, "ip")["elem"]) == ["198.18.3.2", "198.18.7.1"]
+    assert sorted(peer_set(peer, "ip")["elem"]) == ["198.18.3.2", "198.18.7.2"]
 
 
 def test_ipv6_going_away_deletes_the_ip6_table_and_its_peers(dual):

@@ -1,13 +1,18 @@
 """The VXLAN ingress filter at 5,000 leases: after every join the set (`nft -j list set`) equals the peers'
-public IPs, a leave removes exactly one element, and each costs the agent one `nft` run that adds or
-deletes just that element (the wrapper of test_firewall logs every call the agent makes); a delete that
-nft refuses (the element was removed by hand) heals through a full rewrite. Not timed."""
+public IPs, a leave removes exactly one element, and each is one nftables transaction of the agent's that
+adds or deletes just that element, as `nft monitor` sees the kernel announce them; the agent sends these
+over its own netlink socket, so the wrapper of test_firewall, which logs every `nft` the agent forks, sees
+none of them. A delete that nftables refuses (the element was removed by hand) heals through a full
+rewrite. Not timed."""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +47,55 @@ def records(lab) -> dict[str, str]:
             json.loads(base64.b64decode(kv["value"]))["PublicIP"] for kv in doc.get("kvs", [])}
 
 
+class SetMonitor:
+    """`nft monitor` in the node: each nft transaction as the kernel announces it, with who made it."""
+
+    GENERATION = re.compile(r"# new generation \d+ by process (\d+) ")
+
+    def __init__(self, lab, node):
+        self.path = lab.workdir / "nft-monitor.txt"
+        with open(self.path, "wb") as out:
+            self.proc = node.popen("nft", "monitor", stdout=out, stderr=subprocess.STDOUT)
+        self.seen = 0
+        # Listening once it reports a transaction of ours (a table created and deleted, again until seen).
+        def probed() -> bool:
+            node.run("nft", "add", "table", "ip", "vxlan-net-monitor-probe", check=True)
+            node.run("nft", "delete", "table", "ip", "vxlan-net-monitor-probe", check=True)
+            return "delete table ip vxlan-net-monitor-probe" in self.path.read_text()
+        lab.wait_for(probed, timeout=10, message="nft monitor did not start")
+        self.transactions()
+
+    def wait(self, lab, count: int) -> list[tuple[int, list[str]]]:
+        """The transactions since the last look, once there are `count` of them (bounded)."""
+        lab.wait_for(lambda: self.path.read_text().count("# new generation ", self.seen) >= count, timeout=10,
+                     message=f"nft monitor saw fewer than {count} transactions")
+        return self.transactions()
+
+    def transactions(self) -> list[tuple[int, list[str]]]:
+        """(PID of the thread that made it, its lines) of each complete transaction since the last call."""
+        text = self.path.read_text()
+        done = text.rfind("\n# new generation ")
+        if done < self.seen:
+            return []
+        end = text.index("\n", done + 1) + 1
+        made, lines = [], []
+        for line in text[self.seen:end].splitlines():
+            generation = self.GENERATION.match(line)
+            if generation:
+                made.append((int(generation.group(1)), lines))
+                lines = []
+            elif line.strip():
+                lines.append(line.strip())
+        self.seen = end
+        return made
+
+
+def in_agent(node, transactions: list[tuple[int, list[str]]]) -> list[list[str]]:
+    """The transactions' lines, each made by one of the agent's threads (or the PID itself)."""
+    assert all(Path(f"/proc/{node.agent.proc.pid}/task/{pid}").exists() for pid, _ in transactions), transactions
+    return [lines for _, lines in transactions]
+
+
 def set_writes(fw: FirewallNode) -> list[str]:
     """What the agent's `nft -f` runs since the last look fed to nft."""
     return [c["stdin"] for c in fw.calls() if "-f" in c["argv"] and "list" not in c["argv"]]
@@ -61,6 +115,7 @@ def test_joins_and_a_leave_at_5000_leases_change_only_their_own_element(lab):
     expected = set(known.values()) - {node.public_ip}
     assert allowed(node) == expected
     fw.calls()  # the start-up's full rewrite is not what this test is about
+    monitor = SetMonitor(lab, node)
 
     free = (key for key in map(subnet_key_name, candidate_subnets("198.19.0.0/16", SUBNET_LEN)) if key not in known)
     joined = []
@@ -72,8 +127,9 @@ def test_joins_and_a_leave_at_5000_leases_change_only_their_own_element(lab):
         joined.append((key, value["PublicIP"]))
         lab.wait_for(lambda: allowed(node) == expected, timeout=10,
                      message=f"join {i}: the set is not the peers' public IPs")
-    writes = set_writes(fw)
-    assert writes == [f"add element ip vxlan-net vxlan_peers {{ {ip} }}\n" for _, ip in joined]
+    assert in_agent(node, monitor.wait(lab, JOINS)) == [[f"add element ip vxlan-net vxlan_peers {{ {ip} }}"]
+                                                     for _, ip in joined]
+    assert set_writes(fw) == [], "no `nft` forked per event"
 
     before = allowed(node)
     key, gone = joined[JOINS // 2]
@@ -82,7 +138,8 @@ def test_joins_and_a_leave_at_5000_leases_change_only_their_own_element(lab):
     after = allowed(node)
     assert before - after == {gone} and after <= before
     assert after == expected - {gone}
-    assert set_writes(fw) == [f"delete element ip vxlan-net vxlan_peers {{ {gone} }}\n"]
+    assert in_agent(node, monitor.wait(lab, 1)) == [[f"delete element ip vxlan-net vxlan_peers {{ {gone} }}"]]
+    assert set_writes(fw) == []
     expected.discard(gone)
 
     # Hostile: an operator deleted a peer's element by hand, then the peer leaves. nft refuses to delete
@@ -91,7 +148,7 @@ def test_joins_and_a_leave_at_5000_leases_change_only_their_own_element(lab):
     node.run("nft", "delete", "element", *PEER_SET, f"{{ {hand_deleted} }}", check=True)
     lab.etcdctl("del", f"/vxlan-net/subnets/{key}")
     expected.discard(hand_deleted)
-    lab.wait_for(lambda: "firewall: nft -f - failed" in node.agent.log_text(), timeout=10,
+    lab.wait_for(lambda: "firewall: nftables refused the peer set change" in node.agent.log_text(), timeout=10,
                  message="the agent's delete of a missing element did not fail as nft does")
     lab.wait_for(lambda: allowed(node) == expected, timeout=15, message="the set did not heal")
     assert node.agent.alive()

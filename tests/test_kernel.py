@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import json
 import multiprocessing
 import os
 import secrets
 import subprocess
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 
 import pytest
 
@@ -108,8 +109,9 @@ class Namespace:
         }
 
 
-@pytest.fixture
-def ns():
+@contextlib.contextmanager
+def namespace():
+    """A Namespace with its veth underlay; deleted on the way out, also on failure."""
     if os.geteuid() != 0:
         pytest.fail("kernel tests need root (network namespaces)", pytrace=False)
     space = Namespace()
@@ -123,6 +125,12 @@ def ns():
         yield space
     finally:
         space.close()
+
+
+@pytest.fixture
+def ns():
+    with namespace() as space:
+        yield space
 
 
 def expected_tool_view(leases: list[Lease]) -> tuple[set, set, set]:
@@ -309,6 +317,51 @@ def test_refusals_map_to_their_entries_across_chunks(ns):
     assert result.applied == len(routes) - len(bad_rows) == len(ns.routes())
 
 
+def test_entries_that_do_not_fit_their_message_are_reported_each_and_the_rest_written(ns):
+    """Hostile entries a lease could never produce: a gateway of the other family, a MAC that is none.
+    Each is a failure of its own (the kernel would refuse it too); every other entry of the batch,
+    before and after it, is written."""
+    ns.inside(kernel.ensure_vtep, SPEC)
+    leases = [lease(i) for i in range(1, 6)]
+    misfit = Route(IPv4Network("198.19.9.0/24"), IPv6Address("fd19::9"))
+    not_a_mac = Neighbour(IPv4Address("198.19.10.0"), "0a:00:00:00:00")
+    plan = Plan(upsert_neighbours=(*(Neighbour(l.gateway, l.vtep_mac) for l in leases[:2]), not_a_mac,
+                                   *(Neighbour(l.gateway, l.vtep_mac) for l in leases[2:])),
+                upsert_fdb=tuple(FdbEntry(l.vtep_mac, l.public_ip) for l in leases),
+                upsert_routes=(Route(leases[0].subnet, leases[0].gateway), misfit,
+                               *(Route(l.subnet, l.gateway) for l in leases[1:])))
+    result = ns.inside(kernel.apply_plan, SPEC.name, plan)
+    assert {(f.action, f.entry, f.errno, f.reason) for f in result.failures} == {
+        ("upsert_routes", misfit, errno.EINVAL, "cannot encode: 16 bytes where 4 are expected"),
+        ("upsert_neighbours", not_a_mac, errno.EINVAL, "cannot encode: '0a:00:00:00:00' is not a MAC address")}
+    assert result.applied == 15
+    remotes = {f for f in ns.fdb() if f[1] is not None}  # not the device's own entries
+    assert (ns.neighbours(), remotes, ns.routes()) == expected_tool_view(leases)
+
+
+def _apply_in_one_then_the_other(first: str, second: str, plan_first: Plan, plan_second: Plan) -> tuple:
+    """One thread writing to two namespaces in turn, as apply_plan keeps its socket open between calls."""
+    kernel.enter_netns(first)
+    done_first = kernel.apply_plan(SPEC.name, plan_first)
+    kernel.enter_netns(second)
+    done_second = kernel.apply_plan(SPEC.name, plan_second)
+    kernel.enter_netns(first)  # the pool's process stays the first namespace's
+    return done_first, done_second
+
+
+def test_each_plan_goes_to_the_namespace_its_caller_is_in(ns):
+    one, two = lease(1), lease(2)
+    with namespace() as other:
+        for space in (ns, other):
+            space.inside(kernel.ensure_vtep, SPEC)
+        results = ns.inside(_apply_in_one_then_the_other, ns.name, other.name,
+                            plan_changes(desired_entries([one]), OverlayEntries()),
+                            plan_changes(desired_entries([two]), OverlayEntries()))
+        assert [r.applied for r in results] == [3, 3]
+        assert other.routes() == expected_tool_view([two])[2]
+    assert ns.routes() == expected_tool_view([one])[2]
+
+
 def main_routes(ns: Namespace, prefix: str) -> list[dict]:
     """Every main-table route for exactly `prefix`, as `ip -j route` shows it."""
     return [{k: r.get(k) for k in ("dst", "gateway", "dev", "protocol", "metric", "flags")}
@@ -404,6 +457,15 @@ def test_missing_device_raises_link_not_found(ns):
         ns.inside(kernel.read_overlay_entries, "nosuch0")
     with pytest.raises(LinkNotFound):
         ns.inside(kernel.apply_plan, "nosuch0", Plan(upsert_neighbours=(Neighbour(IPv4Address("198.19.1.0"), "0a:00:00:00:00:01"),)))
+
+
+@pytest.mark.parametrize("name", ["vxnet.1-but-longer-than-ifnamsiz", "vx\0t0", "", "../vxt0"])
+def test_a_name_no_device_can_have_is_link_not_found_not_another_device(ns, name):
+    ns.inside(kernel.ensure_vtep, SPEC)
+    plan = Plan(upsert_neighbours=(Neighbour(IPv4Address("198.19.1.0"), "0a:00:00:00:00:01"),))
+    with pytest.raises(LinkNotFound, match="No such device"):
+        ns.inside(kernel.apply_plan, name, plan)
+    assert ns.neighbours() == set()
 
 
 # --- interfaces, bridge, info ---
@@ -503,6 +565,22 @@ def test_a_foreign_route_on_the_underlay_is_never_read_as_ours_nor_overwritten(n
     assert result.ok and [str(c.entry.subnet) for c in result.conflicts] == ["198.19.1.0/24"]
     assert [(r["gateway"], r["protocol"]) for r in main_routes(ns, "198.19.1.0/24")] == [("198.18.0.9", "static")]
     assert [r["gateway"] for r in main_routes(ns, "198.19.50.0/24")] == ["198.18.0.9"]
+
+
+def test_a_full_sync_of_our_own_routes_is_no_news_however_many(ns):
+    """Thousands of our routes at once (a start-up's full sync) never reach the subscription: they
+    would overrun its buffer, and a lost notification reads as news (a needless full pass)."""
+    ns.inside(kernel.ensure_vtep, SPEC)
+    peers = [Lease(IPv4Network(f"198.19.{i // 64}.{i % 64 * 4}/30"),
+                   IPv4Address(f"198.18.{1 + i // 250}.{1 + i % 250}"), f"0a:00:00:00:{i >> 8:02x}:{i & 255:02x}",
+                   SPEC.vni) for i in range(1, 5001)]
+    with kernel.RouteEvents(netns=ns.name) as events:
+        result = kernel.apply_plan(SPEC.name, plan_changes(desired_entries(peers), OverlayEntries()), netns=ns.name)
+        assert result.ok and result.applied == 15000
+        assert events.changed() is False
+        ns.ip("route", "add", "198.18.9.0/24", "via", str(ROUTER_IP), "dev", "und0", "proto", "static")
+        assert events.changed() is True, "someone else's route still is"
+    assert len(ns.routes()) == 5000
 
 
 def test_route_events_report_address_and_route_changes_but_not_our_own_routes(ns):

@@ -7,10 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import socket
+import struct
 import subprocess
+import threading
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Iterable, Optional, Union
+
+from cni import netlink as wire
 
 from vxlan_net.core.errors import KernelError
 from vxlan_net.core.names import NFT_TABLE
@@ -153,15 +159,19 @@ def render_peer_changes(added: Iterable[IPAddress], removed: Iterable[IPAddress]
     Deletions go first, so an address both removed and added (never both from one caller)
     ends up present. nft refuses to delete an element that is not there, which fails
     the whole transaction: the caller then knows the set is not what it thought."""
+    return "".join(_change_text(*change) + "\n" for change in _peer_changes(added, removed))
+
+
+def _peer_changes(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> list[tuple[str, str, set]]:
+    """(verb, nft family, addresses) of each set to change, in the order of the transaction."""
     added4, added6 = _by_family(added)
     removed4, removed6 = _by_family(removed)
-    text = ""
-    for verb, family, ips in (("delete", "ip", removed4), ("delete", "ip6", removed6),
-                              ("add", "ip", added4), ("add", "ip6", added6)):
-        elements = _elements(ips)
-        if elements:
-            text += f"{verb} element {family} {TABLE} {PEER_SET} {{ {elements} }}\n"
-    return text
+    return [(verb, family, ips) for verb, family, ips in (("delete", "ip", removed4), ("delete", "ip6", removed6),
+                                                          ("add", "ip", added4), ("add", "ip6", added6)) if ips]
+
+
+def _change_text(verb: str, family: str, ips: Iterable[IPAddress]) -> str:
+    return f"{verb} element {family} {TABLE} {PEER_SET} {{ {_elements(ips)} }}"
 
 
 def _by_family(ips: Iterable[IPAddress | str]) -> tuple[set[IPv4Address], set[IPv6Address]]:
@@ -210,11 +220,15 @@ def update_peers(peer_ips: Iterable[IPAddress], ipv6: bool = False) -> None:
 
 def change_peers(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> None:
     """Allow `added` and stop allowing `removed`, leaving every other element as it is: a join or a
-    leave costs one small `nft` run, however many peers there are. Fails (KernelError) when an
-    address to remove is not in its set, or an IPv6 one is given and there is no ip6 table."""
-    text = render_peer_changes(added, removed)
-    if text:
-        _nft(["-f", "-"], text)
+    leave costs one small nftables transaction, however many peers there are. Fails (KernelError) when
+    an address to remove is not in its set, or an IPv6 one is given and there is no ip6 table; then
+    nothing changed.
+
+    The per-event path, so it does not fork `nft`: the transaction (what render_peer_changes says) goes
+    to the kernel over a netlink socket of this process (_PeerSetSocket)."""
+    changes = _peer_changes(added, removed)
+    if changes:
+        _peer_sets.change(changes)
 
 
 def current_peers() -> list[IPAddress]:
@@ -343,6 +357,120 @@ def _tagged_rules(listing: str) -> tuple[list[tuple[str, list[dict]]], list[int]
             rules.append((rule["comment"], expr))
             handles.append(rule["handle"])
     return rules, handles
+
+
+_NETLINK_NETFILTER = 12
+_NFNL_SUBSYS_NFTABLES = 10
+_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END = 16, 17
+_NFT_MSG_SETELEM = {"add": 12, "delete": 14}  # NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM
+_NFPROTO = {"ip": 2, "ip6": 10}  # NFPROTO_IPV4, NFPROTO_IPV6
+_NLA_F_NESTED = 0x8000
+# Attribute types (linux/netfilter/nf_tables.h): NFTA_SET_ELEM_LIST_{TABLE,SET,ELEMENTS}; inside the
+# elements, NFTA_LIST_ELEM holds NFTA_SET_ELEM_KEY, which holds NFTA_DATA_VALUE.
+_LIST_TABLE, _LIST_SET, _LIST_ELEMENTS, _LIST_ELEM, _ELEM_KEY, _DATA_VALUE = 1, 2, 3, 1, 1, 1
+_BATCH = {kind: wire.request(kind, wire.NLM_F_REQUEST, 0,
+                             struct.pack("=BBH", 0, 0, socket.htons(_NFNL_SUBSYS_NFTABLES)))
+          for kind in (_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END)}
+
+
+def _nested(kind: int, payload: bytes) -> bytes:
+    return wire.attr(kind | _NLA_F_NESTED, payload)
+
+
+def _setelem_request(verb: str, family: str, ips: Iterable[IPAddress], seq: int) -> bytes:
+    """NFT_MSG_NEWSETELEM / DELSETELEM of `ips` in our peer set of `family`, as `nft add|delete element`
+    sends it: an add creates without NLM_F_EXCL (an element already there is no error), a delete of an
+    element that is not there is refused (ENOENT)."""
+    flags = wire.NLM_F_REQUEST | wire.NLM_F_ACK | (wire.NLM_F_CREATE if verb == "add" else 0)
+    elements = b"".join(_nested(_LIST_ELEM, _nested(_ELEM_KEY, wire.attr(_DATA_VALUE, ip.packed))) for ip in ips)
+    body = (struct.pack("=BBH", _NFPROTO[family], 0, 0) + wire.attr_str(_LIST_TABLE, TABLE)
+            + wire.attr_str(_LIST_SET, PEER_SET) + _nested(_LIST_ELEMENTS, elements))
+    return wire.request((_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_SETELEM[verb], flags, seq, body)
+
+
+class _PeerSetSocket:
+    """The set changes of watch events, sent as one nftables batch (a transaction: all or nothing) over a
+    NETLINK_NETFILTER socket kept open: no `nft` process per event. A forked `nft` cost the agent ~1 ms
+    of CPU in fork and exec (and the child ~3 ms more, and ~10 ms of waiting that held up the next
+    event); libnftables in-process still ~0.3 ms (its cache is fetched again after each change); this
+    ~0.05 ms. Kept open, as closing a netfilter socket after a delete waits ~13 ms for the kernel.
+
+    The deadline stays NFT_TIMEOUT, on the answers: the kernel handles a batch within sendmsg, as it does
+    the route door's requests, so the hung `nft` the deadline was for (a stuck lock, a broken binary) has
+    no equivalent here; an answer not there in time is a KernelError all the same. The socket belongs to
+    the network namespace of the thread that opened it, and to one process: it is opened again when the
+    caller's namespace differs, and in a forked child."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: Optional[socket.socket] = None
+        self._owner: Optional[tuple[int, int]] = None  # (process, network namespace) it was opened in
+        self._seq = 0
+
+    def change(self, changes: list[tuple[str, str, set]]) -> None:
+        """Apply (verb, nft family, addresses) changes in one transaction; KernelError if refused."""
+        with self._lock:
+            try:
+                self._change(changes)
+            except OSError as exc:
+                self._close()
+                raise KernelError(f"changing the nftables peer sets: {exc.strerror or exc}") from None
+            except KernelError:
+                self._close()  # nothing of a failed batch may be read as the next one's answer
+                raise
+
+    def _change(self, changes: list[tuple[str, str, set]]) -> None:
+        sock = self._socket()
+        if self._seq > 1 << 30:  # a sequence number is 32 bits; 0 is the batch's own
+            self._seq = 0
+        first = self._seq + 1
+        self._seq += len(changes)
+        requests = [_setelem_request(verb, family, ips, first + i) for i, (verb, family, ips) in enumerate(changes)]
+        sock.sendto(_BATCH[_NFNL_MSG_BATCH_BEGIN] + b"".join(requests) + _BATCH[_NFNL_MSG_BATCH_END], (0, 0))
+        refusals, answered = [], 0
+        while answered < len(changes):  # every request asked for an answer: an ack or why it was refused
+            try:
+                data = sock.recv(1 << 16)
+            except socket.timeout:
+                raise KernelError(f"nftables did not answer within {NFT_TIMEOUT:g}s") from None
+            for off, length, kind, flags, seq in wire.messages(data):
+                if kind != wire.NLMSG_ERROR:
+                    continue
+                code = wire.error_code(data, off)
+                if seq == 0 and code:  # the batch itself (its begin or end) was refused: no more answers come
+                    raise KernelError(f"nftables refused the batch: {wire.ack_reason(data, off, length, flags, code)}")
+                if not first <= seq < first + len(changes):
+                    continue
+                answered += 1
+                if code:
+                    reason = wire.ack_reason(data, off, length, flags, code)
+                    refusals.append(f"{_change_text(*changes[seq - first])}: {reason}")
+        if refusals:
+            raise KernelError(f"nftables refused the peer set change (nothing changed): {'; '.join(refusals)}")
+
+    def _socket(self) -> socket.socket:
+        owner = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+        if self._sock is None or owner != self._owner:
+            self._close()
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)
+            try:
+                sock.setsockopt(wire.SOL_NETLINK, wire.NETLINK_CAP_ACK, 1)
+                sock.setsockopt(wire.SOL_NETLINK, wire.NETLINK_EXT_ACK, 1)  # the kernel's words in a refusal
+                sock.settimeout(NFT_TIMEOUT)
+                sock.bind((0, 0))
+            except BaseException:
+                sock.close()
+                raise
+            self._sock, self._owner = sock, owner
+        return self._sock
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+_peer_sets = _PeerSetSocket()
 
 
 def _nft(args: list[str], stdin: str | None = None) -> str:
