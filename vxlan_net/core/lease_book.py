@@ -60,7 +60,7 @@ def _identities(lease: Lease) -> tuple[Identity, ...]:
     for family in sorted(lease.underlays):
         address, mac = lease.endpoint(family)  # type: ignore[misc]
         found += [("VtepMAC", mac), ("PublicIP", address)]
-    return tuple(found)
+    return tuple(dict.fromkeys(found))  # once each: a record may give both its VTEPs one MAC
 
 
 def _subnet_order(subnet: IPNetwork) -> tuple[int, int, int]:
@@ -74,20 +74,22 @@ def _lease_order(lease: Lease) -> tuple[int, int, int]:
     return _subnet_order(lease.subnet)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Record:
     """A valid record, when it was created, and what it claims (both computed once: a listing of
-    5,000 records compares ranks and identities tens of thousands of times)."""
+    5,000 records compares ranks and identities tens of thousands of times). Slots: the book holds
+    one per lease of the network."""
 
     lease: Lease
     create_revision: int
     key_name: str
     rank: tuple = dataclasses.field(init=False, compare=False, repr=False)
-    """Who wins an identity conflict: the first created, then the lower subnet, then the key name."""
+    """Who wins an identity conflict: the first created, then the lower subnet, then the key name
+    (one flat tuple, ordered as (revision, (version, address, length), name) would be)."""
     identities: tuple[Identity, ...] = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rank", (self.create_revision, _subnet_order(self.lease.subnet), self.key_name))
+        object.__setattr__(self, "rank", (self.create_revision, *_subnet_order(self.lease.subnet), self.key_name))
         object.__setattr__(self, "identities", _identities(self.lease))
 
 
@@ -119,7 +121,9 @@ class LeaseBook:
         self._own_identities: frozenset[Identity] = frozenset()
         self._protected: dict[IPNetwork, str] = {}
         self._records: dict[str, _Record] = {}
-        self._holders: dict[Identity, set[str]] = {}
+        self._holders: dict[Identity, str | set[str]] = {}
+        """Identity -> the key names claiming it: the one name while it is alone (nearly always; a set per
+        identity cost three sets of 216 bytes a lease), a set of names while several claim it."""
         self._peers: dict[str, Lease] = {}
         self._invalid: dict[str, str] = {}
         """key name -> why the record is not a valid lease."""
@@ -137,14 +141,14 @@ class LeaseBook:
 
     def lease_for(self, subnet: IPNetwork) -> Optional[Lease]:
         """The valid record holding `subnet` (the first created, if several claim it), programmed or not."""
-        holders = self._holders.get(("subnet", subnet), ())
-        if not holders:
+        holders = self._holders.get(("subnet", subnet))
+        if holders is None:
             return None
         return self._winner(holders).lease
 
-    def _winner(self, holders: set[str]) -> _Record:
-        if len(holders) == 1:
-            return self._records[next(iter(holders))]
+    def _winner(self, holders: str | set[str]) -> _Record:
+        if holders.__class__ is str:
+            return self._records[holders]  # type: ignore[index]
         return min((self._records[k] for k in holders), key=lambda r: r.rank)
 
     def skipped(self) -> dict[str, str]:
@@ -222,9 +226,15 @@ class LeaseBook:
         self._records[name] = record
         affected = {name}
         for identity in record.identities:
-            holders = self._holders.setdefault(identity, set())
-            holders.add(name)
-            affected |= holders
+            holders = self._holders.get(identity)
+            if holders is None or holders == name:
+                self._holders[identity] = name
+            elif holders.__class__ is str:
+                self._holders[identity] = {holders, name}  # type: ignore[assignment]
+                affected.add(holders)  # type: ignore[arg-type]
+            else:
+                holders.add(name)  # type: ignore[union-attr]
+                affected |= holders  # type: ignore[arg-type]
         return affected
 
     def _drop(self, name: str) -> set[str]:
@@ -235,10 +245,13 @@ class LeaseBook:
             return affected
         for identity in record.identities:
             holders = self._holders[identity]
-            holders.discard(name)
-            affected |= holders
-            if not holders:
-                del self._holders[identity]
+            if holders.__class__ is str:
+                del self._holders[identity]  # it was the name's alone
+                continue
+            holders.discard(name)  # type: ignore[union-attr]
+            affected |= holders  # type: ignore[arg-type]
+            if len(holders) == 1:
+                self._holders[identity] = next(iter(holders))
         return affected
 
     def _standing(self, name: str) -> tuple[Optional[Lease], Optional[str]]:
