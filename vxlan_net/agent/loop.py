@@ -22,6 +22,7 @@ from vxlan_net.agent.decisions import (KEEP, REFUSE, SettledAddress, address_to_
 from vxlan_net.agent.faults import Faults, RetriedStep, in_background, retry_in_background
 from vxlan_net.agent.health import AgentMetrics, HealthServer, Readiness
 from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
+from vxlan_net.agent.memory import release_free_memory
 from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.backoff import Backoff
 from vxlan_net.core.config import NetworkConfig, parse_config
@@ -394,6 +395,7 @@ class Agent:
                 else:
                     self.metrics.etcd_reachable.set(1)
                     self._relist(snapshot)
+                    del snapshot  # not kept until the next listing: every record's raw value
                     if watches_opened:
                         self.metrics.watch_restarts.inc()
                     watches_opened += 1
@@ -595,6 +597,7 @@ class Agent:
         self._filter_vxlan_sources(full)
         if full:
             self._recheck_forward_rules()
+            release_free_memory()  # a full pass follows every listing, whose peak the C heap would keep
 
     def _timed_reconcile(self):
         result = self.reconciler.reconcile()
