@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Iterable, Mapping, Optional
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Iterable, Mapping, Optional, Union
 
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.errors import InvalidLease
@@ -51,15 +52,19 @@ class RecordEvent:
     """etcd's create revision of the key: the older record wins an identity conflict."""
 
 
-Identity = tuple[str, object]
-"""What only one node may hold: ("VtepMAC", mac), ("PublicIP", address), ("subnet", network)."""
+Identity = Union[str, IPAddress, IPNetwork]
+"""What only one node may hold: a VTEP MAC (str), a PublicIP (address) or a subnet (network), each itself:
+values of different types never compare equal, so they share one dict without a (kind, value) tuple each."""
+
+_KIND = {str: "VtepMAC", IPv4Address: "PublicIP", IPv6Address: "PublicIP", IPv4Network: "subnet", IPv6Network: "subnet"}
+"""How messages name an identity, by its type."""
 
 
 def _identities(lease: Lease) -> tuple[Identity, ...]:
-    found: list[Identity] = [("subnet", subnet) for subnet in lease.subnets]
+    found: list[Identity] = list(lease.subnets)
     for family in sorted(lease.underlays):
         address, mac = lease.endpoint(family)  # type: ignore[misc]
-        found += [("VtepMAC", mac), ("PublicIP", address)]
+        found += [mac, address]
     return tuple(dict.fromkeys(found))  # once each: a record may give both its VTEPs one MAC
 
 
@@ -141,7 +146,7 @@ class LeaseBook:
 
     def lease_for(self, subnet: IPNetwork) -> Optional[Lease]:
         """The valid record holding `subnet` (the first created, if several claim it), programmed or not."""
-        holders = self._holders.get(("subnet", subnet))
+        holders = self._holders.get(subnet)
         if holders is None:
             return None
         return self._winner(holders).lease
@@ -262,14 +267,14 @@ class LeaseBook:
         lease = record.lease
         if self._is_own(name):
             return None, None  # our own record: never a peer, nothing to warn about
-        for what, value in record.identities:
-            winner = self._winner(self._holders[(what, value)])
+        for value in record.identities:
+            winner = self._winner(self._holders[value])
             if winner is not record:
-                return None, (f"its {what} {value} is also claimed by {winner.lease.key_name}, created first "
+                return None, (f"its {_KIND[value.__class__]} {value} is also claimed by {winner.lease.key_name}, created first "
                               f"(revision {winner.create_revision} < {record.create_revision})")
-        for what, value in record.identities:
-            if (what, value) in self._own_identities:
-                return None, f"it claims this node's {what} {value}"
+        for value in record.identities:
+            if value in self._own_identities:
+                return None, f"it claims this node's {_KIND[value.__class__]} {value}"
         for subnet in lease.subnets:
             captured = self._protected.get(subnet)
             if captured is not None:
