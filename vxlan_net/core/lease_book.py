@@ -81,21 +81,25 @@ def _lease_order(lease: Lease) -> tuple[int, int, int]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Record:
-    """A valid record, when it was created, and what it claims (both computed once: a listing of
-    5,000 records compares ranks and identities tens of thousands of times). Slots: the book holds
-    one per lease of the network."""
+    """A valid record, when it was created, and what it claims (computed once: a listing of 5,000
+    records looks identities up tens of thousands of times). Slots: the book holds one per lease."""
 
     lease: Lease
     create_revision: int
     key_name: str
-    rank: tuple = dataclasses.field(init=False, compare=False, repr=False)
-    """Who wins an identity conflict: the first created, then the lower subnet, then the key name
-    (one flat tuple, ordered as (revision, (version, address, length), name) would be)."""
     identities: tuple[Identity, ...] = dataclasses.field(init=False, compare=False, repr=False)
+    _rank: Optional[tuple] = dataclasses.field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rank", (self.create_revision, *_subnet_order(self.lease.subnet), self.key_name))
         object.__setattr__(self, "identities", _identities(self.lease))
+
+    @property
+    def rank(self) -> tuple:
+        """Who wins an identity conflict: the first created, then the lower subnet, then the key name.
+        Computed when a conflict first asks (an identity with one holder never does), then kept."""
+        if self._rank is None:
+            object.__setattr__(self, "_rank", (self.create_revision, _subnet_order(self.lease.subnet), self.key_name))
+        return self._rank  # type: ignore[return-value]
 
 
 _LAST_LISTING: dict[tuple[str, bytes], tuple[NetworkConfig, Lease]] = {}
@@ -146,10 +150,18 @@ class LeaseBook:
 
     def lease_for(self, subnet: IPNetwork) -> Optional[Lease]:
         """The valid record holding `subnet` (the first created, if several claim it), programmed or not."""
+        holder = self.holder_of(subnet)
+        return self._records[holder].lease if holder is not None else None
+
+    def holder_of(self, subnet: IPNetwork) -> Optional[str]:
+        """The key name of the valid record holding `subnet` (as lease_for): the record's own key, which
+        may name more than the lease keeps (an IPv6 part on a network without IPv6)."""
         holders = self._holders.get(subnet)
-        if holders is None:
-            return None
-        return self._winner(holders).lease
+        return self._winner(holders).key_name if holders is not None else None
+
+    def valid_records(self) -> dict[str, Lease]:
+        """Every valid record's lease by its key name, programmed or not (ours included)."""
+        return {name: record.lease for name, record in self._records.items()}
 
     def _winner(self, holders: str | set[str]) -> _Record:
         if holders.__class__ is str:
