@@ -426,6 +426,7 @@ class Agent:
                     futures.wait(in_flight, timeout=timeout, return_when=futures.FIRST_COMPLETED)
                 else:
                     self.stop.wait(timeout)
+                del in_flight  # else, once watching, it would keep the listing's future (every record) for good
                 continue
             try:
                 batch = watch.next_batch(timeout)
