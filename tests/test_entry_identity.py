@@ -46,3 +46,34 @@ def test_a_diff_of_entries_built_twice_finds_nothing_and_of_a_changed_mac_finds_
     plan = plan_changes(desired_entries(moved), desired_entries(leases))
     assert plan.upsert_neighbours == (Neighbour(IPv4Address("198.19.29.0"), "0a:00:00:00:00:99"),)
     assert plan.remove_fdb == (FdbEntry("0a:00:00:00:00:1d", IPv4Address("198.18.29.2")),)
+
+
+def _neighbours(first: int, count: int) -> list[Neighbour]:
+    return [Neighbour(IPv4Address("198.19.0.0") + first + i, MAC) for i in range(count)]
+
+
+def test_interned_entries_nobody_holds_are_swept_and_held_ones_stay_the_interned_object():
+    import vxlan_net.core.desired as desired
+
+    before = len(desired._INTERNED)
+    kept = [interned(n) for n in _neighbours(1 << 20, 3000)]
+    for n in _neighbours(2 << 20, 3000):
+        interned(n)  # built, interned and dropped, as a departed peer's entries
+    # Enough further entries to pass the next sweep point whatever the table held before this test.
+    for n in _neighbours(3 << 20, max(desired._sweep_at, desired._SWEEP_MIN) + 1):
+        interned(n)
+    gone = _neighbours(2 << 20, 3000)
+    assert not any(desired._INTERNED.get(hash(n)) is not None for n in gone)
+    twins = _neighbours(1 << 20, 3000)
+    assert all(interned(t) is k for t, k in zip(twins, kept))  # still the one live object each
+    assert len(desired._INTERNED) < before + 3000 + desired._sweep_at
+
+
+def test_the_sweep_measures_what_the_table_alone_holds():
+    import vxlan_net.core.desired as desired
+
+    only = Neighbour(IPv4Address("198.19.255.1"), MAC)
+    held = Neighbour(IPv4Address("198.19.255.2"), MAC)
+    table = {1: only, 2: held}
+    del only
+    assert desired._refcounts(table) == [desired._ONLY_IN_TABLE, desired._ONLY_IN_TABLE + 1]
