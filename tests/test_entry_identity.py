@@ -77,3 +77,17 @@ def test_the_sweep_measures_what_the_table_alone_holds():
     table = {1: only, 2: held}
     del only
     assert desired._refcounts(table) == [desired._ONLY_IN_TABLE, desired._ONLY_IN_TABLE + 1]
+
+
+def test_peers_of_one_shape_share_one_layout_and_a_share_reads_back_as_its_entries():
+    from vxlan_net.core.desired import entries_by_vtep, peer_entries, share_items, without_field
+
+    peers = [Lease(IPv4Network(f"198.19.{n}.0/24"), IPv4Address(f"198.18.{n}.2"), f"0a:00:00:00:00:{n:02x}")
+             for n in (1, 2, 3)]
+    direct = {IPv4Address("198.18.3.2")}.__contains__  # the third peer is reached directly
+    shares = [peer_entries(p, (4,), (4,), direct) for p in peers]
+    assert shares[0][0] is shares[1][0] and shares[2][0] is not shares[0][0]
+    assert [(where, entry) for where, entry in share_items(shares[2])] == [
+        ((4, "direct_routes"), Route(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.3.2")))]
+    assert entries_by_vtep(shares, (4,))[4] == desired_entries(peers, direct)
+    assert entries_by_vtep([without_field(s, "direct_routes") for s in shares], (4,))[4] == desired_entries(peers[:2])

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Iterable, Mapping, Optional, Protocol
 
-from vxlan_net.core.desired import OverlayEntries, PeerEntries, entries_by_vtep, peer_entries
+from vxlan_net.core.desired import OverlayEntries, PeerEntries, entries_by_vtep, peer_entries, without_field
 from vxlan_net.core.direct import DirectReach
 from vxlan_net.core.errors import VxlanNetError
 from vxlan_net.core.families import IPAddress, IPNetwork
@@ -161,7 +161,7 @@ class Reconciler:
             share = peer_entries(self._peers[subnet], tuple(self.vteps), self.pod_families,
                                  self._reach.is_direct if self._reach else None)
             if self.underlay is None:  # nowhere to put direct routes: none are wanted (direct routing needs it)
-                share = tuple(e for e in share if e[1] != "direct_routes")
+                share = without_field(share, "direct_routes")
             self._shares[subnet] = share
         return share
 

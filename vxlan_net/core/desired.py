@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from operator import itemgetter
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import TYPE_CHECKING, Callable, Collection, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Iterator, Optional, Union
 
 from vxlan_net.core.families import IPAddress, IPNetwork
 
@@ -219,8 +220,29 @@ def tunnel_underlay(peer: Lease, pod_family: int, own_underlays: Collection[int]
     return next(iter(shared), None)
 
 
-PeerEntries = tuple[tuple[int, str, Entry], ...]
-"""One peer's entries: (underlay family of the VTEP they go with, OverlayEntries field, entry)."""
+PeerEntries = tuple
+"""One peer's entries: a layout, then the entries, `(layout, entry, ...)`. The layout is a tuple of
+(underlay family of the VTEP the entry goes with, OverlayEntries field), one per entry, shared by every peer
+of the same shape (a handful exist): a (family, field, entry) tuple per entry cost 0.9 MiB at 5,000 peers.
+Read it with share_items."""
+
+_LAYOUTS: dict[tuple, tuple] = {}
+
+
+def _share(found: list[tuple[int, str, Entry]]) -> PeerEntries:
+    layout = tuple((underlay, field) for underlay, field, _ in found)
+    return (_LAYOUTS.setdefault(layout, layout), *(entry for _, _, entry in found))
+
+
+def share_items(share: PeerEntries) -> Iterator[tuple[tuple[int, str], Entry]]:
+    """((underlay family, OverlayEntries field), entry) of each of the peer's entries."""
+    items = iter(share)
+    return zip(next(items), items)
+
+
+def without_field(share: PeerEntries, field: str) -> PeerEntries:
+    """The share without its entries of one OverlayEntries field."""
+    return _share([(underlay, f, entry) for (underlay, f), entry in share_items(share) if f != field])
 
 
 def peer_entries(lease: Lease, own_underlays: Collection[int], own_families: Collection[int],
@@ -242,16 +264,22 @@ def peer_entries(lease: Lease, own_underlays: Collection[int], own_families: Col
         gateway = subnet.network_address
         found += [(underlay, "neighbours", interned(Neighbour(gateway, mac))),
                   (underlay, "fdb", interned(FdbEntry(mac, address))), (underlay, "routes", interned(Route(subnet, gateway)))]
-    return tuple(found)
+    return _share(found)
 
 
 def entries_by_vtep(shares: Iterable[PeerEntries], underlays: Collection[int]) -> dict[int, OverlayEntries]:
     """{underlay family: OverlayEntries} of the peers' shares (peer_entries), every underlay present."""
     sets: dict[int, dict[str, set]] = {u: {"neighbours": set(), "fdb": set(), "routes": set(), "direct_routes": set()}
                                        for u in underlays}
+    by_layout: dict[tuple, list[PeerEntries]] = {}
     for share in shares:
-        for underlay, field, entry in share:
-            sets[underlay][field].add(entry)
+        group = by_layout.get(share[0])
+        if group is None:
+            group = by_layout[share[0]] = []
+        group.append(share)
+    for layout, group in by_layout.items():  # each entry column into its set in C: 15,000 entries a full pass
+        for index, (underlay, field) in enumerate(layout, 1):
+            sets[underlay][field].update(map(itemgetter(index), group))
     return {u: OverlayEntries(**{field: frozenset(entries) for field, entries in fields.items()})
             for u, fields in sets.items()}
 
