@@ -22,7 +22,7 @@ from vxlan_net.agent.decisions import (KEEP, REFUSE, SettledAddress, address_to_
 from vxlan_net.agent.faults import Faults, RetriedStep, in_background, retry_in_background
 from vxlan_net.agent.health import AgentMetrics, HealthServer, Readiness
 from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
-from vxlan_net.agent.memory import release_free_memory
+from vxlan_net.agent.memory import release_free_memory, use_one_malloc_arena
 from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.backoff import Backoff
 from vxlan_net.core.config import NetworkConfig, parse_config
@@ -113,6 +113,7 @@ class Agent:
     """Runs until `stop` is set; leaves kernel state and the lease in place on exit."""
 
     def __init__(self, options: AgentOptions, stop: threading.Event, doors: Optional[Doors] = None):
+        use_one_malloc_arena()  # before the etcd client's threads start
         self.options = options
         self.stop = stop
         doors = doors or Doors.real(options)
