@@ -161,6 +161,19 @@ def test_an_alias_key_cannot_take_a_subnet_or_an_ipv6_identity_from_its_first_ho
     assert not change.removed and [l.key_name for l in book.peers()] == ["198.19.5.0-24&fd19:0:0:5::-64"]
 
 
+def test_a_record_giving_both_its_vteps_one_mac_can_be_rewritten_and_deleted():
+    book = LeaseBook(DUAL)
+    key = "198.19.5.0-24&fd19:0:0:5::-64"
+    same_mac = record(ip="198.18.5.2", mac=MAC_A, ip6="fd18:0:0:5::2", mac6=MAC_A)
+    assert [l.key_name for l in book.apply(_events({key: same_mac})).added] == [key]
+    change = book.apply(_events({key: record(ip="198.18.5.3", mac=MAC_A, ip6="fd18:0:0:5::2", mac6=MAC_A)}))
+    assert [str(l.public_ip) for l in change.updated] == ["198.18.5.3"]
+    change = book.apply([RecordEvent(key, None)])
+    assert [l.key_name for l in change.removed] == [key] and book.peers() == [] and len(book) == 0
+    # the MAC is free again for another record
+    assert [l.key_name for l in book.apply(_events({"198.19.6.0-24": record(mac=MAC_A)})).added] == ["198.19.6.0-24"]
+
+
 def test_records_claiming_our_ipv6_identity_or_capturing_a_protected_ipv6_address_are_skipped():
     book = LeaseBook(DUAL)
     own = Lease(IPv4Network("198.19.1.0/24"), IPv4Address("198.18.1.2"), MAC_A, 1,

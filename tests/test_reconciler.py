@@ -3,7 +3,7 @@
 import dataclasses
 import errno
 import logging
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.desired import FdbEntry, MainRoute, OverlayEntries, Route, desired_entries
@@ -112,6 +112,24 @@ def test_two_leases_sharing_a_mac_keep_its_fdb_entry_until_both_are_gone():
     rec.update_peers(removed=[lease(1).subnet])
     rec.reconcile()
     assert kernel.entries == desired_entries([lease(2, mac_suffix=7)])
+
+
+def test_a_peer_giving_both_its_vteps_one_mac_can_leave_and_come_back():
+    one_mac = "0a:00:00:00:00:07"
+    dual = Lease(IPv4Network("198.19.7.0/24"), IPv4Address("198.18.7.2"), one_mac, 1,
+                 IPv6Network("fd19:0:0:7::/64"), IPv6Address("fd18::7:2"), one_mac)
+    other = lease(8, mac_suffix=7)  # a second peer with that MAC: it keeps the MAC's FDB entry
+    kernel = MemoryKernel()
+    rec = Reconciler("vxnet.1", kernel)  # one IPv4 VTEP: the dual peer's FDB entry is its IPv4 endpoint's
+    rec.set_peers([dual, other])
+    assert rec.reconcile().ok
+    for _ in range(2):
+        rec.update_peers(removed=[dual.subnet])
+        assert rec.reconcile().ok and kernel.entries == desired_entries([other])
+        rec.update_peers([dual])
+        assert rec.reconcile().ok and kernel.entries == desired_entries([dual, other])
+    rec.update_peers(removed=[other.subnet, dual.subnet])
+    assert rec.reconcile().ok and kernel.entries == OverlayEntries() and rec.peer_public_ips() == frozenset()
 
 
 class ConflictingKernel(MemoryKernel):

@@ -89,6 +89,22 @@ def test_move_to_rewrites_our_record_in_place(store):
     assert record.lease_id == keeper.lease_id
 
 
+def test_a_record_under_a_dual_stack_key_on_a_network_without_ipv6_is_taken_not_a_crash(store):
+    """A node that ran while the network had IPv6 left its record under flannel's dual-stack key; the
+    network has none now. Its lease keeps the IPv4 part only, but the keeper finds the record by its key."""
+    dual_key = parse_subnet_key_name("198.19.0.4-30&fd19:0:0:1::-64")
+    store.create_lease(dual_key, Lease(IPv4Network("198.19.0.4/30"), OTHER, "0a:00:00:00:00:0f").to_json(), 60)
+    store.create_lease(parse_subnet_key_name("198.19.0.8-30&fd19:0:0:2::-64"),
+                       Lease(IPv4Network("198.19.0.8/30"), ME, "0a:00:00:00:00:01").to_json(), 60)
+    keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    lease = keeper.acquire(remembered=None)
+    assert lease.subnet == IPv4Network("198.19.0.8/30")  # ours, by our PublicIP: kept, never the other's
+    assert stored(store, lease.subnet) == lease and keeper.lease_id
+    assert "198.19.0.8-30&fd19:0:0:2::-64" not in keys(store)  # our old record went with its lease
+    other = SubnetLeaseKeeper(store, CONFIG, IPv4Address("198.18.3.2"), "0a:00:00:00:00:03", ttl=60)
+    assert other.acquire(remembered=IPv4Network("198.19.0.4/30")).subnet == IPv4Network("198.19.0.12/30")
+
+
 def test_remembered_subnet_is_preferred_when_free(store):
     keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
     assert keeper.acquire(remembered=IPv4Network("198.19.0.12/30")).subnet == IPv4Network("198.19.0.12/30")

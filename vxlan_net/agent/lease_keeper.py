@@ -91,10 +91,16 @@ class SubnetLeaseKeeper:
         snapshot = self.store.list_leases()
         book = LeaseBook(self.config)  # the listing as every reader takes it: parsed, the invalid skipped
         book.replace(snapshot.events())
-        leases = {lease.subnet: book.lease_for(lease.subnet) for lease in book.valid_leases()}
-        valid = {subnet: (lease, snapshot.records[lease.key_name]) for subnet, lease in leases.items()}
-        # A key naming a subnet is taken even when its value is garbage: creating it would fail.
-        keys = [key for key in map(_key_of, snapshot.records) if key is not None]
+        named = book.valid_records()
+        # Each subnet's holder by its record's own key (which may name more than its lease keeps: an IPv6
+        # part on a network without IPv6), so its etcd lease is found whatever the key's form.
+        holders = {lease.subnet: book.holder_of(lease.subnet) for lease in named.values()}
+        leases = {subnet: named[name] for subnet, name in holders.items()}
+        valid = {subnet: (named[name], snapshot.records[name]) for subnet, name in holders.items()}
+        # A key naming a subnet is taken even when its value is garbage: creating it would fail. A valid
+        # record's key was parsed with it (its lease's key holds every part a subnet is chosen by).
+        keys = [named[name].key if name in named else _key_of(name) for name in snapshot.records]
+        keys = [key for key in keys if key is not None]
         taken = {key.primary for key in keys}
         public_ip, mac = self._identity
         previous = reusable_subnet(self.config.primary, leases, public_ip, remembered, mac)
@@ -109,7 +115,7 @@ class SubnetLeaseKeeper:
         self._ipv6_subnet = self._choose_ipv6_subnet(held[0] if ours else None, book, keys, remembered_ipv6, avoid)
         if subnet is not None:
             if ours and held[1].lease_id:
-                if self._readopt(held[0], held[1].lease_id):
+                if self._readopt(held[0], held[1].lease_id, held[1].key_name):
                     return self._drop_given_up(previous if given_up else None, valid)
             elif subnet not in taken and self._try_create(subnet):
                 return self._drop_given_up(previous if given_up else None, valid)
@@ -132,19 +138,20 @@ class SubnetLeaseKeeper:
                 log.warning("could not revoke the lease on %s we gave up (it expires with its TTL): %s", subnet, exc)
         return self.lease
 
-    def _readopt(self, held: Lease, lease_id: int) -> bool:
+    def _readopt(self, held: Lease, lease_id: int, key_name: str) -> bool:
         """Keep our existing etcd lease (a restart): rewrite the value if it changed, refresh it.
 
         When the key itself changes (IPv6 was added to the network: `198.19.5.0-24` becomes
-        `198.19.5.0-24&fd19:0:0:5::-64`), the new key is created and the old record revoked."""
+        `198.19.5.0-24&fd19:0:0:5::-64`, or removed from it), the new key is created and the old record
+        (`key_name`, its key in etcd) revoked."""
         subnet = held.subnet
         lease = self._value_for(subnet)
-        if lease.key_name != held.key_name:
+        if lease.key_name != key_name:
             self.lease_id = lease_id  # _try_create revokes it once the new key is ours
             if not self._try_create(subnet):
                 self.lease_id = None
                 return False
-            log.info("lease key %s replaced by %s", held.key_name, lease.key_name)  # keys: what etcdctl shows
+            log.info("lease key %s replaced by %s", key_name, lease.key_name)  # keys: what etcdctl shows
             return True
         try:
             self.store.refresh(lease_id)

@@ -22,6 +22,7 @@ from vxlan_net.agent.decisions import (KEEP, REFUSE, SettledAddress, address_to_
 from vxlan_net.agent.faults import Faults, RetriedStep, in_background, retry_in_background
 from vxlan_net.agent.health import AgentMetrics, HealthServer, Readiness
 from vxlan_net.agent.lease_keeper import SubnetLeaseKeeper
+from vxlan_net.agent.memory import release_free_memory, use_one_malloc_arena
 from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.backoff import Backoff
 from vxlan_net.core.config import NetworkConfig, parse_config
@@ -113,6 +114,7 @@ class Agent:
     """Runs until `stop` is set; leaves kernel state and the lease in place on exit."""
 
     def __init__(self, options: AgentOptions, stop: threading.Event, doors: Optional[Doors] = None):
+        use_one_malloc_arena()  # before the etcd client's threads start
         self.options = options
         self.stop = stop
         doors = doors or Doors.real(options)
@@ -396,6 +398,7 @@ class Agent:
                 else:
                     self.metrics.etcd_reachable.set(1)
                     self._relist(snapshot)
+                    del snapshot  # not kept until the next listing: every record's raw value
                     if watches_opened:
                         self.metrics.watch_restarts.inc()
                     watches_opened += 1
@@ -426,6 +429,7 @@ class Agent:
                     futures.wait(in_flight, timeout=timeout, return_when=futures.FIRST_COMPLETED)
                 else:
                     self.stop.wait(timeout)
+                del in_flight  # else, once watching, it would keep the listing's future (every record) for good
                 continue
             try:
                 batch = watch.next_batch(timeout)
@@ -620,6 +624,7 @@ class Agent:
         self._filter_vxlan_sources(full)
         if full:
             self._recheck_forward_rules()
+            release_free_memory()  # a full pass follows every listing, whose peak the C heap would keep
 
     def _timed_reconcile(self):
         result = self.reconciler.reconcile()

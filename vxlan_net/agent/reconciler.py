@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import defaultdict
 from typing import Iterable, Mapping, Optional, Protocol
 
-from vxlan_net.core.desired import OverlayEntries, PeerEntries, entries_by_vtep, peer_entries
+from vxlan_net.core.desired import OverlayEntries, PeerEntries, entries_by_vtep, peer_entries, without_field
 from vxlan_net.core.direct import DirectReach
 from vxlan_net.core.errors import VxlanNetError
 from vxlan_net.core.families import IPAddress, IPNetwork
@@ -66,7 +65,8 @@ class Reconciler:
         self.pod_families = tuple(pod_families)
         self._reach: Optional[DirectReach] = None  # None: every peer tunnelled
         self._peers: dict[IPNetwork, Lease] = {}  # by the subnet a lease is known by
-        self._macs: dict[str, set[IPNetwork]] = defaultdict(set)  # VTEP MAC -> the peers using it
+        self._macs: dict[str, tuple[IPNetwork, ...]] = {}
+        """VTEP MAC -> the peers using it: nearly always one (a tuple, not a 216-byte set per peer)."""
         self._shares: dict[IPNetwork, PeerEntries] = {}  # each peer's desired entries, computed when first needed
         self._dirty_peers: set[IPNetwork] = set()
         self._dirty_macs: set[str] = set()
@@ -106,7 +106,9 @@ class Reconciler:
         self._peers[lease.subnet] = lease
         self._touch(lease)
         for address, mac in self._endpoints(lease):
-            self._macs[mac].add(lease.subnet)
+            owners = self._macs.get(mac, ())
+            if lease.subnet not in owners:  # (both VTEPs of a peer may have one MAC)
+                self._macs[mac] = owners + (lease.subnet,)
             self._public_ips[address] = self._public_ips.get(address, 0) + 1
 
     def _forget(self, subnet: IPNetwork) -> None:
@@ -118,10 +120,9 @@ class Reconciler:
             return
         self._touch(old)
         for address, mac in self._endpoints(old):
-            owners = self._macs[mac]
-            owners.discard(subnet)
-            if not owners:
-                del self._macs[mac]
+            owners = tuple(s for s in self._macs.pop(mac, ()) if s != subnet)
+            if owners:
+                self._macs[mac] = owners
             left = self._public_ips.pop(address) - 1
             if left:
                 self._public_ips[address] = left
@@ -160,7 +161,7 @@ class Reconciler:
             share = peer_entries(self._peers[subnet], tuple(self.vteps), self.pod_families,
                                  self._reach.is_direct if self._reach else None)
             if self.underlay is None:  # nowhere to put direct routes: none are wanted (direct routing needs it)
-                share = tuple(e for e in share if e[1] != "direct_routes")
+                share = without_field(share, "direct_routes")
             self._shares[subnet] = share
         return share
 

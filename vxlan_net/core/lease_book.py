@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Iterable, Mapping, Optional
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Iterable, Mapping, Optional, Union
 
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.errors import InvalidLease
@@ -51,16 +52,20 @@ class RecordEvent:
     """etcd's create revision of the key: the older record wins an identity conflict."""
 
 
-Identity = tuple[str, object]
-"""What only one node may hold: ("VtepMAC", mac), ("PublicIP", address), ("subnet", network)."""
+Identity = Union[str, IPAddress, IPNetwork]
+"""What only one node may hold: a VTEP MAC (str), a PublicIP (address) or a subnet (network), each itself:
+values of different types never compare equal, so they share one dict without a (kind, value) tuple each."""
+
+_KIND = {str: "VtepMAC", IPv4Address: "PublicIP", IPv6Address: "PublicIP", IPv4Network: "subnet", IPv6Network: "subnet"}
+"""How messages name an identity, by its type."""
 
 
 def _identities(lease: Lease) -> tuple[Identity, ...]:
-    found: list[Identity] = [("subnet", subnet) for subnet in lease.subnets]
+    found: list[Identity] = list(lease.subnets)
     for family in sorted(lease.underlays):
         address, mac = lease.endpoint(family)  # type: ignore[misc]
-        found += [("VtepMAC", mac), ("PublicIP", address)]
-    return tuple(found)
+        found += [mac, address]
+    return tuple(dict.fromkeys(found))  # once each: a record may give both its VTEPs one MAC
 
 
 def _subnet_order(subnet: IPNetwork) -> tuple[int, int, int]:
@@ -74,21 +79,27 @@ def _lease_order(lease: Lease) -> tuple[int, int, int]:
     return _subnet_order(lease.subnet)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Record:
-    """A valid record, when it was created, and what it claims (both computed once: a listing of
-    5,000 records compares ranks and identities tens of thousands of times)."""
+    """A valid record, when it was created, and what it claims (computed once: a listing of 5,000
+    records looks identities up tens of thousands of times). Slots: the book holds one per lease."""
 
     lease: Lease
     create_revision: int
     key_name: str
-    rank: tuple = dataclasses.field(init=False, compare=False, repr=False)
-    """Who wins an identity conflict: the first created, then the lower subnet, then the key name."""
     identities: tuple[Identity, ...] = dataclasses.field(init=False, compare=False, repr=False)
+    _rank: Optional[tuple] = dataclasses.field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rank", (self.create_revision, _subnet_order(self.lease.subnet), self.key_name))
         object.__setattr__(self, "identities", _identities(self.lease))
+
+    @property
+    def rank(self) -> tuple:
+        """Who wins an identity conflict: the first created, then the lower subnet, then the key name.
+        Computed when a conflict first asks (an identity with one holder never does), then kept."""
+        if self._rank is None:
+            object.__setattr__(self, "_rank", (self.create_revision, _subnet_order(self.lease.subnet), self.key_name))
+        return self._rank  # type: ignore[return-value]
 
 
 _LAST_LISTING: dict[tuple[str, bytes], tuple[NetworkConfig, Lease]] = {}
@@ -119,7 +130,9 @@ class LeaseBook:
         self._own_identities: frozenset[Identity] = frozenset()
         self._protected: dict[IPNetwork, str] = {}
         self._records: dict[str, _Record] = {}
-        self._holders: dict[Identity, set[str]] = {}
+        self._holders: dict[Identity, str | set[str]] = {}
+        """Identity -> the key names claiming it: the one name while it is alone (nearly always; a set per
+        identity cost three sets of 216 bytes a lease), a set of names while several claim it."""
         self._peers: dict[str, Lease] = {}
         self._invalid: dict[str, str] = {}
         """key name -> why the record is not a valid lease."""
@@ -137,14 +150,22 @@ class LeaseBook:
 
     def lease_for(self, subnet: IPNetwork) -> Optional[Lease]:
         """The valid record holding `subnet` (the first created, if several claim it), programmed or not."""
-        holders = self._holders.get(("subnet", subnet), ())
-        if not holders:
-            return None
-        return self._winner(holders).lease
+        holder = self.holder_of(subnet)
+        return self._records[holder].lease if holder is not None else None
 
-    def _winner(self, holders: set[str]) -> _Record:
-        if len(holders) == 1:
-            return self._records[next(iter(holders))]
+    def holder_of(self, subnet: IPNetwork) -> Optional[str]:
+        """The key name of the valid record holding `subnet` (as lease_for): the record's own key, which
+        may name more than the lease keeps (an IPv6 part on a network without IPv6)."""
+        holders = self._holders.get(subnet)
+        return self._winner(holders).key_name if holders is not None else None
+
+    def valid_records(self) -> dict[str, Lease]:
+        """Every valid record's lease by its key name, programmed or not (ours included)."""
+        return {name: record.lease for name, record in self._records.items()}
+
+    def _winner(self, holders: str | set[str]) -> _Record:
+        if holders.__class__ is str:
+            return self._records[holders]  # type: ignore[index]
         return min((self._records[k] for k in holders), key=lambda r: r.rank)
 
     def skipped(self) -> dict[str, str]:
@@ -222,9 +243,15 @@ class LeaseBook:
         self._records[name] = record
         affected = {name}
         for identity in record.identities:
-            holders = self._holders.setdefault(identity, set())
-            holders.add(name)
-            affected |= holders
+            holders = self._holders.get(identity)
+            if holders is None or holders == name:
+                self._holders[identity] = name
+            elif holders.__class__ is str:
+                self._holders[identity] = {holders, name}  # type: ignore[assignment]
+                affected.add(holders)  # type: ignore[arg-type]
+            else:
+                holders.add(name)  # type: ignore[union-attr]
+                affected |= holders  # type: ignore[arg-type]
         return affected
 
     def _drop(self, name: str) -> set[str]:
@@ -235,10 +262,13 @@ class LeaseBook:
             return affected
         for identity in record.identities:
             holders = self._holders[identity]
-            holders.discard(name)
-            affected |= holders
-            if not holders:
-                del self._holders[identity]
+            if holders.__class__ is str:
+                del self._holders[identity]  # it was the name's alone
+                continue
+            holders.discard(name)  # type: ignore[union-attr]
+            affected |= holders  # type: ignore[arg-type]
+            if len(holders) == 1:
+                self._holders[identity] = next(iter(holders))
         return affected
 
     def _standing(self, name: str) -> tuple[Optional[Lease], Optional[str]]:
@@ -249,14 +279,14 @@ class LeaseBook:
         lease = record.lease
         if self._is_own(name):
             return None, None  # our own record: never a peer, nothing to warn about
-        for what, value in record.identities:
-            winner = self._winner(self._holders[(what, value)])
+        for value in record.identities:
+            winner = self._winner(self._holders[value])
             if winner is not record:
-                return None, (f"its {what} {value} is also claimed by {winner.lease.key_name}, created first "
+                return None, (f"its {_KIND[value.__class__]} {value} is also claimed by {winner.lease.key_name}, created first "
                               f"(revision {winner.create_revision} < {record.create_revision})")
-        for what, value in record.identities:
-            if (what, value) in self._own_identities:
-                return None, f"it claims this node's {what} {value}"
+        for value in record.identities:
+            if value in self._own_identities:
+                return None, f"it claims this node's {_KIND[value.__class__]} {value}"
         for subnet in lease.subnets:
             captured = self._protected.get(subnet)
             if captured is not None:

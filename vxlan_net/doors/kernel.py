@@ -20,11 +20,14 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import importlib.machinery
+import importlib.util
 import itertools
 import operator
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address,
@@ -32,9 +35,50 @@ from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import tenacity
-from pyroute2 import IPRoute
-from pyroute2 import netns as _netns
-from pyroute2.netlink.exceptions import NetlinkError
+
+
+def _import_pyroute2_lean() -> bool:
+    """Import the pyroute2 modules this door uses without running pyroute2/__init__.py, which imports the
+    whole library (NDB, IPDB, conntrack, ethtool, ...): 6 MiB of the agent's resident memory.
+
+    The package is registered empty; the first name asked of it that is not a submodule (`pyroute2.NDB`,
+    `from pyroute2 import IPRoute` anywhere else) runs its __init__ there and then, so every other user
+    still finds the whole library. False, with nothing left behind, when pyroute2 was imported already or
+    lays its modules out otherwise: then the package is imported as usual."""
+    spec = None if "pyroute2" in sys.modules else importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return False
+    package = importlib.util.module_from_spec(spec)
+
+    def whole_package(name: str):
+        if importlib.machinery.PathFinder.find_spec(f"pyroute2.{name}", package.__path__) is not None:
+            raise AttributeError(name)  # a submodule not imported yet: the import system loads it
+        del package.__getattr__
+        spec.loader.exec_module(package)  # type: ignore[union-attr]
+        return getattr(package, name)
+
+    package.__getattr__ = whole_package  # type: ignore[attr-defined]
+    sys.modules["pyroute2"] = package
+    try:
+        import pyroute2.config.log  # noqa: F401  (the package's logger setup, as its __init__ does first)
+        import pyroute2.iproute  # noqa: F401
+        import pyroute2.netlink.exceptions  # noqa: F401
+        import pyroute2.netns  # noqa: F401
+    except Exception:  # noqa: BLE001  (a layout this does not know: start over with the plain import)
+        for name in [n for n in sys.modules if n == "pyroute2" or n.startswith("pyroute2.")]:
+            del sys.modules[name]
+        return False
+    return True
+
+
+if _import_pyroute2_lean():
+    from pyroute2.iproute import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2 import netns as _netns  # noqa: I100  (a submodule: imported above, the package stays lean)
+else:
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as _netns
+    from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import netlink as wire
 from cni.sysctl import ensure_sysctl
@@ -365,10 +409,9 @@ def _permanent_neighbours(nl: _Rtnl, family: int, ifindex: int, what: str) -> It
             yield dst, mac
 
 
-@functools.lru_cache(maxsize=1 << 17)
 def _address(packed: bytes) -> IPAddress:
-    # From bytes, IPv4Address() costs twice what it does from an int; the same addresses come back
-    # on every resync.
+    # Not cached: only an entry the caches below miss needs it, and interning then keeps the reconciler's
+    # own address object, so a cache here held 10,000 addresses nobody used (2.4 MiB at 5,000 peers).
     return _ADDRESS_TYPE[len(packed)](packed)
 
 
@@ -410,20 +453,17 @@ def _read_fdb(nl: _Rtnl, ifindex: int) -> frozenset[FdbEntry]:
     return frozenset(found)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _network(address: bytes, prefixlen: int) -> IPNetwork:
-    # IPv4Network() costs more than the rest of a route's parsing; the same
-    # subnets come back on every resync. The kernel keeps no host bits in a route's
-    # dst, but a reader must not crash on one: strict=False.
+    # Not cached, as _address: a route the entry cache knows keeps the reconciler's subnet (the main-table
+    # reader looks there first), and a cache here held a second IPv4Network per peer (1.7 MiB at 5,000).
+    # The kernel keeps no host bits in a route's dst, but a reader must not crash on one: strict=False.
     if len(address) == 4:
         return IPv4Network((address, prefixlen))
     return IPv6Network((address, prefixlen), strict=False)
 
 
 def forget_cached_subnets() -> None:
-    """Empty the readers' caches (subnets, addresses, entries), as at start-up (benchmarks time a cold read)."""
-    _network.cache_clear()
-    _address.cache_clear()
+    """Empty the readers' entry caches, as at start-up (benchmarks time a cold read)."""
     for cache in (_NEIGHBOURS, _FDB, _ROUTES):
         cache.clear()
 
@@ -506,7 +546,8 @@ def _read_main_routes(nl: _Rtnl, family: int = socket.AF_INET) -> list[MainRoute
                     if hop_kind == RTA_GATEWAY and hop_size == size_wanted:
                         gateway = data[hop_at : hop_at + hop_size]
         if table == RT_TABLE_MAIN:
-            found.append(MainRoute(_network(dst, dst_len),
+            ours = _ROUTES.get(dst + bytes((dst_len,)) + gateway) if gateway is not None else None
+            found.append(MainRoute(ours.subnet if ours is not None else _network(dst, dst_len),
                                    _ADDRESS_TYPE[len(gateway)](gateway) if gateway is not None else None,
                                    names.get(oif) if oif is not None else None, proto, scope, metric))
     return found
