@@ -81,13 +81,13 @@ else:
     from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import netlink as wire
-from cni.sysctl import ensure_sysctl
 from cni.netlink import (IFF_UP, IFLA_IFNAME, NDA_DST, NDA_IFINDEX, NDA_LLADDR, NETLINK_CAP_ACK, NETLINK_EXT_ACK,
                          NETLINK_GET_STRICT_CHK, NETLINK_ROUTE, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
                          NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NTF_SELF, NUD_PERMANENT,
                          RT_TABLE_MAIN, RTA_DST, RTA_GATEWAY, RTA_MULTIPATH, RTA_OIF, RTA_PRIORITY, RTA_TABLE,
                          RTM_DELNEIGH, RTM_DELROUTE, RTM_GETLINK, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWADDR,
                          RTM_NEWNEIGH, RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, SOL_NETLINK)
+from cni.sysctl import ensure_sysctl
 
 from vxlan_net.core.desired import Entry, FdbEntry, MainRoute, Neighbour, OverlayEntries, Route, interned
 from vxlan_net.core.errors import KernelBusy, KernelError, LinkNotFound
