@@ -111,11 +111,11 @@ def main() -> int:
               f"{mib(after['VmRSS']):>13} {mib(after['VmHWM']):>7} {mib(after['VmRSS'] - bare):>11} "
               f"{thread_count(run):>7}")
     top = runs[-1]
-    peak = max(top["after"]["VmHWM"], top["after"]["VmRSS"])
-    verdict = "meets" if peak <= TARGET_MIB * 1024 else "misses"
-    print(f"\n{top['peers']} peers: VmHWM {mib(top['after']['VmHWM'])} MiB, VmRSS {mib(top['after']['VmRSS'])} MiB: "
-          f"{verdict} the {TARGET_MIB} MiB target (ratio {peak / 1024 / TARGET_MIB:.2f}); bare import "
-          f"{mib(bare)} MiB")
+    rss = top["after"]["VmRSS"]  # the target is the running agent's RSS; the start-up peak is shown beside it
+    verdict = "meets" if rss <= TARGET_MIB * 1024 else "misses"
+    print(f"\n{top['peers']} peers: VmRSS {mib(rss)} MiB: {verdict} the {TARGET_MIB} MiB target "
+          f"(ratio {rss / 1024 / TARGET_MIB:.2f}); peak during start-up (VmHWM) {mib(top['after']['VmHWM'])} MiB; "
+          f"bare import {mib(bare)} MiB")
     if data:
         print(f"\nwhat {data['peers']} peers' data costs (tracemalloc over the agent's functions, fresh "
               f"interpreter), MiB")
