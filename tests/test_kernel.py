@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import secrets
 import subprocess
+import threading
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 
 import pytest
@@ -360,6 +361,27 @@ def test_each_plan_goes_to_the_namespace_its_caller_is_in(ns):
         assert [r.applied for r in results] == [3, 3]
         assert other.routes() == expected_tool_view([two])[2]
     assert ns.routes() == expected_tool_view([one])[2]
+
+
+def _kept_sockets_of_two_threads() -> tuple[bool, bool]:
+    """(each thread has its own kept socket, a thread gets its own again on its next call)."""
+    both_running = threading.Barrier(2, timeout=5)
+
+    def twice(_: int) -> tuple:
+        both_running.wait()  # two threads, not one pool thread taking both calls
+        with kernel._kept_rtnl(None) as first:
+            pass
+        with kernel._kept_rtnl(None) as again:
+            return first, again
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        (a, a_again), (b, b_again) = pool.map(twice, range(2))
+    return a is not b, (a, b) == (a_again, b_again)
+
+
+def test_each_thread_keeps_an_apply_socket_of_its_own(ns):
+    """A netlink socket shared by threads would mix their requests and answers (it once was, by a name
+    clash that made the per-thread store a function attribute)."""
+    assert ns.inside(_kept_sockets_of_two_threads) == (True, True)
 
 
 def main_routes(ns: Namespace, prefix: str) -> list[dict]:

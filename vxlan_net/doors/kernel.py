@@ -327,7 +327,7 @@ class _Rtnl:
         return refused
 
 
-_kept = threading.local()
+_thread_rtnl = threading.local()  # apply_plan's socket of each thread (_kept_rtnl)
 
 
 @contextlib.contextmanager
@@ -342,16 +342,16 @@ def _kept_rtnl(netns: Optional[str]) -> Iterator[_Rtnl]:
             yield fresh
         return
     owner = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
-    nl = getattr(_kept, "rtnl", None)
-    if nl is None or _kept.owner != owner:
+    nl = getattr(_thread_rtnl, "rtnl", None)
+    if nl is None or _thread_rtnl.owner != owner:
         if nl is not None:
             nl.close()
-        nl = _kept.rtnl = _Rtnl()
-        _kept.owner = owner
+        nl = _thread_rtnl.rtnl = _Rtnl()
+        _thread_rtnl.owner = owner
     try:
         yield nl
     except BaseException:
-        _kept.rtnl = None
+        _thread_rtnl.rtnl = None
         nl.close()
         raise
 
@@ -425,7 +425,7 @@ _ENTRY_CACHE_MAX = 1 << 17
 """A bound, not an LRU: past it a cache starts over (it holds what a few resyncs read)."""
 
 
-def _kept(cache: dict, key: bytes, entry: Entry) -> Entry:
+def _keep_entry(cache: dict, key: bytes, entry: Entry) -> Entry:
     """A cache miss: keep the entry (interned) under its packed fields."""
     if len(cache) >= _ENTRY_CACHE_MAX:
         cache.clear()
@@ -439,7 +439,8 @@ def _read_neighbours(nl: _Rtnl, ifindex: int) -> frozenset[Neighbour]:
     for family in _FAMILIES:
         for ip, mac in _permanent_neighbours(nl, family, ifindex, "reading neighbours"):
             entry = cache.get(ip + mac)
-            found.append(entry if entry is not None else _kept(cache, ip + mac, Neighbour(_address(ip), mac.hex(":"))))
+            found.append(entry if entry is not None
+                         else _keep_entry(cache, ip + mac, Neighbour(_address(ip), mac.hex(":"))))
     return frozenset(found)
 
 
@@ -449,7 +450,8 @@ def _read_fdb(nl: _Rtnl, ifindex: int) -> frozenset[FdbEntry]:
         if dst in _ZERO_ADDRESSES or mac == _ZERO_MAC:  # the all-zero default entry, or a remote of 0.0.0.0/::
             continue
         entry = cache.get(mac + dst)
-        found.append(entry if entry is not None else _kept(cache, mac + dst, FdbEntry(mac.hex(":"), _address(dst))))
+        found.append(entry if entry is not None
+                     else _keep_entry(cache, mac + dst, FdbEntry(mac.hex(":"), _address(dst))))
     return frozenset(found)
 
 
@@ -498,7 +500,7 @@ def _read_routes(nl: _Rtnl, ifindex: int) -> frozenset[Route]:
                 key = dst + bytes((dst_len,)) + gateway
                 entry = cache.get(key)
                 found.append(entry if entry is not None
-                             else _kept(cache, key, Route(_network(dst, dst_len), _address(gateway))))
+                             else _keep_entry(cache, key, Route(_network(dst, dst_len), _address(gateway))))
     return frozenset(found)
 
 
