@@ -32,7 +32,7 @@ from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNo
                                    StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.lease_book import LeaseBook, RecordEvent
-from vxlan_net.core.names import vtep_name, vtep_names
+from vxlan_net.core.names import ENDPOINT_LABEL, vtep_name, vtep_names
 from vxlan_net.core.underlay import families_read, underlay_addresses, underlay_networks
 from vxlan_net.core.untrusted import shown
 from vxlan_net.doors import firewall
@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 
 LOOP_TICK = 0.5  # longest wait between checks of the stop flag
 UNDERLAY_SETTLE = 0.2
-_FIELD = {4: "public IP", 6: "public IPv6"}  # how logs name our endpoint of each underlay family
 """Seconds a full pass waits after the node's routes or addresses change: a link coming up adds its
 address and routes in a burst, and one pass after the burst sees them all."""
+_EXPLICIT_FLAG = {4: "--public-ip", 6: "--public-ipv6"}  # the option that pins each family's endpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,13 +287,14 @@ class Agent:
         underlay = underlay_networks(addresses, routes, self.config, vtep_names(self.config.vni), self._etcd_addresses)
         return self.keeper.acquire(remembered, underlay, remembered_v6)
 
+    def _families_read(self) -> tuple[int, ...]:
+        return families_read(self.config, self.public_ipv6 is not None)
+
     def _node_addresses(self) -> list:
-        families = families_read(self.config, self.public_ipv6 is not None)
-        return [a for f in families for a in self.kernel.node_addresses(family=f)]
+        return [a for f in self._families_read() for a in self.kernel.node_addresses(family=f)]
 
     def _main_table_routes(self) -> list:
-        families = families_read(self.config, self.public_ipv6 is not None)
-        return [r for f in families for r in self.kernel.main_table_routes(family=f)]
+        return [r for f in self._families_read() for r in self.kernel.main_table_routes(family=f)]
 
     def _adopt(self, lease: Lease) -> None:
         """Make the node match its lease: VTEP, subnet file, state dir, firewall.
@@ -489,12 +490,12 @@ class Agent:
             log.debug("cannot read the IPv%d addresses of %s: %s", family, ifname, exc)
             return
         if explicit:
-            flag = "--public-ip" if family == 4 else "--public-ipv6"
+            label, flag = ENDPOINT_LABEL[family], _EXPLICIT_FLAG[family]
             missing = held not in present
             if missing and not self._explicit_ip_missing[family]:
-                log.warning("%s %s (%s) is no longer on this node; keeping it as it is", _FIELD[family], held, flag)
+                log.warning("%s %s (%s) is no longer on this node; keeping it as it is", label, held, flag)
             elif self._explicit_ip_missing[family] and not missing:
-                log.info("%s %s (%s) is on this node again", _FIELD[family], held, flag)
+                log.info("%s %s (%s) is on this node again", label, held, flag)
             self._explicit_ip_missing[family] = missing
         new = self._address_settle[family].observe(held, address_to_follow(held, explicit, present, primary), now)
         if new is not None:
@@ -506,7 +507,7 @@ class Agent:
         ifname, _, mtu = self.underlay
         old = self._public_address(new.version)
         log.warning("underlay address of %s changed: %s %s -> %s; moving the VTEP and our lease record",
-                    ifname, _FIELD[new.version], old, new)
+                    ifname, ENDPOINT_LABEL[new.version], old, new)
         if new.version == 4:
             self.underlay = (ifname, new, mtu)
         else:

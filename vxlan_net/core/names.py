@@ -12,6 +12,9 @@ someone else's and are never replaced."""
 NFT_TABLE = "vxlan-net"
 """Our nftables table (`table ip vxlan-net`)."""
 
+ENDPOINT_LABEL = {4: "public IP", 6: "public IPv6"}
+"""How logs and `status` name this node's tunnel endpoint over each underlay family (PublicIP, PublicIPv6)."""
+
 
 def vtep_name(vni: int, underlay_family: int = 4) -> str:
     """The VXLAN device whose tunnel runs over the underlay of that IP family (4 or 6): `vxnet.<VNI>` or

@@ -274,7 +274,7 @@ def _status(args) -> int:
     from vxlan_net.core.desired import OverlayEntries, desired_by_vtep
     from vxlan_net.core.direct import DirectReach
     from vxlan_net.core.lease_book import LeaseBook
-    from vxlan_net.core.names import vtep_name, vtep_names
+    from vxlan_net.core.names import ENDPOINT_LABEL, vtep_name, vtep_names
     from vxlan_net.core.underlay import families_read, underlay_addresses
     from vxlan_net.doors import kernel
     from vxlan_net.tools.status import (describe_drift, lease_mode, own_address_line, own_lease_of,
@@ -323,7 +323,7 @@ def _status(args) -> int:
         local = (info["vxlan"] or {}).get("local")
         print(own_address_line(own.endpoint(family)[0] if own.endpoint(family) else None,
                                ip_address(local) if local else None, (info["vxlan"] or {}).get("underlay"),
-                               node_ips, "public IP" if family == 4 else "public IPv6"))
+                               node_ips, ENDPOINT_LABEL[family]))
     peers = book.peers()
     desired = desired_by_vtep(peers, own_underlays=tuple(vteps), own_families=pod_families,
                               is_direct=reach.is_direct if reach else None)
