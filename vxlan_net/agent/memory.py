@@ -5,35 +5,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 from typing import Callable, Optional
 
-log = logging.getLogger(__name__)
 
-
-def _find_malloc_trim() -> Optional[Callable[[int], int]]:
-    """glibc's malloc_trim, or None (musl and other C libraries do not have it)."""
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str, argtypes: list, restype: type) -> Optional[Callable[..., int]]:
+    """A C library function by name, or None where the library lacks it (malloc_trim is glibc's)."""
     try:
-        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
-        trim = libc.malloc_trim
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    function.argtypes, function.restype = argtypes, restype
+    return function
 
 
-_MALLOC_TRIM = _find_malloc_trim()
+_MALLOC_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+_MALLOPT = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
 _M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
-
-
-def _find_mallopt() -> Optional[Callable[[int, int], int]]:
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
 
 
 def use_one_malloc_arena() -> bool:
@@ -42,8 +29,7 @@ def use_one_malloc_arena() -> bool:
     listing, parsed by a background thread, and gRPC's threads then each left a heap of freed pages
     (bench_memory at 5,000 peers: 1.7 MiB more resident, 4 MiB more at the peak). The agent's threads
     are few and mostly idle, so one arena's lock costs nothing measurable. Call before threads start."""
-    mallopt = _find_mallopt()
-    return mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
+    return _MALLOPT is not None and _MALLOPT(_M_ARENA_MAX, 1) == 1
 
 
 def release_free_memory() -> bool:
