@@ -22,6 +22,7 @@ import posix
 from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM, socket
 
 from .config import join_path, parent_dir
+from .netlink import netns_id
 
 SOCKET_NAME = "cni.sock"
 LOCK_SUFFIX = ".lock"
@@ -90,7 +91,7 @@ def ask_agent_to_delete(path: str, name: str, timeout: float = REPLY_TIMEOUT) ->
     except OSError:
         return False
     try:
-        netns = posix.stat("/proc/thread-self/ns/net").st_ino
+        netns = netns_id()
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(f"{REQUEST_PREFIX}{name}{NETNS_WORD}{netns}\n".encode())

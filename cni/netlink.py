@@ -52,6 +52,12 @@ NTF_SELF = 0x02
 ENODEV, EEXIST = 19, 17
 
 
+def netns_id() -> int:
+    """The calling thread's network namespace, by its inode number: the one a netlink socket it opens
+    belongs to, and the one the plugin names when it asks the agent for something."""
+    return posix.stat("/proc/thread-self/ns/net").st_ino
+
+
 class NetlinkError(OSError):
     """The kernel refused a request; `errno` says why."""
 

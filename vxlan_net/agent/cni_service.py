@@ -76,10 +76,6 @@ def check_device(link, master) -> None:
                       + (f"{master.name}, a {master.kind or 'device without kind'}" if master else "a vanished device"))
 
 
-def _own_netns() -> int:
-    return os.stat("/proc/thread-self/ns/net").st_ino
-
-
 class CniService:
     """`start()` serves `path` in two daemon threads; `close()` stops them and removes the socket."""
 
@@ -217,7 +213,7 @@ class CniService:
         if len(data) > MAX_MESSAGE:
             raise Refused("malformed request", f"longer than {MAX_MESSAGE} bytes")
         name, netns = parse_request(data)
-        if netns != _own_netns():
+        if netns != nl.netns_id():
             raise Refused("peer in another network namespace", f"{name} from netns {netns}")
         link = self._check_link(name)
         if link is None:

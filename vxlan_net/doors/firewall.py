@@ -449,7 +449,7 @@ class _PeerSetSocket:
             raise KernelError(f"nftables refused the peer set change (nothing changed): {'; '.join(refusals)}")
 
     def _socket(self) -> socket.socket:
-        owner = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+        owner = (os.getpid(), wire.netns_id())
         if self._sock is None or owner != self._owner:
             self._close()
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)
