@@ -14,18 +14,15 @@ if TYPE_CHECKING:
     from vxlan_net.core.lease import Lease
 
 
-_ADDRESS_VERSION = {IPv4Address: 4, IPv6Address: 6}
-_NETWORK_VERSION = {IPv4Network: 4, IPv6Network: 6}
-
-
 def _ints(value: object) -> object:
-    """An address or network as ints (equal exactly when the objects are), anything else as it is."""
-    version = _ADDRESS_VERSION.get(value.__class__)
-    if version is not None:
-        return version, int(value)  # type: ignore[call-overload]
-    version = _NETWORK_VERSION.get(value.__class__)
-    if version is not None:
-        return version, int(value.network_address), value.prefixlen  # type: ignore[attr-defined]
+    """An address or network as its class and ints (equal exactly when the objects are), anything else as
+    it is. Read from the ipaddress objects' own slots (`_ip`, `_prefixlen`): int() and .prefixlen run
+    Python methods, and a full sync of 5,000 peers builds 15,000 entries (two fields each)."""
+    cls = value.__class__
+    if cls is IPv4Address or cls is IPv6Address:
+        return cls, value._ip  # type: ignore[attr-defined]
+    if cls is IPv4Network or cls is IPv6Network:
+        return cls, value.network_address._ip, value._prefixlen  # type: ignore[attr-defined]
     return value
 
 
@@ -214,7 +211,11 @@ def tunnel_underlay(peer: Lease, pod_family: int, own_underlays: Collection[int]
     """The underlay family whose VTEP carries pod traffic of `pod_family` to `peer`: the same family
     when both ends have that underlay, else the other one both have (a VXLAN tunnel carries Ethernet,
     so either family rides either underlay); None when they share no underlay family."""
-    shared = set(own_underlays) & peer.underlays
+    return _tunnel_underlay(pod_family, [u for u in sorted(own_underlays) if u in peer.underlays])
+
+
+def _tunnel_underlay(pod_family: int, shared: Collection[int]) -> Optional[int]:
+    """tunnel_underlay, given the underlay families both ends have (IPv4 first)."""
     if pod_family in shared:
         return pod_family
     return next(iter(shared), None)
@@ -229,9 +230,10 @@ Read it with share_items."""
 _LAYOUTS: dict[tuple, tuple] = {}
 
 
-def _share(found: list[tuple[int, str, Entry]]) -> PeerEntries:
-    layout = tuple((underlay, field) for underlay, field, _ in found)
-    return (_LAYOUTS.setdefault(layout, layout), *(entry for _, _, entry in found))
+def _share(layout: Iterable[tuple[int, str]], entries: Iterable[Entry]) -> PeerEntries:
+    """A share of entries, each listed with its (underlay family, field) in `layout`."""
+    layout = tuple(layout)
+    return (_LAYOUTS.setdefault(layout, layout), *entries)
 
 
 def share_items(share: PeerEntries) -> Iterator[tuple[tuple[int, str], Entry]]:
@@ -242,29 +244,39 @@ def share_items(share: PeerEntries) -> Iterator[tuple[tuple[int, str], Entry]]:
 
 def without_field(share: PeerEntries, field: str) -> PeerEntries:
     """The share without its entries of one OverlayEntries field."""
-    return _share([(underlay, f, entry) for (underlay, f), entry in share_items(share) if f != field])
+    kept = [(place, entry) for place, entry in share_items(share) if place[1] != field]
+    return _share((place for place, _ in kept), (entry for _, entry in kept))
 
 
 def peer_entries(lease: Lease, own_underlays: Collection[int], own_families: Collection[int],
                  is_direct: Optional[Callable[[IPAddress], bool]] = None) -> PeerEntries:
-    """One peer's share of desired_by_vtep (which says what the entries are); `own_underlays` sorted."""
-    found = []
+    """One peer's share of desired_by_vtep (which says what the entries are); `own_underlays` sorted.
+
+    Each of the lease's subnets and endpoints is looked up once (its properties build tuples and sets:
+    at a full sync of 5,000 peers they were a third of the time)."""
+    endpoints = {4: lease.endpoint(4), 6: lease.endpoint(6)}
+    shared = [u for u in own_underlays if endpoints[u] is not None]
+    subnet, other = lease.subnet, lease.ipv6_subnet
+    subnets = {4: subnet, 6: other} if subnet.__class__ is IPv4Network else {4: None, 6: subnet}
+    layout, entries = [], []
     for family in own_families:
-        subnet = lease.subnet_of(family)
+        subnet = subnets[family]
         if subnet is None:
             continue
-        endpoint = lease.endpoint(family)
+        endpoint = endpoints[family]
         if is_direct is not None and endpoint is not None and is_direct(endpoint[0]):
-            found.append((own_underlays[0], "direct_routes", interned(Route(subnet, endpoint[0]))))  # type: ignore[index]
+            layout.append((own_underlays[0], "direct_routes"))  # type: ignore[index]
+            entries.append(interned(Route(subnet, endpoint[0])))
             continue
-        underlay = tunnel_underlay(lease, family, own_underlays)
+        underlay = _tunnel_underlay(family, shared)
         if underlay is None:
             continue
-        address, mac = lease.endpoint(underlay)  # type: ignore[misc]
+        address, mac = endpoints[underlay]  # type: ignore[misc]
         gateway = subnet.network_address
-        found += [(underlay, "neighbours", interned(Neighbour(gateway, mac))),
-                  (underlay, "fdb", interned(FdbEntry(mac, address))), (underlay, "routes", interned(Route(subnet, gateway)))]
-    return _share(found)
+        layout += [(underlay, "neighbours"), (underlay, "fdb"), (underlay, "routes")]
+        entries += [interned(Neighbour(gateway, mac)), interned(FdbEntry(mac, address)),
+                    interned(Route(subnet, gateway))]
+    return _share(layout, entries)
 
 
 def entries_by_vtep(shares: Iterable[PeerEntries], underlays: Collection[int]) -> dict[int, OverlayEntries]:
