@@ -43,6 +43,30 @@ def probe(node: Node, command: str, etcd_url: str, *args: object, timeout: float
     return json.loads(out.strip().splitlines()[-1])
 
 
+class RoutesUp:
+    """The probe's `routes-up` in the node, subscribed before what it times starts: `wait()` gives the
+    monotonic time (shared by every namespace) the kernel announced the count-th of the agent's routes."""
+
+    def __init__(self, node: Node, count: int, timeout: float = 90.0):
+        self.timeout = timeout
+        self.proc = node.popen(sys.executable, "-m", "benchmarks._probe", "routes-up", "--etcd", "unused",
+                               "--count", str(count), "--timeout", str(timeout),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+        if not self.proc.stdout.readline():  # its "ready" line: subscribed
+            raise BenchFailure(f"probe routes-up did not start: {self.proc.communicate(timeout=10)[1][-800:]}")
+
+    def wait(self) -> dict:
+        try:
+            out, err = self.proc.communicate(timeout=self.timeout + 30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # our own child, by its PID
+            self.proc.communicate(timeout=10)
+            raise BenchFailure("probe routes-up did not finish") from None
+        if self.proc.returncode != 0:
+            raise BenchFailure(f"probe routes-up exited {self.proc.returncode}: {err.strip()[-800:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+
 def route_count(node: Node) -> int:
     """Routes on the node's VXLAN device, as `ip -j route` sees them (0 without a device)."""
     proc = node.run("ip", "-j", "route", "show", "dev", VTEP, timeout=30)

@@ -5,6 +5,8 @@ joins: Put/revoke leases one by one and time each until the node's kernel announ
 route (RTM_NEWROUTE / RTM_DELROUTE on an RTNLGRP_IPV4_ROUTE netlink socket); the probe's own
 etcd watch marks when etcd delivered the event, splitting etcd from agent time.
 breakdown: time the agent's reconcile steps against this node's live VXLAN device.
+routes-up: say "ready", then wait until the kernel has announced --count of the agent's routes
+(RTM_NEWROUTE, protocol 157) and give the monotonic time of the last one (start-up timing).
 Prints one JSON document on stdout.
 """
 
@@ -121,6 +123,46 @@ class RouteEvents:
         self._stop.set()
         self._thread.join(timeout=2)
         self.sock.close()
+
+
+_SO_RCVBUFFORCE = 33
+RTM_PROTOCOL_AT = 16 + 5  # rtmsg.rtm_protocol
+
+
+def routes_up(count: int, timeout: float) -> dict:
+    """When the kernel announced the count-th distinct route of ours (protocol ROUTE_PROTO, main table),
+    as CLOCK_MONOTONIC, which every namespace shares: the caller times its own start against it. Prints
+    one line, ready, once subscribed. If notifications are lost (ENOBUFS), counts by dumps instead."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 64 << 20)
+    sock.bind((0, RTMGRP_IPV4_ROUTE))
+    sock.settimeout(0.2)
+    print(json.dumps({"ready": time.monotonic()}), flush=True)
+    seen: set[bytes] = set()
+    overruns, deadline = 0, time.monotonic() + timeout
+    while len(seen) < count and time.monotonic() < deadline:
+        try:
+            data = sock.recv(1 << 20)
+        except socket.timeout:
+            continue
+        except OSError:  # ENOBUFS: some announcements were dropped; the dump below counts instead
+            overruns += 1
+            break
+        now = time.monotonic()
+        for off, length, kind, _flags, _seq in wire.messages(data):
+            if kind == RTM_NEWROUTE and length >= 28 and data[off + RTM_PROTOCOL_AT] == kernel.ROUTE_PROTO:
+                seen.add(data[off + 17:off + length])  # dst_len and the attributes: the route itself
+        last = now
+    while overruns and time.monotonic() < deadline:
+        if len(kernel.read_overlay_entries("vxnet.1").routes) >= count:
+            last = time.monotonic()
+            seen = set(range(count))
+            break
+        time.sleep(0.005)
+    sock.close()
+    if len(seen) < count:
+        raise SystemExit(f"only {len(seen)} of {count} routes announced within {timeout:.0f}s")
+    return {"last_route": last, "overruns": overruns}
 
 
 class WatchTimes:
@@ -329,7 +371,7 @@ def _as_tuples(entries) -> tuple[set, set, set]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["fill", "joins", "breakdown", "iproute2"])
+    parser.add_argument("command", choices=["fill", "joins", "breakdown", "iproute2", "routes-up"])
     parser.add_argument("--etcd", required=True)
     parser.add_argument("--prefix", default="/vxlan-net")
     parser.add_argument("--network", default="198.19.0.0/16")
@@ -341,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--underlay", default="eth0", help="the agent's underlay device (direct routes are read there)")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--local-ip", help="iproute2: the node's public IP (the reference VTEP's local address)")
+    parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args(argv)
+    if args.command == "routes-up":
+        print(json.dumps(routes_up(args.count, args.timeout)))
+        return 0
     with EtcdStore([args.etcd], args.prefix) as store:
         if args.command == "breakdown":
             print(json.dumps(breakdown(store, args.device, args.underlay, args.repeat)))
