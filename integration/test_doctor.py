@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
 import subprocess
 
@@ -252,3 +254,34 @@ def test_doctor_names_ipv6_disabled_on_the_vtep_by_hand(lab):
     assert "`sysctl -w net.ipv6.conf.vxnet/1.disable_ipv6=0`" in verdict.out
     # As `ip` sees it: no IPv6 address left on the VTEP.
     assert not [a for link in n1.ip_json("-6", "addr", "show", "dev", "vxnet.1") for a in link.get("addr_info", [])]
+
+
+def test_doctor_skips_a_record_claiming_this_nodes_identity_as_the_agent_does(cluster):
+    """Records written after node 1's, claiming its PublicIP or its VTEP MAC, are never programmed by node 1's
+    agent (the first created wins an identity); doctor must judge the node by the same rule: no peer line
+    expecting their entries, and each record named among the skipped ones with the agent's reason."""
+    lab, n1, n2, _pods = cluster
+    own, peer = node_subnet(n1), node_subnet(n2)
+    mac1 = n1.ip_json("link", "show", "dev", VTEP)[0]["address"]
+    taken = {own, peer}
+    free = [s for s in (ipaddress.ip_network(f"198.19.{i}.0/24") for i in (201, 202)) if s not in taken]
+    claims = {free[0]: {"PublicIP": n1.public_ip, "VtepMAC": "0a:58:c6:13:c9:01"},  # our public IP
+              free[1]: {"PublicIP": "198.18.9.9", "VtepMAC": mac1}}  # our VTEP's MAC
+    for subnet, claim in claims.items():
+        value = {"PublicIP": claim["PublicIP"], "BackendType": "vxlan",
+                 "BackendData": {"VNI": 1, "VtepMAC": claim["VtepMAC"]}}
+        lab.etcdctl("put", f"/vxlan-net/subnets/{subnet.network_address}-{subnet.prefixlen}", json.dumps(value))
+    # The agent skips both (and says why) and programs nothing for them.
+    lab.wait_for(lambda: n1.agent.log_text().count("is also claimed by") >= 2, timeout=10,
+                 message="the agent did not skip the records claiming its identity")
+    routes = {r["dst"] for r in n1.ip_json("route", "show", "dev", VTEP)}
+    assert not routes & {str(s) for s in claims}, routes
+
+    verdict = doctor(lab, n1)
+    assert not [item for item in verdict.lines if any(str(s) in item and item.startswith("peer") for s in claims)], \
+        verdict
+    assert set(verdict.failed) == {"lease records"}, verdict
+    skipped = verdict.failed["lease records"]
+    for subnet in claims:
+        assert f"'{subnet.network_address}-{subnet.prefixlen}': its " in skipped, verdict
+    assert f"its PublicIP {n1.public_ip} is also claimed by" in skipped and f"its VtepMAC {mac1} is also" in skipped
