@@ -31,7 +31,7 @@ from vxlan_net.core.families import VXLAN_OVERHEAD_BY_UNDERLAY, IPAddress
 from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
                                    StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.core.lease import Lease
-from vxlan_net.core.lease_book import LeaseBook, RecordEvent
+from vxlan_net.core.lease_book import LeaseBook, ParsedListing, RecordEvent
 from vxlan_net.core.names import ENDPOINT_LABEL, vtep_name, vtep_names
 from vxlan_net.core.underlay import families_read, underlay_addresses, underlay_networks
 from vxlan_net.core.untrusted import shown
@@ -544,11 +544,13 @@ class Agent:
         return snapshot, self.store.watch_leases(snapshot.revision + 1)
 
     def _relist(self, snapshot) -> None:
-        self._take(snapshot.events(), replace=True)
+        # The records the keeper parsed to choose our subnet (at start, at a re-acquire): not parsed again.
+        self._take(snapshot.events(), replace=True, parsed=self.keeper.take_parsed_listing())
 
-    def _take(self, events, replace: bool = False) -> None:
-        """Fold a listing or a batch of events into the book, then reconcile if peers moved."""
-        change = self.book.replace(events) if replace else self.book.apply(events)
+    def _take(self, events, replace: bool = False, parsed: Optional[ParsedListing] = None) -> None:
+        """Fold a listing (with the records `parsed` already) or a batch of events into the book, then
+        reconcile if peers moved."""
+        change = self.book.replace(events, parsed) if replace else self.book.apply(events)
         self._note_skipped(change)
         self.metrics.leases_known.set(len(self.book))
         response = respond_to(change, listing=replace)
