@@ -32,8 +32,8 @@ from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNo
                                    StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.lease_book import LeaseBook, ParsedListing, RecordEvent
-from vxlan_net.core.names import ENDPOINT_LABEL, vtep_name, vtep_names
-from vxlan_net.core.underlay import families_read, underlay_addresses, underlay_networks
+from vxlan_net.core.names import ENDPOINT_LABEL, vtep_name
+from vxlan_net.core.underlay import families_read, node_underlay
 from vxlan_net.core.untrusted import shown
 from vxlan_net.doors import firewall
 from vxlan_net.doors import kernel
@@ -284,7 +284,7 @@ class Agent:
         # Read at every acquire: our subnet must not cover an address or connected route of the node,
         # nor an etcd endpoint (every other node would skip it, as it would capture their etcd).
         addresses, routes = self._node_addresses(), self._main_table_routes()
-        underlay = underlay_networks(addresses, routes, self.config, vtep_names(self.config.vni), self._etcd_addresses)
+        underlay = node_underlay(self.config, addresses, routes, self._etcd_addresses).networks()
         return self.keeper.acquire(remembered, underlay, remembered_v6)
 
     def _families_read(self) -> tuple[int, ...]:
@@ -576,8 +576,7 @@ class Agent:
             self._addresses = self._node_addresses()
         except VxlanNetError as exc:
             log.warning("cannot read this node's addresses (%s); keeping the previous ones", exc)
-        return underlay_addresses(self._etcd_addresses, self._addresses, self._routes, self.config,
-                                  vtep_names(self.config.vni))
+        return node_underlay(self.config, self._addresses, self._routes, self._etcd_addresses).protected()
 
     def _note_skipped(self, change) -> None:
         for key_name, reason in change.rejected:
