@@ -17,7 +17,8 @@ from vxlan_net.agent.reconciler import Reconciler
 from vxlan_net.core.config import build_config
 from vxlan_net.core.desired import desired_entries
 from vxlan_net.core.lease import Lease, subnet_key_name
-from vxlan_net.core.lease_book import LeaseBook, LeaseChange, RecordEvent
+import vxlan_net.core.lease_book as lease_book
+from vxlan_net.core.lease_book import LeaseBook, LeaseChange, ParsedListing, RecordEvent
 
 from test_reconciler import MemoryKernel
 
@@ -227,6 +228,24 @@ def test_our_record_rewritten_by_someone_else_is_restored_without_a_pass(tmp_pat
     forged = Lease(OURS.subnet, OURS.public_ip, "0a:00:00:00:00:0e")
     agent._take([RecordEvent(subnet_key_name(OURS.subnet), forged.to_json().encode(), 0)])
     assert agent.keeper.restored == 1 and agent.keeper.acquired == 0 and kernel.reads == 1
+
+
+def test_the_listing_after_an_acquire_takes_the_records_the_keeper_parsed_and_only_once(tmp_path, monkeypatch):
+    agent, kernel, _ = running(tmp_path)
+    third = Lease(IPv4Network("198.19.3.0/24"), IPv4Address("198.18.3.2"), "0a:00:00:00:00:03")
+    listing = [RecordEvent(subnet_key_name(l.subnet), l.to_json().encode(), n) for n, l in enumerate((OURS, PEER, third))]
+    parsed = ParsedListing(CONFIG)
+    LeaseBook(CONFIG).replace(listing, parsed)  # what the keeper's acquire parsed to choose our subnet
+    handed = [parsed]
+    agent.keeper.take_parsed_listing = lambda: handed.pop() if handed else None
+    calls = []
+    parse = lease_book.parse_lease
+    monkeypatch.setattr(lease_book, "parse_lease", lambda *args: calls.append(args[0]) or parse(*args))
+    snapshot = type("Snapshot", (), {"events": lambda self: list(listing)})()
+    agent._relist(snapshot)
+    assert calls == [] and kernel.entries == desired_entries([PEER, third])
+    agent._relist(snapshot)  # a later listing (the watch was lost): nothing handed over, parsed afresh
+    assert sorted(calls) == sorted(event.key_name for event in listing)
 
 
 # -- following the node's own underlay address (issue 13) --------------------------------------------

@@ -1,8 +1,10 @@
-"""What the firewall door feeds to `nft -f` (pure): peers of both families each in their table's set, IPv4
-text unchanged when IPv6 is off, garbage refused before anything reaches nft."""
+"""What the firewall door feeds to `nft -f` and, per event, to its netlink socket (pure): peers of both
+families each in their table's set, IPv4 text unchanged when IPv6 is off, garbage refused before anything
+reaches nft."""
 
 from __future__ import annotations
 
+import re
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
@@ -35,12 +37,31 @@ table ip vxlan-net {
 """
 
 
+class PeerSets:
+    """Stands in for the door's netlink socket (_PeerSetSocket): records the transactions change_peers sends."""
+
+    def __init__(self):
+        self.sent: list[list[str]] = []
+
+    def change(self, changes):
+        self.sent.append([firewall._change_text(*change) for change in changes])
+
+
+@pytest.fixture
+def peer_sets(monkeypatch):
+    sets = PeerSets()
+    monkeypatch.setattr(firewall, "_peer_sets", sets)
+    return sets
+
+
 @pytest.mark.parametrize("bad", ["fd18::zz", "198.18.1.256", "", "fd18::2/64", None, 3.5])
-def test_a_peer_that_is_no_address_is_refused_before_nft_runs(bad):
+def test_a_peer_that_is_no_address_is_refused_before_nft_runs(bad, peer_sets):
     with pytest.raises((ValueError, TypeError)):
         firewall.render_ruleset(NET, True, 8472, ["198.18.1.2", bad], ipv6_network=NET6)
-    with pytest.raises((ValueError, TypeError)):
-        firewall.render_peer_changes([bad], [])
+    for added, removed in (([bad], []), (["198.18.3.2"], [bad])):
+        with pytest.raises((ValueError, TypeError), match=re.escape(repr(bad))):
+            firewall.change_peers(added, removed)
+    assert peer_sets.sent == []  # nothing reached the kernel
 
 
 def test_with_ipv6_off_the_text_is_the_ipv4_table_alone():
@@ -69,11 +90,12 @@ def test_an_ipv6_only_pod_network_has_no_ipv4_pod_rules_but_keeps_the_ipv4_ingre
     assert "ip saddr != @vxlan_peers counter drop" in ip
 
 
-def test_changes_delete_before_they_add_in_each_family():
-    text = firewall.render_peer_changes(["fd18::5", "198.18.3.2"], ["fd18::6", "198.18.4.2"])
-    assert text.splitlines() == ["delete element ip vxlan-net vxlan_peers { 198.18.4.2 }",
-                                 "delete element ip6 vxlan-net vxlan_peers { fd18::6 }",
-                                 "add element ip vxlan-net vxlan_peers { 198.18.3.2 }",
-                                 "add element ip6 vxlan-net vxlan_peers { fd18::5 }"]
+def test_changes_delete_before_they_add_in_each_family(peer_sets):
+    firewall.change_peers(["fd18::5", "198.18.3.2"], ["fd18::6", "198.18.4.2"])
+    firewall.change_peers([], [])  # nothing to change: no transaction
+    assert peer_sets.sent == [["delete element ip vxlan-net vxlan_peers { 198.18.4.2 }",
+                               "delete element ip6 vxlan-net vxlan_peers { fd18::6 }",
+                               "add element ip vxlan-net vxlan_peers { 198.18.3.2 }",
+                               "add element ip6 vxlan-net vxlan_peers { fd18::5 }"]]
     assert firewall.render_peer_update(["198.18.3.2"], ipv6=True).splitlines()[-1] == \
         "flush set ip6 vxlan-net vxlan_peers"

@@ -20,7 +20,7 @@ from vxlan_net.core.desired import FdbEntry, Neighbour, OverlayEntries, Route, d
 from vxlan_net.core.errors import KernelError, LinkNotFound
 from vxlan_net.core.lease import Lease
 from vxlan_net.core.plan import ApplyResult, Plan, plan_changes
-from vxlan_net.core.underlay import underlay_networks
+from vxlan_net.core.underlay import node_underlay
 from vxlan_net.doors import kernel
 
 pytestmark = pytest.mark.root
@@ -463,7 +463,7 @@ def test_node_addresses_and_main_table_routes_are_what_ip_shows_and_leave_our_de
         ("0.0.0.0/0" if r["dst"] == "default" else r["dst"] if "/" in r["dst"] else r["dst"] + "/32",
          r.get("gateway"), r["dev"]) for r in shown}
     assert "198.19.7.0/24 via 198.19.7.0 dev vxt0 proto 157" in {str(r) for r in routes}
-    claims = underlay_networks(addresses, routes, build_config("198.19.0.0/16"), SPEC.name)
+    claims = node_underlay(build_config("198.19.0.0/16"), addresses, routes, vteps=SPEC.name).networks()
     assert claims == {
         IPv4Network("127.0.0.0/8"): "address 127.0.0.1/8 on lo",
         IPv4Network("198.18.0.0/24"): "address 198.18.0.1/24 on und0",

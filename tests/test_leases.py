@@ -10,7 +10,8 @@ from vxlan_net.core.allocator import candidate_subnets, choose_free_subnet, over
 from vxlan_net.core.config import build_config
 from vxlan_net.core.errors import InvalidLease, SubnetsExhausted
 from vxlan_net.core.lease import Lease, parse_lease, subnet_key_name
-from vxlan_net.core.lease_book import LeaseBook, RecordEvent
+import vxlan_net.core.lease_book as lease_book
+from vxlan_net.core.lease_book import LeaseBook, ParsedListing, RecordEvent
 
 CONFIG = build_config("198.19.0.0/16", vni=1)
 MAC_A, MAC_B = "0a:00:00:00:00:01", "0a:00:00:00:00:02"
@@ -134,6 +135,35 @@ def test_event_batch_is_summarised_as_its_net_effect():
     book = LeaseBook(CONFIG)
     change = book.apply([RecordEvent("198.19.2.0-24", record()), RecordEvent("198.19.2.0-24", None)])
     assert not change.peers_changed
+
+
+def test_a_handed_over_listing_of_another_config_is_refused_and_changed_or_invalid_records_parsed_again():
+    parsed = ParsedListing(CONFIG)
+    LeaseBook(CONFIG).replace(_listing({"198.19.2.0-24": record(ip="198.18.2.2", mac=MAC_B),
+                                        "198.19.3.0-24": b"garbage"}), parsed)
+    assert list(parsed.leases) == [("198.19.2.0-24", record(ip="198.18.2.2", mac=MAC_B))]  # the invalid: not kept
+    with pytest.raises(ValueError, match="another network config"):
+        LeaseBook(build_config("198.19.0.0/16", vni=2)).replace([], parsed)
+    book = LeaseBook(CONFIG)
+    change = book.replace(_listing({"198.19.2.0-24": record(ip="198.18.2.9", mac=MAC_B),  # changed meanwhile
+                                    "198.19.3.0-24": b"garbage"}), parsed)
+    assert [l.public_ip for l in book.peers()] == [IPv4Address("198.18.2.9")]
+    assert [name for name, _ in change.rejected] == ["198.19.3.0-24"]
+
+
+def test_a_listing_handed_over_is_parsed_once_for_both_books(monkeypatch):
+    """The agent's start: the lease keeper's book, then the loop's book, take the same listing."""
+    calls = []
+    monkeypatch.setattr(lease_book, "parse_lease", lambda *args: calls.append(args[0]) or parse_lease(*args))
+    listing = _listing({f"198.19.{i}.0-24": record(ip=f"198.18.{i}.2", mac=f"0a:00:00:00:00:{i:02x}")
+                        for i in range(1, 6)})
+    parsed = ParsedListing(CONFIG)
+    LeaseBook(CONFIG).replace(listing, parsed)
+    book = LeaseBook(CONFIG)
+    book.set_own(parse_lease(listing[0].key_name, listing[0].value, CONFIG))
+    book.replace(listing, parsed)
+    assert sorted(calls) == sorted(event.key_name for event in listing)
+    assert sorted(str(l.subnet) for l in book.peers()) == [f"198.19.{i}.0/24" for i in range(2, 6)]
 
 
 def test_reuse_after_renumbering_keeps_the_remembered_subnet_whose_record_has_our_mac():

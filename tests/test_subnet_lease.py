@@ -66,6 +66,15 @@ def test_first_acquire_takes_a_free_subnet_and_a_restart_reuses_it(store):
     assert stored(store, lease.subnet).vtep_mac == "0a:00:00:00:00:02"
 
 
+def test_acquire_hands_the_records_it_parsed_to_the_next_book_once(store):
+    other = SubnetLeaseKeeper(store, CONFIG, OTHER, "0a:00:00:00:00:0f", ttl=60).acquire(remembered=None)
+    keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)
+    keeper.acquire(remembered=None)
+    parsed = keeper.take_parsed_listing()
+    assert parsed.config is CONFIG and list(parsed.leases.values()) == [other]  # the listing it chose by
+    assert keeper.take_parsed_listing() is None  # not kept beyond the book it is handed to
+
+
 def test_a_restart_after_renumbering_readopts_the_subnet_and_lease_by_mac(store):
     """Issue 13: renumbered while the agent was down: same subnet, same etcd lease, record rewritten."""
     keeper = SubnetLeaseKeeper(store, CONFIG, ME, "0a:00:00:00:00:01", ttl=60)

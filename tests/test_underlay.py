@@ -4,7 +4,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from vxlan_net.core.config import build_config
 from vxlan_net.core.desired import MainRoute
-from vxlan_net.core.underlay import NodeAddress, underlay_networks
+from vxlan_net.core.underlay import NodeAddress, node_underlay
 
 CONFIG = build_config("198.19.0.0/16")
 VTEP = "vxnet.1"
@@ -21,14 +21,15 @@ def route(dst: str, device: str, gateway: str | None = None, protocol: int = KER
 
 
 def test_addresses_connected_routes_and_gateways_of_the_underlay_are_claimed():
-    claims = underlay_networks(
+    claims = node_underlay(
+        CONFIG,
         [address("lo", "127.0.0.1/8"), address("eth0", "198.18.0.5/24", "veth"),
          address("eth0", "198.19.5.1/24", "veth"), address("br-ul", "198.18.9.2/24", "bridge")],
         [route("0.0.0.0/0", "eth0", gateway="198.18.0.1", protocol=STATIC),
          route("198.18.0.0/24", "eth0", scope=LINK), route("198.19.5.0/24", "eth0", scope=LINK),
          route("198.19.60.0/22", "eth1", protocol=STATIC, scope=LINK),
          route("198.19.80.0/24", "eth0", gateway="198.18.0.77", protocol=STATIC)],
-        CONFIG, VTEP)
+        vteps=VTEP).networks()
     assert claims == {
         IPv4Network("127.0.0.0/8"): "address 127.0.0.1/8 on lo",
         IPv4Network("198.18.0.0/24"): "address 198.18.0.5/24 on eth0",
@@ -42,14 +43,15 @@ def test_addresses_connected_routes_and_gateways_of_the_underlay_are_claimed():
 
 
 def test_our_own_vtep_pod_bridges_and_peer_routes_do_not_block_our_subnet():
-    claims = underlay_networks(
+    claims = node_underlay(
+        CONFIG,
         [address(VTEP, "198.19.3.0/32", "vxlan"), address("cni0", "198.19.3.1/24", "bridge"),
          address("cni-old", "198.19.4.1/24", "bridge"), address("vxnet.7", "198.19.4.0/32", "vxlan"),
          address("eth0", "198.18.0.5/24")],
         [route("198.19.3.0/24", "cni0", scope=LINK), route("198.19.7.0/24", VTEP, gateway="198.19.7.0",
                                                           protocol=OURS),
          route("198.18.0.0/24", "eth0", scope=LINK)],
-        CONFIG, VTEP)
+        vteps=VTEP).networks()
     assert claims == {IPv4Network("198.18.0.0/24"): "address 198.18.0.5/24 on eth0"}
 
 
@@ -60,15 +62,32 @@ def test_a_bridge_is_only_a_pod_bridge_when_it_holds_nothing_but_pod_gateway_add
                 address("dummy0", "198.19.6.1/24", "dummy"),  # not a bridge
                 address("vx9", "198.19.9.1/32", "vxlan"),  # not a subnet's network address
                 address("vx10", "198.19.10.0/24", "vxlan")]  # not /32
-    claims = underlay_networks(not_pods, [], CONFIG, VTEP)
+    claims = node_underlay(CONFIG, not_pods, [], vteps=VTEP).networks()
     assert set(claims.values()) == {f"address {a.interface} on {a.device}" for a in not_pods}
 
 
 def test_a_default_route_without_gateway_claims_nothing_but_its_device_stays_underlay():
-    claims = underlay_networks([], [route("0.0.0.0/0", "ppp0", protocol=STATIC, scope=LINK)], CONFIG, VTEP)
+    claims = node_underlay(CONFIG, [], [route("0.0.0.0/0", "ppp0", protocol=STATIC, scope=LINK)], vteps=VTEP).networks()
     assert claims == {}
 
 
 def test_an_etcd_endpoint_inside_the_pod_network_is_claimed_so_no_node_leases_around_it():
-    claims = underlay_networks([], [], CONFIG, VTEP, {IPv4Address("198.19.250.10"): "http://198.19.250.10:2379"})
+    claims = node_underlay(CONFIG, [], [], {IPv4Address("198.19.250.10"): "http://198.19.250.10:2379"}, VTEP).networks()
     assert claims == {IPv4Network("198.19.250.10/32"): "etcd endpoint http://198.19.250.10:2379"}
+
+
+def test_what_a_peer_subnet_must_not_capture_leaves_both_our_vteps_out_and_the_nodes_own_words_win():
+    underlay = node_underlay(
+        CONFIG,
+        [address("vxnet6.1", "198.18.7.7/24", "vxlan"),  # ours by its name alone: the IPv6 VTEP of VNI 1
+         address("cni0", "198.19.3.1/24", "bridge"), address("eth0", "198.18.0.5/24", "veth")],
+        [route("0.0.0.0/0", "eth0", gateway="198.18.0.1", protocol=STATIC),
+         route("198.19.7.0/24", "vxnet.1", gateway="198.19.7.0", protocol=OURS)],
+        {IPv4Address("198.18.0.5"): "http://198.18.0.5:2379", IPv4Address("198.18.0.9"): "http://198.18.0.9:2379"})
+    assert underlay.protected() == {
+        IPv4Address("198.18.0.9"): "etcd endpoint http://198.18.0.9:2379",
+        IPv4Address("198.18.0.5"): "this node's address on eth0",
+        IPv4Address("198.18.0.1"): "this node's gateway",
+    }
+    assert set(underlay.networks()) == {IPv4Network("198.18.0.9/32"), IPv4Network("198.18.0.5/32"),
+                                        IPv4Network("198.18.0.0/24"), IPv4Network("198.18.0.1/32")}

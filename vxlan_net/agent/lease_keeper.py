@@ -13,7 +13,7 @@ from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.errors import InvalidLease, LeaseGone, SubnetTaken, VxlanNetError
 from vxlan_net.core.families import IPAddress, IPNetwork
 from vxlan_net.core.lease import Lease, SubnetKey, parse_subnet_key_name
-from vxlan_net.core.lease_book import LeaseBook
+from vxlan_net.core.lease_book import LeaseBook, ParsedListing
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class SubnetLeaseKeeper:
         self.lease_id: Optional[int] = None
         self._ipv6_subnet: Optional[IPv6Network] = None
         """A dual-stack lease's IPv6 subnet, chosen before its IPv4 one is created."""
+        self._parsed: Optional[ParsedListing] = None
+        """The records the last acquire parsed, until the agent's book takes them (take_parsed_listing)."""
 
     @property
     def renew_interval(self) -> float:
@@ -90,7 +92,8 @@ class SubnetLeaseKeeper:
         """
         snapshot = self.store.list_leases()
         book = LeaseBook(self.config)  # the listing as every reader takes it: parsed, the invalid skipped
-        book.replace(snapshot.events())
+        self._parsed = ParsedListing(self.config)
+        book.replace(snapshot.events(), self._parsed)
         named = book.valid_records()
         # Each subnet's holder by its record's own key (which may name more than its lease keeps: an IPv6
         # part on a network without IPv6), so its etcd lease is found whatever the key's form.
@@ -126,6 +129,12 @@ class SubnetLeaseKeeper:
                 return self._drop_given_up(previous if given_up else None, valid)
             lost.add(subnet)
         raise SubnetTaken(f"lost the race for {len(lost)} subnets in a row; will retry")
+
+    def take_parsed_listing(self) -> Optional[ParsedListing]:
+        """The records the last acquire parsed, for the book that lists next (the agent's, at start): once,
+        so that they are not kept beyond it."""
+        parsed, self._parsed = self._parsed, None
+        return parsed
 
     def _drop_given_up(self, subnet: Optional[IPNetwork], valid) -> Lease:
         """Revoke the record of a subnet we gave up, if it is ours and not the lease we now hold."""

@@ -31,9 +31,9 @@ from vxlan_net.core.families import VXLAN_OVERHEAD_BY_UNDERLAY, IPAddress
 from vxlan_net.core.errors import (InvalidConfig, KernelError, LeaseGone, LinkNotFound, StoreConfigError,
                                    StoreUnavailable, SubnetsExhausted, SubnetTaken, VxlanNetError, WatchCompacted)
 from vxlan_net.core.lease import Lease
-from vxlan_net.core.lease_book import LeaseBook, RecordEvent
-from vxlan_net.core.names import ENDPOINT_LABEL, vtep_name, vtep_names
-from vxlan_net.core.underlay import families_read, underlay_addresses, underlay_networks
+from vxlan_net.core.lease_book import LeaseBook, ParsedListing, RecordEvent
+from vxlan_net.core.names import ENDPOINT_LABEL, vtep_name
+from vxlan_net.core.underlay import families_read, node_underlay
 from vxlan_net.core.untrusted import shown
 from vxlan_net.doors import firewall
 from vxlan_net.doors import kernel
@@ -284,7 +284,7 @@ class Agent:
         # Read at every acquire: our subnet must not cover an address or connected route of the node,
         # nor an etcd endpoint (every other node would skip it, as it would capture their etcd).
         addresses, routes = self._node_addresses(), self._main_table_routes()
-        underlay = underlay_networks(addresses, routes, self.config, vtep_names(self.config.vni), self._etcd_addresses)
+        underlay = node_underlay(self.config, addresses, routes, self._etcd_addresses).networks()
         return self.keeper.acquire(remembered, underlay, remembered_v6)
 
     def _families_read(self) -> tuple[int, ...]:
@@ -544,11 +544,13 @@ class Agent:
         return snapshot, self.store.watch_leases(snapshot.revision + 1)
 
     def _relist(self, snapshot) -> None:
-        self._take(snapshot.events(), replace=True)
+        # The records the keeper parsed to choose our subnet (at start, at a re-acquire): not parsed again.
+        self._take(snapshot.events(), replace=True, parsed=self.keeper.take_parsed_listing())
 
-    def _take(self, events, replace: bool = False) -> None:
-        """Fold a listing or a batch of events into the book, then reconcile if peers moved."""
-        change = self.book.replace(events) if replace else self.book.apply(events)
+    def _take(self, events, replace: bool = False, parsed: Optional[ParsedListing] = None) -> None:
+        """Fold a listing (with the records `parsed` already) or a batch of events into the book, then
+        reconcile if peers moved."""
+        change = self.book.replace(events, parsed) if replace else self.book.apply(events)
         self._note_skipped(change)
         self.metrics.leases_known.set(len(self.book))
         response = respond_to(change, listing=replace)
@@ -574,8 +576,7 @@ class Agent:
             self._addresses = self._node_addresses()
         except VxlanNetError as exc:
             log.warning("cannot read this node's addresses (%s); keeping the previous ones", exc)
-        return underlay_addresses(self._etcd_addresses, self._addresses, self._routes, self.config,
-                                  vtep_names(self.config.vni))
+        return node_underlay(self.config, self._addresses, self._routes, self._etcd_addresses).protected()
 
     def _note_skipped(self, change) -> None:
         for key_name, reason in change.rejected:

@@ -23,7 +23,7 @@ def candidate_subnets(space: SubnetSpace) -> Iterable[IPNetwork]:
 
 Avoid = Mapping[IPNetwork, str]
 """Networks a subnet of ours must not overlap, each with what it is ("address 198.19.5.1/24 on eth0"):
-the node's underlay (underlay.underlay_networks)."""
+the node's underlay (underlay.Underlay.networks)."""
 
 
 def overlap(subnet: IPNetwork, avoid: Optional[Avoid]) -> Optional[str]:

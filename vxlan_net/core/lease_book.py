@@ -102,23 +102,22 @@ class _Record:
         return self._rank  # type: ignore[return-value]
 
 
-_LAST_LISTING: dict[tuple[str, bytes], tuple[NetworkConfig, Lease]] = {}
-"""The valid records the latest listing parsed afresh, by key name and value: an agent starting lists every
-lease twice (to choose its subnet, then to follow them), and parsing 5,000 records cost more than everything
-else the book does. The next listing takes them and keeps only what it had to parse itself, so once the
-agent runs this is empty again (watch events are never kept)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParsedListing:
+    """The valid records a listing parsed, by key name and value, under `config`: handed by the book that
+    took the listing to the next book taking the same records. An agent starting lists every lease twice
+    (to choose its subnet, then to follow them), and parsing 5,000 records cost more than everything else
+    the book does: the hand-over makes it parse each record once."""
 
+    config: NetworkConfig
+    leases: dict[tuple[str, bytes], Lease] = dataclasses.field(default_factory=dict)
 
-def _parse(name: str, value: bytes, config: NetworkConfig, listing: Optional[dict] = None) -> Lease:
-    """parse_lease_value of the key name's subnets and the value; InvalidLease if invalid. With `listing`
-    (a listing being taken), the previous listing's result is reused, and a fresh parse kept there."""
-    cached = _LAST_LISTING.get((name, value)) if listing is not None else None
-    if cached is not None and (cached[0] is config or cached[0] == config):
-        return cached[1]
-    lease = parse_lease(name, value, config)
-    if listing is not None:
-        listing[(name, value)] = (config, lease)
-    return lease
+    def lease(self, name: str, value: bytes) -> Lease:
+        """The record's lease, parsed before or now (then kept); InvalidLease if invalid (never kept)."""
+        lease = self.leases.get((name, value))
+        if lease is None:
+            lease = self.leases[name, value] = parse_lease(name, value, self.config)
+        return lease
 
 
 class LeaseBook:
@@ -196,19 +195,25 @@ class LeaseBook:
         self._protected = protected
         return self._recompute(set(self._records), own_removed=False, own_written=False, rejected={})
 
-    def replace(self, events: Iterable[RecordEvent]) -> LeaseChange:
-        """Take a full listing: everything not in it is gone (diff includes attribute changes)."""
-        global _LAST_LISTING
+    def replace(self, events: Iterable[RecordEvent], parsed: Optional[ParsedListing] = None) -> LeaseChange:
+        """Take a full listing: everything not in it is gone (diff includes attribute changes).
+
+        With `parsed` (this book's config), records it holds are not parsed again, and the ones parsed
+        now are added to it: the caller hands it to the next book taking the same listing."""
         events = list(events)
         listed = {event.key_name for event in events}
         known = set(self._records) | set(self._invalid)
-        parsed: dict = {}
-        change = self.apply(events + [RecordEvent(name, None) for name in sorted(known - listed)], parsed)
-        _LAST_LISTING = parsed
-        return change
+        if parsed is not None and parsed.config is not self.config and parsed.config != self.config:
+            raise ValueError("a listing parsed under another network config cannot be reused")
+        return self._apply(events + [RecordEvent(name, None) for name in sorted(known - listed)], parsed)
 
-    def apply(self, events: Iterable[RecordEvent], _listing: Optional[dict] = None) -> LeaseChange:
+    def apply(self, events: Iterable[RecordEvent]) -> LeaseChange:
         """Apply a batch of events in order and summarise the net effect (cost ~ the batch, not the book)."""
+        return self._apply(events, None)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _apply(self, events: Iterable[RecordEvent], parsed: Optional[ParsedListing]) -> LeaseChange:
         touched: set[str] = set()
         rejected: dict[str, str] = {}
         own_removed = own_written = False
@@ -222,7 +227,8 @@ class LeaseBook:
                 if self._is_own(name):
                     own_written, own_removed = True, event.value is None
                 if event.value is not None:
-                    lease = _parse(name, event.value, self.config, _listing)
+                    lease = (parse_lease(name, event.value, self.config) if parsed is None
+                             else parsed.lease(name, event.value))
             except InvalidLease as exc:
                 reason = str(exc)
             if lease is not None:
@@ -232,8 +238,6 @@ class LeaseBook:
                 if previous_reason != reason:
                     rejected[name] = reason
         return self._recompute(touched, own_removed, own_written, rejected)
-
-    # -- internals ------------------------------------------------------------------------
 
     def _is_own(self, name: str) -> bool:
         """Our own record: by its key, once set_own named it."""

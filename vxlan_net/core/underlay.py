@@ -10,6 +10,7 @@ from typing import Iterable, Mapping, Optional
 from vxlan_net.core.config import NetworkConfig
 from vxlan_net.core.desired import RT_SCOPE_LINK, MainRoute
 from vxlan_net.core.families import IPAddress, IPInterface, IPNetwork
+from vxlan_net.core.names import vtep_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,39 +64,50 @@ def _own_devices(addresses: Iterable[NodeAddress], config: NetworkConfig, vtep: 
                      if all(_OWN_KINDS[kinds[name]](config, i) for i in interfaces)}
 
 
-def underlay_networks(addresses: Iterable[NodeAddress], routes: Iterable[MainRoute], config: NetworkConfig,
-                      vtep: "str | Iterable[str]",
-                      etcd_endpoints: Mapping[IPAddress, str] = {}) -> dict[IPNetwork, str]:
-    """{network: what it is} of the node's addresses (with their prefix), its connected (link-scope)
-    routes, the gateways of its routes and the etcd endpoints, leaving out our own devices.
+@dataclasses.dataclass(frozen=True)
+class Underlay:
+    """What this node's underlay holds, from one reading: its addresses and main-table routes (of the
+    families read, see families_read) and the etcd endpoints, our own devices (VTEPs, pod bridges) left
+    out. Two views of it: the networks our own subnet must not overlap, the addresses a peer subnet must
+    never capture."""
 
-    A gatewayed route's destination is not claimed: a route such as 10.0.0.0/8 via a
-    router only says where the node sends traffic, and the overlay's more specific
-    routes win over it. A link-scope default route (PPP) claims nothing."""
-    addresses = list(addresses)
-    own = _own_devices(addresses, config, vtep)
-    claims = {ipaddress.ip_network(address): f"etcd endpoint {url}" for address, url in etcd_endpoints.items()}
-    for a in addresses:
-        if a.device not in own:
+    addresses: tuple[NodeAddress, ...]
+    routes: tuple[MainRoute, ...]
+    etcd_endpoints: Mapping[IPAddress, str]
+
+    def networks(self) -> dict[IPNetwork, str]:
+        """{network: what it is} of the node's addresses (with their prefix), its connected (link-scope)
+        routes, the gateways of its routes and the etcd endpoints (for choosing our subnet).
+
+        A gatewayed route's destination is not claimed: a route such as 10.0.0.0/8 via a
+        router only says where the node sends traffic, and the overlay's more specific
+        routes win over it. A link-scope default route (PPP) claims nothing."""
+        claims = {ipaddress.ip_network(address): f"etcd endpoint {url}"
+                  for address, url in self.etcd_endpoints.items()}
+        for a in self.addresses:
             claims.setdefault(a.interface.network, f"address {a.interface} on {a.device}")
-    for r in routes:
-        if r.device in own:
-            continue
-        if r.gateway is not None:
-            claims.setdefault(ipaddress.ip_network(r.gateway), f"gateway {r.gateway} of route {r}")
-        elif r.scope == RT_SCOPE_LINK and r.dst.prefixlen:
-            claims.setdefault(r.dst, f"connected route {r}")
-    return claims
+        for r in self.routes:
+            if r.gateway is not None:
+                claims.setdefault(ipaddress.ip_network(r.gateway), f"gateway {r.gateway} of route {r}")
+            elif r.scope == RT_SCOPE_LINK and r.dst.prefixlen:
+                claims.setdefault(r.dst, f"connected route {r}")
+        return claims
+
+    def protected(self) -> dict[IPAddress, str]:
+        """What a peer subnet must never capture, each with what it is (for LeaseBook.set_protected):
+        the etcd endpoints, the node's addresses and the gateways of its routes."""
+        protected = {address: f"etcd endpoint {url}" for address, url in self.etcd_endpoints.items()}
+        protected.update((r.gateway, "this node's gateway") for r in self.routes if r.gateway)
+        protected.update((a.interface.ip, f"this node's address on {a.device}") for a in self.addresses)
+        return protected
 
 
-def underlay_addresses(etcd_endpoints: Mapping[IPAddress, str], addresses: Iterable[NodeAddress],
-                       routes: Iterable[MainRoute], config: NetworkConfig,
-                       vtep: "str | Iterable[str]") -> dict[IPAddress, str]:
-    """What a peer subnet must never capture, each with what it is (for LeaseBook.set_protected):
-    the etcd endpoints, the node's addresses and the gateways of its routes (not our own devices')."""
+def node_underlay(config: NetworkConfig, addresses: Iterable[NodeAddress], routes: Iterable[MainRoute],
+                  etcd_endpoints: Mapping[IPAddress, str] = {},
+                  vteps: "str | Iterable[str] | None" = None) -> Underlay:
+    """The node's underlay from what the kernel door read (node_addresses, main_table_routes) and the
+    store's endpoint_addresses. `vteps`: our VTEP names, by default both of the config's VNI."""
     addresses = list(addresses)
-    own = _own_devices(addresses, config, vtep)
-    protected = {address: f"etcd endpoint {url}" for address, url in etcd_endpoints.items()}
-    protected.update((r.gateway, "this node's gateway") for r in routes if r.gateway and r.device not in own)
-    protected.update((a.interface.ip, f"this node's address on {a.device}") for a in addresses if a.device not in own)
-    return protected
+    own = _own_devices(addresses, config, vtep_names(config.vni) if vteps is None else vteps)
+    return Underlay(tuple(a for a in addresses if a.device not in own),
+                    tuple(r for r in routes if r.device not in own), etcd_endpoints)

@@ -152,18 +152,13 @@ def render_peer_update(peer_ips: Iterable[IPAddress], ipv6: bool = False) -> str
     return text
 
 
-def render_peer_changes(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> str:
-    """Add and delete just these elements, in one transaction (the rest of the sets untouched); each
-    address goes to its family's set.
+def _peer_changes(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> list[tuple[str, str, set]]:
+    """(verb, nft family, addresses) of each set to change, in the order of the transaction: just these
+    elements, each address in its family's set (a bad one raises ValueError).
 
     Deletions go first, so an address both removed and added (never both from one caller)
     ends up present. nft refuses to delete an element that is not there, which fails
     the whole transaction: the caller then knows the set is not what it thought."""
-    return "".join(_change_text(*change) + "\n" for change in _peer_changes(added, removed))
-
-
-def _peer_changes(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> list[tuple[str, str, set]]:
-    """(verb, nft family, addresses) of each set to change, in the order of the transaction."""
     added4, added6 = _by_family(added)
     removed4, removed6 = _by_family(removed)
     return [(verb, family, ips) for verb, family, ips in (("delete", "ip", removed4), ("delete", "ip6", removed6),
@@ -171,6 +166,7 @@ def _peer_changes(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> l
 
 
 def _change_text(verb: str, family: str, ips: Iterable[IPAddress]) -> str:
+    """One change as `nft` would write it (what a refusal names)."""
     return f"{verb} element {family} {TABLE} {PEER_SET} {{ {_elements(ips)} }}"
 
 
@@ -224,8 +220,8 @@ def change_peers(added: Iterable[IPAddress], removed: Iterable[IPAddress]) -> No
     an address to remove is not in its set, or an IPv6 one is given and there is no ip6 table; then
     nothing changed.
 
-    The per-event path, so it does not fork `nft`: the transaction (what render_peer_changes says) goes
-    to the kernel over a netlink socket of this process (_PeerSetSocket)."""
+    The per-event path, so it does not fork `nft`: the transaction (_peer_changes) goes to the kernel
+    over a netlink socket of this process (_PeerSetSocket). A bad address raises ValueError before."""
     changes = _peer_changes(added, removed)
     if changes:
         _peer_sets.change(changes)

@@ -275,7 +275,7 @@ def _status(args) -> int:
     from vxlan_net.core.direct import DirectReach
     from vxlan_net.core.lease_book import LeaseBook
     from vxlan_net.core.names import ENDPOINT_LABEL, vtep_name, vtep_names
-    from vxlan_net.core.underlay import families_read, underlay_addresses
+    from vxlan_net.core.underlay import families_read, node_underlay
     from vxlan_net.doors import kernel
     from vxlan_net.tools.status import (describe_drift, lease_mode, own_address_line, own_lease_of,
                                         render_lease_table, skipped_lines)
@@ -301,8 +301,7 @@ def _status(args) -> int:
         families = families_read(config, 6 in vteps)
         routes = [r for family in families for r in kernel.main_table_routes(family=family)]
         addresses = [a for family in families for a in kernel.node_addresses(family=family)]
-        book.set_protected(underlay_addresses(etcd_addresses, addresses, routes, config,
-                                              vtep_names(config.vni)))
+        book.set_protected(node_underlay(config, addresses, routes, etcd_addresses).protected())
         if config.direct_routing and underlay:  # decided as the agent decides
             reach = DirectReach.from_routes(routes, underlay)
     modes = None

@@ -1064,7 +1064,7 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
     from vxlan_net.doors import kernel
     from vxlan_net.core.errors import KernelError, VxlanNetError
 
-    from vxlan_net.core.underlay import families_read, underlay_addresses
+    from vxlan_net.core.underlay import families_read, node_underlay
 
     config = _read_config(store, options.etcd_prefix)
     if isinstance(config, Unavailable):
@@ -1081,9 +1081,9 @@ def gather_facts(options: DoctorOptions, store) -> NodeFacts:
         families = (4, 6) if has6 else (4,) if isinstance(config, Unavailable) else families_read(config, has6)
         main_routes: Fact[tuple[MainRoute, ...]] = tuple(
             r for family in families for r in kernel.main_table_routes(family=family))
-        protected = {} if isinstance(config, Unavailable) else underlay_addresses(
-            store.endpoint_addresses(), [a for family in families for a in kernel.node_addresses(family=family)],
-            main_routes, config, [device, device6])
+        protected = {} if isinstance(config, Unavailable) else node_underlay(
+            config, [a for family in families for a in kernel.node_addresses(family=family)], main_routes,
+            store.endpoint_addresses()).protected()
     except KernelError as exc:
         main_routes, protected = Unavailable(f"cannot read the main routing table: {exc}"), {}
     try:
