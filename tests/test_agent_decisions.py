@@ -4,6 +4,7 @@ and the loop's own choices with its doors (etcd, netlink, nftables) replaced by 
 from __future__ import annotations
 
 import threading
+import weakref
 from ipaddress import IPv4Address, IPv6Address, IPv4Network
 
 import pytest
@@ -246,6 +247,23 @@ def test_the_listing_after_an_acquire_takes_the_records_the_keeper_parsed_and_on
     assert calls == [] and kernel.entries == desired_entries([PEER, third])
     agent._relist(snapshot)  # a later listing (the watch was lost): nothing handed over, parsed afresh
     assert sorted(calls) == sorted(event.key_name for event in listing)
+
+
+def test_the_handed_over_listing_is_freed_before_the_full_pass_it_triggers(tmp_path):
+    """The full pass after a listing ends in malloc_trim: what the listing parsed must be gone by then, or
+    its heap stays with the agent for good (1.5 MiB at 5,000 leases)."""
+    agent, kernel, _ = running(tmp_path)
+    listing = [RecordEvent(subnet_key_name(l.subnet), l.to_json().encode(), n) for n, l in enumerate((OURS, PEER))]
+    parsed = ParsedListing(CONFIG)
+    LeaseBook(CONFIG).replace(listing, parsed)
+    alive_at_full_pass = []
+    handed, freed = [parsed], weakref.ref(parsed)
+    del parsed
+    agent.keeper.take_parsed_listing = lambda: handed.pop()
+    full_pass = agent._reconcile
+    agent._reconcile = lambda full=True: alive_at_full_pass.append(freed() is not None) or full_pass(full)
+    agent._relist(type("Snapshot", (), {"events": lambda self: list(listing)})())
+    assert alive_at_full_pass == [False]
 
 
 # -- following the node's own underlay address (issue 13) --------------------------------------------

@@ -551,6 +551,9 @@ class Agent:
         """Fold a listing (with the records `parsed` already) or a batch of events into the book, then
         reconcile if peers moved."""
         change = self.book.replace(events, parsed) if replace else self.book.apply(events)
+        # Dropped before the full pass below, whose malloc_trim must find them freed: kept through it, the
+        # parsed listing's 5,000 entries held on to 1.5 MiB of heap for good.
+        del events, parsed
         self._note_skipped(change)
         self.metrics.leases_known.set(len(self.book))
         response = respond_to(change, listing=replace)
