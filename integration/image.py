@@ -63,7 +63,13 @@ class Podman:
         return proc
 
     def close(self) -> None:
+        """Removes the containers and the run root, and unmounts the overlay driver's storage: podman
+        bind-mounts `storage/overlay` onto itself and leaves it mounted, so the workdir could not be
+        deleted after it (a full test run left a lab directory behind, with that mount still on)."""
         self("rm", "--all", "--force", "--time", "0", check=False)
+        overlay = self.dir / "storage" / "overlay"
+        if os.path.ismount(overlay):
+            subprocess.run(["umount", str(overlay)], capture_output=True, timeout=30)
         shutil.rmtree(self.runroot, ignore_errors=True)
 
 
