@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -60,6 +61,13 @@ def test_agents_work_as_a_user_limited_to_the_prefix_and_a_user_without_it_is_re
     assert outside.returncode != 0 and "permission denied" in outside.stderr, outside.stderr
     assert lab.etcdctl(node_user, "get", "/elsewhere/key", check=False).returncode != 0
     assert lab.etcdctl(node_user, "put", "/vxlan-net/probe", "x", check=False).returncode == 0
+    # `status` as the node user: every lease's expiry, asked many at a time, goes with its auth token
+    shown = a.run("env", *(f"{k}={v}" for k, v in as_user(NODE).items()), lab.agent_exe, "status",
+                  "--etcd-endpoints", lab.etcd_url)
+    assert shown.returncode == 0, shown.stderr
+    for node in (a, b):
+        rows = [line for line in shown.stdout.splitlines() if re.match(rf"{re.escape(str(node_subnet(node)))}\*? ", line)]
+        assert len(rows) == 1 and re.search(r" \d+h\d\dm\d\ds ", rows[0]), shown.stdout
 
     # a user without the role: a clear one-line message, the agent keeps retrying
     started = time.monotonic()

@@ -22,8 +22,8 @@ from integration.etcd_server import ETCDCTL_EXE, EtcdServer, free_port  # noqa: 
 from vxlan_net.core.errors import (LeaseGone, StoreConfigError, StoreUnavailable, SubnetTaken, WatchCompacted,
                                    WatchLost)
 from vxlan_net.core.lease import Lease  # noqa: E402
-from vxlan_net.doors.store import (EtcdStore, LeaseEvent, LeaseWatch, parse_endpoint, prefix_range_end, _TokenRejected,
-                                   translate_rpc_error)
+from vxlan_net.doors.store import (TTL_WINDOW, EtcdStore, LeaseEvent, LeaseWatch, parse_endpoint, prefix_range_end,
+                                   _TokenRejected, rpc, translate_rpc_error)
 
 SUBNET_A = IPv4Network("198.19.3.0/24")
 SUBNET_B = IPv4Network("198.19.4.0/24")
@@ -311,6 +311,28 @@ def test_update_lease_rewrites_only_our_own_record(store: EtcdStore) -> None:
     with pytest.raises(LeaseGone):
         store.update_lease(SUBNET_A, lease_value(SUBNET_A), lease_id)
 
+
+
+def test_lease_ttls_answers_every_distinct_lease_across_windows_and_none_for_a_gone_one(store: EtcdStore) -> None:
+    """More leases than one window of requests in flight, one asked twice, one revoked: each distinct lease
+    is answered once, the revoked one with None; a record listed with_ttl gets its own lease's TTL."""
+    grants = [store._call("grant", lambda c: c.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=60 + i % 7),
+                                                                     store.timeout)).ID
+              for i in range(TTL_WINDOW + 44)]
+    gone = grants.pop()
+    store.revoke(gone)
+    try:
+        ttls = store.lease_ttls([gone, *grants, grants[0]])
+        assert set(ttls) == {gone, *grants} and ttls[gone] is None
+        assert all(0 < ttls[g] <= 66 for g in grants), sorted(set(ttls.values()), key=str)[:5]
+        assert store.lease_ttls([]) == {}
+        record_lease = store.create_lease(SUBNET_A, lease_value(SUBNET_A), ttl=30)
+        record = store.list_leases(with_ttl=True).records["198.19.3.0-24"]
+        assert record.lease_id == record_lease and 0 < (record.ttl_remaining or 0) <= 30
+        store.revoke(record_lease)
+    finally:
+        for grant in grants:
+            store.revoke(grant)
 
 def test_list_leases_gives_records_at_one_revision(store: EtcdStore, etcd: EtcdServer) -> None:
     a = store.create_lease(SUBNET_A, lease_value(SUBNET_A), ttl=60)

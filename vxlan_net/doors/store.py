@@ -24,7 +24,7 @@ import time
 import tokenize
 import types
 import urllib.parse
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -102,6 +102,8 @@ DEFAULT_PREFIX = "/vxlan-net"
 DEFAULT_PORT = 2379
 DEFAULT_TIMEOUT = 5.0
 LIST_PAGE_SIZE = 10_000
+TTL_WINDOW = 256
+"""LeaseTimeToLive requests in flight at once (lease_ttls)."""
 
 # Reconnect quickly after an etcd restart (gRPC's default back-off grows to 2 minutes), and let
 # keepalive pings kill a stream whose peer vanished silently (etcd accepts pings every 5 s).
@@ -317,7 +319,7 @@ class EtcdStore:
     def list_leases(self, with_ttl: bool = False) -> LeaseSnapshot:
         """Every subnet record at one revision (paged, all pages pinned to the first page's revision).
 
-        with_ttl asks etcd for each lease's remaining TTL: one extra request per record.
+        with_ttl asks etcd for each lease's remaining TTL (lease_ttls: one request per distinct lease).
         """
         end = prefix_range_end(self._subnets_prefix)
         start, revision = self._subnets_prefix, 0
@@ -334,8 +336,9 @@ class EtcdStore:
                 break
             start = response.kvs[-1].key + b"\x00"
         if with_ttl:
+            ttls = self.lease_ttls(r.lease_id for r in records.values() if r.lease_id)
             records = {
-                name: dataclasses.replace(r, ttl_remaining=self.lease_ttl(r.lease_id)) if r.lease_id else r
+                name: dataclasses.replace(r, ttl_remaining=ttls[r.lease_id]) if r.lease_id else r
                 for name, r in records.items()
             }
         return LeaseSnapshot(revision, records)
@@ -428,9 +431,32 @@ class EtcdStore:
 
     def lease_ttl(self, lease_id: int) -> Optional[int]:
         """Seconds left on the lease, or None when it no longer exists."""
-        request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
-        response = self._call(f"lease ttl {lease_id:x}", lambda c: c.leasestub.LeaseTimeToLive(request, self.timeout))
-        return int(response.TTL) if response.TTL >= 0 else None
+        return self.lease_ttls([lease_id])[lease_id]
+
+    def lease_ttls(self, lease_ids: Iterable[int]) -> dict[int, Optional[int]]:
+        """lease_ttl of each distinct lease, TTL_WINDOW requests in flight at a time on one connection: one
+        after the other, `status` spent 3.5 s of its 3.8 s on them at 5,000 leases."""
+        wanted = list(dict.fromkeys(lease_ids))
+
+        def ask(client: etcd3.Etcd3Client) -> dict[int, Optional[int]]:
+            found: dict[int, Optional[int]] = {}
+            for start in range(0, len(wanted), TTL_WINDOW):
+                window = wanted[start:start + TTL_WINDOW]
+                pending = [client.leasestub.LeaseTimeToLive.future(rpc.LeaseTimeToLiveRequest(ID=lease_id),
+                                                                    self.timeout) for lease_id in window]
+                try:
+                    for lease_id, future in zip(window, pending):
+                        ttl = future.result().TTL
+                        found[lease_id] = int(ttl) if ttl >= 0 else None
+                finally:  # a failure: the rest of the window is not waited for (the retry asks again)
+                    for future in pending:
+                        future.cancel()
+            return found
+
+        if not wanted:
+            return {}
+        what = f"lease ttl {wanted[0]:x}" if len(wanted) == 1 else f"lease ttls of {len(wanted)} leases"
+        return self._call(what, ask)
 
     # -- watch ---------------------------------------------------------------------------
 
