@@ -135,10 +135,16 @@ class FakeKeeper:
 
     def __init__(self, lease):
         self.lease, self.acquired, self.restored = lease, 0, 0
+        self.parsed = None  # what the real keeper's acquire keeps for the next listing
 
     def acquire(self, remembered, underlay, remembered_ipv6=None):
         self.acquired += 1
+        self.parsed = object()
         return self.lease
+
+    def take_parsed_listing(self):
+        parsed, self.parsed = self.parsed, None
+        return parsed
 
     def restore(self):
         self.restored += 1
@@ -221,6 +227,7 @@ def test_a_new_peer_is_a_targeted_pass_and_a_deleted_own_record_a_reacquire_and_
 
     agent._take([RecordEvent(subnet_key_name(OURS.subnet), None)])
     assert agent.keeper.acquired == 1 and kernel.reads == 2, "no re-acquire and full pass"
+    assert agent.keeper.parsed is None, "a re-acquire's parse of every record must not be kept (no listing takes it)"
     assert len([name for name, _ in kernel.calls if name == "ensure_vtep"]) == 2  # adopted again
 
 

@@ -713,6 +713,7 @@ class Agent:
     def _reacquire(self) -> None:
         previous = self.keeper.lease
         lease = self._wait(self._acquire, "subnet lease")
+        self.keeper.take_parsed_listing()  # the book holds every record already; no listing follows to take it
         if lease is None:
             return
         if lease.subnet != previous.subnet:
