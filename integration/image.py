@@ -63,14 +63,49 @@ class Podman:
         return proc
 
     def close(self) -> None:
-        """Removes the containers and the run root, and unmounts the overlay driver's storage: podman
-        bind-mounts `storage/overlay` onto itself and leaves it mounted, so the workdir could not be
-        deleted after it (a full test run left a lab directory behind, with that mount still on)."""
+        """Removes the containers and the run root, waits for their conmon's cleanup, and unmounts the
+        overlay driver's storage: podman bind-mounts `storage/overlay` onto itself and leaves it mounted,
+        so the workdir could not be deleted after it (full test runs left lab directories behind, with
+        that mount still on)."""
         self("rm", "--all", "--force", "--time", "0", check=False)
+        # A container's conmon runs `podman container cleanup` on this storage when the container dies,
+        # asynchronously: one that ran after the lab had deleted its directory made it again, mount and all.
+        storage = str(self.dir / "storage")
+        deadline = time.monotonic() + 20
+        while _processes_using(storage) and time.monotonic() < deadline:
+            time.sleep(0.1)
         overlay = self.dir / "storage" / "overlay"
-        if os.path.ismount(overlay):
+        for _ in range(4):  # bounded: once per mount stacked there
+            if not mounted(overlay):
+                break
             subprocess.run(["umount", str(overlay)], capture_output=True, timeout=30)
         shutil.rmtree(self.runroot, ignore_errors=True)
+
+
+def _processes_using(path: str) -> list[int]:
+    """PIDs whose command line names `path` (conmon and the podman it starts; only waited for)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                    if path.encode() in cmdline.read():
+                        found.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+    return found
+
+
+def mounted(path: Path) -> bool:
+    """Whether something is mounted on `path`, as /proc/self/mountinfo says: a bind mount of a directory
+    onto itself (podman's overlay storage) is on the same file system, where os.path.ismount sees nothing."""
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo", encoding="utf-8") as info:
+        for line in info:
+            mount_point = line.split(" ")[4].encode().decode("unicode_escape")  # \040 and the like
+            if mount_point == target:
+                return True
+    return False
 
 
 def build_inputs(root: Path = ROOT) -> list[Path]:

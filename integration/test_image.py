@@ -19,7 +19,7 @@ import yaml
 
 from integration.cluster import http_get, node_subnet, overlay_routes, start_agents, wait_converged, write_config
 from integration.cni_pods import add_pod_via_cni
-from integration.image import ULIMITS, Podman, built_image, load
+from integration.image import ULIMITS, Podman, built_image, load, mounted
 from integration.lab import LabError, Node
 from integration.test_etcd_tls import TlsEtcd, tls_flags, tls_flags_for_etcdctl
 
@@ -253,4 +253,4 @@ def test_the_image_runs_as_the_daemonset_says_beside_native_agents(lab, image):
     finally:
         podman.close()
     # Nothing of podman's is left mounted, so the lab can delete its directory.
-    assert not os.path.ismount(node.workdir / "podman" / "storage" / "overlay")
+    assert not mounted(node.workdir / "podman" / "storage" / "overlay")
