@@ -58,6 +58,12 @@ def netns_id() -> int:
     return posix.stat("/proc/thread-self/ns/net").st_ino
 
 
+def socket_owner() -> tuple[int, int]:
+    """(process, network namespace) of the caller: what a netlink socket kept open belongs to. A forked
+    child, or a thread that entered another namespace, must open its own."""
+    return posix.getpid(), netns_id()
+
+
 class NetlinkError(OSError):
     """The kernel refused a request; `errno` says why."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import socket
 import struct
@@ -445,7 +444,7 @@ class _PeerSetSocket:
             raise KernelError(f"nftables refused the peer set change (nothing changed): {'; '.join(refusals)}")
 
     def _socket(self) -> socket.socket:
-        owner = (os.getpid(), wire.netns_id())
+        owner = wire.socket_owner()
         if self._sock is None or owner != self._owner:
             self._close()
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)

@@ -341,7 +341,7 @@ def _kept_rtnl(netns: Optional[str]) -> Iterator[_Rtnl]:
         with _Rtnl(netns) as fresh:
             yield fresh
         return
-    owner = (os.getpid(), wire.netns_id())
+    owner = wire.socket_owner()
     nl = getattr(_thread_rtnl, "rtnl", None)
     if nl is None or _thread_rtnl.owner != owner:
         if nl is not None:
