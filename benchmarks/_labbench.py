@@ -27,11 +27,15 @@ class BenchFailure(Exception):
     """Something did not work (as opposed to: it was slow)."""
 
 
-def probe(node: Node, command: str, etcd_url: str, *args: object, timeout: float = PROBE_TIMEOUT) -> dict:
-    """Run `benchmarks._probe <command>` inside the node's namespace; its JSON answer."""
-    proc = node.popen(sys.executable, "-m", "benchmarks._probe", command, "--etcd", etcd_url,
+def _start_probe(node: Node, command: str, etcd_url: str, *args: object) -> subprocess.Popen:
+    """`benchmarks._probe <command>` started inside the node's namespace (its output piped)."""
+    return node.popen(sys.executable, "-m", "benchmarks._probe", command, "--etcd", etcd_url,
                       *[str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                       cwd=str(REPO))
+
+
+def _probe_answer(proc: subprocess.Popen, command: str, timeout: float) -> dict:
+    """The JSON answer on a probe's last line; BenchFailure if it fails or outlasts `timeout`."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -43,28 +47,23 @@ def probe(node: Node, command: str, etcd_url: str, *args: object, timeout: float
     return json.loads(out.strip().splitlines()[-1])
 
 
+def probe(node: Node, command: str, etcd_url: str, *args: object, timeout: float = PROBE_TIMEOUT) -> dict:
+    """Run `benchmarks._probe <command>` inside the node's namespace; its JSON answer."""
+    return _probe_answer(_start_probe(node, command, etcd_url, *args), command, timeout)
+
+
 class RoutesUp:
     """The probe's `routes-up` in the node, subscribed before what it times starts: `wait()` gives the
     monotonic time (shared by every namespace) the kernel announced the count-th of the agent's routes."""
 
     def __init__(self, node: Node, count: int, timeout: float = 90.0):
         self.timeout = timeout
-        self.proc = node.popen(sys.executable, "-m", "benchmarks._probe", "routes-up", "--etcd", "unused",
-                               "--count", str(count), "--timeout", str(timeout),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+        self.proc = _start_probe(node, "routes-up", "unused", "--count", count, "--timeout", timeout)
         if not self.proc.stdout.readline():  # its "ready" line: subscribed
             raise BenchFailure(f"probe routes-up did not start: {self.proc.communicate(timeout=10)[1][-800:]}")
 
     def wait(self) -> dict:
-        try:
-            out, err = self.proc.communicate(timeout=self.timeout + 30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # our own child, by its PID
-            self.proc.communicate(timeout=10)
-            raise BenchFailure("probe routes-up did not finish") from None
-        if self.proc.returncode != 0:
-            raise BenchFailure(f"probe routes-up exited {self.proc.returncode}: {err.strip()[-800:]}")
-        return json.loads(out.strip().splitlines()[-1])
+        return _probe_answer(self.proc, "routes-up", self.timeout + 30)
 
 
 def route_count(node: Node) -> int:

@@ -129,40 +129,43 @@ _SO_RCVBUFFORCE = 33
 RTM_PROTOCOL_AT = 16 + 5  # rtmsg.rtm_protocol
 
 
-def routes_up(count: int, timeout: float) -> dict:
+def routes_up(count: int, timeout: float, device: str) -> dict:
     """When the kernel announced the count-th distinct route of ours (protocol ROUTE_PROTO, main table),
     as CLOCK_MONOTONIC, which every namespace shares: the caller times its own start against it. Prints
-    one line, ready, once subscribed. If notifications are lost (ENOBUFS), counts by dumps instead."""
+    one line, ready, once subscribed. If notifications are lost (ENOBUFS), counts `device`'s routes by
+    dumps instead."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
     sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 64 << 20)
     sock.bind((0, RTMGRP_IPV4_ROUTE))
     sock.settimeout(0.2)
     print(json.dumps({"ready": time.monotonic()}), flush=True)
     seen: set[bytes] = set()
-    overruns, deadline = 0, time.monotonic() + timeout
-    while len(seen) < count and time.monotonic() < deadline:
-        try:
-            data = sock.recv(1 << 20)
-        except socket.timeout:
-            continue
-        except OSError:  # ENOBUFS: some announcements were dropped; the dump below counts instead
-            overruns += 1
-            break
-        now = time.monotonic()
-        for off, length, kind, _flags, _seq in wire.messages(data):
-            if kind == RTM_NEWROUTE and length >= 28 and data[off + RTM_PROTOCOL_AT] == kernel.ROUTE_PROTO:
-                seen.add(data[off + 17:off + length])  # dst_len and the attributes: the route itself
-        last = now
-    while overruns and time.monotonic() < deadline:
-        if len(kernel.read_overlay_entries("vxnet.1").routes) >= count:
-            last = time.monotonic()
-            seen = set(range(count))
-            break
-        time.sleep(0.005)
-    sock.close()
-    if len(seen) < count:
+    last, overrun, deadline = None, False, time.monotonic() + timeout
+    try:
+        while len(seen) < count and time.monotonic() < deadline:
+            try:
+                data = sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:  # ENOBUFS: some announcements were dropped; the dumps below count instead
+                overrun = True
+                break
+            received = time.monotonic()
+            for off, length, kind, _flags, _seq in wire.messages(data):
+                if kind == RTM_NEWROUTE and length >= 28 and data[off + RTM_PROTOCOL_AT] == kernel.ROUTE_PROTO:
+                    seen.add(data[off + 17:off + length])  # dst_len and the attributes: the route itself
+            if len(seen) >= count:
+                last = received
+        while overrun and last is None and time.monotonic() < deadline:
+            if len(kernel.read_overlay_entries(device).routes) >= count:
+                last = time.monotonic()
+            else:
+                time.sleep(0.005)
+    finally:
+        sock.close()
+    if last is None:
         raise SystemExit(f"only {len(seen)} of {count} routes announced within {timeout:.0f}s")
-    return {"last_route": last, "overruns": overruns}
+    return {"last_route": last, "overruns": int(overrun)}
 
 
 class WatchTimes:
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args(argv)
     if args.command == "routes-up":
-        print(json.dumps(routes_up(args.count, args.timeout)))
+        print(json.dumps(routes_up(args.count, args.timeout, args.device)))
         return 0
     with EtcdStore([args.etcd], args.prefix) as store:
         if args.command == "breakdown":
